@@ -1,0 +1,153 @@
+"""The `mathgrpo` command line.
+
+    mathgrpo train [cfg.yaml] [section.key=value ...] [--resume [RUN|CKPT|latest]]
+    mathgrpo eval  [cfg.yaml] [--model M] [--adapter RUN] [--baseline] [overrides]
+    mathgrpo report RUN_DIR
+    mathgrpo data inspect SOURCE [overrides]
+    mathgrpo config show [cfg.yaml] [overrides]     |   mathgrpo config reference
+    mathgrpo merge RUN_DIR OUT_DIR
+
+With no config file, `train` and `eval` use the embedded default (SmolLM2-135M, built-in arithmetic, CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, config_reference, dump_yaml, load_config
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """The optional leading config file, then `key=value` overrides."""
+    path = None
+    rest = list(items)
+    if rest and "=" not in rest[0]:
+        path = rest.pop(0)
+    bad = [r for r in rest if "=" not in r]
+    if bad:
+        raise ConfigError(f"expected section.key=value overrides, got: {' '.join(bad)}")
+    return path, rest
+
+
+def _config(args) -> "Config":  # noqa: F821
+    path, overrides = _split_args(args.items)
+    return load_config(path, overrides)
+
+
+def cmd_train(args) -> int:
+    from .trainer import train
+
+    cfg = _config(args)
+    if args.resume is not None:
+        cfg.trainer.resume = args.resume
+    train(cfg, quiet=args.quiet)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import run_eval
+
+    path, overrides = _split_args(args.items)
+    if path is None and args.adapter:
+        from pathlib import Path
+
+        run_cfg = Path(args.adapter) / "config.yaml"
+        if run_cfg.is_file():
+            path = str(run_cfg)  # evaluate with the settings the run was trained with
+    cfg = load_config(path, overrides)
+    run_eval(cfg, model_path=args.model, adapter=args.adapter, baseline=args.baseline, out_dir=args.out)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    md, html = write_report(args.run_dir)
+    print(f"wrote {md} and {html}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import inspect_source
+
+    cfg = load_config(None, args.overrides)
+    print(inspect_source(args.source, cfg.data))
+    return 0
+
+
+def cmd_config(args) -> int:
+    if args.action == "reference":
+        print(config_reference())
+        return 0
+    print(dump_yaml(_config(args)), end="")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from pathlib import Path
+
+    from .models import merge_adapter
+
+    run_cfg = Path(args.run_dir) / "config.yaml"
+    cfg = load_config(str(run_cfg) if run_cfg.is_file() else None)
+    print(f"merged model written to {merge_adapter(args.run_dir, cfg.model, args.out_dir)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mathgrpo", description="GRPO fine-tuning for math reasoning models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train with GRPO (no config: the embedded default)")
+    t.add_argument("items", nargs="*", help="[config.yaml] [section.key=value ...]")
+    t.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from a checkpoint, a run dir, or 'latest' (default)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="pass@1 / pass@k / maj@k and rewards of a model and/or trained adapter")
+    e.add_argument("items", nargs="*", help="[config.yaml] [section.key=value ...]")
+    e.add_argument("--model", default=None, help="base model (hub id, folder, .gguf); default from the config")
+    e.add_argument("--adapter", default=None, help="a run dir or checkpoint holding a LoRA adapter")
+    e.add_argument("--baseline", action="store_true", help="also evaluate the base model and compare")
+    e.add_argument("--out", default=None, help="output folder (default: the run dir, or runs/eval-<time>)")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("report", help="write report.md/report.html with plots for a run dir")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=cmd_report)
+
+    d = sub.add_parser("data", help="data tools")
+    d.add_argument("action", choices=["inspect"])
+    d.add_argument("source", help="file, folder, 'arithmetic' or HF dataset id")
+    d.add_argument("overrides", nargs="*", help="data.key=value (column mapping, filters)")
+    d.set_defaults(fn=cmd_data)
+
+    c = sub.add_parser("config", help="show the resolved config, or the reference of every key")
+    c.add_argument("action", choices=["show", "reference"])
+    c.add_argument("items", nargs="*", help="[config.yaml] [section.key=value ...]")
+    c.set_defaults(fn=cmd_config)
+
+    m = sub.add_parser("merge", help="merge a run's LoRA adapter into the base model for deployment")
+    m.add_argument("run_dir")
+    m.add_argument("out_dir")
+    m.set_defaults(fn=cmd_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("MATHGRPO_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        # Our errors are ValueError subclasses with messages that name the key/file/function at fault.
+        print(f"mathgrpo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

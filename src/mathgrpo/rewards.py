@@ -1,0 +1,368 @@
+"""Reward functions: built-ins, a name registry, user rewards, and weighted batch scoring.
+
+Every reward has TRL's signature, `f(completions: list[str], **kwargs) -> list[float | None]`,
+where kwargs hold `prompts`, `completion_ids` and every dataset column as per-completion lists
+(mathgrpo passes `gold`, `solution`, `problem`, `prefill` and `truncated`). Built-ins ignore
+keys they do not use. `None` means "not applicable to this example".
+
+    rs = RewardSet([("accuracy", 1.0), ("format", 0.2), ("my_pkg.rewards:brevity", 0.1)])
+    per_reward, total = rs.score(completions, gold=golds, prefill=prefills, ...)  # [N, R], [N]
+
+Benchmark: `python benchmarks/rewards.py`; tests: `pytest tests/test_rewards.py`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from rapidfuzz.distance import Levenshtein
+
+from mathgrpo.answers import extract_boxed, is_equivalent
+
+__all__ = [
+    "REWARDS",
+    "RewardError",
+    "RewardSet",
+    "load_user_reward",
+    "make_cosine_reward",
+    "register_reward",
+]
+
+RewardFn = Callable[..., Sequence[Any]]
+REWARDS: dict[str, RewardFn] = {}
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+DEFAULT_MAX_COMPLETION_TOKENS = 2048
+CHARS_PER_TOKEN = 4  # length estimate when `completion_ids` are not given
+
+
+class RewardError(ValueError):
+    """A reward could not be loaded, or misbehaved while scoring (names the reward and example)."""
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator adding a reward function to `REWARDS` under `name` (duplicates are refused)."""
+
+    def decorator(fn: RewardFn) -> RewardFn:
+        if name in REWARDS:
+            raise ValueError(f"reward {name!r} is already registered ({REWARDS[name]!r})")
+        REWARDS[name] = fn
+        return fn
+
+    return decorator
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _column(kwargs: dict, key: str, n: int, default: Any) -> list:
+    """Per-completion column `key`, or `default` repeated when the caller did not pass it."""
+    values = kwargs.get(key)
+    if values is None:
+        return [default] * n
+    if isinstance(values, str) or len(values) != n:
+        raise ValueError(f"column {key!r} must be a list with one entry per completion ({n})")
+    return list(values)
+
+
+def _lengths_in_tokens(completions: list[str], kwargs: dict) -> list[float]:
+    """Token counts from `completion_ids` when given, else characters / CHARS_PER_TOKEN."""
+    ids = kwargs.get("completion_ids")
+    if ids is not None and len(ids) == len(completions):
+        return [float(len(x)) for x in ids]
+    return [len(c) / CHARS_PER_TOKEN for c in completions]
+
+
+def _correctness(completions: list[str], kwargs: dict) -> list[bool]:
+    golds = _column(kwargs, "gold", len(completions), None)
+    return [is_equivalent(extract_boxed(c), g) for c, g in zip(completions, golds)]
+
+
+def _after_think(text: str) -> str | None:
+    head, sep, tail = text.rpartition(THINK_CLOSE)
+    return tail if sep else None
+
+
+def _group_keys(completions: list[str], kwargs: dict) -> list[Any]:
+    """Completions of one prompt form a group (`prompts`, else `problem`, else one batch group)."""
+    for key in ("prompts", "problem"):
+        values = kwargs.get(key)
+        if values is not None and len(values) == len(completions):
+            return [v if isinstance(v, str) else repr(v) for v in values]
+    return [0] * len(completions)
+
+
+# ---------------------------------------------------------------------------------- built-ins
+
+
+def _is_well_formatted(text: str) -> bool:
+    body = text.lstrip()
+    if not body.startswith(THINK_OPEN) or body.count(THINK_OPEN) != 1 or body.count(THINK_CLOSE) != 1:
+        return False
+    close = body.find(THINK_CLOSE)
+    if not body[len(THINK_OPEN) : close].strip():
+        return False
+    return extract_boxed(body[close + len(THINK_CLOSE) :]) is not None
+
+
+@register_reward("format")
+def format_reward(completions: list[str], **kwargs) -> list[float]:
+    """1.0 when `prefill + completion` is `<think>reasoning</think> ... \\boxed{answer}`.
+
+    The text must start (after whitespace) with the single `<think>`, hold one `</think>`,
+    non-blank reasoning between them, and a non-empty box after `</think>`.
+    """
+    prefills = _column(kwargs, "prefill", len(completions), "")
+    return [float(_is_well_formatted(p + c)) for p, c in zip(prefills, completions)]
+
+
+@register_reward("boxed")
+def boxed_reward(completions: list[str], **kwargs) -> list[float]:
+    """1.0 when the completion holds a final, non-empty `\\boxed{}` / `\\fbox{}` answer."""
+    return [float(extract_boxed(c) is not None) for c in completions]
+
+
+@register_reward("accuracy")
+def accuracy_reward(completions: list[str], **kwargs) -> list[float]:
+    """1.0 when the last boxed answer is equivalent to `gold` (missing gold or box -> 0.0)."""
+    return [float(ok) for ok in _correctness(completions, kwargs)]
+
+
+@register_reward("similarity")
+def similarity_reward(completions: list[str], **kwargs) -> list[float]:
+    """Normalised Levenshtein similarity (0..1) of the text after `</think>` to `solution`.
+
+    0.0 when there is no `</think>` in `prefill + completion`, or the solution is empty.
+    """
+    n = len(completions)
+    prefills = _column(kwargs, "prefill", n, "")
+    solutions = _column(kwargs, "solution", n, "")
+    out = []
+    for p, c, sol in zip(prefills, completions, solutions):
+        answer = _after_think(p + c)
+        sol = (sol or "").strip()
+        if answer is None or not sol:
+            out.append(0.0)
+        else:
+            out.append(Levenshtein.normalized_similarity(answer.strip(), sol))
+    return out
+
+
+@register_reward("length")
+def length_reward(completions: list[str], **kwargs) -> list[float]:
+    """Kimi 1.5 length reward, relative to the other completions of the same prompt.
+
+    With lam = 0.5 - (len - min_len) / (max_len - min_len) over the group, a correct answer
+    earns lam (shortest +0.5, longest -0.5) and a wrong one min(0, lam) (never a bonus). A
+    group whose completions all have one length gets 0.0. Lengths are tokens when
+    `completion_ids` are given, else characters (the scale cancels out).
+    """
+    n = len(completions)
+    correct = _correctness(completions, kwargs)
+    ids = kwargs.get("completion_ids")
+    lengths = [len(x) for x in ids] if ids is not None and len(ids) == n else [len(c) for c in completions]
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(_group_keys(completions, kwargs)):
+        groups.setdefault(key, []).append(i)
+    out = [0.0] * n
+    for members in groups.values():
+        lo = min(lengths[i] for i in members)
+        hi = max(lengths[i] for i in members)
+        if hi == lo:
+            continue
+        for i in members:
+            lam = 0.5 - (lengths[i] - lo) / (hi - lo)
+            out[i] = lam if correct[i] else min(0.0, lam)
+    return out
+
+
+def make_cosine_reward(
+    min_value_wrong: float = -1.0,
+    max_value_wrong: float = -0.5,
+    min_value_correct: float = 0.5,
+    max_value_correct: float = 1.0,
+    max_len: int | None = None,
+) -> RewardFn:
+    """Cosine length schedule (open-r1's defaults): short-and-right best, short-and-wrong worst.
+
+    progress = min(len / max_len, 1); c = cos(pi * progress) runs 1 -> -1. Correct answers go
+    from `max_value_correct` (len 0) down to `min_value_correct` (len >= max_len); wrong ones
+    from `min_value_wrong` up to `max_value_wrong`, so a long wrong attempt is penalised less.
+    Length is in tokens (`completion_ids`, else characters / 4). `max_len` None reads
+    `kwargs["max_completion_len"]` (scalar or per-row list), default 2048 tokens. Unlike
+    open-r1 we clip progress at 1 so overlong completions do not climb back up the cosine.
+    """
+
+    def cosine_reward(completions: list[str], **kwargs) -> list[float]:
+        n = len(completions)
+        correct = _correctness(completions, kwargs)
+        lengths = _lengths_in_tokens(completions, kwargs)
+        limit = max_len if max_len is not None else kwargs.get("max_completion_len", DEFAULT_MAX_COMPLETION_TOKENS)
+        limits = list(limit) if isinstance(limit, (list, tuple)) else [limit] * n
+        out = []
+        for ok, length, cap in zip(correct, lengths, limits):
+            if cap is None or cap <= 0:
+                raise ValueError(f"cosine reward needs a positive max_completion_len, got {cap!r}")
+            cos = math.cos(math.pi * min(length / cap, 1.0))
+            lo, hi = (min_value_correct, max_value_correct) if ok else (max_value_wrong, min_value_wrong)
+            out.append(lo + 0.5 * (hi - lo) * (1.0 + cos))
+        return out
+
+    return cosine_reward
+
+
+register_reward("cosine")(make_cosine_reward())
+
+
+# ------------------------------------------------------------------------------- user rewards
+
+
+def load_user_reward(spec: str) -> RewardFn:
+    """Import `package.module:function` or `path/to/file.py:function` (dotted attributes ok)."""
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise RewardError(f"reward spec {spec!r} must look like 'package.module:function' or 'path/to/file.py:function'")
+    if module_part.endswith(".py") or "/" in module_part:
+        path = Path(module_part).expanduser()
+        if not path.is_file():
+            raise RewardError(f"reward spec {spec!r}: file {str(path)!r} not found")
+        mod_name = f"mathgrpo_user_reward_{abs(hash(str(path.resolve())))}"
+        file_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[mod_name] = module  # so pickling / dataclasses inside the file work
+        try:
+            file_spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[mod_name]
+            raise RewardError(f"reward spec {spec!r}: executing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except Exception as exc:
+            raise RewardError(f"reward spec {spec!r}: cannot import module {module_part!r}: {type(exc).__name__}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RewardError(f"reward spec {spec!r}: {module_part!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RewardError(f"reward spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _resolve(item: str | RewardFn) -> tuple[str, RewardFn]:
+    if callable(item):
+        return getattr(item, "__name__", repr(item)), item
+    if not isinstance(item, str):
+        raise RewardError(f"reward must be a name, a 'module:function' spec or a callable, got {item!r}")
+    if item in REWARDS:
+        return item, REWARDS[item]
+    if ":" in item:
+        return item, load_user_reward(item)
+    raise RewardError(f"unknown reward {item!r}; built-ins: {sorted(REWARDS)}; or give 'package.module:function'")
+
+
+# ------------------------------------------------------------------------------- batch scoring
+
+
+def _row_kwargs(kwargs: dict, i: int, n: int) -> dict:
+    """kwargs cut down to example `i` (per-completion sequences sliced, scalars kept)."""
+    out = {}
+    for key, value in kwargs.items():
+        if not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and hasattr(value, "__getitem__"):
+            try:
+                if len(value) == n:
+                    out[key] = value[i : i + 1]
+                    continue
+            except TypeError:
+                pass
+        out[key] = value
+    return out
+
+
+class RewardSet:
+    """Weighted rewards scored together: `total = nansum(weight * reward)` per completion (TRL's rule)."""
+
+    def __init__(self, rewards: Sequence[tuple[str | RewardFn, float]]):
+        if not rewards:
+            raise RewardError("RewardSet needs at least one (reward, weight) pair")
+        self._names: list[str] = []
+        self._funcs: list[RewardFn] = []
+        weights = []
+        for entry in rewards:
+            try:
+                item, weight = entry
+            except (TypeError, ValueError):
+                raise RewardError(f"reward entry {entry!r} must be a (name_or_spec, weight) pair") from None
+            name, fn = _resolve(item)
+            if name in self._names:
+                raise RewardError(f"reward {name!r} is listed twice")
+            try:
+                w = float(weight)
+            except (TypeError, ValueError):
+                raise RewardError(f"reward {name!r}: weight {weight!r} is not a number") from None
+            if not math.isfinite(w):
+                raise RewardError(f"reward {name!r}: weight {weight!r} is not finite")
+            self._names.append(name)
+            self._funcs.append(fn)
+            weights.append(w)
+        self.weights = np.asarray(weights, dtype=np.float32)  # [R]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def score(self, completions: list[str], **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        """Per-reward values `[N, R]` (None -> NaN) and weighted totals `[N]`, both float32."""
+        n = len(completions)
+        per_reward = np.empty((n, len(self._funcs)), dtype=np.float32)  # [N, R]
+        for j, (name, fn) in enumerate(zip(self._names, self._funcs)):
+            per_reward[:, j] = self._run(name, fn, completions, kwargs)
+        weighted = per_reward * self.weights[None, :]  # [N, R]
+        total = np.nansum(weighted, axis=1).astype(np.float32)  # [N]
+        return per_reward, total
+
+    @staticmethod
+    def _run(name: str, fn: RewardFn, completions: list[str], kwargs: dict) -> list[float]:
+        n = len(completions)
+        try:
+            out = fn(completions, **kwargs)
+        except Exception as exc:
+            where = RewardSet._failing_index(fn, completions, kwargs)
+            place = f"on example {where}" if where is not None else "on the batch (no single example reproduces it)"
+            raise RewardError(f"reward {name!r} raised {type(exc).__name__} {place}: {exc}") from exc
+        try:
+            got = len(out)
+        except TypeError:
+            raise RewardError(f"reward {name!r} returned {type(out).__name__}, expected a list of {n} values") from None
+        if got != n:
+            raise RewardError(f"reward {name!r} returned {got} values, expected {n} (one per completion)")
+        values = []
+        for i, v in enumerate(out):
+            if v is None:
+                values.append(math.nan)
+                continue
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise RewardError(f"reward {name!r} returned non-numeric {v!r} at example {i}") from None
+            if not math.isfinite(f):
+                raise RewardError(f"reward {name!r} returned {f} at example {i}; use None for 'not applicable'")
+            values.append(f)
+        return values
+
+    @staticmethod
+    def _failing_index(fn: RewardFn, completions: list[str], kwargs: dict) -> int | None:
+        n = len(completions)
+        for i in range(n):
+            try:
+                fn(completions[i : i + 1], **_row_kwargs(kwargs, i, n))
+            except Exception:
+                return i
+        return None

@@ -1,0 +1,56 @@
+"""Rollout backends behind one interface (`Rollout.generate`, `Rollout.sync_weights`).
+
+    rollout = make_rollout(cfg.generation, model, tokenizer)
+    completions = rollout.generate(prompt_ids, n=G, sampling=SamplingConfig(max_new_tokens=256))
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .base import Completions, Rollout, SamplingConfig
+from .hf import HFRollout
+
+
+def _fast(model, tokenizer, max_batch):
+    from .fast import FastRollout  # CUDA-graph engine; imported lazily
+
+    return FastRollout(model, tokenizer, max_batch=max_batch)
+
+
+BACKENDS: dict[str, Callable] = {
+    "hf": lambda model, tok, max_batch: HFRollout(model, tok, max_batch=max_batch),
+    "fast": _fast,
+}
+
+
+def make_rollout(gen_cfg, model, tokenizer) -> Rollout:
+    name = gen_cfg.backend
+    if name == "auto":
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        name = "fast" if on_cuda and _fast_available() else "hf"
+    if name not in BACKENDS:
+        raise ValueError(f"generation.backend: unknown backend '{name}'; choose from {', '.join(BACKENDS)}")
+    return BACKENDS[name](model, tokenizer, gen_cfg.max_batch)
+
+
+def _fast_available() -> bool:
+    try:
+        from . import fast  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def sampling_from(gen_cfg, seed: int | None = None, **changes) -> SamplingConfig:
+    s = SamplingConfig(max_new_tokens=gen_cfg.max_new_tokens, temperature=gen_cfg.temperature,
+                       top_p=gen_cfg.top_p, top_k=gen_cfg.top_k, stop_strings=list(gen_cfg.stop_strings),
+                       seed=seed)
+    for k, v in changes.items():
+        setattr(s, k, v)
+    return s
+
+
+__all__ = ["BACKENDS", "Completions", "Rollout", "SamplingConfig", "make_rollout", "sampling_from"]

@@ -1,0 +1,246 @@
+"""The `fast` rollout backend: a compact decode engine for Llama/Qwen2/Qwen3/Mistral models.
+
+    rollout = FastRollout(model, tokenizer, max_batch=256)
+    out = rollout.generate(prompt_ids, n=8, sampling=SamplingConfig(max_new_tokens=1024))
+    ...optimizer.step(); rollout.sync_weights(model)   # LoRA deltas merged into the generation copy
+
+Instead of transformers' generic forward it runs its own (fast_forward.py) over weights read out of
+the HF module (fast_weights.py: the model's own tensors where possible, an owned bf16 copy for LoRA,
+4-bit or cast models), a static KV cache, and on CUDA one captured CUDA graph per (batch, length
+bucket): the per-step Python, mask building and kernel launches of `generate` disappear and attention
+only reads the filled part of the cache. Prefill runs eagerly once per distinct prompt (its K/V is
+copied to the n samples). Sampling runs on the device after each replay (fast_sampling.py); finished
+rows emit padding; stop strings are checked on the host every `check_every` steps, and the batch ends
+early once every row has finished. On CPU the same code runs eagerly (what the CPU tests cover).
+
+Memory: the KV cache (2 * layers * rows * kv_heads * capacity * head_dim elements) stays allocated
+between calls so graphs stay valid; `release()` frees it (and the graphs) for the training step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .base import Completions, SamplingConfig
+from .common import finish_completions
+from .fast_forward import decode_step, logits_into, prefill, rope_table
+from .fast_sampling import check_sampling, sample
+from .fast_weights import causal_lm_parts, extract, param_pointers, refill
+from .hf import _eos_ids
+
+
+class FastRollout:
+    def __init__(self, model, tokenizer, *, max_batch: int = 256, max_seq_len: int | None = None, device=None,
+                 dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
+                 fuse_weights: bool = False, prefill_tokens: int = 16384, check_every: int = 16):
+        """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
+        device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
+        decode steps (default: on for CUDA); kv_bucket: attention length granularity (default 256 on CUDA,
+        1 on CPU); fuse_weights: copy q/k/v and gate/up into fused buffers even for a plain model (faster
+        decode, costs a copy of those weights); prefill_tokens: prompt tokens per prefill chunk."""
+        if max_batch < 1:
+            raise ValueError(f"FastRollout: max_batch must be >= 1, got {max_batch}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("FastRollout: the tokenizer has no pad_token_id; set one (e.g. the EOS token)")
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype
+        self.graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.graphs and self.device.type != "cuda":
+            raise ValueError("FastRollout: cuda_graphs=True needs a CUDA device")
+        self.bucket = kv_bucket or (256 if self.device.type == "cuda" else 1)
+        self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
+        self._cache_rows = self._cache_len = 0
+        self._rope_len = 0
+        self._graph_map: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._load(model)
+
+    # ----- weights -------------------------------------------------------------------------------------
+    def _load(self, model) -> None:
+        self.model = model
+        _, self._decoder = causal_lm_parts(model)
+        with torch.inference_mode():
+            self.w = extract(model, self.dtype, self.device, self.fuse)
+        self._ptrs = param_pointers(model)
+        self._graph_map.clear()  # owned buffers moved: captured graphs point at the old ones
+        self._rope_len = 0
+
+    def sync_weights(self, model) -> None:
+        """Make generation use the model's current weights: refill owned (LoRA-merged / dequantised / cast)
+        buffers in place; re-read everything if the model object or any parameter's storage changed."""
+        if model is not self.model or param_pointers(model) != self._ptrs:
+            self._load(model)
+        else:
+            with torch.inference_mode():
+                refill(self.w)
+
+    @property
+    def owned_weight_bytes(self) -> int:
+        return self.w.owned_bytes
+
+    # ----- buffers ---------------------------------------------------------------------------------------
+    def _ensure(self, rows: int, length: int) -> None:
+        length = -(-length // self.bucket) * self.bucket
+        if rows > self._cache_rows or length > self._cache_len:
+            rows, length = max(rows, self._cache_rows), max(length, self._cache_len)
+            self.release()
+            w, dev = self.w, self.device
+            shape = (len(w.layers), rows, w.n_kv, length, w.head_dim)
+            self.k_cache = torch.zeros(shape, dtype=w.dtype, device=dev)
+            self.v_cache = torch.zeros(shape, dtype=w.dtype, device=dev)
+            self._logits = torch.zeros(rows, w.lm_head.shape[0], dtype=w.dtype, device=dev)
+            self._tok = torch.zeros(rows, dtype=torch.long, device=dev)
+            self._pos = torch.zeros(rows, dtype=torch.long, device=dev)
+            self._pad = torch.zeros(rows, dtype=torch.long, device=dev)
+            self._col = torch.zeros(1, dtype=torch.long, device=dev)
+            self._cache_rows, self._cache_len = rows, length
+        if self._rope_len < self._cache_len:
+            self.cos, self.sin = rope_table(self._decoder, self._cache_len, self.w.dtype, self.device)
+            self._rope_len = self._cache_len
+            self._graph_map.clear()
+
+    def release(self) -> None:
+        """Free the KV cache, static buffers and CUDA graphs (the next generate re-creates them)."""
+        self._graph_map.clear()
+        self._pool = None
+        for name in ("k_cache", "v_cache", "_logits", "_tok", "_pos", "_pad", "_col"):
+            self.__dict__.pop(name, None)
+        self._cache_rows = self._cache_len = 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * self.k_cache.element_size() if self._cache_rows else 0
+
+    # ----- decoding ----------------------------------------------------------------------------------------
+    def _step(self, rows: int, n_cols: int) -> None:
+        h = decode_step(self.w, self.k_cache, self.v_cache, self._tok[:rows], self._pos[:rows], self._col,
+                        self._pad[:rows], n_cols, self.cos, self.sin)
+        logits_into(self.w, h, self._logits)
+
+    def _decode(self, rows: int, n_cols: int) -> None:
+        if not self.graphs:
+            return self._step(rows, n_cols)
+        g = self._graph_map.get((rows, n_cols))
+        if g is None:
+            # Warm-up on a side stream (as torch.cuda.graph requires) with the real inputs: it writes the
+            # same K/V column and logits the replay will.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._step(rows, n_cols)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool):
+                self._step(rows, n_cols)
+            self._graph_map[(rows, n_cols)] = g
+        g.replay()
+
+    def _cols(self, filled: int) -> int:
+        return min(self._cache_len, -(-filled // self.bucket) * self.bucket)
+
+    def _prefill(self, prompts: list[list[int]], counts: list[int]) -> None:
+        """Prompts left-padded to a common width; K/V and first logits into rows 0 .. sum(counts)."""
+        width = max(len(p) for p in prompts)
+        per_chunk = max(1, self.prefill_tokens // width)
+        row = 0
+        for a in range(0, len(prompts), per_chunk):
+            chunk, cnt = prompts[a:a + per_chunk], counts[a:a + per_chunk]
+            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            for j, p in enumerate(chunk):
+                ids[j, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            lens = torch.tensor([len(p) for p in chunk], device=self.device)
+            cnt_t = torch.tensor(cnt, device=self.device)
+            h = prefill(self.w, self.k_cache, self.v_cache, ids.to(self.device), lens, cnt_t, row, self.cos, self.sin)
+            rows = sum(cnt)
+            logits = logits_into(self.w, h, torch.empty(len(chunk), self._logits.shape[1], dtype=self.w.dtype,
+                                                        device=self.device))
+            self._logits[row:row + rows] = logits.repeat_interleave(cnt_t, 0)
+            row += rows
+
+    def _run_batch(self, prompts: list[list[int]], counts: list[int], s: SamplingConfig, eos: torch.Tensor,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode sum(counts) rows (prompt j repeated counts[j] times) -> tokens, logprobs [rows, steps]."""
+        rows = sum(counts)
+        slots = -(-rows // 8) * 8 if self.graphs else rows  # graph batch sizes in steps of 8
+        width = max(len(p) for p in prompts)
+        self._ensure(slots, width + s.max_new_tokens - 1)
+        self._prefill(prompts, counts)
+        lens = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(
+            torch.tensor(counts, device=self.device))  # [rows]
+        self._pad.zero_()
+        self._pad[:rows] = width - lens
+        pad_id = self.tokenizer.pad_token_id
+        out_tok = torch.full((rows, s.max_new_tokens), pad_id, dtype=torch.long, device=self.device)
+        out_lp = torch.zeros((rows, s.max_new_tokens), dtype=torch.float32, device=self.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        checked = 0
+        for i in range(s.max_new_tokens):
+            tok, lp = sample(self._logits[:rows], s, gen)
+            if eos.numel():
+                tok = tok.masked_fill(done, pad_id)
+                done |= torch.isin(tok, eos)
+            out_tok[:, i] = tok
+            out_lp[:, i] = lp
+            if i + 1 == s.max_new_tokens:
+                break
+            if (i + 1) % self.check_every == 0:
+                if s.stop_strings:
+                    self._check_stops(out_tok, done, checked, i + 1, s.stop_strings)
+                    checked = i + 1
+                if bool(done.all()):
+                    break
+            self._tok[:rows] = tok
+            torch.add(lens, i, out=self._pos[:rows])  # token i sits at position len + i
+            self._col.fill_(width + i)
+            self._decode(slots, self._cols(width + i + 1))
+        return out_tok[:, :i + 1], out_lp[:, :i + 1]
+
+    def _check_stops(self, out_tok, done, lo: int, hi: int, stops: list[str]) -> None:
+        """Mark rows whose new tokens [lo, hi) complete a stop string (decoding a short tail window)."""
+        a = max(0, lo - max(len(x) for x in stops) - 2)  # a stop string spans at most len(stop) tokens
+        texts = self.tokenizer.batch_decode(out_tok[:, a:hi].tolist(), skip_special_tokens=True)
+        hit = [r for r, t in enumerate(texts) if any(x in t for x in stops)]
+        if hit:
+            done[torch.tensor(hit, device=done.device)] = True
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> Completions:
+        t0 = time.perf_counter()
+        check_sampling(sampling)
+        if n < 1:
+            raise ValueError(f"FastRollout.generate: n must be >= 1, got {n}")
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"FastRollout.generate: prompt {i} is empty")
+        longest = max(len(p) for p in prompt_ids) + sampling.max_new_tokens
+        if self.max_seq_len is not None and longest > self.max_seq_len:
+            raise ValueError(f"FastRollout.generate: longest prompt + max_new_tokens = {longest} exceeds "
+                             f"max_seq_len={self.max_seq_len}")
+        rows = [p for p in prompt_ids for _ in range(n)]  # prompt-major
+        eos_ids = [] if sampling.ignore_eos else _eos_ids(self.model, self.tokenizer)
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
+        seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        gen = torch.Generator(self.device).manual_seed(seed)
+        pad_id = self.tokenizer.pad_token_id
+        toks, lps = [], []
+        with torch.inference_mode():
+            for a in range(0, len(rows), self.max_batch):
+                idx = [r // n for r in range(a, min(a + self.max_batch, len(rows)))]
+                uniq = sorted(set(idx))
+                t, lp = self._run_batch([prompt_ids[j] for j in uniq], [idx.count(j) for j in uniq], sampling,
+                                        eos, gen)
+                toks.append(t.cpu())
+                lps.append(lp.cpu())
+        width = max(t.shape[1] for t in toks)
+        ids = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad_id) for t in toks])
+        logp = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in lps])
+        return finish_completions(rows, ids, self.tokenizer, sampling, set(eos_ids), time.perf_counter() - t0,
+                                  logprobs=logp)

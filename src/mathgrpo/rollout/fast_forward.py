@@ -1,0 +1,134 @@
+"""Forward passes of the `fast` engine over `GenWeights` and a static KV cache.
+
+Cache layout: k, v each [layers, rows, kv_heads, capacity, head_dim]. Prompts are left-padded to a
+common width P, so every row writes decode step i at the same column P + i (one `index_copy_` per
+layer, graph-safe with a device index); each row's own position (for RoPE) is its prompt length + i,
+and a per-row additive mask hides its left padding.
+
+Decode attention reads only the first S columns of the cache (S = the current length rounded up
+to a bucket), so its cost grows with the real length; grouped-query heads are folded into the
+query-length axis ([B, kv_heads, group, D] against [B, kv_heads, S, D]), which needs no repeated K/V
+and no causal mask for a single new token.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .fast_weights import GenWeights, LayerWeights
+
+
+def rope_table(decoder, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, head_dim] from the model's own rotary module (so every rope_type/scaling applies)."""
+    pos = torch.arange(length, device=device)[None]
+    cos, sin = decoder.rotary_emb(torch.zeros(1, device=device), pos)
+    return cos[0].to(dtype), sin[0].to(dtype)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _linears(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None]) -> torch.Tensor:
+    """Outputs of a projection group, concatenated along the last dim (one matmul when fused)."""
+    if len(ws) == 1:
+        return F.linear(x, ws[0], bs[0])
+    return torch.cat([F.linear(x, w, b) for w, b in zip(ws, bs)], -1)
+
+
+def _attention_inputs(L: LayerWeights, w: GenWeights, h: torch.Tensor, cos, sin):
+    """q [.., H, D] and k, v [.., KV, D] after the q/k norms (Qwen3) and RoPE."""
+    H, KV, D = w.n_heads, w.n_kv, w.head_dim
+    qkv = _linears(h, L.qkv, L.qkv_bias).unflatten(-1, (H + 2 * KV, D))  # [.., H+2KV, D]
+    qk, v = qkv[..., :H + KV, :], qkv[..., H + KV:, :]
+    if L.q_norm is not None:
+        qk = torch.cat((_rms(qk[..., :H, :], L.q_norm, w.eps), _rms(qk[..., H:, :], L.k_norm, w.eps)), -2)
+    qk = _rope(qk, cos, sin)  # q and k rotated together
+    return qk[..., :H, :], qk[..., H:, :], v
+
+
+def _mlp(L: LayerWeights, w: GenWeights, h: torch.Tensor) -> torch.Tensor:
+    gate, up = _linears(h, L.gate_up, L.gate_up_bias).chunk(2, -1)
+    return F.linear(w.act(gate) * up, L.down, L.down_bias)
+
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_layers(w: GenWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+    """x [b, s, hidden] -> final-normed hidden [b, s, hidden]; `attend(layer, q, k, v) -> [b, s, H*D]`."""
+    for i, L in enumerate(w.layers):
+        q, k, v = _attention_inputs(L, w, _rms(x, L.ln1, w.eps), cos, sin)
+        x = x + F.linear(attend(i, q, k, v), L.o, L.o_bias)
+        x = x + _mlp(L, w, _rms(x, L.ln2, w.eps))
+    return _rms(x, w.norm, w.eps)
+
+
+def logits_into(w: GenWeights, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[:b] <- lm_head(h) for h [b, hidden] (written in place: a static buffer under CUDA graphs)."""
+    out = out[:h.shape[0]]
+    torch.mm(h, w.lm_head.t(), out=out)
+    if w.lm_head_bias is not None:
+        out.add_(w.lm_head_bias)
+    return out
+
+
+def prefill(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, ids: torch.Tensor, lens: torch.Tensor,
+            counts: torch.Tensor, row0: int, cos_t: torch.Tensor, sin_t: torch.Tensor) -> torch.Tensor:
+    """Run left-padded prompts ids [u, P] (real lengths lens [u]) and write their K/V, each repeated
+    counts[j] times, into cache rows row0 ... row0 + sum(counts). Returns last-position hidden [u, hidden]."""
+    u, P = ids.shape
+    H, D = w.n_heads, w.head_dim
+    cols = torch.arange(P, device=ids.device)
+    pad = (P - lens)[:, None]  # [u, 1]
+    pos = (cols[None] - pad).clamp(min=0)  # [u, P]
+    key_ok = cols[None] >= pad  # [u, P]
+    causal = cols[:, None] >= cols[None]  # [P, P]
+    # A padded query row sees only itself: keeps softmax finite; its output is never used.
+    mask = (causal[None] & key_ok[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)[None]
+    rows = int(counts.sum())
+    expand = rows != u
+
+    def attend(i, q, k, v):  # q [u, P, H, D]; k, v [u, P, KV, D]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [u, KV, P, D]
+        kc[i, row0:row0 + rows, :, :P] = k.repeat_interleave(counts, 0) if expand else k
+        vc[i, row0:row0 + rows, :, :P] = v.repeat_interleave(counts, 0) if expand else v
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None], scale=w.scaling,
+                                           enable_gqa=True)  # [u, H, P, D]
+        return o.transpose(1, 2).reshape(u, P, H * D)
+
+    x = F.embedding(ids, w.embed)
+    h = run_layers(w, x, cos_t[pos][:, :, None, :], sin_t[pos][:, :, None, :], attend)
+    return h[:, -1]
+
+
+def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor,
+                col: torch.Tensor, pad: torch.Tensor, n_cols: int, cos_t: torch.Tensor,
+                sin_t: torch.Tensor) -> torch.Tensor:
+    """One token per row: tokens, pos, pad [B]; col [1] the cache column to write (same for all rows).
+    Attends over cache columns [pad_b, col] within the first n_cols. Returns hidden [B, hidden]."""
+    B = tokens.shape[0]
+    H, KV, D = w.n_heads, w.n_kv, w.head_dim
+    cols = torch.arange(n_cols, device=tokens.device)
+    ok = (cols[None] >= pad[:, None]) & (cols[None] <= col)  # [B, S]
+    bias = torch.zeros(ok.shape, dtype=w.dtype, device=tokens.device).masked_fill_(~ok, float("-inf"))
+    bias = bias[:, None, None, :]  # [B, 1, 1, S]
+
+    def attend(i, q, k, v):  # q [B, 1, H, D]; k, v [B, 1, KV, D]
+        kc[i, :B].index_copy_(2, col, k.transpose(1, 2))
+        vc[i, :B].index_copy_(2, col, v.transpose(1, 2))
+        qg = q.reshape(B, KV, H // KV, D)  # query heads of one KV head act as that head's query rows
+        o = F.scaled_dot_product_attention(qg, kc[i, :B, :, :n_cols], vc[i, :B, :, :n_cols], attn_mask=bias,
+                                           scale=w.scaling)  # [B, KV, G, D]
+        return o.reshape(B, 1, H * D)
+
+    x = F.embedding(tokens, w.embed)[:, None]  # [B, 1, hidden]
+    return run_layers(w, x, cos_t[pos][:, None, None, :], sin_t[pos][:, None, None, :], attend)[:, 0]

@@ -1,0 +1,256 @@
+"""Generation weights for the `fast` rollout engine, read out of a HF Llama/Qwen2-style causal LM.
+
+Two ways to hold a weight:
+- direct: a detached view of the model's own parameter (plain bf16/fp32 model, full fine-tuning).
+  No copy; in-place optimizer steps show up in generation at once.
+- owned: a buffer the engine fills itself, used when the model's tensor cannot be multiplied as is:
+  a LoRA-wrapped module (W_gen = W_base + scale * B @ A, one `addmm` per module and adapter),
+  a bitsandbytes 4/8-bit base (dequantised into the generation dtype on every refill, so the
+  engine holds one bf16 copy and no second dequantised base), or a dtype cast. Owned q/k/v and
+  gate/up are stored fused ([q; k; v] and [gate; up]) so a decode step makes one matmul of each.
+
+`refill` recomputes every owned buffer in place (same storage, so captured CUDA graphs stay valid);
+the trainer calls it through `FastRollout.sync_weights` after each optimizer step.
+
+Note: merging in bf16 rounds W + delta to bf16, as `merge_and_unload` does; vLLM-backed trainers
+generate from merged bf16 weights the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class LayerWeights:
+    qkv: list[torch.Tensor]  # one fused [(H+2KV)*D, hidden] or three (q, k, v)
+    qkv_bias: list[torch.Tensor | None]
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up: list[torch.Tensor]  # one fused [2I, hidden] or two (gate, up)
+    gate_up_bias: list[torch.Tensor | None]
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    q_norm: torch.Tensor | None = None  # Qwen3 per-head norms
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass
+class GenWeights:
+    layers: list[LayerWeights]
+    embed: torch.Tensor  # [V, hidden]
+    norm: torch.Tensor
+    lm_head: torch.Tensor  # [V, hidden]
+    lm_head_bias: torch.Tensor | None
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    eps: float
+    scaling: float
+    act: object
+    # (owned buffer, function that recomputes it in place) for every tensor the engine holds itself.
+    recipes: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = field(default_factory=list)
+    owned_bytes: int = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.dtype
+
+
+def causal_lm_parts(model: nn.Module):
+    """(base causal LM, decoder) of a HF model or a peft PeftModel, after checking the family is supported."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mtype = getattr(getattr(base, "config", None), "model_type", None)
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"FastRollout: model_type '{mtype}' is not supported "
+                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); use generation.backend: hf")
+    decoder = getattr(base, "model", None)
+    for name in ("layers", "embed_tokens", "norm", "rotary_emb"):
+        if not hasattr(decoder, name):
+            raise ValueError(f"FastRollout: {type(base).__name__}.model has no '{name}'; unsupported layout")
+    return base, decoder
+
+
+def extract(model: nn.Module, dtype: torch.dtype | None = None, device: torch.device | None = None,
+            fuse: bool = False) -> GenWeights:
+    """Build generation weights; `fuse=True` copies q/k/v and gate/up into fused buffers even for a plain model."""
+    base, dec = causal_lm_parts(model)
+    cfg = base.config
+    dtype = dtype or _plain(dec.embed_tokens).weight.dtype
+    device = torch.device(device) if device is not None else _plain(dec.embed_tokens).weight.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    env = (dtype, device, recipes := [])
+    layers = []
+    for i, layer in enumerate(dec.layers):
+        at, mlp = layer.self_attn, layer.mlp
+        if getattr(at, "sliding_window", None):
+            raise ValueError(f"FastRollout: layer {i} uses sliding-window attention, which is not supported")
+        qkv, qkv_b = _group([at.q_proj, at.k_proj, at.v_proj], env, fuse)
+        gu, gu_b = _group([mlp.gate_proj, mlp.up_proj], env, fuse)
+        (o,), (o_b,) = _group([at.o_proj], env, False)
+        (down,), (down_b,) = _group([mlp.down_proj], env, False)
+        layers.append(LayerWeights(
+            qkv=qkv, qkv_bias=qkv_b, o=o, o_bias=o_b, gate_up=gu, gate_up_bias=gu_b, down=down, down_bias=down_b,
+            ln1=_vector(layer.input_layernorm.weight, env), ln2=_vector(layer.post_attention_layernorm.weight, env),
+            q_norm=_vector(at.q_norm.weight, env) if hasattr(at, "q_norm") else None,
+            k_norm=_vector(at.k_norm.weight, env) if hasattr(at, "k_norm") else None))
+    (embed,), _ = _group([dec.embed_tokens], env, False)
+    (lm_head,), (lm_b,) = _group([base.lm_head], env, False)
+    n_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    ln = dec.layers[0].input_layernorm
+    from transformers.activations import ACT2FN
+
+    w = GenWeights(layers=layers, embed=embed, norm=_vector(dec.norm.weight, env), lm_head=lm_head,
+                   lm_head_bias=lm_b, n_heads=n_heads, n_kv=getattr(cfg, "num_key_value_heads", None) or n_heads,
+                   head_dim=head_dim, eps=getattr(ln, "variance_epsilon", getattr(ln, "eps", 1e-6)),
+                   scaling=getattr(dec.layers[0].self_attn, "scaling", head_dim ** -0.5),
+                   act=ACT2FN[cfg.hidden_act], recipes=recipes)
+    w.owned_bytes = sum(d.numel() * d.element_size() for d, _ in recipes)
+    refill(w)
+    return w
+
+
+@torch.no_grad()
+def refill(w: GenWeights) -> None:
+    """Recompute every owned buffer in place (base weight, dequantised, + LoRA deltas; cast copies)."""
+    for dst, fill in w.recipes:
+        fill(dst)
+
+
+def param_pointers(model: nn.Module) -> list[int]:
+    """Storage addresses of all parameters: if one moves (reassigned, cast, moved), the engine must re-extract."""
+    return [p.data_ptr() for p in model.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _plain(m: nn.Module) -> nn.Module:
+    """The module whose weight generation should see, through peft's modules_to_save wrapper."""
+    if hasattr(m, "modules_to_save") and hasattr(m, "original_module"):
+        if getattr(m, "disable_adapters", False) or m.active_adapter not in m.modules_to_save:
+            return m.original_module
+        return m.modules_to_save[m.active_adapter]
+    return m
+
+
+def _is_lora(m: nn.Module) -> bool:
+    return hasattr(m, "lora_A") and hasattr(m, "get_base_layer")
+
+
+def _base(m: nn.Module) -> nn.Module:
+    m = _plain(m)
+    return m.get_base_layer() if _is_lora(m) else m
+
+
+def _is_quantized(m: nn.Module) -> bool:
+    return type(m.weight).__name__ in ("Params4bit", "Int8Params") or hasattr(m, "W_q")
+
+
+def _needs_copy(m: nn.Module, env) -> bool:
+    b = _base(m)
+    return _is_lora(_plain(m)) or _is_quantized(b) or (b.weight.dtype, b.weight.device) != env[:2]
+
+
+def _out_features(m: nn.Module) -> int:
+    b = _base(m)
+    return b.weight.shape[0] if not _is_quantized(b) else b.out_features
+
+
+def _in_features(m: nn.Module) -> int:
+    b = _base(m)
+    if isinstance(b, nn.Embedding):
+        return b.embedding_dim
+    return b.weight.shape[1] if not _is_quantized(b) else b.in_features
+
+
+def _group(mods: list[nn.Module], env, fuse: bool):
+    """Weights and biases of modules that read the same input: direct views, or owned (fused) buffers."""
+    dtype, device, recipes = env
+    has_bias = [getattr(_base(m), "bias", None) is not None for m in mods]
+    if not fuse and not any(_needs_copy(m, env) for m in mods):
+        return ([_base(m).weight.detach() for m in mods],
+                [_vector(_base(m).bias, env) if hb else None for m, hb in zip(mods, has_bias)])
+    for m in mods:
+        _check_lora(m)
+    rows = [_out_features(m) for m in mods]
+    buf = torch.empty(sum(rows), _in_features(mods[0]), dtype=dtype, device=device)
+
+    def fill_weight(dst, mods=mods, rows=rows):
+        for m, part in zip(mods, dst.split(rows)):
+            _effective_into(m, part)
+
+    recipes.append((buf, fill_weight))
+    if not any(has_bias):
+        return [buf], [None]
+    bias = torch.empty(sum(rows), dtype=dtype, device=device)
+
+    def fill_bias(dst, mods=mods, rows=rows):
+        for m, part in zip(mods, dst.split(rows)):
+            part.copy_(_base(m).bias) if getattr(_base(m), "bias", None) is not None else part.zero_()
+
+    recipes.append((bias, fill_bias))
+    return [buf], [bias]
+
+
+def _vector(t: torch.Tensor, env) -> torch.Tensor:
+    """Norm weights and biases: a view when dtype and device match, else an owned copy."""
+    dtype, device, recipes = env
+    if (t.dtype, t.device) == (dtype, device):
+        return t.detach()
+    buf = torch.empty(t.shape, dtype=dtype, device=device)
+    recipes.append((buf, lambda dst, src=t: dst.copy_(src)))
+    return buf
+
+
+def _active_adapters(m: nn.Module) -> list[str]:
+    if getattr(m, "disable_adapters", False) or getattr(m, "merged", False):
+        return []  # merged: the base weight already holds the deltas
+    known = set(m.lora_A) | set(getattr(m, "lora_embedding_A", {}))
+    return [a for a in m.active_adapters if a in known]
+
+
+def _check_lora(m: nn.Module) -> None:
+    m = _plain(m)
+    if not _is_lora(m):
+        return
+    for a in _active_adapters(m):
+        if getattr(m, "lora_variant", {}).get(a) is not None or getattr(m, "use_dora", {}).get(a, False):
+            raise ValueError(f"FastRollout: adapter '{a}' on {type(m).__name__} uses a LoRA variant (e.g. DoRA); "
+                             "only plain LoRA can be merged into the generation weights")
+        if getattr(m, "lora_bias", {}).get(a, False):
+            raise ValueError(f"FastRollout: adapter '{a}' trains a LoRA bias, which is not supported")
+
+
+def _effective_into(m: nn.Module, dst: torch.Tensor) -> None:
+    """dst <- base weight (dequantised) + sum of active LoRA deltas; the first delta fused into the copy."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    b = _base(m)
+    w = dequantize_module_weight(b) if _is_quantized(b) else b.weight
+    w = w.detach()
+    lora = _plain(m)
+    adapters = _active_adapters(lora) if _is_lora(lora) else []
+    plain_linear = all(isinstance(lora.lora_A[a], nn.Linear) if a in lora.lora_A else False for a in adapters)
+    if adapters and plain_linear and not getattr(lora, "fan_in_fan_out", False):
+        for j, a in enumerate(adapters):
+            A = lora.lora_A[a].weight.to(dst.dtype)  # [r, in]
+            B = lora.lora_B[a].weight.to(dst.dtype)  # [out, r]
+            s = lora.scaling[a]
+            if j == 0:
+                torch.addmm(w.to(dst.dtype), B, A, alpha=s, out=dst)  # one pass: read base, write dst
+            else:
+                dst.addmm_(B, A, alpha=s)
+        return
+    dst.copy_(w.to(dst.dtype))
+    for a in adapters:  # embeddings and other layouts: peft knows their delta's shape
+        dst.add_(lora.get_delta_weight(a).to(dst.dtype))

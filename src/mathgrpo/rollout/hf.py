@@ -1,0 +1,80 @@
+"""The `hf` rollout backend: transformers `generate` with its KV cache, all prompts batched at once.
+
+Works on any device; the reference the `fast` CUDA backend is checked against.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .base import Completions, SamplingConfig
+from .common import finish_completions
+
+
+class HFRollout:
+    def __init__(self, model, tokenizer, max_batch: int = 256):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+
+    def sync_weights(self, model) -> None:
+        # generate() runs on the live policy (LoRA included), so there is nothing to copy.
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> Completions:
+        t0 = time.perf_counter()
+        tok = self.tokenizer
+        rows = [p for p in prompt_ids for _ in range(n)]  # prompt-major
+        device = next(self.model.parameters()).device
+        eos = _eos_ids(self.model, tok)
+        was_training = self.model.training
+        self.model.eval()  # no LoRA dropout while sampling
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        outs = []
+        try:
+            for start in range(0, len(rows), self.max_batch):
+                chunk = rows[start:start + self.max_batch]
+                width = max(len(r) for r in chunk)
+                ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+                att = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, r in enumerate(chunk):
+                    ids[i, width - len(r):] = torch.tensor(r)
+                    att[i, width - len(r):] = 1
+                kw = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tok.pad_token_id,
+                          eos_token_id=eos, use_cache=True)
+                if sampling.temperature > 0:
+                    kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                              top_k=sampling.top_k or None)
+                else:
+                    kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                if sampling.ignore_eos:
+                    kw["min_new_tokens"] = sampling.max_new_tokens
+                if sampling.stop_strings:
+                    kw.update(stop_strings=list(sampling.stop_strings), tokenizer=tok)
+                seq = self.model.generate(input_ids=ids.to(device), attention_mask=att.to(device), **kw)
+                outs.append(seq[:, width:].cpu())
+        finally:
+            self.model.train(was_training)
+        width = max(o.shape[1] for o in outs)
+        gen = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        pos = 0
+        for o in outs:
+            gen[pos:pos + o.shape[0], :o.shape[1]] = o
+            pos += o.shape[0]
+        stop_ids = set() if sampling.ignore_eos else set(eos)
+        return finish_completions(rows, gen, tok, sampling, stop_ids, time.perf_counter() - t0)
+
+
+def _eos_ids(model, tok) -> list[int]:
+    ids = set()
+    gc = getattr(model, "generation_config", None)
+    for src in (getattr(gc, "eos_token_id", None), tok.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(src)
+    return sorted(ids)

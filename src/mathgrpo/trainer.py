@@ -1,0 +1,316 @@
+"""The GRPO loop: sample -> score -> advantages -> update -> log/save.
+
+    mathgrpo train                      # embedded default: SmolLM2-135M on built-in arithmetic, CPU
+    mathgrpo train cfg.yaml trainer.max_steps=80
+    mathgrpo train cfg.yaml --resume    # continue the newest run exactly where it stopped
+
+Every step draws `prompts_per_step` problems, samples G completions each through the rollout backend,
+scores them, normalises rewards per group and runs `num_iterations` optimizer steps over the rollout in
+token-budgeted micro-batches. Randomness is re-seeded from (seed, step) at every step, so a resumed
+run repeats the uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, dump_yaml, save_config
+from .data import Problem, load_problems, reward_columns
+from .logger import RunLogger
+from .loss import effective_mask, group_advantages, grpo_loss, zero_std_fraction
+from .models import Reference, completion_logprobs, load_model
+from .prompts import PromptBuilder
+from .rewards import RewardSet
+from .rollout import Completions, make_rollout, sampling_from
+
+
+@dataclass
+class Sampler:
+    """Deterministic problem order: a fresh seeded permutation every epoch; its position is checkpointed."""
+
+    n: int
+    seed: int
+    epoch: int = 0
+    position: int = 0
+    order: list[int] = field(default_factory=list)
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if not self.order or self.position >= len(self.order):
+                if self.order:
+                    self.epoch += 1
+                self.order = list(range(self.n))
+                random.Random(self.seed + self.epoch).shuffle(self.order)
+                self.position = 0
+            out.append(self.order[self.position])
+            self.position += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "order": self.order}
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**31)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model, cfg: Config):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: enable model.lora or full fine-tuning")
+    t = cfg.trainer
+    opt = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                            weight_decay=t.weight_decay)
+    total = max(1, t.max_steps * cfg.grpo.num_iterations)
+
+    def factor(i: int) -> float:
+        if i < t.warmup_steps:
+            return (i + 1) / (t.warmup_steps + 1)
+        frac = (i - t.warmup_steps) / max(1, total - t.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[t.lr_scheduler]
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def microbatches(total_lengths: list[int], budget: int) -> list[list[int]]:
+    """Row groups whose padded size (rows x longest row) stays within `budget` tokens; similar lengths
+    are grouped (stable sort) so short completions are not padded to long ones."""
+    order = sorted(range(len(total_lengths)), key=lambda i: total_lengths[i])
+    groups, cur, longest = [], [], 0
+    for i in order:
+        new_longest = max(longest, total_lengths[i])
+        if cur and new_longest * (len(cur) + 1) > budget:
+            groups.append(cur)
+            cur, new_longest = [], total_lengths[i]
+        cur.append(i)
+        longest = new_longest
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor,
+                  cfg: Config) -> dict:
+    """num_iterations optimizer steps over one rollout; returns averaged loss metrics."""
+    g, t = cfg.grpo, cfg.trainer
+    mask = comp.completion_mask.float()  # [N, T]
+    n_rows = mask.shape[0]
+    lengths = comp.completion_mask.sum(1).tolist()
+    groups = microbatches([len(p) + int(n) for p, n in zip(comp.prompt_ids, lengths)], t.max_tokens_per_microbatch)
+    token_count = float(effective_mask(mask, comp.truncated, g.mask_truncated_completions).sum())
+    device = next(p for p in model.parameters() if p.requires_grad).device
+
+    def logp_of(m, rows: list[int]) -> torch.Tensor:  # [len(rows), T_rows]
+        width = max(1, max(lengths[i] for i in rows))
+        return completion_logprobs(m, [comp.prompt_ids[i] for i in rows], comp.completion_ids[rows, :width],
+                                   chunk_size=t.logprob_chunk_size, temperature=max(cfg.generation.temperature, 1e-6))
+
+    fixed: dict[str, dict[int, torch.Tensor]] = {"old": {}, "ref": {}}
+    with torch.no_grad():
+        for k, rows in enumerate(groups):
+            if g.beta > 0:
+                with ref.context(model) as rm:
+                    fixed["ref"][k] = logp_of(rm, rows)
+            if g.num_iterations > 1:  # ratio != 1 from the second iteration on
+                fixed["old"][k] = logp_of(model, rows)
+    sums: dict[str, float] = {}
+    for _ in range(g.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for k, rows in enumerate(groups):
+            logp = logp_of(model, rows)
+            width = logp.shape[1]
+            loss, m = grpo_loss(
+                logp, fixed["old"].get(k), fixed["ref"].get(k), adv[rows].to(device), mask[rows, :width].to(device),
+                loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
+                max_completion_length=cfg.generation.max_new_tokens, token_count=token_count, seq_count=n_rows,
+                truncated=comp.truncated[rows].to(device), mask_truncated=g.mask_truncated_completions)
+            loss.backward()
+            loss_total += float(loss.detach())
+            w = len(rows) / n_rows
+            for key, v in m.items():
+                sums[key] = sums.get(key, 0.0) + w * v / g.num_iterations
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        sums["loss"] = sums.get("loss", 0.0) + loss_total / g.num_iterations
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm / g.num_iterations
+    return sums
+
+
+def rollout_metrics(comp: Completions, names: list[str], per: np.ndarray, total: np.ndarray, group: int) -> dict:
+    lens = comp.lengths.float()
+    m = {"reward": float(total.mean()), "reward_std": float(total.std()),
+         "frac_zero_std": zero_std_fraction(torch.from_numpy(total), group),
+         "completion_length_mean": float(lens.mean()), "completion_length_max": float(lens.max()),
+         "truncated_frac": float(comp.truncated.float().mean())}
+    for j, name in enumerate(names):
+        col = per[:, j]
+        m[f"rewards/{name}/mean"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
+        m[f"rewards/{name}/std"] = float(np.nanstd(col)) if np.isfinite(col).any() else float("nan")
+    return m
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (with a checkpoint)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with the host application
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume from or None)."""
+    t = cfg.trainer
+    if t.resume:
+        start = ckpt.find_resume(t.resume, Path(t.output_dir))
+        return start.parent.parent, start
+    name = t.run_name or time.strftime("%Y%m%d-%H%M%S")
+    run = Path(t.output_dir) / name
+    run.mkdir(parents=True, exist_ok=True)
+    return run, None
+
+
+def _truncate_metrics(run: Path, last_step: int) -> None:
+    """On resume, forget steps logged after the checkpoint: they are about to be redone."""
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        p = run / name
+        if p.is_file():
+            keep = [line for line in p.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+            p.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: Config, quiet: bool = False) -> Path:
+    run, resume_from = make_run_dir(cfg)
+    save_config(cfg, run / "config.yaml")
+    seed_everything(cfg.trainer.seed)
+    model, tok = load_model(cfg.model, trainable=True)
+    data = load_problems(cfg.data, seed=cfg.trainer.seed)
+    (run / "data_report.txt").write_text(data.report + "\n")
+    prompts = PromptBuilder(tok, cfg.prompt, cfg.data.answer_mod)
+    rewards = RewardSet(list(zip(cfg.rewards.functions, cfg.rewards.weights or [1.0] * len(cfg.rewards.functions))))
+    rollout = make_rollout(cfg.generation, model, tok)
+    ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    sampler = Sampler(len(data.train), cfg.trainer.seed)
+    start = 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        start = state["step"]
+        sampler = Sampler(len(data.train), cfg.trainer.seed, **state["sampler"])
+        _truncate_metrics(run, start)
+    G = cfg.grpo.num_generations
+    logger = RunLogger(run, cfg.trainer.tensorboard, cfg.trainer.max_steps, start, quiet)
+    logger.write(f"run dir: {run}\n{data.report}")
+    logger.write(f"step = {cfg.trainer.prompts_per_step} prompts x {G} completions = "
+                 f"{cfg.trainer.prompts_per_step * G} rollouts, {cfg.grpo.num_iterations} optimizer step(s) each"
+                 + (f"; resumed from {resume_from}" if resume_from else ""))
+    state_of = lambda s: {"step": s, "sampler": sampler.state(), "max_steps": cfg.trainer.max_steps}  # noqa: E731
+    step = start
+    with StopFlag() as stop:
+        for step in range(start + 1, cfg.trainer.max_steps + 1):
+            t0 = time.perf_counter()
+            batch: list[Problem] = [data.train[i] for i in sampler.next(cfg.trainer.prompts_per_step)]
+            seed = step_seed(cfg.trainer.seed, step)
+            torch.manual_seed(seed)
+            comp = rollout.generate([prompts.ids(p.problem) for p in batch], G, sampling_from(cfg.generation, seed))
+            per, total = rewards.score(comp.texts, prompts=[prompts.text(p.problem) for p in batch for _ in range(G)],
+                                       completion_ids=[r[m].tolist() for r, m in zip(comp.completion_ids, comp.completion_mask)],
+                                       prefill=[prompts.prefill] * len(comp.texts), truncated=comp.truncated.tolist(),
+                                       **reward_columns(batch, G))
+            adv = group_advantages(torch.from_numpy(total), G, cfg.grpo.scale_rewards)  # [N]
+            t1 = time.perf_counter()
+            torch.manual_seed(seed + 1)  # LoRA dropout
+            upd = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg)
+            rollout.sync_weights(model)
+            now = time.perf_counter()
+            metrics = {**rollout_metrics(comp, rewards.names, per, total, G), **upd,
+                       "lr": scheduler.get_last_lr()[0], "step_time": now - t0, "gen_time": t1 - t0,
+                       "update_time": now - t1, "tokens_per_s": float(comp.lengths.sum()) / (now - t0)}
+            logger.log(step, metrics, step % cfg.trainer.logging_steps == 0)
+            if cfg.trainer.log_completions_steps and step % cfg.trainer.log_completions_steps == 0:
+                logger.log_completions(step, [{"problem": p.problem, "gold": p.gold, "completion": comp.texts[i * G + j],
+                                               "reward": float(total[i * G + j])}
+                                              for i, p in enumerate(batch) for j in range(G)])
+            last = step == cfg.trainer.max_steps
+            if last or stop.requested or step % cfg.trainer.save_steps == 0:
+                path = ckpt.save_checkpoint(run, step, model, optimizer, scheduler, state_of(step), dump_yaml(cfg),
+                                            cfg.trainer.save_total_limit)
+            if stop.requested and not last:
+                logger.write(f"stopped after step {step}; checkpoint {path}\n"
+                             f"resume with: mathgrpo train {run / 'config.yaml'} --resume {run}")
+                break
+    logger.close()
+    ckpt.save_weights(model, run / ("adapter" if cfg.model.lora else "model"))
+    summary = summarize(run, rewards.names)
+    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(format_summary(summary))
+    if step == cfg.trainer.max_steps and cfg.trainer.eval_at_end and data.test and not stop.requested:
+        from .evaluate import evaluate_trained_run
+
+        evaluate_trained_run(cfg, run, model, tok, data.test)
+    else:
+        _write_report(run)
+    return run
+
+
+def _write_report(run: Path) -> None:
+    from .report import write_report
+
+    md, _ = write_report(run)
+    print(f"report: {md}")
+
+
+def summarize(run: Path, names: list[str], window: int = 10) -> dict:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    first, last = rows[:window], rows[-window:]
+    out = {"run_dir": str(run), "steps": len(rows), "window": window}
+    for key in ["reward"] + [f"rewards/{n}/mean" for n in names]:
+        vals = lambda rs: [r[key] for r in rs if r.get(key) is not None]  # noqa: E731
+        f, l_ = vals(first), vals(last)
+        out[key] = {"first": float(np.mean(f)) if f else None, "last": float(np.mean(l_)) if l_ else None}
+    out["step_time_mean"] = float(np.mean([r["step_time"] for r in rows])) if rows else None
+    return out
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"summary of {s['run_dir']} ({s['steps']} steps): mean of the first {s['window']} vs last {s['window']} steps"]
+    for key, v in s.items():
+        if isinstance(v, dict) and v.get("first") is not None:
+            lines.append(f"  {key:<28} {v['first']:.3f} -> {v['last']:.3f}")
+    return "\n".join(lines)

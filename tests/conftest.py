@@ -1,0 +1,62 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and a tiny random model saved as a local HF folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from mathgrpo.config import ModelConfig
+    from mathgrpo.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path="smollm2"))
+
+
+def _tiny_dir(tmp_path_factory, tokenizer, arch: str):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=512,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    model = AutoModelForCausalLM.from_config(cfg)
+    path = tmp_path_factory.mktemp(f"tiny-{arch}")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    """A 2-layer random Llama with the real SmolLM2 tokenizer, as a local model folder."""
+    return _tiny_dir(tmp_path_factory, smol_tokenizer, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory, smol_tokenizer):
+    return _tiny_dir(tmp_path_factory, smol_tokenizer, "qwen2")
+
+
+def tiny_overrides(model_dir: str, out_dir, **extra) -> list[str]:
+    """Overrides for a seconds-long CPU training run of the tiny model."""
+    base = {
+        "model.name_or_path": model_dir, "model.lora_r": 4, "model.lora_alpha": 8, "model.lora_dropout": 0.0,
+        "data.source": "arithmetic", "data.max_problems": 20, "data.arithmetic_size": 40,
+        "generation.max_new_tokens": 8, "generation.temperature": 1.0,
+        "rewards.functions": "[boxed, accuracy, similarity]",
+        "grpo.num_generations": 4, "trainer.prompts_per_step": 2, "trainer.max_steps": 3,
+        "trainer.learning_rate": 1e-3, "trainer.output_dir": str(out_dir), "trainer.run_name": "run",
+        "trainer.save_steps": 2, "trainer.logging_steps": 1, "trainer.log_completions_steps": 1,
+        "trainer.eval_at_end": False, "trainer.tensorboard": True,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

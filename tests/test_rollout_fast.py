@@ -1,0 +1,234 @@
+"""Tests of the `fast` rollout engine against transformers' own generate/forward on tiny random models.
+
+CPU runs the engine eagerly (no CUDA graphs); with a GPU present the same tests also run on CUDA with
+graphs on (`pytest tests/test_rollout_fast.py` on the device machine).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from mathgrpo.rollout.base import SamplingConfig
+from mathgrpo.rollout.fast import FastRollout
+from mathgrpo.rollout.fast_sampling import sample
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+EOS = 1
+PROMPTS = [[5, 9, 14, 3, 22], [7, 7], [30, 2, 11, 40, 41, 42, 8, 19], [12]]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """64 tokens: <pad>=0, <eos>=1, then a-z, A-Z, 0-9 one character each (decoding concatenates)."""
+    chars = [chr(c) for c in range(97, 123)] + [chr(c) for c in range(65, 91)] + [str(d) for d in range(10)]
+    vocab = {"<pad>": 0, "<eos>": EOS, **{c: i + 2 for i, c in enumerate(chars)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    t.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>")
+
+
+def tiny_model(kind: str = "llama", device: str = "cpu", seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=96, max_position_embeddings=256, eos_token_id=EOS, pad_token_id=0,
+                  bos_token_id=None, tie_word_embeddings=False)
+    if kind == "llama":
+        m = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "qwen2":
+        m = Qwen2ForCausalLM(Qwen2Config(**common))  # q/k/v biases
+        with torch.no_grad():
+            for layer in m.model.layers:
+                for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    p.bias.normal_(0, 0.5)  # zero-initialised otherwise: make them matter
+    else:
+        m = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))  # per-head q/k norms
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8)  # peakier logits: fewer near-ties in greedy comparisons
+    m.generation_config.eos_token_id = EOS
+    m.generation_config.pad_token_id = 0
+    return m.float().eval().to(device)
+
+
+def hf_greedy(model, prompt: list[int], max_new: int, eos: list[int] | None = (EOS,)) -> list[int]:
+    """transformers' greedy continuation of one unpadded prompt, cut after the first EOS."""
+    dev = next(model.parameters()).device
+    out = model.generate(torch.tensor([prompt], device=dev), attention_mask=torch.ones(1, len(prompt), device=dev,
+                         dtype=torch.long), do_sample=False, max_new_tokens=max_new, eos_token_id=list(eos) if eos else None,
+                         pad_token_id=0, temperature=None, top_p=None, top_k=None)[0, len(prompt):].tolist()
+    ends = [j for j, t in enumerate(out) if eos and t in eos]
+    return out[:ends[0] + 1] if ends else out
+
+
+def rows_of(c) -> list[list[int]]:
+    return [ids[m.bool()].tolist() for ids, m in zip(c.completion_ids, c.completion_mask)]
+
+
+GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("opts", [{}, {"kv_bucket": 5, "max_batch": 3}, {"fuse_weights": True, "check_every": 3}])
+def test_greedy_matches_hf_generate(kind, opts, device):
+    model, tok = tiny_model(kind, device), char_tokenizer()
+    eng = FastRollout(model, tok, **opts)
+    out = eng.generate(PROMPTS, n=2, sampling=GREEDY)
+    want = [hf_greedy(model, p, 12) for p in PROMPTS for _ in range(2)]
+    assert rows_of(out) == want
+    assert out.truncated.tolist() == [len(w) == 12 and w[-1] != EOS for w in want]
+    assert out.texts == [tok.decode(w, skip_special_tokens=True) for w in want]
+    assert out.prompt_ids == [p for p in PROMPTS for _ in range(2)]
+    assert (eng.owned_weight_bytes > 0) == bool(opts.get("fuse_weights"))  # plain model: no weight copy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eos_stops_rows_and_pads(device):
+    model, tok = tiny_model("llama", device), char_tokenizer()
+    free = [hf_greedy(model, p, 10, eos=None) for p in PROMPTS]
+    stop_tok = free[0][3]
+    model.generation_config.eos_token_id = stop_tok
+    out = FastRollout(model, tok).generate(PROMPTS, n=1, sampling=SamplingConfig(max_new_tokens=10, temperature=0))
+    want = [hf_greedy(model, p, 10, eos=[stop_tok, EOS]) for p in PROMPTS]  # the tokenizer's EOS counts too
+    assert rows_of(out) == want
+    assert len(want[0]) <= 4 and not out.truncated[0]
+    assert (out.completion_ids[~out.completion_mask.bool()] == tok.pad_token_id).all()
+    # ignore_eos: full length for everyone, all truncated
+    forced = FastRollout(model, tok).generate(PROMPTS, n=1, sampling=SamplingConfig(
+        max_new_tokens=10, temperature=0, ignore_eos=True))
+    assert rows_of(forced) == free and forced.truncated.all() and (forced.lengths == 10).all()
+
+
+@pytest.mark.parametrize("check_every", [1, 4, 1000])
+def test_stop_strings_cut_text_and_tokens(check_every):
+    model, tok = tiny_model("qwen2"), char_tokenizer()
+    sampling = SamplingConfig(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    free = FastRollout(model, tok).generate(PROMPTS[:2], n=1, sampling=sampling)
+    stop = free.texts[0][5:7]
+    sampling.stop_strings = [stop]
+    out = FastRollout(model, tok, check_every=check_every).generate(PROMPTS[:2], n=1, sampling=sampling)
+    for r in range(2):
+        full, ids = free.texts[r], rows_of(free)[r]
+        k = full.find(stop)
+        if k < 0:
+            assert out.texts[r] == full and out.truncated[r]
+            continue
+        assert out.texts[r] == full[:k + len(stop)] and not out.truncated[r]
+        n_tok = min(j for j in range(1, len(ids) + 1) if stop in tok.decode(ids[:j]))
+        assert rows_of(out)[r] == ids[:n_tok]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_match_hf_forward(temperature, device):
+    model, tok = tiny_model("qwen2", device), char_tokenizer()
+    s = SamplingConfig(max_new_tokens=9, temperature=temperature, top_k=20, seed=3)
+    out = FastRollout(model, tok).generate(PROMPTS, n=2, sampling=s)
+    for r, (p, ids) in enumerate(zip(out.prompt_ids, rows_of(out))):
+        seq = torch.tensor([p + ids], device=device)
+        logits = model(seq).logits[0, len(p) - 1:-1].float()  # predicts ids
+        ref = torch.log_softmax(logits / (temperature or 1.0), -1).gather(-1, seq[0, len(p):, None])[:, 0]
+        got = out.logprobs[r, :len(ids)]
+        torch.testing.assert_close(got, ref.cpu(), atol=2e-4, rtol=1e-4)
+        assert (out.logprobs[r, len(ids):] == 0).all()
+
+
+def test_seeded_sampling_is_reproducible():
+    model, tok = tiny_model("llama"), char_tokenizer()
+    eng = FastRollout(model, tok)
+    s = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=11)
+    a, b = eng.generate(PROMPTS, 3, s), eng.generate(PROMPTS, 3, s)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+    s.seed = 12
+    assert not torch.equal(eng.generate(PROMPTS, 3, s).completion_ids, a.completion_ids)
+
+
+def _reference_probs(logits: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor:
+    """Plain temperature -> top-k -> top-p filtering, token by token."""
+    probs = torch.softmax(logits.double() / t, -1)
+    order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))
+    keep = set(order[:k] if k else order)
+    kept = [i for i in order if i in keep]
+    sub = probs[kept] / probs[kept].sum()
+    mass, nucleus = 0.0, []
+    for i, q in zip(kept, sub.tolist()):
+        if mass >= p:
+            break
+        nucleus.append(i)
+        mass += q
+    out = torch.zeros_like(probs)
+    out[nucleus] = probs[nucleus]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("t,k,p", [(0.7, 0, 1.0), (1.0, 3, 1.0), (1.3, 0, 0.8), (1.0, 5, 0.6)])
+def test_sampler_distribution(t, k, p):
+    torch.manual_seed(0)
+    logits = torch.randn(8) * 1.5
+    n = 60000
+    g = torch.Generator().manual_seed(1)
+    tok, lp = sample(logits.expand(n, 8), SamplingConfig(temperature=t, top_k=k, top_p=p), g)
+    freq = torch.bincount(tok, minlength=8).double() / n
+    ref = _reference_probs(logits, t, k, p)
+    assert (freq[ref == 0] == 0).all()
+    assert (freq - ref).abs().max() < 0.01
+    torch.testing.assert_close(lp, torch.log_softmax(logits / t, -1)[tok])
+
+
+def _lora(model, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    _randomise_lora(pm, seed)
+    return pm.eval()
+
+
+def _randomise_lora(pm, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_generation_and_sync(device):
+    pm, tok = _lora(tiny_model("qwen2", device), seed=1), char_tokenizer()
+    eng = FastRollout(pm, tok)
+    assert eng.owned_weight_bytes > 0
+    before = eng.generate(PROMPTS, 1, GREEDY)
+    assert rows_of(before) == [hf_greedy(pm, p, 12) for p in PROMPTS]
+    _randomise_lora(pm, seed=2)  # an "optimizer step" on the adapter
+    eng.sync_weights(pm)
+    after = eng.generate(PROMPTS, 1, GREEDY)
+    assert rows_of(after) == [hf_greedy(pm, p, 12) for p in PROMPTS]
+    assert rows_of(after) != rows_of(before)
+
+
+def test_plain_model_weights_are_shared_and_resynced():
+    model, tok = tiny_model("llama"), char_tokenizer()
+    eng = FastRollout(model, tok)
+    with torch.no_grad():  # in place, as an optimizer step: seen without a copy
+        model.model.layers[0].mlp.down_proj.weight.mul_(-3)
+    assert rows_of(eng.generate(PROMPTS, 1, GREEDY)) == [hf_greedy(model, p, 12) for p in PROMPTS]
+    layer = model.model.layers[1].self_attn  # a new tensor object: sync_weights must notice
+    layer.q_proj.weight = torch.nn.Parameter(torch.randn_like(layer.q_proj.weight))
+    eng.sync_weights(model)
+    assert rows_of(eng.generate(PROMPTS, 1, GREEDY)) == [hf_greedy(model, p, 12) for p in PROMPTS]
+
+
+def test_bad_input_errors():
+    tok = char_tokenizer()
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        FastRollout(gpt2, tok)
+    eng = FastRollout(tiny_model("llama"), tok, max_seq_len=20)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        eng.generate([[3], []], 1, GREEDY)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        eng.generate([[3] * 10], 1, GREEDY)
+    with pytest.raises(ValueError, match="top_p"):
+        eng.generate([[3]], 1, SamplingConfig(top_p=0.0))
