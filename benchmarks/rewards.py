@@ -44,7 +44,8 @@ def _gold_and_preds(rng: random.Random, kind: str) -> tuple[str, list[str]]:
         return str(g), [str(g), f"{g}.0", str(g + rng.randint(1, 9)), str(rng.randint(0, 5000))]
     if kind == "frac":
         a, b = rng.randint(1, 20), rng.randint(21, 40)
-        return f"\\frac{{{a}}}{{{b}}}", [f"\\frac{{{a}}}{{{b}}}", f"\\dfrac{{{2 * a}}}{{{2 * b}}}", f"{a}/{b}", f"\\frac{{{a + 1}}}{{{b}}}"]
+        gold = f"\\frac{{{a}}}{{{b}}}"
+        return gold, [gold, f"\\dfrac{{{2 * a}}}{{{2 * b}}}", f"{a}/{b}", f"\\frac{{{a + 1}}}{{{b}}}"]
     k = rng.randint(2, 9)
     return f"{k}\\sqrt{{3}}", [f"{k}\\sqrt{{3}}", f"\\sqrt{{{3 * k * k}}}", f"{k + 1}\\sqrt{{3}}", f"{k}\\sqrt{{2}}"]
 

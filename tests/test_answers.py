@@ -281,7 +281,8 @@ def test_is_aimo_integer(s, expected):
         (r"\text{(A)}", "(A)"), (r"\$18.90", "18.9"), (r"\sqrt{8}", r"2\sqrt{2}"),
         (r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt3}{2}"), ("x=3", "3"),
         (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"), (r"2\pi", r"\pi \cdot 2"),
-        ("-0.25", r"-\frac{1}{4}"),
+        ("-0.25", r"-\frac{1}{4}"), ("0.333333", r"\frac13"),  # math-verify rounds floats to 6 places
+        (42, "42.0"),  # non-string columns are read as text
     ],
 )
 def test_equivalent_pairs(pred, gold):
@@ -312,6 +313,8 @@ def test_int_and_fraction_fast_paths_never_call_math_verify(monkeypatch):
         assert is_equivalent(str(a), f"{b}.0") is (a == b)
         p, q, r, s = rng.randint(-9, 9), rng.randint(1, 9), rng.randint(-9, 9), rng.randint(1, 9)
         assert is_equivalent(f"\\frac{{{p}}}{{{q}}}", f"{r}/{s}") is (Fraction(p, q) == Fraction(r, s))
+        x, y = rng.randint(0, 10**4), rng.randint(0, 10**4)  # decimals apart by >= 1e-4
+        assert is_equivalent(f"{x / 10**4}", f"{y / 10**4}") is (x == y)
         sign = "-" if p < 0 else ""
         assert is_equivalent(f"{sign}\\frac{abs(p)}{q}", f"\\dfrac{{{r}}}{{{s}}}") is (Fraction(p, q) == Fraction(r, s))
 

@@ -197,7 +197,9 @@ def test_evaluate_metrics_match_hand_computation(tokenizer):
     cfg.generation.max_batch = 8  # 2 problems x 4 samples per generate call
     builder = PromptBuilder(tokenizer, cfg.prompt, None)
     rollout = ScriptedRollout(tokenizer, {tuple(builder.ids(p.problem)): int(p.id) for p in PROBLEMS})
+    rng_before = torch.random.get_rng_state()
     res = evaluate(None, tokenizer, PROBLEMS, cfg, rollout=rollout, label="x")
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # the caller's RNG is left alone
 
     assert rollout.calls == [(2, 4, 100, 1.0, 6), (2, 4, 101, 1.0, 6)]  # batched, seeded per batch
     correct = {i: SCRIPT[i][1] for i in SCRIPT}

@@ -199,7 +199,8 @@ def test_cosine_endpoints_and_reference():
     rng = random.Random(2)
     for _ in range(50):
         t, ok = rng.randint(0, 300), rng.random() < 0.5
-        got = REWARDS["cosine"]([f"\\boxed{{{1 if ok else 2}}}"], gold=["1"], completion_ids=[[0] * t], max_completion_len=[200])
+        text = f"\\boxed{{{1 if ok else 2}}}"
+        got = REWARDS["cosine"]([text], gold=["1"], completion_ids=[[0] * t], max_completion_len=[200])
         assert got[0] == pytest.approx(_cosine_reference(t, 200, ok))
 
 
@@ -210,7 +211,9 @@ def test_cosine_estimates_tokens_from_characters_and_defaults_cap():
 
 
 def test_cosine_factory_parameters_and_bad_cap():
-    fn = make_cosine_reward(min_value_wrong=-2.0, max_value_wrong=0.0, min_value_correct=0.0, max_value_correct=2.0, max_len=10)
+    fn = make_cosine_reward(
+        min_value_wrong=-2.0, max_value_wrong=0.0, min_value_correct=0.0, max_value_correct=2.0, max_len=10
+    )
     assert fn(["\\boxed{1}", "\\boxed{2}"], gold=["1", "1"], completion_ids=[[], []]) == [2.0, -2.0]
     with pytest.raises(ValueError, match="max_completion_len"):
         REWARDS["cosine"](["\\boxed{1}"], gold=["1"], max_completion_len=0)
@@ -286,7 +289,7 @@ def test_rewardset_scores_and_weights_like_trl(user_package):
         return [None if "skip" in c else 1.0 for c in completions]
 
     rs = RewardSet([("accuracy", 2.0), ("boxed", 0.5), ("userrw.mod:brevity", 1.0), (maybe, -1.0)])
-    assert rs.names == ["accuracy", "boxed", "userrw.mod:brevity", "maybe"]
+    assert rs.names == ["accuracy", "boxed", "brevity", "maybe"]
     comps = ["\\boxed{1}", "\\boxed{2} skip", "nothing"]
     per, total = rs.score(comps, gold=["1", "1", "1"], prompts=["p"] * 3, solution=[""] * 3)
     assert per.shape == (3, 4) and per.dtype == np.float32
@@ -381,7 +384,8 @@ def test_all_builtins_run_on_a_realistic_batch():
     ]
     kwargs = dict(
         prompts=["p"] * 4, problem=["q"] * 4, gold=["0.5"] * 4, solution=["So \\boxed{\\frac12}"] * 4,
-        prefill=["<think>\n"] * 4, truncated=[False, False, True, False], completion_ids=[[1] * 9, [1] * 8, [1] * 5, []],
+        prefill=["<think>\n"] * 4, truncated=[False, False, True, False],
+        completion_ids=[[1] * 9, [1] * 8, [1] * 5, []],
     )
     rs = RewardSet([(name, 1.0) for name in sorted(BUILTINS)])
     per, total = rs.score(comps, **kwargs)

@@ -160,16 +160,17 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     per_call = max(1, cfg.generation.max_batch // k)
     texts, truncated, lengths, comp_ids = [], [], [], []
     t0 = time.perf_counter()
-    for b, start in enumerate(range(0, len(problems), per_call)):
-        sampling.seed = ev.seed + b
-        torch.manual_seed(sampling.seed)  # for backends that ignore sampling.seed
-        out = rollout.generate(prompt_ids[start:start + per_call], k, sampling)
-        texts += out.texts
-        truncated += [bool(t) for t in out.truncated]
-        lengths += out.lengths.tolist()
-        comp_ids += [row[m.bool()].tolist() for row, m in zip(out.completion_ids, out.completion_mask)]
-        log.info("eval %s: %d/%d problems generated (%.0f s)", label, min(start + per_call, len(problems)),
-                 len(problems), time.perf_counter() - t0)
+    with torch.random.fork_rng():  # the caller's (trainer's) RNG streams continue untouched
+        for b, start in enumerate(range(0, len(problems), per_call)):
+            sampling.seed = ev.seed + b
+            torch.manual_seed(sampling.seed)  # for backends that ignore sampling.seed
+            out = rollout.generate(prompt_ids[start:start + per_call], k, sampling)
+            texts += out.texts
+            truncated += [bool(t) for t in out.truncated]
+            lengths += out.lengths.tolist()
+            comp_ids += [row[m.bool()].tolist() for row, m in zip(out.completion_ids, out.completion_mask)]
+            log.info("eval %s: %d/%d problems generated (%.0f s)", label, min(start + per_call, len(problems)),
+                     len(problems), time.perf_counter() - t0)
     gen_seconds = time.perf_counter() - t0
 
     rewards = _reward_set(cfg)

@@ -13,6 +13,7 @@ Benchmark: `python benchmarks/rewards.py`; tests: `pytest tests/test_rewards.py`
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -227,12 +228,14 @@ def load_user_reward(spec: str) -> RewardFn:
     """Import `package.module:function` or `path/to/file.py:function` (dotted attributes ok)."""
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
-        raise RewardError(f"reward spec {spec!r} must look like 'package.module:function' or 'path/to/file.py:function'")
+        raise RewardError(
+            f"reward spec {spec!r} must look like 'package.module:function' or 'path/to/file.py:function'"
+        )
     if module_part.endswith(".py") or "/" in module_part:
         path = Path(module_part).expanduser()
         if not path.is_file():
             raise RewardError(f"reward spec {spec!r}: file {str(path)!r} not found")
-        mod_name = f"mathgrpo_user_reward_{abs(hash(str(path.resolve())))}"
+        mod_name = "mathgrpo_user_reward_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         file_spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(file_spec)
         sys.modules[mod_name] = module  # so pickling / dataclasses inside the file work
@@ -240,12 +243,14 @@ def load_user_reward(spec: str) -> RewardFn:
             file_spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[mod_name]
-            raise RewardError(f"reward spec {spec!r}: executing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+            why = f"{type(exc).__name__}: {exc}"
+            raise RewardError(f"reward spec {spec!r}: executing {str(path)!r} failed: {why}") from exc
     else:
         try:
             module = importlib.import_module(module_part)
         except Exception as exc:
-            raise RewardError(f"reward spec {spec!r}: cannot import module {module_part!r}: {type(exc).__name__}: {exc}") from exc
+            why = f"{type(exc).__name__}: {exc}"
+            raise RewardError(f"reward spec {spec!r}: cannot import module {module_part!r}: {why}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -264,7 +269,8 @@ def _resolve(item: str | RewardFn) -> tuple[str, RewardFn]:
     if item in REWARDS:
         return item, REWARDS[item]
     if ":" in item:
-        return item, load_user_reward(item)
+        # Logged under the function's own name, as TRL does (`rewards/<name>/mean`).
+        return item.rsplit(":", 1)[1].rsplit(".", 1)[-1], load_user_reward(item)
     raise RewardError(f"unknown reward {item!r}; built-ins: {sorted(REWARDS)}; or give 'package.module:function'")
 
 

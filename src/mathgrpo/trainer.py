@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, dump_yaml, save_config
-from .data import Problem, load_problems, reward_columns
+from .data import Problem, ProblemSet, load_problems, reward_columns
 from .logger import RunLogger
 from .loss import effective_mask, group_advantages, grpo_loss, zero_std_fraction
 from .models import Reference, completion_logprobs, load_model
@@ -215,15 +215,24 @@ def _truncate_metrics(run: Path, last_step: int) -> None:
             p.write_text("".join(line + "\n" for line in keep))
 
 
-def train(cfg: Config, quiet: bool = False) -> Path:
+def train(cfg: Config, quiet: bool = False, *, model=None, tokenizer=None, data: ProblemSet | None = None,
+          prompts=None, reward_funcs: list | None = None, callbacks: list | None = None) -> Path:
+    """Run GRPO as configured. The keyword hooks let library callers (the TRL front door) pass a loaded
+    model/tokenizer, their own problems, a prompt builder (`.ids(text)`, `.text(text)`, `.prefill`),
+    reward callables (used instead of cfg.rewards.functions, weighted by cfg.rewards.weights), and
+    callbacks called as `cb(step, metrics)` after every step."""
     run, resume_from = make_run_dir(cfg)
     save_config(cfg, run / "config.yaml")
     seed_everything(cfg.trainer.seed)
-    model, tok = load_model(cfg.model, trainable=True)
-    data = load_problems(cfg.data, seed=cfg.trainer.seed)
+    if model is None:
+        model, tok = load_model(cfg.model, trainable=True)
+    else:
+        tok = tokenizer
+    data = data or load_problems(cfg.data, seed=cfg.trainer.seed)
     (run / "data_report.txt").write_text(data.report + "\n")
-    prompts = PromptBuilder(tok, cfg.prompt, cfg.data.answer_mod)
-    rewards = RewardSet(list(zip(cfg.rewards.functions, cfg.rewards.weights or [1.0] * len(cfg.rewards.functions))))
+    prompts = prompts or PromptBuilder(tok, cfg.prompt, cfg.data.answer_mod)
+    funcs = reward_funcs or cfg.rewards.functions
+    rewards = RewardSet(list(zip(funcs, cfg.rewards.weights or [1.0] * len(funcs))))
     rollout = make_rollout(cfg.generation, model, tok)
     ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
     optimizer, scheduler = make_optimizer(model, cfg)
@@ -263,6 +272,8 @@ def train(cfg: Config, quiet: bool = False) -> Path:
                        "lr": scheduler.get_last_lr()[0], "step_time": now - t0, "gen_time": t1 - t0,
                        "update_time": now - t1, "tokens_per_s": float(comp.lengths.sum()) / (now - t0)}
             logger.log(step, metrics, step % cfg.trainer.logging_steps == 0)
+            for cb in callbacks or ():
+                cb(step, metrics)
             if cfg.trainer.log_completions_steps and step % cfg.trainer.log_completions_steps == 0:
                 logger.log_completions(step, [{"problem": p.problem, "gold": p.gold, "completion": comp.texts[i * G + j],
                                                "reward": float(total[i * G + j])}

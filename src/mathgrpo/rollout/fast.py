@@ -25,7 +25,7 @@ import torch
 
 from .base import Completions, SamplingConfig
 from .common import finish_completions
-from .fast_forward import decode_step, logits_into, prefill, rope_table
+from .fast_forward import EAGER_OPS, compiled_ops, decode_step, logits_into, prefill, rope_table
 from .fast_sampling import check_sampling, sample
 from .fast_weights import causal_lm_parts, extract, param_pointers, refill
 from .hf import _eos_ids
@@ -34,12 +34,14 @@ from .hf import _eos_ids
 class FastRollout:
     def __init__(self, model, tokenizer, *, max_batch: int = 256, max_seq_len: int | None = None, device=None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
-                 fuse_weights: bool = False, prefill_tokens: int = 16384, check_every: int = 16):
+                 fuse_weights: bool = False, compile_pointwise: bool | None = None, prefill_tokens: int = 16384,
+                 check_every: int = 16):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
         decode steps (default: on for CUDA); kv_bucket: attention length granularity (default 256 on CUDA,
         1 on CPU); fuse_weights: copy q/k/v and gate/up into fused buffers even for a plain model (faster
-        decode, costs a copy of those weights); prefill_tokens: prompt tokens per prefill chunk."""
+        decode, costs a copy of those weights); compile_pointwise: torch.compile the norm/rope/activation
+        pieces of the decode step (default: with CUDA graphs); prefill_tokens: prompt tokens per prefill chunk."""
         if max_batch < 1:
             raise ValueError(f"FastRollout: max_batch must be >= 1, got {max_batch}")
         if tokenizer.pad_token_id is None:
@@ -54,6 +56,7 @@ class FastRollout:
             raise ValueError("FastRollout: cuda_graphs=True needs a CUDA device")
         self.bucket = kv_bucket or (256 if self.device.type == "cuda" else 1)
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
+        self.ops = compiled_ops() if (self.graphs if compile_pointwise is None else compile_pointwise) else EAGER_OPS
         self._cache_rows = self._cache_len = 0
         self._rope_len = 0
         self._graph_map: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -121,7 +124,7 @@ class FastRollout:
     # ----- decoding ----------------------------------------------------------------------------------------
     def _step(self, rows: int, n_cols: int) -> None:
         h = decode_step(self.w, self.k_cache, self.v_cache, self._tok[:rows], self._pos[:rows], self._col,
-                        self._pad[:rows], n_cols, self.cos, self.sin)
+                        self._pad[:rows], n_cols, self.cos, self.sin, self.ops)
         logits_into(self.w, h, self._logits)
 
     def _decode(self, rows: int, n_cols: int) -> None:

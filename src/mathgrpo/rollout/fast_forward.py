@@ -32,44 +32,68 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
+def _add_rms(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float):
+    """Residual add then RMSNorm: (x + r, norm(x + r))."""
+    x = x + r
+    return x, _rms(x, w, eps)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
-def _linears(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None]) -> torch.Tensor:
-    """Outputs of a projection group, concatenated along the last dim (one matmul when fused)."""
-    if len(ws) == 1:
-        return F.linear(x, ws[0], bs[0])
-    return torch.cat([F.linear(x, w, b) for w, b in zip(ws, bs)], -1)
+def _glu(gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
+    return act(gate) * up
 
 
-def _attention_inputs(L: LayerWeights, w: GenWeights, h: torch.Tensor, cos, sin):
+# The pointwise pieces between the matmuls. `compiled_ops()` gives torch.compile'd versions (one fused
+# Triton kernel each instead of several eager ones) for the fixed-shape decode step on CUDA.
+EAGER_OPS = {"rms": _rms, "add_rms": _add_rms, "rope": _rope, "glu": _glu}
+
+
+def compiled_ops() -> dict:
+    return {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in EAGER_OPS.items()}
+
+
+def _linears(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Outputs of a projection group (one matmul when fused, then split by the group's sizes)."""
+    return [F.linear(x, w, b) for w, b in zip(ws, bs)]
+
+
+def _attention_inputs(L: LayerWeights, w: GenWeights, h: torch.Tensor, cos, sin, ops):
     """q [.., H, D] and k, v [.., KV, D] after the q/k norms (Qwen3) and RoPE."""
     H, KV, D = w.n_heads, w.n_kv, w.head_dim
-    qkv = _linears(h, L.qkv, L.qkv_bias).unflatten(-1, (H + 2 * KV, D))  # [.., H+2KV, D]
+    outs = _linears(h, L.qkv, L.qkv_bias)
+    qkv = (outs[0] if len(outs) == 1 else torch.cat(outs, -1)).unflatten(-1, (H + 2 * KV, D))  # [.., H+2KV, D]
     qk, v = qkv[..., :H + KV, :], qkv[..., H + KV:, :]
     if L.q_norm is not None:
-        qk = torch.cat((_rms(qk[..., :H, :], L.q_norm, w.eps), _rms(qk[..., H:, :], L.k_norm, w.eps)), -2)
-    qk = _rope(qk, cos, sin)  # q and k rotated together
+        rms = ops["rms"]
+        qk = torch.cat((rms(qk[..., :H, :], L.q_norm, w.eps), rms(qk[..., H:, :], L.k_norm, w.eps)), -2)
+    qk = ops["rope"](qk, cos, sin)  # q and k rotated together
     return qk[..., :H, :], qk[..., H:, :], v
 
 
-def _mlp(L: LayerWeights, w: GenWeights, h: torch.Tensor) -> torch.Tensor:
-    gate, up = _linears(h, L.gate_up, L.gate_up_bias).chunk(2, -1)
-    return F.linear(w.act(gate) * up, L.down, L.down_bias)
+def _mlp(L: LayerWeights, w: GenWeights, h: torch.Tensor, ops) -> torch.Tensor:
+    outs = _linears(h, L.gate_up, L.gate_up_bias)
+    gate, up = outs[0].chunk(2, -1) if len(outs) == 1 else outs
+    return F.linear(ops["glu"](gate, up, w.act), L.down, L.down_bias)
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def run_layers(w: GenWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
-    """x [b, s, hidden] -> final-normed hidden [b, s, hidden]; `attend(layer, q, k, v) -> [b, s, H*D]`."""
+def run_layers(w: GenWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+               ops: dict = EAGER_OPS) -> torch.Tensor:
+    """x [.., hidden] -> final-normed hidden [.., hidden]; `attend(layer, q, k, v) -> [.., H*D]`."""
+    add_rms = ops["add_rms"]
+    h = ops["rms"](x, w.layers[0].ln1, w.eps)
     for i, L in enumerate(w.layers):
-        q, k, v = _attention_inputs(L, w, _rms(x, L.ln1, w.eps), cos, sin)
-        x = x + F.linear(attend(i, q, k, v), L.o, L.o_bias)
-        x = x + _mlp(L, w, _rms(x, L.ln2, w.eps))
-    return _rms(x, w.norm, w.eps)
+        q, k, v = _attention_inputs(L, w, h, cos, sin, ops)
+        x, h = add_rms(x, F.linear(attend(i, q, k, v), L.o, L.o_bias), L.ln2, w.eps)
+        nxt = w.layers[i + 1].ln1 if i + 1 < len(w.layers) else w.norm  # next norm fused with this residual
+        x, h = add_rms(x, _mlp(L, w, h, ops), nxt, w.eps)
+    return h
 
 
 def logits_into(w: GenWeights, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -112,7 +136,7 @@ def prefill(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, ids: torch.Tensor
 
 def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor,
                 col: torch.Tensor, pad: torch.Tensor, n_cols: int, cos_t: torch.Tensor,
-                sin_t: torch.Tensor) -> torch.Tensor:
+                sin_t: torch.Tensor, ops: dict = EAGER_OPS) -> torch.Tensor:
     """One token per row: tokens, pos, pad [B]; col [1] the cache column to write (same for all rows).
     Attends over cache columns [pad_b, col] within the first n_cols. Returns hidden [B, hidden]."""
     B = tokens.shape[0]
@@ -122,13 +146,13 @@ def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch
     bias = torch.zeros(ok.shape, dtype=w.dtype, device=tokens.device).masked_fill_(~ok, float("-inf"))
     bias = bias[:, None, None, :]  # [B, 1, 1, S]
 
-    def attend(i, q, k, v):  # q [B, 1, H, D]; k, v [B, 1, KV, D]
-        kc[i, :B].index_copy_(2, col, k.transpose(1, 2))
-        vc[i, :B].index_copy_(2, col, v.transpose(1, 2))
+    def attend(i, q, k, v):  # q [B, H, D]; k, v [B, KV, D]
+        kc[i, :B].index_copy_(2, col, k[:, :, None])
+        vc[i, :B].index_copy_(2, col, v[:, :, None])
         qg = q.reshape(B, KV, H // KV, D)  # query heads of one KV head act as that head's query rows
         o = F.scaled_dot_product_attention(qg, kc[i, :B, :, :n_cols], vc[i, :B, :, :n_cols], attn_mask=bias,
                                            scale=w.scaling)  # [B, KV, G, D]
-        return o.reshape(B, 1, H * D)
+        return o.reshape(B, H * D)
 
-    x = F.embedding(tokens, w.embed)[:, None]  # [B, 1, hidden]
-    return run_layers(w, x, cos_t[pos][:, None, None, :], sin_t[pos][:, None, None, :], attend)[:, 0]
+    x = F.embedding(tokens, w.embed)  # [B, hidden]
+    return run_layers(w, x, cos_t[pos][:, None, :], sin_t[pos][:, None, :], attend, ops)
