@@ -52,7 +52,7 @@ def tiny_overrides(model_dir: str, out_dir, **extra) -> list[str]:
         "model.name_or_path": model_dir, "model.lora_r": 4, "model.lora_alpha": 8, "model.lora_dropout": 0.0,
         "data.source": "arithmetic", "data.max_problems": 20, "data.arithmetic_size": 40,
         "generation.max_new_tokens": 8, "generation.temperature": 1.0,
-        "rewards.functions": "[boxed, accuracy, similarity]",
+        "rewards.functions": "[boxed, accuracy, similarity]", "rewards.weights": "null",
         "grpo.num_generations": 4, "trainer.prompts_per_step": 2, "trainer.max_steps": 3,
         "trainer.learning_rate": 1e-3, "trainer.output_dir": str(out_dir), "trainer.run_name": "run",
         "trainer.save_steps": 2, "trainer.logging_steps": 1, "trainer.log_completions_steps": 1,

@@ -271,7 +271,8 @@ def test_base_vs_trained_uses_adapter_off_and_same_seeds(tokenizer, tmp_path):
     model = with_lora(tiny_llama(tokenizer), scale=0.5)  # same base weights (same seed), a real adapter
     summary = eval_and_report(model, tokenizer, PROBLEMS, cfg, tmp_path)
 
-    base_texts, trained_texts = sample_texts(tmp_path / "eval_base.jsonl"), sample_texts(tmp_path / "eval_trained.jsonl")
+    base_texts = sample_texts(tmp_path / "eval_base.jsonl")
+    trained_texts = sample_texts(tmp_path / "eval_trained.jsonl")
     assert base_texts == [[s["text"] for s in r["samples"]] for r in base_alone.records]
     assert base_texts != trained_texts
     assert len(base_texts) == 3 and all(len(t) == 2 for t in base_texts)  # eval.max_problems, num_samples
@@ -283,8 +284,10 @@ def test_base_vs_trained_uses_adapter_off_and_same_seeds(tokenizer, tmp_path):
 
 
 def test_identity_adapter_gives_zero_difference(tokenizer, tmp_path):
+    from mathgrpo.evaluate import evaluate_trained_run
+
     model = with_lora(tiny_llama(tokenizer), scale=0.0)  # fresh LoRA: B = 0, so trained == base
-    summary = eval_and_report(model, tokenizer, PROBLEMS, small_cfg(), tmp_path)
+    summary = evaluate_trained_run(small_cfg(), tmp_path, model, tokenizer, PROBLEMS)
     assert sample_texts(tmp_path / "eval_base.jsonl") == sample_texts(tmp_path / "eval_trained.jsonl")
     for row in summary["comparison"]:
         if row["key"] != "n_problems":
@@ -335,16 +338,50 @@ def make_run(root, tiny_dir, adapter_model, metrics=True, config=True):
     if config:
         save_config(cfg, run / "config.yaml")
     if metrics:
-        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": 0.1 * s}) + "\n" for s in range(1, 5)))
+        steps = [{"step": s, "reward": 0.1 * s} for s in range(1, 5)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     adapter_model.save_pretrained(run / "adapter")
     return run
+
+
+def test_find_run_config(tmp_path):
+    from mathgrpo.evaluate import find_run_config
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "checkpoint-20" / "adapter"
+    ckpt.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    for path in (run, run / "checkpoints" / "checkpoint-20", ckpt):
+        assert find_run_config(path) == run / "config.yaml"
+    loose = tmp_path / "project" / "my_adapter"  # a project folder's own config.yaml is not a run's
+    loose.mkdir(parents=True)
+    (tmp_path / "project" / "config.yaml").write_text("{}\n")
+    assert find_run_config(loose) is None
+    (run / "config.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        find_run_config(run)
+
+
+def test_eval_config_sources(tmp_path):
+    from mathgrpo.evaluate import eval_config
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    cfg = small_cfg()
+    cfg.eval.seed = 77
+    save_config(cfg, run / "config.yaml")
+    other = tmp_path / "other.yaml"
+    other.write_text("eval:\n  seed: 5\n")
+    assert eval_config(str(run)).eval.seed == 77  # the run's own settings
+    assert eval_config(str(run / "adapter"), overrides=["eval.seed=3"]).eval.seed == 3
+    assert eval_config(str(run), path=str(other)).eval.seed == 5  # an explicit file wins
 
 
 def test_run_eval_on_a_run_dir(tokenizer, tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run = make_run(tmp_path, tiny_dir, with_lora(AutoModelForCausalLM.from_pretrained(tiny_dir), scale=0.3))
-    summary = run_eval(Config(), adapter=str(run), baseline=True, overrides=["eval.max_problems=2"])
+    summary = run_eval(None, adapter=str(run), baseline=True, overrides=["eval.max_problems=2"])
     assert set(summary["models"]) == {"base", "trained"}
     assert summary["models"]["trained"]["metrics"]["n_problems"] == 2
     md = (run / "report.md").read_text()
@@ -358,10 +395,10 @@ def test_run_eval_bad_input(tokenizer, tiny_dir, tmp_path):
     other = with_lora(tiny_llama(tokenizer, hidden=32))
     no_cfg = make_run(tmp_path / "a", tiny_dir, other, config=False)
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
-        run_eval(Config(), adapter=str(no_cfg), baseline=True)
+        run_eval(None, adapter=str(no_cfg), baseline=True)
     misfit = make_run(tmp_path / "b", tiny_dir, other)
     with pytest.raises(ModelError, match="does not fit"):
-        run_eval(Config(), adapter=str(misfit), baseline=True)
+        run_eval(None, adapter=str(misfit), baseline=True)
     with pytest.raises(FileNotFoundError, match="not found"):
         run_eval(Config(), adapter=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="--baseline"):

@@ -6,15 +6,18 @@ graphs on (`pytest tests/test_rollout_fast.py` on the device machine).
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from mathgrpo.rollout.base import SamplingConfig
 from mathgrpo.rollout.fast import FastRollout
-from mathgrpo.rollout.fast_sampling import sample
+from mathgrpo.rollout.fast_sampling import compiled_pick, pick, sample
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 EOS = 1
@@ -31,7 +34,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>")
 
 
-def tiny_model(kind: str = "llama", device: str = "cpu", seed: int = 0):
+def tiny_model(kind: str = "llama", device: str = "cpu", seed: int = 0, window: int | None = 64):
     torch.manual_seed(seed)
     common = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=96, max_position_embeddings=256, eos_token_id=EOS, pad_token_id=0,
@@ -44,6 +47,8 @@ def tiny_model(kind: str = "llama", device: str = "cpu", seed: int = 0):
             for layer in m.model.layers:
                 for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     p.bias.normal_(0, 0.5)  # zero-initialised otherwise: make them matter
+    elif kind == "mistral":
+        m = MistralForCausalLM(MistralConfig(sliding_window=window, **common))
     else:
         m = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))  # per-head q/k norms
     with torch.no_grad():
@@ -56,9 +61,10 @@ def tiny_model(kind: str = "llama", device: str = "cpu", seed: int = 0):
 def hf_greedy(model, prompt: list[int], max_new: int, eos: list[int] | None = (EOS,)) -> list[int]:
     """transformers' greedy continuation of one unpadded prompt, cut after the first EOS."""
     dev = next(model.parameters()).device
-    out = model.generate(torch.tensor([prompt], device=dev), attention_mask=torch.ones(1, len(prompt), device=dev,
-                         dtype=torch.long), do_sample=False, max_new_tokens=max_new, eos_token_id=list(eos) if eos else None,
-                         pad_token_id=0, temperature=None, top_p=None, top_k=None)[0, len(prompt):].tolist()
+    ids = torch.tensor([prompt], device=dev)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
+                         eos_token_id=list(eos) if eos else None, pad_token_id=0, temperature=None, top_p=None,
+                         top_k=None)[0, len(prompt):].tolist()
     ends = [j for j, t in enumerate(out) if eos and t in eos]
     return out[:ends[0] + 1] if ends else out
 
@@ -70,9 +76,23 @@ def rows_of(c) -> list[list[int]]:
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: threads only add overhead (and contention on shared CI machines)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("opts", [{}, {"kv_bucket": 5, "max_batch": 3}, {"fuse_weights": True, "check_every": 3}])
+@pytest.mark.parametrize("kind,opts", [
+    ("llama", {}),
+    ("qwen2", {"kv_bucket": 5, "max_batch": 3}),  # stale cache columns masked; rows split into batches
+    ("qwen3", {"fuse_weights": True, "check_every": 3}),  # owned fused q/k/v and gate/up
+    ("qwen2", {"fuse_weights": True, "dtype": torch.float32}),
+    ("mistral", {}),  # sliding window (64) longer than the sequences: full attention
+])
 def test_greedy_matches_hf_generate(kind, opts, device):
     model, tok = tiny_model(kind, device), char_tokenizer()
     eng = FastRollout(model, tok, **opts)
@@ -122,10 +142,10 @@ def test_stop_strings_cut_text_and_tokens(check_every):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_logprobs_match_hf_forward(temperature, device):
+@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (0.7, 0), (0.7, 20)])
+def test_logprobs_match_hf_forward(temperature, top_k, device):
     model, tok = tiny_model("qwen2", device), char_tokenizer()
-    s = SamplingConfig(max_new_tokens=9, temperature=temperature, top_k=20, seed=3)
+    s = SamplingConfig(max_new_tokens=9, temperature=temperature, top_k=top_k, seed=3)
     out = FastRollout(model, tok).generate(PROMPTS, n=2, sampling=s)
     for r, (p, ids) in enumerate(zip(out.prompt_ids, rows_of(out))):
         seq = torch.tensor([p + ids], device=device)
@@ -164,15 +184,17 @@ def _reference_probs(logits: torch.Tensor, t: float, k: int, p: float) -> torch.
     return out / out.sum()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t,k,p", [(0.7, 0, 1.0), (1.0, 3, 1.0), (1.3, 0, 0.8), (1.0, 5, 0.6)])
-def test_sampler_distribution(t, k, p):
+def test_sampler_distribution(t, k, p, device):
     torch.manual_seed(0)
-    logits = torch.randn(8) * 1.5
+    logits = (torch.randn(8) * 1.5).to(device)
     n = 60000
-    g = torch.Generator().manual_seed(1)
-    tok, lp = sample(logits.expand(n, 8), SamplingConfig(temperature=t, top_k=k, top_p=p), g)
-    freq = torch.bincount(tok, minlength=8).double() / n
-    ref = _reference_probs(logits, t, k, p)
+    g = torch.Generator(device).manual_seed(1)
+    pick_fn = compiled_pick() if device == "cuda" else pick  # the engine compiles it on CUDA
+    tok, lp = sample(logits.expand(n, 8), SamplingConfig(temperature=t, top_k=k, top_p=p), g, pick_fn)
+    freq = torch.bincount(tok, minlength=8).double().cpu() / n
+    ref = _reference_probs(logits.cpu(), t, k, p)
     assert (freq[ref == 0] == 0).all()
     assert (freq - ref).abs().max() < 0.01
     torch.testing.assert_close(lp, torch.log_softmax(logits / t, -1)[tok])
@@ -208,6 +230,24 @@ def test_lora_generation_and_sync(device):
     assert rows_of(after) != rows_of(before)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="needs CUDA and bitsandbytes")
+def test_lora_on_4bit_base(tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    q = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device_map={"": 0}, quantization_config=
+                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_compute_dtype=torch.float32))
+    assert type(q.model.layers[0].mlp.up_proj.weight).__name__ == "Params4bit"
+    pm, tok = _lora(q, seed=1), char_tokenizer()
+    eng = FastRollout(pm, tok)  # generates from a dequantised fp32 copy with the adapter merged in
+    assert rows_of(eng.generate(PROMPTS, 1, GREEDY)) == [hf_greedy(pm, p, 12) for p in PROMPTS]
+    _randomise_lora(pm, seed=2)
+    eng.sync_weights(pm)
+    assert rows_of(eng.generate(PROMPTS, 1, GREEDY)) == [hf_greedy(pm, p, 12) for p in PROMPTS]
+
+
 def test_plain_model_weights_are_shared_and_resynced():
     model, tok = tiny_model("llama"), char_tokenizer()
     eng = FastRollout(model, tok)
@@ -228,7 +268,11 @@ def test_bad_input_errors():
     eng = FastRollout(tiny_model("llama"), tok, max_seq_len=20)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         eng.generate([[3], []], 1, GREEDY)
+    with pytest.raises(ValueError, match="prompt 0 has a token id outside"):
+        eng.generate([[3, 64]], 1, GREEDY)
     with pytest.raises(ValueError, match="max_seq_len"):
         eng.generate([[3] * 10], 1, GREEDY)
     with pytest.raises(ValueError, match="top_p"):
         eng.generate([[3]], 1, SamplingConfig(top_p=0.0))
+    with pytest.raises(ValueError, match="sliding window"):
+        FastRollout(tiny_model("mistral", window=8), tok).generate([[3] * 4], 1, GREEDY)

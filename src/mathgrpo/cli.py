@@ -48,16 +48,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import run_eval
+    from .evaluate import eval_config, run_eval
 
     path, overrides = _split_args(args.items)
-    if path is None and args.adapter:
-        from pathlib import Path
-
-        run_cfg = Path(args.adapter) / "config.yaml"
-        if run_cfg.is_file():
-            path = str(run_cfg)  # evaluate with the settings the run was trained with
-    cfg = load_config(path, overrides)
+    # Without a config file, the adapter's run config is used, so the test split is the one held out.
+    cfg = eval_config(args.adapter, path, overrides)
     run_eval(cfg, model_path=args.model, adapter=args.adapter, baseline=args.baseline, out_dir=args.out)
     return 0
 

@@ -342,14 +342,19 @@ def config_reference() -> str:
     for sec in dataclasses.fields(root):
         obj = getattr(root, sec.name)
         src = inspect.getsource(type(obj))
-        comments = {}
+        comments, pending = {}, []
         for line in src.splitlines():
-            m = re.match(r"\s+(\w+):[^#]*#\s*(.*)", line)
+            above = re.match(r"\s+#\s*(.*)", line)
+            if above:
+                pending.append(above.group(1).strip())
+                continue
+            m = re.match(r"\s+(\w+):[^#]*(?:#\s*(.*))?", line)
             if m:
-                comments[m.group(1)] = m.group(2).strip()
+                comments[m.group(1)] = " ".join(pending + ([m.group(2).strip()] if m.group(2) else []))
+            pending = []
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
             default = getattr(obj, f.name)
-            lines.append(f"| `{sec.name}.{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | "
+            lines.append(f"| `{sec.name}.{f.name}` | {_type_name(hints[f.name]).replace(' | ', ' or ')} | `{default!r}` | "
                          f"{comments.get(f.name, '').replace('|', '/')} |")
     return "\n".join(lines)

@@ -1,7 +1,11 @@
 """Evaluation: did training help? pass@1, pass@k, maj@k and rewards, base vs trained, with bootstrap CIs.
 
-    mathgrpo eval --adapter runs/x --baseline        # trained adapter and its base on the run's test split
-    run_eval(cfg, adapter="runs/x", baseline=True)   # the same from Python
+    mathgrpo eval --adapter runs/x --baseline         # trained adapter and its base on the run's test split
+    run_eval(None, adapter="runs/x", baseline=True)   # the same from Python
+    evaluate_trained_run(cfg, run_dir, model, tok, problems)   # the end of training
+
+Writes eval_base.jsonl / eval_trained.jsonl (eval.jsonl for a single model), eval_summary.json, prints the
+comparison table and writes report.md / report.html (report.py).
 
 All k samples of all problems go through the rollout engine in a few large batches (never one problem
 at a time), with fixed seeds (`eval.seed`) so the base and the trained model see the same sampling
@@ -383,23 +387,37 @@ def find_run_config(path: str | Path) -> Path | None:
     if not p.exists():
         raise FileNotFoundError(f"adapter path not found: {p}")
     for cand in (p, p.parent, p.parent.parent, p.parent.parent.parent):
-        if (cand / "config.yaml").is_file():
+        # A config.yaml above the adapter counts only inside a run (not a project folder's own config).
+        if (cand / "config.yaml").is_file() and (cand == p or any((cand / m).exists() for m in RUN_MARKERS)):
             return cand / "config.yaml"
-        if any((cand / m).exists() for m in RUN_MARKERS):
+        if cand == p and any((cand / m).exists() for m in RUN_MARKERS):
             raise FileNotFoundError(f"{cand} looks like a training run (it has "
                                     f"{', '.join(m for m in RUN_MARKERS if (cand / m).exists())}) but has no "
                                     f"config.yaml, so its model and data settings are unknown; pass a config file")
     return None
 
 
-def run_eval(cfg: Config, *, model_path: str | None = None, adapter: str | None = None, baseline: bool = False,
-             out_dir: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+def eval_config(adapter: str | None = None, path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """The config `mathgrpo eval` runs with: an explicit config file (`path`) if given, else the config.yaml of
+    the run the adapter belongs to (so the test split is the one held out in training), else the embedded
+    default; then the dotted overrides."""
+    run_cfg = find_run_config(adapter) if adapter and path is None else None
+    if run_cfg is not None:
+        log.info("eval: model, data and eval settings from %s", run_cfg)
+    return load_config(path or run_cfg, overrides=overrides)
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / m).exists() for m in (*RUN_MARKERS, "config.yaml"))
+
+
+def run_eval(cfg: Config | None, *, model_path: str | None = None, adapter: str | None = None,
+             baseline: bool = False, out_dir: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """`mathgrpo eval`: evaluate a model (and/or adapter) on the test split; see `eval_and_report`.
 
-    With an adapter from a run dir, the run's config.yaml (+ `overrides`) gives the model, data, prompt,
-    rewards and eval settings, so the test split is the one held out during training; otherwise `cfg`.
-    `model_path` replaces model.name_or_path. Output goes to out_dir, by default the run/checkpoint dir of
-    the adapter, or <trainer.output_dir>/eval-<time> for a plain model.
+    cfg None: built by `eval_config(adapter, overrides=overrides)`; a given cfg is used as is. `model_path`
+    replaces model.name_or_path. Output goes to out_dir, by default the run/checkpoint dir of the adapter,
+    else <trainer.output_dir>/eval-<time>.
     """
     from .data import load_problems
     from .models import load_model, resolve_adapter
@@ -407,18 +425,16 @@ def run_eval(cfg: Config, *, model_path: str | None = None, adapter: str | None 
     if baseline and not adapter:
         raise ValueError("--baseline compares a trained adapter with its base model: pass --adapter RUN_DIR "
                          "(a model without an adapter has no base to compare against)")
-    cfg = copy.deepcopy(cfg)
-    run_cfg = find_run_config(adapter) if adapter else None
-    if run_cfg is not None:
-        cfg = load_config(run_cfg, overrides=overrides)
-        log.info("eval: model, data and eval settings from %s", run_cfg)
+    if adapter and not Path(adapter).exists():
+        raise FileNotFoundError(f"adapter path not found: {adapter}")
+    cfg = eval_config(adapter, overrides=overrides) if cfg is None else copy.deepcopy(cfg)
     if model_path:
         if model_path != cfg.model.name_or_path:
             cfg.model.gguf_file = None
         cfg.model.name_or_path = model_path
     adapter_dir = resolve_adapter(adapter) if adapter else None
     if out_dir is None:
-        out_dir = Path(adapter) if adapter and run_cfg is not None else \
+        out_dir = Path(adapter) if adapter and _is_run_dir(Path(adapter)) else \
             Path(cfg.trainer.output_dir) / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     problems = load_problems(cfg.data, seed=cfg.trainer.seed).test
     if not problems:
@@ -427,3 +443,15 @@ def run_eval(cfg: Config, *, model_path: str | None = None, adapter: str | None 
     sources = {"trained": adapter_dir, "base": cfg.model.name_or_path, "model": adapter_dir or cfg.model.name_or_path}
     model, tok = load_model(cfg.model, adapter=adapter_dir)
     return eval_and_report(model, tok, problems, cfg, out_dir, baseline=baseline, sources=sources)
+
+
+def evaluate_trained_run(cfg: Config, run_dir: str | Path, model, tokenizer, problems: list, *,
+                         rollout=None) -> dict:
+    """The end of training: the trained policy and its base (adapters off) on the run's test split, results
+    and report in run_dir. Call on the main process only."""
+    import torch
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    sources = {"trained": str(Path(run_dir) / "adapter"), "base": cfg.model.name_or_path}
+    return eval_and_report(model, tokenizer, problems, cfg, run_dir, rollout=rollout, baseline=True, sources=sources)

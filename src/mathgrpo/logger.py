@@ -1,4 +1,7 @@
-"""Where a run's numbers go: metrics.jsonl (every step), TensorBoard, completions.jsonl, the terminal."""
+"""Where a run's numbers go: metrics.jsonl (every step), TensorBoard, completions.jsonl, the terminal.
+
+Under torchrun only rank 0 holds a RunLogger; the other ranks get a NullLogger and write nothing.
+"""
 
 from __future__ import annotations
 
@@ -61,3 +64,19 @@ class RunLogger:
         self.completions.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class NullLogger:
+    """The logger of ranks other than 0: same calls, no files, no output."""
+
+    def log(self, step: int, metrics: dict, summary_line: bool) -> None:
+        pass
+
+    def log_completions(self, step: int, records: list[dict]) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -211,14 +211,38 @@ def validate_lora_targets(model, targets: list[str]) -> None:
 
 
 def add_lora(model, cfg: ModelConfig):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Fresh LoRA adapters (fp32, peft's default) on a frozen base. For an NF4 base we deliberately skip
+    peft's `prepare_model_for_kbit_training`: it upcasts embeddings, norms and lm_head to fp32 (+1.9 GB on
+    a 1.5B model, fp32 activations everywhere), which bf16 compute does not need."""
+    from peft import LoraConfig, get_peft_model
 
     validate_lora_targets(model, cfg.lora_target_modules)
-    if cfg.quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model.requires_grad_(False)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none")
-    return get_peft_model(model, lcfg)
+    model = get_peft_model(model, lcfg)
+    lora_inputs_follow_autocast(model)
+    return model
+
+
+class _CastUnlessAutocast:
+    """Stands in for peft's per-layer `cast_input_dtype_enabled` flag: true (cast the bf16 input to the
+    fp32 adapter dtype) except under autocast, where the adapter matmuls run in bf16 anyway and the fp32
+    copy of every LoRA input would only cost memory traffic. Being evaluated at call time, it also holds
+    during gradient-checkpoint recomputation, which torch replays under the forward's autocast state."""
+
+    def __bool__(self) -> bool:
+        return not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
+
+
+def lora_inputs_follow_autocast(model) -> int:
+    """Install `_CastUnlessAutocast` on every peft LoRA layer; returns how many layers got it."""
+    n = 0
+    for mod in model.modules():
+        if hasattr(mod, "cast_input_dtype_enabled"):
+            mod.cast_input_dtype_enabled = _CastUnlessAutocast()
+            n += 1
+    return n
 
 
 def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = False):
@@ -235,14 +259,15 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
             model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
         except (RuntimeError, ValueError, KeyError) as e:
             raise ModelError(f"adapter {path} does not fit model {cfg.name_or_path}: {str(e)[:500]}") from None
+        lora_inputs_follow_autocast(model)
     elif trainable and cfg.lora:
         model = add_lora(model, cfg)
     elif trainable:
         model.requires_grad_(True)
     if trainable and cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
+        # backward compute a useless gradient for the embedding output).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora:
-            model.enable_input_require_grads()
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
@@ -306,31 +331,50 @@ def merge_adapter(run_or_adapter: str, cfg: ModelConfig, out_dir: str) -> str:
     return str(out)
 
 
-def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
-                        chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs of each completion token under `model`, from hidden states in chunks (no [B, T, V]).
+def compute_context(model):
+    """Autocast to the model's half dtype (bf16/fp16) for the update's forward; a no-op for fp32 models.
+    Keeps LoRA's fp32 adapters (and their Adam state) while every matmul runs on tensor cores; the
+    log-softmax runs in fp32 inside `loss.chunked_token_logprobs` regardless."""
+    _, head = backbone_and_head(model)
+    dtype = head.weight.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    return torch.autocast(head.weight.device.type, dtype=dtype)
 
-    prompt_ids: B unpadded prompts; completion_ids: [B, T] (right-padded). Returns [B, T] float32.
-    Rows are laid out prompt + completion and right-padded, so positions count from 0 as in generation
-    (left-padded generation gets the same position ids from its attention mask).
+
+def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [B, T, H] that predict each completion token (state at position p-1+t for token t).
+
+    prompt_ids: B unpadded prompts; completion_ids: [B, T] (right-padded). Rows are laid out prompt +
+    completion, right-padded, with no attention mask: under causal attention a real token never sees the
+    padding after it, and positions count from 0 as in (left-padded, masked) generation. Without a mask
+    SDPA takes its causal flash kernel instead of a masked one.
     """
-    from .loss import chunked_token_logprobs
-
     body, head = backbone_and_head(model)
     device = head.weight.device
     n_rows, width = completion_ids.shape
+    if len(prompt_ids) != n_rows:
+        raise ValueError(f"completion_hidden: {len(prompt_ids)} prompts for {n_rows} completion rows")
     lens = [len(p) for p in prompt_ids]
-    total = max(lens) + width
-    ids = torch.zeros((n_rows, total), dtype=torch.long)
-    att = torch.zeros((n_rows, total), dtype=torch.long)
+    if min(lens, default=1) < 1:
+        raise ValueError(f"completion_hidden: prompt {lens.index(0)} is empty (need >= 1 token to predict from)")
+    ids = torch.zeros((n_rows, max(lens) + width), dtype=torch.long)  # [B, L]
     for i, p in enumerate(prompt_ids):
         ids[i, :lens[i]] = torch.tensor(p)
         ids[i, lens[i]:lens[i] + width] = completion_ids[i]
-        att[i, :lens[i] + width] = 1
-    ids, att = ids.to(device), att.to(device)
-    hidden = body(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state  # [B, L, H]
-    # Hidden state at position p-1+t predicts completion token t.
-    index = (torch.tensor(lens, device=device)[:, None] - 1 + torch.arange(width, device=device))  # [B, T]
-    sel = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
-    return chunked_token_logprobs(sel, head.weight, completion_ids.to(device), chunk_size=chunk_size,
+    with compute_context(model):
+        hidden = body(input_ids=ids.to(device), use_cache=False).last_hidden_state  # [B, L, H]
+    index = torch.tensor(lens, device=device)[:, None] - 1 + torch.arange(width, device=device)  # [B, T]
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
+
+
+def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
+                        chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs [B, T] float32 of each completion token under `model`, from hidden states in chunks of
+    `chunk_size` tokens (no [B, T, V] logits, forward or backward). Arguments as `completion_hidden`."""
+    from .loss import chunked_token_logprobs
+
+    _, head = backbone_and_head(model)
+    sel = completion_hidden(model, prompt_ids, completion_ids)  # [B, T, H]
+    return chunked_token_logprobs(sel, head.weight, completion_ids.to(sel.device), chunk_size=chunk_size,
                                   temperature=temperature, lm_head_bias=getattr(head, "bias", None))

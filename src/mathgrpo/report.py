@@ -38,7 +38,8 @@ def read_jsonl(path: Path, *, what: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ReportError(f"{path}, line {i}: not valid JSON ({e.msg}); {what} must hold one object a line") from None
+                raise ReportError(f"{path}, line {i}: not valid JSON ({e.msg}); "
+                                  f"{what} must hold one object a line") from None
             if not isinstance(row, dict):
                 raise ReportError(f"{path}, line {i}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
@@ -154,7 +155,8 @@ def eval_lengths(out_dir: Path, summary: dict | None) -> dict[str, list[int]]:
     out = {}
     for label, p in files.items():
         if p.is_file():
-            out[label] = [s.get("length", 0) for rec in read_jsonl(p, what="eval.jsonl") for s in rec.get("samples", [])]
+            recs = read_jsonl(p, what="eval.jsonl")
+            out[label] = [s.get("length", 0) for rec in recs for s in rec.get("samples", [])]
     return out
 
 

@@ -4,10 +4,13 @@
     mathgrpo train cfg.yaml trainer.max_steps=80
     mathgrpo train cfg.yaml --resume    # continue the newest run exactly where it stopped
 
+    torchrun --nproc_per_node=4 -m mathgrpo train cfg.yaml   # data-parallel over 4 ranks (distributed.py)
+
 Every step draws `prompts_per_step` problems, samples G completions each through the rollout backend,
 scores them, normalises rewards per group and runs `num_iterations` optimizer steps over the rollout in
-token-budgeted micro-batches. Randomness is re-seeded from (seed, step) at every step, so a resumed
-run repeats the uninterrupted one step for step.
+token-budgeted micro-batches. Randomness is re-seeded from (seed, step, rank) at every step, so a resumed
+run repeats the uninterrupted one step for step. Under torchrun each rank takes its share of the step's
+prompts and gradients are averaged over ranks; rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,8 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, dump_yaml, save_config
 from .data import Problem, ProblemSet, load_problems, reward_columns
-from .logger import RunLogger
+from .distributed import SINGLE, World, batch_line, process_group, rank_seed
+from .logger import NullLogger, RunLogger
 from .loss import effective_mask, group_advantages, grpo_loss, zero_std_fraction
 from .models import Reference, completion_logprobs, load_model
 from .prompts import PromptBuilder
@@ -107,14 +111,16 @@ def microbatches(total_lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor,
-                  cfg: Config) -> dict:
-    """num_iterations optimizer steps over one rollout; returns averaged loss metrics."""
+                  cfg: Config, world: World = SINGLE) -> dict:
+    """num_iterations optimizer steps over one rollout (this rank's rows); returns this rank's averaged loss
+    metrics. With several ranks, gradients are averaged over ranks before each step (distributed.py)."""
     g, t = cfg.grpo, cfg.trainer
     mask = comp.completion_mask.float()  # [N, T]
     n_rows = mask.shape[0]
     lengths = comp.completion_mask.sum(1).tolist()
     groups = microbatches([len(p) + int(n) for p, n in zip(comp.prompt_ids, lengths)], t.max_tokens_per_microbatch)
-    token_count = float(effective_mask(mask, comp.truncated, g.mask_truncated_completions).sum())
+    tokens = float(effective_mask(mask, comp.truncated, g.mask_truncated_completions).sum())
+    seq_count, token_count = world.loss_counts(g.loss_type, n_rows, tokens)
     device = next(p for p in model.parameters() if p.requires_grad).device
 
     def logp_of(m, rows: list[int]) -> torch.Tensor:  # [len(rows), T_rows]
@@ -140,7 +146,7 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
             loss, m = grpo_loss(
                 logp, fixed["old"].get(k), fixed["ref"].get(k), adv[rows].to(device), mask[rows, :width].to(device),
                 loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
-                max_completion_length=cfg.generation.max_new_tokens, token_count=token_count, seq_count=n_rows,
+                max_completion_length=cfg.generation.max_new_tokens, token_count=token_count, seq_count=seq_count,
                 truncated=comp.truncated[rows].to(device), mask_truncated=g.mask_truncated_completions)
             loss.backward()
             loss_total += float(loss.detach())
@@ -148,6 +154,7 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + w * v / g.num_iterations
         params = [p for p in model.parameters() if p.requires_grad]
+        world.all_reduce_grads(params)  # after the last micro-batch: ranks may run different numbers of them
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
         optimizer.step()
         scheduler.step()
@@ -156,12 +163,14 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     return sums
 
 
-def rollout_metrics(comp: Completions, names: list[str], per: np.ndarray, total: np.ndarray, group: int) -> dict:
-    lens = comp.lengths.float()
+def rollout_metrics(lengths: np.ndarray, truncated: np.ndarray, names: list[str], per: np.ndarray,
+                    total: np.ndarray, group: int) -> dict:
+    """Reward and length statistics of a rollout: lengths/truncated/total [N], per [N, R], whole groups."""
+    lens = lengths.astype(np.float64)
     m = {"reward": float(total.mean()), "reward_std": float(total.std()),
          "frac_zero_std": zero_std_fraction(torch.from_numpy(total), group),
          "completion_length_mean": float(lens.mean()), "completion_length_max": float(lens.max()),
-         "truncated_frac": float(comp.truncated.float().mean())}
+         "truncated_frac": float(truncated.astype(np.float64).mean())}
     for j, name in enumerate(names):
         col = per[:, j]
         m[f"rewards/{name}/mean"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
@@ -215,47 +224,73 @@ def _truncate_metrics(run: Path, last_step: int) -> None:
             p.write_text("".join(line + "\n" for line in keep))
 
 
+def step_metrics(world: World, comp: Completions, names: list[str], per: np.ndarray, total: np.ndarray, group: int,
+                 update: dict, times: dict) -> dict:
+    """Metrics of the global step: rollout statistics over every rank's rows (whole groups, rank order),
+    update metrics averaged over ranks, times of the slowest rank. One rank: this rank's numbers."""
+    parts = world.gather_objects([(comp.lengths.cpu().numpy(), comp.truncated.cpu().numpy(), per, total)])
+    lengths, truncated, per_all, total_all = (np.concatenate(x) for x in zip(*parts))
+    times = world.reduce_metrics(times, op="max")
+    return {**rollout_metrics(lengths, truncated, names, per_all, total_all, group), **world.reduce_metrics(update),
+            **times, "tokens_per_s": float(lengths.sum()) / times["step_time"]}
+
+
 def train(cfg: Config, quiet: bool = False, *, model=None, tokenizer=None, data: ProblemSet | None = None,
           prompts=None, reward_funcs: list | None = None, callbacks: list | None = None) -> Path:
     """Run GRPO as configured. The keyword hooks let library callers (the TRL front door) pass a loaded
     model/tokenizer, their own problems, a prompt builder (`.ids(text)`, `.text(text)`, `.prefill`),
     reward callables (used instead of cfg.rewards.functions, weighted by cfg.rewards.weights), and
-    callbacks called as `cb(step, metrics)` after every step."""
-    run, resume_from = make_run_dir(cfg)
-    save_config(cfg, run / "config.yaml")
+    callbacks called as `cb(step, metrics)` after every step. Under torchrun every rank calls this (the
+    process group is started here unless the caller started one); callbacks run on every rank with the
+    metrics reduced over ranks; the run dir is returned on every rank, written by rank 0 alone."""
+    with process_group(cfg.model.device) as world:
+        return _train(cfg, world, quiet, model=model, tokenizer=tokenizer, data=data, prompts=prompts,
+                      reward_funcs=reward_funcs, callbacks=callbacks)
+
+
+def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, prompts, reward_funcs,
+           callbacks) -> Path:
+    world.share(cfg.trainer.prompts_per_step)  # a global batch that does not split fails before any work
+    run, resume_from = world.broadcast_object(make_run_dir(cfg) if world.is_main else None)
+    if world.is_main:
+        save_config(cfg, run / "config.yaml")
     seed_everything(cfg.trainer.seed)
     if model is None:
-        model, tok = load_model(cfg.model, trainable=True)
+        model, tok = load_model(replace(cfg.model, device=world.model_device(cfg.model.device)), trainable=True)
     else:
         tok = tokenizer
     data = data or load_problems(cfg.data, seed=cfg.trainer.seed)
-    (run / "data_report.txt").write_text(data.report + "\n")
+    if world.is_main:
+        (run / "data_report.txt").write_text(data.report + "\n")
     prompts = prompts or PromptBuilder(tok, cfg.prompt, cfg.data.answer_mod)
     funcs = reward_funcs or cfg.rewards.functions
     rewards = RewardSet(list(zip(funcs, cfg.rewards.weights or [1.0] * len(funcs))))
     rollout = make_rollout(cfg.generation, model, tok)
     ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
     optimizer, scheduler = make_optimizer(model, cfg)
-    sampler = Sampler(len(data.train), cfg.trainer.seed)
+    sampler = Sampler(len(data.train), cfg.trainer.seed)  # global: the same draws on every rank
     start = 0
-    if resume_from is not None:
+    if resume_from is not None:  # every rank loads the same (replicated) weights and optimizer state
         state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
         start = state["step"]
         sampler = Sampler(len(data.train), cfg.trainer.seed, **state["sampler"])
-        _truncate_metrics(run, start)
+        if world.is_main:
+            _truncate_metrics(run, start)
+    world.broadcast_params([p for p in model.parameters() if p.requires_grad])  # identical replicas, as DDP
     G = cfg.grpo.num_generations
-    logger = RunLogger(run, cfg.trainer.tensorboard, cfg.trainer.max_steps, start, quiet)
+    logger = RunLogger(run, cfg.trainer.tensorboard, cfg.trainer.max_steps, start, quiet) if world.is_main \
+        else NullLogger()
     logger.write(f"run dir: {run}\n{data.report}")
-    logger.write(f"step = {cfg.trainer.prompts_per_step} prompts x {G} completions = "
-                 f"{cfg.trainer.prompts_per_step * G} rollouts, {cfg.grpo.num_iterations} optimizer step(s) each"
-                 + (f"; resumed from {resume_from}" if resume_from else ""))
+    logger.write(batch_line(cfg.trainer.prompts_per_step, G, world, cfg.trainer.max_tokens_per_microbatch,
+                            cfg.grpo.num_iterations) + (f"; resumed from {resume_from}" if resume_from else ""))
     state_of = lambda s: {"step": s, "sampler": sampler.state(), "max_steps": cfg.trainer.max_steps}  # noqa: E731
-    step = start
+    step, stopped = start, False
     with StopFlag() as stop:
         for step in range(start + 1, cfg.trainer.max_steps + 1):
             t0 = time.perf_counter()
-            batch: list[Problem] = [data.train[i] for i in sampler.next(cfg.trainer.prompts_per_step)]
-            seed = step_seed(cfg.trainer.seed, step)
+            # Every rank draws the same global batch and takes its contiguous share: a group never spans ranks.
+            batch: list[Problem] = world.mine([data.train[i] for i in sampler.next(cfg.trainer.prompts_per_step)])
+            seed = rank_seed(step_seed(cfg.trainer.seed, step), world.rank)
             torch.manual_seed(seed)
             comp = rollout.generate([prompts.ids(p.problem) for p in batch], G, sampling_from(cfg.generation, seed))
             per, total = rewards.score(comp.texts, prompts=[prompts.text(p.problem) for p in batch for _ in range(G)],
@@ -265,37 +300,41 @@ def train(cfg: Config, quiet: bool = False, *, model=None, tokenizer=None, data:
             adv = group_advantages(torch.from_numpy(total), G, cfg.grpo.scale_rewards)  # [N]
             t1 = time.perf_counter()
             torch.manual_seed(seed + 1)  # LoRA dropout
-            upd = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg)
+            upd = {**policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world),
+                   "lr": scheduler.get_last_lr()[0]}
             rollout.sync_weights(model)
             now = time.perf_counter()
-            metrics = {**rollout_metrics(comp, rewards.names, per, total, G), **upd,
-                       "lr": scheduler.get_last_lr()[0], "step_time": now - t0, "gen_time": t1 - t0,
-                       "update_time": now - t1, "tokens_per_s": float(comp.lengths.sum()) / (now - t0)}
+            metrics = step_metrics(world, comp, rewards.names, per, total, G, upd,
+                                   {"step_time": now - t0, "gen_time": t1 - t0, "update_time": now - t1})
             logger.log(step, metrics, step % cfg.trainer.logging_steps == 0)
             for cb in callbacks or ():
                 cb(step, metrics)
             if cfg.trainer.log_completions_steps and step % cfg.trainer.log_completions_steps == 0:
-                logger.log_completions(step, [{"problem": p.problem, "gold": p.gold, "completion": comp.texts[i * G + j],
-                                               "reward": float(total[i * G + j])}
-                                              for i, p in enumerate(batch) for j in range(G)])
+                logger.log_completions(step, world.gather_objects(
+                    [{"problem": p.problem, "gold": p.gold, "completion": comp.texts[i * G + j],
+                      "reward": float(total[i * G + j])} for i, p in enumerate(batch) for j in range(G)]))
+            stopped = world.any(stop.requested)  # a signal seen by any rank stops all after this same step
             last = step == cfg.trainer.max_steps
-            if last or stop.requested or step % cfg.trainer.save_steps == 0:
+            if last or stopped or step % cfg.trainer.save_steps == 0:
                 path = ckpt.save_checkpoint(run, step, model, optimizer, scheduler, state_of(step), dump_yaml(cfg),
-                                            cfg.trainer.save_total_limit)
-            if stop.requested and not last:
+                                            cfg.trainer.save_total_limit) if world.is_main else None
+                world.barrier()  # nobody moves on (or exits) before the checkpoint is complete
+            if stopped and not last:
                 logger.write(f"stopped after step {step}; checkpoint {path}\n"
                              f"resume with: mathgrpo train {run / 'config.yaml'} --resume {run}")
                 break
     logger.close()
-    ckpt.save_weights(model, run / ("adapter" if cfg.model.lora else "model"))
-    summary = summarize(run, rewards.names)
-    (run / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(format_summary(summary))
-    if step == cfg.trainer.max_steps and cfg.trainer.eval_at_end and data.test and not stop.requested:
-        from .evaluate import evaluate_trained_run
+    if world.is_main:
+        ckpt.save_weights(model, run / ("adapter" if cfg.model.lora else "model"))
+        summary = summarize(run, rewards.names)
+        (run / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(format_summary(summary))
+    if step == cfg.trainer.max_steps and cfg.trainer.eval_at_end and data.test and not stopped:
+        if world.is_main:  # evaluation runs on rank 0 alone until evaluate.py shards over ranks
+            from .evaluate import evaluate_trained_run
 
-        evaluate_trained_run(cfg, run, model, tok, data.test)
-    else:
+            evaluate_trained_run(cfg, run, model, tok, data.test)
+    elif world.is_main:
         _write_report(run)
     return run
 

@@ -20,13 +20,14 @@ between calls so graphs stay valid; `release()` frees it (and the graphs) for th
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import torch
 
 from .base import Completions, SamplingConfig
 from .common import finish_completions
 from .fast_forward import EAGER_OPS, compiled_ops, decode_step, logits_into, prefill, rope_table
-from .fast_sampling import check_sampling, sample
+from .fast_sampling import check_sampling, compiled_pick, pick, sample
 from .fast_weights import causal_lm_parts, extract, param_pointers, refill
 from .hf import _eos_ids
 
@@ -41,7 +42,8 @@ class FastRollout:
         decode steps (default: on for CUDA); kv_bucket: attention length granularity (default 256 on CUDA,
         1 on CPU); fuse_weights: copy q/k/v and gate/up into fused buffers even for a plain model (faster
         decode, costs a copy of those weights); compile_pointwise: torch.compile the norm/rope/activation
-        pieces of the decode step (default: with CUDA graphs); prefill_tokens: prompt tokens per prefill chunk."""
+        pieces of the decode step and the sampler's final pick (default: with CUDA graphs);
+        prefill_tokens: prompt tokens per prefill chunk; check_every: steps between stop-string checks."""
         if max_batch < 1:
             raise ValueError(f"FastRollout: max_batch must be >= 1, got {max_batch}")
         if tokenizer.pad_token_id is None:
@@ -56,7 +58,9 @@ class FastRollout:
             raise ValueError("FastRollout: cuda_graphs=True needs a CUDA device")
         self.bucket = kv_bucket or (256 if self.device.type == "cuda" else 1)
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
-        self.ops = compiled_ops() if (self.graphs if compile_pointwise is None else compile_pointwise) else EAGER_OPS
+        compile_ = self.graphs if compile_pointwise is None else compile_pointwise
+        self.ops = compiled_ops() if compile_ else EAGER_OPS
+        self._pick = compiled_pick() if compile_ else pick
         self._cache_rows = self._cache_len = 0
         self._rope_len = 0
         self._graph_map: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -187,7 +191,7 @@ class FastRollout:
         done = torch.zeros(rows, dtype=torch.bool, device=self.device)
         checked = 0
         for i in range(s.max_new_tokens):
-            tok, lp = sample(self._logits[:rows], s, gen)
+            tok, lp = sample(self._logits[:rows], s, gen, self._pick)
             if eos.numel():
                 tok = tok.masked_fill(done, pad_id)
                 done |= torch.isin(tok, eos)
@@ -220,13 +224,21 @@ class FastRollout:
         check_sampling(sampling)
         if n < 1:
             raise ValueError(f"FastRollout.generate: n must be >= 1, got {n}")
+        if not prompt_ids:
+            raise ValueError("FastRollout.generate: no prompts given")
+        vocab = self.w.embed.shape[0]
         for i, p in enumerate(prompt_ids):
             if len(p) == 0:
                 raise ValueError(f"FastRollout.generate: prompt {i} is empty")
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"FastRollout.generate: prompt {i} has a token id outside [0, {vocab})")
         longest = max(len(p) for p in prompt_ids) + sampling.max_new_tokens
         if self.max_seq_len is not None and longest > self.max_seq_len:
             raise ValueError(f"FastRollout.generate: longest prompt + max_new_tokens = {longest} exceeds "
                              f"max_seq_len={self.max_seq_len}")
+        if self.w.window is not None and longest > self.w.window:
+            raise ValueError(f"FastRollout.generate: longest prompt + max_new_tokens = {longest} exceeds the "
+                             f"model's sliding window ({self.w.window}), which this engine does not implement")
         rows = [p for p in prompt_ids for _ in range(n)]  # prompt-major
         eos_ids = [] if sampling.ignore_eos else _eos_ids(self.model, self.tokenizer)
         eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
@@ -236,9 +248,9 @@ class FastRollout:
         toks, lps = [], []
         with torch.inference_mode():
             for a in range(0, len(rows), self.max_batch):
-                idx = [r // n for r in range(a, min(a + self.max_batch, len(rows)))]
-                uniq = sorted(set(idx))
-                t, lp = self._run_batch([prompt_ids[j] for j in uniq], [idx.count(j) for j in uniq], sampling,
+                per_prompt = Counter(r // n for r in range(a, min(a + self.max_batch, len(rows))))
+                uniq = sorted(per_prompt)
+                t, lp = self._run_batch([prompt_ids[j] for j in uniq], [per_prompt[j] for j in uniq], sampling,
                                         eos, gen)
                 toks.append(t.cpu())
                 lps.append(lp.cpu())

@@ -1,8 +1,11 @@
 """Token sampling on the device for the `fast` engine: greedy, temperature, top-k, top-p.
 
 Order as in transformers: temperature, then top-k, then top-p. A categorical draw is
-argmax(p / E) with E ~ Exp(1) (exact, one pass, no host sync), from a private generator so a seed
-reproduces a run without touching the global RNG. The returned log-prob is that of the sampled
+argmax(logits - log E) with E ~ Exp(1) (the Gumbel-max trick: exact, no softmax, no host sync), E drawn
+from a private generator so a seed reproduces a run without touching the global RNG. The final
+pick (argmax, logsumexp, gather) is one small function that the engine compiles on CUDA into two
+reductions over [B, V]; the eager kernels of softmax/logsumexp run one block per row and starve the
+GPU at small batch. The returned log-prob is that of the sampled
 token under softmax(logits / temperature) before top-k/top-p truncation (raw logits when greedy),
 the distribution a GRPO loss with the same temperature evaluates.
 """
@@ -34,25 +37,37 @@ def nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return sorted_logits.masked_fill(drop, float("-inf"))
 
 
-def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None):
-    """logits [B, V] -> (tokens [B] int64, logprobs [B] float32)."""
+def pick(logits: torch.Tensor, temperature: float, noise: torch.Tensor | None):
+    """Greedy (noise None) or Gumbel-max draw over all of logits [B, V] -> (tokens, logprobs at temperature)."""
     x = logits.float()
+    if temperature not in (0, 1):
+        x = x / temperature
+    tok = x.argmax(-1) if noise is None else (x - noise.log()).argmax(-1)
+    return tok, x.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
+
+
+def compiled_pick():
+    return torch.compile(pick, dynamic=False, fullgraph=True)
+
+
+def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None, pick=pick):
+    """logits [B, V] -> (tokens [B] int64, logprobs [B] float32)."""
     if s.temperature == 0:
-        tok = x.argmax(-1)
-        return tok, x.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
-    if s.temperature != 1:
-        x = x / s.temperature
-    lse = torch.logsumexp(x, -1)
-    idx = None
-    cand = x
+        return pick(logits, 0, None)
+    if not (0 < s.top_k < logits.shape[-1]) and s.top_p >= 1:  # the usual GRPO setting: plain sampling
+        return pick(logits, s.temperature, _exponential(logits.shape, logits.device, generator))
+    x = logits.float() / s.temperature
     if 0 < s.top_k < x.shape[-1]:
         cand, idx = x.topk(s.top_k, -1)  # sorted descending
-    elif s.top_p < 1:
+    else:
         cand, idx = x.sort(-1, descending=True)
     if s.top_p < 1:
         cand = nucleus(cand, s.top_p)
-    probs = cand.softmax(-1)
-    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-20)
-    choice = (probs / noise).argmax(-1)
-    tok = choice if idx is None else idx.gather(-1, choice[:, None])[:, 0]
-    return tok, x.gather(-1, tok[:, None])[:, 0] - lse
+    choice = (cand - _exponential(cand.shape, cand.device, generator).log()).argmax(-1)
+    tok = idx.gather(-1, choice[:, None])[:, 0]
+    return tok, x.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
+
+
+def _exponential(shape, device, generator) -> torch.Tensor:
+    # clamp: an exact 0 would make log() -inf and win every argmax
+    return torch.empty(shape, device=device).exponential_(generator=generator).clamp_(min=1e-30)

@@ -56,6 +56,7 @@ class GenWeights:
     eps: float
     scaling: float
     act: object
+    window: int | None = None  # smallest sliding-window size of any layer (None: full attention everywhere)
     # (owned buffer, function that recomputes it in place) for every tensor the engine holds itself.
     recipes: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = field(default_factory=list)
     owned_bytes: int = 0
@@ -90,10 +91,11 @@ def extract(model: nn.Module, dtype: torch.dtype | None = None, device: torch.de
         device = torch.device("cuda", torch.cuda.current_device())
     env = (dtype, device, recipes := [])
     layers = []
-    for i, layer in enumerate(dec.layers):
+    # Qwen2 sets a window per layer (None for full-attention layers); Mistral reads its config.
+    windows = [w for w in (getattr(la.self_attn, "sliding_window", getattr(cfg, "sliding_window", None))
+                           for la in dec.layers) if w]
+    for layer in dec.layers:
         at, mlp = layer.self_attn, layer.mlp
-        if getattr(at, "sliding_window", None):
-            raise ValueError(f"FastRollout: layer {i} uses sliding-window attention, which is not supported")
         qkv, qkv_b = _group([at.q_proj, at.k_proj, at.v_proj], env, fuse)
         gu, gu_b = _group([mlp.gate_proj, mlp.up_proj], env, fuse)
         (o,), (o_b,) = _group([at.o_proj], env, False)
@@ -114,7 +116,7 @@ def extract(model: nn.Module, dtype: torch.dtype | None = None, device: torch.de
                    lm_head_bias=lm_b, n_heads=n_heads, n_kv=getattr(cfg, "num_key_value_heads", None) or n_heads,
                    head_dim=head_dim, eps=getattr(ln, "variance_epsilon", getattr(ln, "eps", 1e-6)),
                    scaling=getattr(dec.layers[0].self_attn, "scaling", head_dim ** -0.5),
-                   act=ACT2FN[cfg.hidden_act], recipes=recipes)
+                   act=ACT2FN[cfg.hidden_act], window=min(windows) if windows else None, recipes=recipes)
     w.owned_bytes = sum(d.numel() * d.element_size() for d, _ in recipes)
     refill(w)
     return w
@@ -137,9 +139,11 @@ def param_pointers(model: nn.Module) -> list[int]:
 def _plain(m: nn.Module) -> nn.Module:
     """The module whose weight generation should see, through peft's modules_to_save wrapper."""
     if hasattr(m, "modules_to_save") and hasattr(m, "original_module"):
-        if getattr(m, "disable_adapters", False) or m.active_adapter not in m.modules_to_save:
+        a = m.active_adapter
+        a = a[0] if isinstance(a, (list, tuple)) and a else a
+        if getattr(m, "disable_adapters", False) or a not in m.modules_to_save:
             return m.original_module
-        return m.modules_to_save[m.active_adapter]
+        return m.modules_to_save[a]
     return m
 
 

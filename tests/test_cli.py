@@ -1,0 +1,46 @@
+"""The command line: config show, data inspect, clear errors with exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from mathgrpo.cli import main
+
+
+def test_config_show_prints_resolved_yaml(capsys):
+    assert main(["config", "show", "trainer.max_steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "name_or_path: smollm2" in out
+
+
+def test_unknown_key_is_a_clean_error(capsys):
+    assert main(["config", "show", "trainer.maxsteps=7"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'trainer.maxsteps'" in err and "max_steps" in err and "Traceback" not in err
+
+
+def test_data_inspect_arithmetic(capsys):
+    assert main(["data", "inspect", "arithmetic", "data.arithmetic_size=20"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 20 of 20" in out
+
+
+def test_data_inspect_missing_file_names_it(capsys, tmp_path):
+    missing = tmp_path / "nope.parquet"
+    assert main(["data", "inspect", str(missing)]) == 2
+    assert "nope.parquet" in capsys.readouterr().err
+
+
+def test_train_with_bad_lora_target_lists_layers(capsys, tiny_model_dir, tmp_path):
+    from conftest import tiny_overrides
+
+    rc = main(["train", *tiny_overrides(tiny_model_dir, tmp_path, **{"model.lora_target_modules": "[dense]"}), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "dense" in err and "q_proj" in err and "down_proj" in err
+
+
+def test_nf4_on_cpu_is_a_clear_error(capsys, tiny_model_dir, tmp_path):
+    from conftest import tiny_overrides
+
+    rc = main(["train", *tiny_overrides(tiny_model_dir, tmp_path, **{"model.quantization": "nf4"}), "--quiet"])
+    assert rc == 2 and "needs a CUDA GPU" in capsys.readouterr().err

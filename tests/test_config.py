@@ -1,0 +1,82 @@
+"""Config: defaults, YAML, dotted overrides, type checks, unknown keys, the embedded preset."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mathgrpo.config import ALL_PROJECTIONS, EMBEDDED, Config, ConfigError, config_reference, dump_yaml, load_config
+
+
+def test_defaults_reproduce_the_notebook():
+    c = Config()
+    assert c.data.max_problems == 100 and c.generation.max_new_tokens == 2048 and c.grpo.num_generations == 4
+    assert c.model.lora and c.trainer.prompts_per_step == 1 and c.trainer.max_steps == 80
+    assert c.grpo.beta == 0.04 and c.trainer.learning_rate == 1e-5
+    assert c.trainer.save_steps == 10 and c.trainer.logging_steps == 10 and c.trainer.log_completions_steps == 10
+    assert c.data.test_fraction == 0.1 and c.trainer.seed == 42
+    assert c.model.lora_target_modules == ALL_PROJECTIONS
+    assert c.prompt.system_prompt is None and "\\boxed{}" in c.prompt.instruction
+
+
+def test_no_file_means_the_embedded_preset_and_file_means_defaults(tmp_path):
+    assert load_config().model.name_or_path == EMBEDDED["model"]["name_or_path"]
+    f = tmp_path / "c.yaml"
+    f.write_text("grpo:\n  beta: 0.1\n")
+    c = load_config(f)
+    assert c.grpo.beta == 0.1 and c.model.name_or_path == Config().model.name_or_path
+
+
+def test_yaml_then_overrides_with_types(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  max_steps: 10\nrewards:\n  functions: [format, accuracy]\n")
+    c = load_config(f, ["trainer.max_steps=80", "grpo.beta=0.0", "model.lora=false", "data.answer_mod=1000",
+                        "rewards.weights=[1, 2]", "generation.stop_strings=a,b", "model.quantization=null"])
+    assert c.trainer.max_steps == 80 and c.grpo.beta == 0.0 and c.model.lora is False
+    assert c.data.answer_mod == 1000 and c.rewards.weights == [1.0, 2.0] and c.generation.stop_strings == ["a", "b"]
+    assert c.model.quantization is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("grpo.bogus=1", "unknown key 'grpo.bogus'; valid keys in section 'grpo': num_generations"),
+    ("nosection.x=1", "unknown key 'nosection'; valid keys in the top level: model, data"),
+    ("trainer.max_steps=abc", "trainer.max_steps: expected an integer"),
+    ("trainer.max_steps=1.5", "trainer.max_steps: expected an integer"),
+    ("grpo.beta=high", "grpo.beta: expected a number"),
+    ("model.lora=maybe", "model.lora: expected true/false"),
+    ("grpo.loss_type=ppo", "grpo.loss_type: 'ppo' is not one of grpo, bnpo, dr_grpo, dapo"),
+    ("grpo.num_generations=1", "grpo.num_generations must be >= 2"),
+    ("rewards.weights=[1]", "rewards.weights has 1 values but rewards.functions has"),
+    ("trainer", "must look like section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trainer:\n  maxsteps: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown.yaml: unknown key 'trainer.maxsteps'; valid keys .*max_steps"):
+        load_config(unknown)
+
+
+def test_dump_round_trips(tmp_path):
+    c = load_config(None, ["grpo.epsilon_high=0.28", "trainer.run_name=x"])
+    f = tmp_path / "saved.yaml"
+    f.write_text(dump_yaml(c))
+    assert load_config(f, base={}) == c
+    assert yaml.safe_load(dump_yaml(c))["grpo"]["epsilon_high"] == 0.28
+
+
+def test_reference_lists_every_key():
+    ref = config_reference()
+    for key in ("model.lora_target_modules", "grpo.loss_type", "trainer.max_tokens_per_microbatch", "eval.num_samples"):
+        assert f"`{key}`" in ref

@@ -1,0 +1,391 @@
+"""The TRL front door: a TRL-style script runs with only its import changed; options map or warn; adapters load."""
+
+from __future__ import annotations
+
+import difflib
+import io
+import json
+import math
+import os
+import re
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from mathgrpo.trl_compat import GRPOConfig, GRPOTrainer, TRLCompatWarning
+
+# A script as TRL users write it (for older TRL: logging_dir, overwrite_output_dir as a string, one prompt x 4
+# completions, bf16 on by default, 4-bit on a GPU). The test swaps only the import line.
+TRL_SCRIPT = '''
+import os
+
+import pandas as pd
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PrinterCallback
+from trl import GRPOConfig, GRPOTrainer
+
+MODEL, OUT = os.environ["TRL_TEST_MODEL"], os.environ["TRL_TEST_OUT"]
+tokenizer = AutoTokenizer.from_pretrained(MODEL)
+df = pd.DataFrame({"question": [f"What is {a} + {b}?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 9)]]})
+df["answer"] = [str(eval(q[8:-1])) for q in df["question"]]
+df["prompt"] = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                              add_generation_prompt=True) for q in df["question"]]
+dataset = Dataset.from_pandas(df)
+
+seen = []  # what the reward functions were called with
+
+def correctness_reward(prompts, completions, answer, **kwargs):
+    seen.append({"prompts": prompts, "completions": completions, "answer": answer, **kwargs})
+    return [2.0 if a in c else 0.0 for c, a in zip(completions, answer)]
+
+def length_reward(completions, **kwargs):
+    return [len(set(c)) / 10 for c in completions]
+
+if torch.cuda.is_available():
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, quantization_config=bnb, device_map={"": 0})
+else:
+    model = AutoModelForCausalLM.from_pretrained(MODEL)
+
+peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                         task_type="CAUSAL_LM")
+training_args = GRPOConfig(
+    output_dir=OUT,
+    logging_dir=os.path.join(OUT, "logs"),
+    overwrite_output_dir='True',
+    learning_rate=1e-3,
+    bf16=True,
+    per_device_train_batch_size=1,
+    gradient_accumulation_steps=1,
+    num_generations=4,
+    max_prompt_length=128,
+    max_completion_length=8,
+    max_steps=3,
+    logging_steps=1,
+    save_steps=2,
+    report_to="none",
+)
+trainer = GRPOTrainer(
+    model=model,
+    processing_class=tokenizer,
+    reward_funcs=[correctness_reward, length_reward],
+    args=training_args,
+    train_dataset=dataset,
+    peft_config=peft_config,
+    callbacks=[PrinterCallback()],
+)
+trainer.train()
+trainer.save_model(os.path.join(OUT, "final"))
+'''
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls: extra threads only spin on a busy 2-core machine; restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _only_import_changed(script: str) -> str:
+    ours = script.replace("from trl import GRPOConfig, GRPOTrainer", "from mathgrpo import GRPOConfig, GRPOTrainer")
+    changed = [d for d in difflib.ndiff(script.splitlines(), ours.splitlines()) if d[:1] in "+-"]
+    assert changed == ["- from trl import GRPOConfig, GRPOTrainer", "+ from mathgrpo import GRPOConfig, GRPOTrainer"]
+    return ours
+
+
+def _run_script(script: str, model_dir: str, out: Path, monkeypatch) -> tuple[dict, str, list]:
+    monkeypatch.setenv("TRL_TEST_MODEL", model_dir)
+    monkeypatch.setenv("TRL_TEST_OUT", str(out))
+    ns = {"__name__": "__main__"}
+    buf = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, redirect_stdout(buf):
+        warnings.simplefilter("always")
+        exec(compile(script, "trl_script.py", "exec"), ns)
+    return ns, buf.getvalue(), [str(w.message) for w in caught if issubclass(w.category, TRLCompatWarning)]
+
+
+def _lora_state(model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+@pytest.fixture(scope="module")
+def trl_run(tiny_model_dir, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    out = tmp_path_factory.mktemp("trl") / "outputs"
+    try:
+        yield (out, *_run_script(_only_import_changed(TRL_SCRIPT), tiny_model_dir, out, mp))
+    finally:
+        mp.undo()
+
+
+def test_trl_script_runs_with_only_the_import_changed(trl_run):
+    out, ns, stdout, warned = trl_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["completion_length_max"] <= 8 for r in rows)  # max_completion_length
+    # one prompt x 4 completions a step; bf16 -> float32 on a CPU; logging_dir redirected: one line each
+    assert any("read as 1 prompt(s) x 4 completions" in w for w in warned)
+    assert any(w.startswith("bf16=True on a CPU") for w in warned)
+    assert any(w.startswith("logging_dir=") for w in warned)
+    assert not any("overwrite_output_dir" in w for w in warned)  # accepted as the string 'True', no complaint
+    trainer = ns["trainer"]
+    assert trainer.args.overwrite_output_dir is True
+    assert trainer.cfg.trainer.prompts_per_step == 1 and trainer.cfg.grpo.num_generations == 4
+    assert trainer.cfg.model.lora_target_modules == ["q_proj", "v_proj"] and trainer.cfg.model.lora_r == 4
+
+
+def test_reward_functions_get_trl_keyword_arguments(trl_run):
+    out, ns, _, _ = trl_run
+    seen, df = ns["seen"], ns["df"]
+    assert len(seen) == 3  # one call per step, 4 completions each
+    answer_of = dict(zip(df["prompt"], df["answer"]))
+    question_of = dict(zip(df["prompt"], df["question"]))
+    for call in seen:
+        # exactly TRL's keywords: prompts, completions, completion_ids, the other dataset columns, the hooks
+        assert set(call) == {"prompts", "completions", "completion_ids", "question", "answer", "trainer_state",
+                             "log_extra", "log_metric"}
+        assert len(call["completions"]) == 4 and len(set(call["prompts"])) == 1  # one prompt, G=4
+        assert call["answer"] == [answer_of[p] for p in call["prompts"]]
+        assert call["question"] == [question_of[p] for p in call["prompts"]]
+        assert all(isinstance(c, str) for c in call["completions"])
+        tok = ns["tokenizer"]
+        for text, ids in zip(call["completions"], call["completion_ids"]):
+            assert tok.decode(ids, skip_special_tokens=True) == text
+    steps = [call["trainer_state"] for call in seen]
+    assert steps[0] is steps[-1]  # the live TrainerState, as in TRL
+
+
+def test_printer_callback_receives_the_logs(trl_run):
+    out, ns, stdout, _ = trl_run
+    printed = [line for line in stdout.splitlines() if line.startswith("{")]
+    step_logs = [p for p in printed if "'loss'" in p]
+    assert len(step_logs) == 3  # logging_steps=1
+    for key in ("'reward'", "'rewards/correctness_reward/mean'", "'rewards/length_reward/mean'",
+                "'completions/mean_length'", "'learning_rate'", "'grad_norm'", "'epoch'"):
+        assert key in step_logs[0], key
+    assert any("'train_runtime'" in p for p in printed)
+    hist = ns["trainer"].state.log_history
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for h, m in zip([h for h in hist if "loss" in h], metrics):
+        assert h["step"] == m["step"] and h["reward"] == pytest.approx(m["reward"])
+        assert h["epoch"] == pytest.approx(m["step"] / 5, abs=1e-4)  # 1 prompt a step, 5 prompts
+
+
+def test_checkpoints_in_trl_layout_load_with_peft(trl_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, ns, _, _ = trl_run
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    ours = _lora_state(ns["trainer"].model)
+    assert any(v.abs().sum() > 0 for k, v in ours.items() if "lora_B" in k)  # training moved the adapter
+    for path in (out / "checkpoint-3", out / "final"):
+        assert (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(path))
+        theirs = _lora_state(loaded)
+        assert theirs.keys() == ours.keys()
+        for k in ours:
+            torch.testing.assert_close(theirs[k], ours[k], rtol=0, atol=0)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and [h["step"] for h in state["log_history"]] == [1, 2]
+    # the checkpoint-2 adapter differs from the final one: it was written at step 2, not copied at the end
+    ck2 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out / "checkpoint-2"))
+    assert any(not torch.equal(v, ours[k]) for k, v in _lora_state(ck2).items())
+
+
+def test_unknown_and_unsupported_options_are_named():
+    with pytest.raises(TypeError, match=r"'learnig_rate' \(did you mean 'learning_rate'\?\)"):
+        GRPOConfig(learnig_rate=1e-5)
+    with pytest.warns(TRLCompatWarning, match=r"optim='adamw_8bit' \(mathgrpo uses torch.optim.AdamW\).*"
+                                              r"vllm_mode='server'"):
+        cfg = GRPOConfig(optim="adamw_8bit", vllm_mode="server")
+    assert cfg.ignored_options == {"optim": "adamw_8bit", "vllm_mode": "server"}
+    with pytest.warns(TRLCompatWarning, match="use_vllm=True: mathgrpo generates with its own engine"):
+        GRPOConfig(use_vllm=True)
+    with pytest.raises(ValueError, match="importance_sampling_level='sequence'"):
+        GRPOConfig(importance_sampling_level="sequence")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # TRL defaults ask for nothing different: no warning
+        GRPOConfig(use_vllm=False, optim="adamw_torch", importance_sampling_level="token", shuffle_dataset=True)
+    with pytest.raises(ValueError, match="grpo.loss_type: 'cispo'"):
+        GRPOConfig(loss_type="cispo", max_steps=1).to_mathgrpo_config()
+    with pytest.raises(ValueError, match="lr_scheduler_type='polynomial'"):
+        GRPOConfig(lr_scheduler_type="polynomial", max_steps=1).to_mathgrpo_config()
+    with pytest.raises(ValueError, match="save_strategy='best'"):
+        GRPOConfig(save_strategy="best")
+
+
+@pytest.mark.parametrize("pdb,gas,G,prompts,adjusted", [(8, 1, 8, 1, False), (4, 2, 4, 2, False),
+                                                        (16, 1, 4, 4, False), (1, 1, 4, 1, True), (3, 2, 4, 6, True)])
+def test_batch_size_rule(pdb, gas, G, prompts, adjusted):
+    args = GRPOConfig(per_device_train_batch_size=pdb, gradient_accumulation_steps=gas, num_generations=G, max_steps=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = args.to_mathgrpo_config(on_cuda=True)
+    assert cfg.trainer.prompts_per_step == prompts and cfg.grpo.num_generations == G
+    assert any("is not a multiple of num_generations" in str(w.message) for w in caught) == adjusted
+
+
+def test_step_counts_and_mapping():
+    args = GRPOConfig(output_dir="o", per_device_train_batch_size=4, num_generations=4, num_train_epochs=2,
+                      save_strategy="epoch", logging_steps=0.25, warmup_ratio=0.1, scale_rewards=False,
+                      learning_rate=3e-6, beta=0.04, loss_type="dr_grpo", report_to=["tensorboard"], log_completions=True,
+                      lr_scheduler_type="cosine", save_total_limit=2, mathgrpo_overrides={"generation.backend": "hf"})
+    cfg = args.to_mathgrpo_config(train_size=10, on_cuda=True)
+    t = cfg.trainer
+    assert t.max_steps == 20 and t.save_steps == 10  # 2 epochs of 10 prompts, 1 prompt a step
+    assert t.logging_steps == 5 and t.log_completions_steps == 5 and t.warmup_steps == 2
+    assert (t.learning_rate, t.lr_scheduler, t.save_total_limit, t.tensorboard) == (3e-6, "cosine", 2, True)
+    assert (cfg.grpo.scale_rewards, cfg.grpo.beta, cfg.grpo.loss_type) == ("none", 0.04, "dr_grpo")
+    assert cfg.model.dtype == "bfloat16" and cfg.generation.backend == "hf"
+    assert Path(t.output_dir) / t.run_name == Path("o").resolve()
+    with pytest.warns(TRLCompatWarning, match="num_iterations=2"):
+        cfg = GRPOConfig(max_steps=9, num_iterations=2, save_steps=4).to_mathgrpo_config(on_cuda=True)
+    assert cfg.trainer.max_steps == 5 and cfg.trainer.save_steps == 2 and cfg.grpo.num_iterations == 2
+    with pytest.raises(ValueError, match="max_steps=-1 needs the dataset size"):
+        GRPOConfig().to_mathgrpo_config()
+
+
+def _tiny_trainer(model_dir, out, dataset, rewards, **args):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    opts = dict(output_dir=str(out), per_device_train_batch_size=2, num_generations=2, max_completion_length=4,
+                max_steps=2, logging_steps=1, save_steps=1, learning_rate=1e-3, bf16=False, gradient_checkpointing=False,
+                disable_tqdm=True)
+    opts.update(args)
+    return GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=rewards,
+                       args=GRPOConfig(**opts), train_dataset=dataset,
+                       processing_class=AutoTokenizer.from_pretrained(model_dir),
+                       peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+
+
+def test_chat_message_prompts(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    msgs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{i} + {i}?"}] for i in range(3)]
+    ds = Dataset.from_dict({"prompt": msgs, "solution": [str(2 * i) for i in range(3)]})
+    calls = []
+
+    def reward(prompts, completions, solution, **kwargs):
+        calls.append((prompts, completions, solution))
+        return [float(s in c[0]["content"]) for c, s in zip(completions, solution)]
+
+    trainer = _tiny_trainer(tiny_model_dir, tmp_path / "o", ds, reward, max_steps=1)
+    # prompts were rendered by the tokenizer's chat template with the generation prompt
+    tok = trainer.processing_class
+    assert trainer._train.problems[1].problem == tok.apply_chat_template(msgs[1], tokenize=False,
+                                                                         add_generation_prompt=True)
+    trainer.train()
+    assert len(calls) == 1
+    for prompts, completions, solution in calls:
+        assert all(p in msgs for p in prompts)  # the messages themselves, as TRL passes them
+        assert all(isinstance(c, list) and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str)
+                   for c in completions)
+        assert solution == [str(2 * msgs.index(p)) for p in prompts]
+
+
+def test_reward_models_and_bad_datasets_are_refused(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"prompt": ["1 + 1 =", "2 + 2 ="]})
+    with pytest.raises(NotImplementedError, match="reward model"):
+        _tiny_trainer(tiny_model_dir, tmp_path, ds, ["some-org/reward-model"])
+    with pytest.raises(ValueError, match="needs a 'prompt' column.*'question'"):
+        _tiny_trainer(tiny_model_dir, tmp_path, Dataset.from_dict({"question": ["a"]}), lambda completions, **k: [0.0])
+    with pytest.raises(ValueError, match=r"peft_config.target_modules: nope match no layer"):
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM
+
+        GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=lambda completions, **k: [0.0],
+                    args=GRPOConfig(output_dir=str(tmp_path), max_steps=1, num_generations=2), train_dataset=ds,
+                    peft_config=LoraConfig(target_modules=["nope"]))
+
+
+def test_resume_and_fresh_rerun(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"prompt": ["1 + 1 =", "2 + 2 =", "3 + 3 ="]})
+
+    def distinct(completions, **kwargs):
+        return [len(set(c)) / 5 for c in completions]
+
+    out = tmp_path / "o"
+    a = _tiny_trainer(tiny_model_dir, out, ds, distinct)
+    a.train()
+    first = [json.loads(line)["reward"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # resume from the TRL-layout checkpoint-1: step 2 is redone exactly
+    b = _tiny_trainer(tiny_model_dir, out, ds, distinct)
+    b.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    again = [json.loads(line)["reward"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert again == first and len(first) == 2
+    assert [h["step"] for h in b.state.log_history if "loss" in h] == [1, 2]
+    for k, v in _lora_state(b.model).items():
+        torch.testing.assert_close(v, _lora_state(a.model)[k])
+    # a fresh run into the same output_dir replaces the earlier one (with a warning), as TRL overwrites
+    c = _tiny_trainer(tiny_model_dir, out, ds, distinct, max_steps=1)
+    with pytest.warns(TRLCompatWarning, match="holds an earlier run"):
+        c.train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_evaluate_averages_rewards(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"prompt": ["1 + 1 =", "2 + 2 ="], "target": [1.0, 3.0]})
+
+    def target(completions, target, **kwargs):
+        return list(target)
+
+    trainer = _tiny_trainer(tiny_model_dir, tmp_path, ds, target, reward_weights=[0.5])
+    metrics = trainer.evaluate(ds)
+    assert metrics["eval_rewards/target/mean"] == pytest.approx(2.0)
+    assert metrics["eval_reward"] == pytest.approx(1.0)  # weighted by reward_weights
+    assert math.isfinite(metrics["eval_completions/mean_length"])
+
+
+@pytest.mark.slow
+def test_model_loaded_from_gguf_trains(tmp_path):
+    """TRL refuses a model loaded from a GGUF file for training; its weights are dequantised, so mathgrpo trains it."""
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mathgrpo.models import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(4)]})
+    out = tmp_path / "o"
+    trainer = GRPOTrainer(model=model, processing_class=tok, train_dataset=ds,
+                          reward_funcs=lambda completions, **kw: [float(len(c[0]["content"])) for c in completions],
+                          args=GRPOConfig(output_dir=str(out), per_device_train_batch_size=4, num_generations=4,
+                                          max_completion_length=8, max_steps=1, learning_rate=1e-3, bf16=False,
+                                          disable_tqdm=True),
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer.train()
+    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = PeftModel.from_pretrained(base, str(out / "checkpoint-1"))
+    ours = _lora_state(trainer.model)
+    for k, v in _lora_state(loaded).items():
+        torch.testing.assert_close(v, ours[k], rtol=0, atol=0)
+    # full fine-tuning (no peft_config) of the same GGUF model: checkpoints hold plain, reloadable weights
+    full = GRPOTrainer(model=base, processing_class=tok, train_dataset=ds, reward_funcs=trainer.reward_funcs,
+                       args=GRPOConfig(output_dir=str(tmp_path / "full"), per_device_train_batch_size=4,
+                                       num_generations=4, max_completion_length=8, max_steps=1, learning_rate=1e-5,
+                                       bf16=False, disable_tqdm=True, gradient_checkpointing=False))
+    full.train()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "checkpoint-1")
+    for (name, a), b in zip(full.model.named_parameters(), reloaded.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
