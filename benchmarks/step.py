@@ -22,7 +22,7 @@ per row of L = prompt + completion tokens and T_c completion tokens (lm_head run
 gradient-checkpoint recomputation is not counted (it is work the GPU does but not useful FLOPs).
 Methods: mathgrpo (the trainer's own `policy_update` and rollout backend), options budget=<tokens per
 micro-batch>, chunk=<log-prob chunk>, release=1 (free the fast engine's KV cache before the update),
-backend=fast|hf; mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl.
+backend=fast|hf, fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels); mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def _mathgrpo_cfg(args, w: Workload, opts: dict):
     return cfg
 
 
-def liger_update(model, optimizer, scheduler, ref, comp, adv, cfg) -> dict:
+def liger_update(model, optimizer, scheduler, ref, comp, adv, cfg, opts: dict) -> dict:
     """policy_update with the loss from liger-kernel's fused linear GRPO loss (same micro-batches, same
     adapter-off reference log-probs); liger's "grpo" mean is per micro-batch, so rescale by its rows."""
     import torch
@@ -177,7 +177,7 @@ def liger_update(model, optimizer, scheduler, ref, comp, adv, cfg) -> dict:
     lengths = comp.completion_mask.sum(1).tolist()
     groups = microbatches([len(p) + int(n) for p, n in zip(comp.prompt_ids, lengths)], t.max_tokens_per_microbatch)
     fn = LigerFusedLinearGRPOLoss(beta=cfg.grpo.beta, use_ref_model=True, loss_type="grpo",
-                                  compiled=torch.cuda.is_available(), temperature=cfg.generation.temperature)
+                                  compiled=torch.cuda.is_available() and opts.get("compiled", "1") == "1", temperature=cfg.generation.temperature)
     _, head = backbone_and_head(model)
     device = head.weight.device
     optimizer.zero_grad(set_to_none=True)
@@ -207,11 +207,20 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
 
     cfg = _mathgrpo_cfg(args, w, opts)
     model, _ = load_model(cfg.model, trainable=True)
+    if opts.get("fused"):
+        from mathgrpo.models import completion_logprobs, fuse_kernels
+
+        probe = (prompt_ids(args, w)[:2], torch.randint(1, SHAPES[args.shape]["vocab_size"], (2, 64)))
+        with torch.no_grad():
+            before = completion_logprobs(model, *probe)
+            fuse_kernels(model)
+            diff = (completion_logprobs(model, *probe) - before).abs().max().item()
+        print(f"[{args.worker}] fused kernels: max |logp change| on a probe = {diff:.3g}", flush=True)
     tok = load_tokenizer(args.model_dir)
     rollout = make_rollout(cfg.generation, model, tok)
     ref = Reference(model, cfg.grpo.beta, lora=True)
     optimizer, scheduler = make_optimizer(model, cfg)
-    update = liger_update if opts.get("liger") else policy_update
+    update = (lambda *a: liger_update(*a, opts)) if opts.get("liger") else policy_update
     prompts = prompt_ids(args, w)
     steps, rows = [], None
     for step in range(args.steps):

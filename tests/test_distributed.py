@@ -61,16 +61,25 @@ def _cfg(model_dir, out, **extra):
     return load_config(None, tiny_overrides(model_dir, out, **extra), base={})
 
 
+_LOADED: dict = {}
+
+
 def _model(cfg):
-    """The tiny model; with LoRA, every adapter weight is set from a fixed seed (B = 0 gives A no gradient)."""
-    model, _ = load_model(cfg.model, trainable=True)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        if not cfg.model.lora:
-            return model
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    """The tiny model at a fixed start (loaded once per process, reset at every call); with LoRA, every
+    adapter weight is set from a fixed seed (B = 0 gives A no gradient)."""
+    key = (cfg.model.name_or_path, cfg.model.lora)
+    if key not in _LOADED:
+        model, _ = load_model(cfg.model, trainable=True)
+        _LOADED[key] = model, {k: v.clone() for k, v in model.state_dict().items()}
+    model, start = _LOADED[key]
+    model.load_state_dict(start)
+    model.zero_grad(set_to_none=True)
+    if cfg.model.lora:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _, p in sorted(model.named_parameters()):
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return model
 
 

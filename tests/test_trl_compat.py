@@ -6,8 +6,6 @@ import difflib
 import io
 import json
 import math
-import os
-import re
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -278,9 +276,27 @@ def test_chat_message_prompts(tiny_model_dir, tmp_path):
 
     def reward(prompts, completions, solution, **kwargs):
         calls.append((prompts, completions, solution))
+        kwargs["log_metric"]("my_metric", 1.5)
         return [float(s in c[0]["content"]) for c, s in zip(completions, solution)]
 
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.events, self.logs = [], []
+
+        def __getattribute__(self, name):
+            if name.startswith("on_"):
+                def hook(args, state, control, **kw):
+                    self.events.append(name)
+                    if name == "on_log":
+                        self.logs.append(kw["logs"])
+                return hook
+            return super().__getattribute__(name)
+
     trainer = _tiny_trainer(tiny_model_dir, tmp_path / "o", ds, reward, max_steps=1)
+    rec = Recorder()
+    trainer.add_callback(rec)
     # prompts were rendered by the tokenizer's chat template with the generation prompt
     tok = trainer.processing_class
     assert trainer._train.problems[1].problem == tok.apply_chat_template(msgs[1], tokenize=False,
@@ -292,6 +308,30 @@ def test_chat_message_prompts(tiny_model_dir, tmp_path):
         assert all(isinstance(c, list) and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str)
                    for c in completions)
         assert solution == [str(2 * msgs.index(p)) for p in prompts]
+    assert rec.events == ["on_train_begin", "on_epoch_begin", "on_step_begin", "on_step_end", "on_log", "on_save",
+                          "on_log", "on_train_end"]
+    assert rec.logs[0]["my_metric"] == 1.5 and "train_runtime" in rec.logs[1]
+
+
+def test_a_peft_model_is_trained_as_given(trl_run, tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _, _, _ = trl_run
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out / "checkpoint-3"))
+    before = _lora_state(model)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(len(set(c))) for c in completions],
+                          args=GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                                          max_completion_length=4, max_steps=1, learning_rate=1e-2, bf16=False,
+                                          disable_tqdm=True),
+                          train_dataset=Dataset.from_dict({"prompt": ["1 + 1 =", "2 + 2 ="]}))
+    trainer.train()
+    assert any(not torch.equal(v, before[k]) for k, v in _lora_state(trainer.model).items())
+    for n, p in trainer.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), n  # the base stays frozen
 
 
 def test_reward_models_and_bad_datasets_are_refused(tiny_model_dir, tmp_path):
@@ -381,7 +421,7 @@ def test_model_loaded_from_gguf_trains(tmp_path):
     for k, v in _lora_state(loaded).items():
         torch.testing.assert_close(v, ours[k], rtol=0, atol=0)
     # full fine-tuning (no peft_config) of the same GGUF model: checkpoints hold plain, reloadable weights
-    full = GRPOTrainer(model=base, processing_class=tok, train_dataset=ds, reward_funcs=trainer.reward_funcs,
+    full = GRPOTrainer(model=loaded.unload(), processing_class=tok, train_dataset=ds, reward_funcs=trainer.reward_funcs,
                        args=GRPOConfig(output_dir=str(tmp_path / "full"), per_device_train_batch_size=4,
                                        num_generations=4, max_completion_length=8, max_steps=1, learning_rate=1e-5,
                                        bf16=False, disable_tqdm=True, gradient_checkpointing=False))

@@ -81,7 +81,8 @@ class RewardsConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "auto"  # auto (fast on CUDA, hf elsewhere) | hf | fast
+    # auto (fast on CUDA, hf elsewhere) | hf (samples from a LoRA-merged copy) | hf_unmerged | fast
+    backend: str = "auto"
     max_new_tokens: int = 2048
     temperature: float = 1.0
     top_p: float = 1.0
@@ -290,7 +291,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 _CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"),
     "model.quantization": (None, "nf4"),
-    "generation.backend": ("auto", "hf", "fast"),
+    "generation.backend": ("auto", "hf", "hf_unmerged", "fast"),
     "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "grpo.scale_rewards": ("group", "batch", "none"),
     "trainer.lr_scheduler": ("constant", "linear", "cosine"),

@@ -277,6 +277,7 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
         if world.is_main:
             _truncate_metrics(run, start)
     world.broadcast_params([p for p in model.parameters() if p.requires_grad])  # identical replicas, as DDP
+    rollout.sync_weights(model)  # backends holding their own weight copy must sample from the loaded weights
     G = cfg.grpo.num_generations
     logger = RunLogger(run, cfg.trainer.tensorboard, cfg.trainer.max_steps, start, quiet) if world.is_main \
         else NullLogger()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import difflib
-import functools
 import inspect
 import json
 import math
@@ -372,16 +371,14 @@ class _DatasetPrompts:
 
         self.rows = _rows(dataset, what)
         self.tokenizer, self.limit, self.cut, self._ids = tokenizer, max_prompt_tokens, 0, {}
-        kinds = {isinstance(r["prompt"], str) for r in self.rows}
-        self.conversational = False in kinds
+        self.conversational = not isinstance(self.rows[0]["prompt"], str)  # TRL decides on the first example
+        want = "a list of chat messages ({'role': ..., 'content': ...})" if self.conversational else "a string"
         for i, row in enumerate(self.rows):
             p = row["prompt"]
             ok = isinstance(p, str) if not self.conversational else (
                 isinstance(p, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in p))
             if not ok:
-                raise ValueError(f"{what} row {i}: 'prompt' must be {'a list of chat messages' if self.conversational else 'a string'} "
-                                 f"like the first rows ({'role/content dicts' if self.conversational else 'text'}), "
-                                 f"got {p!r:.200}")
+                raise ValueError(f"{what} row {i}: 'prompt' must be {want}, as in row 0; got {p!r:.200}")
         texts = [self._render(r["prompt"], template_kwargs or {}, what, i) for i, r in enumerate(self.rows)]
         self.problems = [Problem(id=str(i), problem=t, gold="", solution="", extra={_ROW: i})
                          for i, t in enumerate(texts)]
@@ -475,6 +472,12 @@ def _trl_reward(fn, prompts: _DatasetPrompts, extra_kwargs):
     return reward
 
 
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
 def _is_kbit(model) -> bool:
     return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
 
@@ -529,12 +532,14 @@ class GRPOTrainer:
         on_cuda = next(self.model.parameters()).device.type == "cuda"
         cfg = args.to_mathgrpo_config(train_size=len(self._train.rows), on_cuda=on_cuda, reward_funcs=self.reward_funcs)
         cfg.model.name_or_path = str(model if isinstance(model, str) else getattr(model.config, "_name_or_path", ""))
-        cfg.model.lora = hasattr(self.model, "peft_config")
+        cfg.model.lora = _is_peft(self.model)
         if cfg.model.lora:
             lc = self.model.peft_config[self.model.active_adapter]
             targets = lc.target_modules
             cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout = lc.r, lc.lora_alpha, lc.lora_dropout
-            cfg.model.lora_target_modules = sorted(targets) if not isinstance(targets, str) else [targets]
+            # peft resolves "all-linear" into module paths; the short names select the same layers
+            cfg.model.lora_target_modules = [targets] if isinstance(targets, str) else \
+                sorted({name.rsplit(".", 1)[-1] for name in targets})
         if eval_dataset is not None and args.eval_strategy != "no":
             _warn(f"eval_strategy={args.eval_strategy!r}: mathgrpo does not evaluate during training; it evaluates "
                   f"eval_dataset once, after training (or call trainer.evaluate())")
@@ -586,11 +591,11 @@ class GRPOTrainer:
         model.config.pad_token_id = tok.pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tok.pad_token_id
-        lora = peft_config is not None or hasattr(model, "peft_config")
+        lora = peft_config is not None or _is_peft(model)
         if peft_config is not None:
             from peft import get_peft_model, prepare_model_for_kbit_training
 
-            if hasattr(model, "peft_config"):
+            if _is_peft(model):
                 raise ValueError("GRPOTrainer: the model already carries peft adapters; pass peft_config=None to train "
                                  "them, or pass the base model")
             targets = getattr(peft_config, "target_modules", None)
@@ -604,6 +609,9 @@ class GRPOTrainer:
             model = get_peft_model(model, peft_config)
         elif not lora:
             model.requires_grad_(True)  # no peft_config: full fine-tuning, as TRL
+        elif not any(p.requires_grad for p in model.parameters()):  # PeftModel.from_pretrained loads frozen
+            for name, p in model.named_parameters():
+                p.requires_grad_("lora_" in name)
         if a.gradient_checkpointing:  # transformers 5 renamed it; older releases only have the first name
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable({"use_reentrant": False})

@@ -22,6 +22,7 @@ def _fast(model, tokenizer, max_batch):
 
 BACKENDS: dict[str, Callable] = {
     "hf": lambda model, tok, max_batch: HFRollout(model, tok, max_batch=max_batch),
+    "hf_unmerged": lambda model, tok, max_batch: HFRollout(model, tok, max_batch=max_batch, merge_lora=False),
     "fast": _fast,
 }
 
