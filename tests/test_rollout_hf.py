@@ -11,7 +11,10 @@ from mathgrpo.rollout.hf import HFRollout
 
 
 def _lora_model(path):
-    model, tok = load_model(ModelConfig(name_or_path=path, lora_r=4, lora_alpha=8, lora_dropout=0.0), trainable=True)
+    # float32 everywhere: under bf16 (auto on CUDA) merged and unmerged weights round differently, and a random
+    # model's near-tied logits make greedy paths diverge for that reason alone
+    model, tok = load_model(ModelConfig(name_or_path=path, dtype="float32", lora_r=4, lora_alpha=8, lora_dropout=0.0),
+                            trainable=True)
     with torch.no_grad():  # non-zero B so the adapter changes the output
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -22,7 +25,7 @@ def _lora_model(path):
 def _reference_greedy(model, tok, prompts, n, max_new):
     out = []
     for p in prompts:
-        ids = torch.tensor([p])
+        ids = torch.tensor([p], device=model.device)
         seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         out.extend([seq[0, len(p):].tolist()] * n)

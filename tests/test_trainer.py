@@ -50,6 +50,21 @@ def test_three_steps_write_metrics_checkpoints_and_adapter(tiny_model_dir, tmp_p
     assert {c["step"] for c in comp} == {1, 2, 3} and len(comp) == 3 * 8
 
 
+def test_a_callback_returning_true_stops_with_a_checkpoint(tiny_model_dir, tmp_path):
+    seen = []
+
+    def cb(step, metrics):
+        seen.append((step, metrics["reward"]))
+        return step == 2
+
+    run = train(_cfg(tiny_model_dir, tmp_path, **{"trainer.max_steps": 5, "trainer.save_steps": 10}), quiet=True,
+                callbacks=[cb])
+    assert [s for s, _ in seen] == [1, 2] and [r["step"] for r in _metrics(run)] == [1, 2]
+    assert json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())["step"] == 2
+    comp = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert all(c["length"] >= 0 and isinstance(c["truncated"], bool) for c in comp)
+
+
 def test_keep_last_k_checkpoints(tiny_model_dir, tmp_path):
     run = train(_cfg(tiny_model_dir, tmp_path, **{"trainer.max_steps": 4, "trainer.save_steps": 1,
                                                     "trainer.save_total_limit": 2}), quiet=True)

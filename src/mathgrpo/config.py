@@ -40,6 +40,7 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    lora_layers: int | None = None  # adapt only the last N transformer layers (None: all); backward stops there
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
 

@@ -219,10 +219,23 @@ def add_lora(model, cfg: ModelConfig):
     validate_lora_targets(model, cfg.lora_target_modules)
     model.requires_grad_(False)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none")
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none",
+                      layers_to_transform=_last_layers(model, cfg.lora_layers))
     model = get_peft_model(model, lcfg)
     lora_inputs_follow_autocast(model)
     return model
+
+
+def _last_layers(model, n: int | None) -> list[int] | None:
+    """Indices of the last n decoder layers. Adapting only those means nothing below them needs a gradient,
+    so autograd neither stores their activations nor runs their backward: on a CPU this is most of the
+    update's cost."""
+    if n is None:
+        return None
+    total = model.config.num_hidden_layers
+    if not 1 <= n <= total:
+        raise ModelError(f"model.lora_layers: {n} is not between 1 and the model's {total} layers")
+    return list(range(total - n, total))
 
 
 class _CastUnlessAutocast:

@@ -308,13 +308,15 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
             metrics = step_metrics(world, comp, rewards.names, per, total, G, upd,
                                    {"step_time": now - t0, "gen_time": t1 - t0, "update_time": now - t1})
             logger.log(step, metrics, step % cfg.trainer.logging_steps == 0)
-            for cb in callbacks or ():
-                cb(step, metrics)
-            if cfg.trainer.log_completions_steps and step % cfg.trainer.log_completions_steps == 0:
+            # a callback returning something truthy asks to stop after this step (checkpointed like a signal)
+            wants_stop = any([bool(cb(step, metrics)) for cb in callbacks or ()])
+            n = cfg.trainer.log_completions_steps
+            if n and (step == 1 or step % n == 0 or step == cfg.trainer.max_steps):
                 logger.log_completions(step, world.gather_objects(
                     [{"problem": p.problem, "gold": p.gold, "completion": comp.texts[i * G + j],
+                      "length": int(comp.lengths[i * G + j]), "truncated": bool(comp.truncated[i * G + j]),
                       "reward": float(total[i * G + j])} for i, p in enumerate(batch) for j in range(G)]))
-            stopped = world.any(stop.requested)  # a signal seen by any rank stops all after this same step
+            stopped = world.any(stop.requested or wants_stop)  # a signal seen by any rank stops all after this same step
             last = step == cfg.trainer.max_steps
             if last or stopped or step % cfg.trainer.save_steps == 0:
                 path = ckpt.save_checkpoint(run, step, model, optimizer, scheduler, state_of(step), dump_yaml(cfg),

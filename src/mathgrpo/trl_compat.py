@@ -555,7 +555,6 @@ class GRPOTrainer:
         self._pending: list[dict] = []
         self._extra_metrics: dict[str, list[float]] = {}
         self.extra_log_columns: dict[str, list] = {}
-        self._stop_warned = False
         self._event("on_init_end")
 
     # --- model --------------------------------------------------------------------------------------------------
@@ -689,10 +688,6 @@ class GRPOTrainer:
                 self._event("on_epoch_begin")
         if not last:
             self._event("on_step_begin")
-        if self.control.should_training_stop and not self._stop_warned:
-            self._stop_warned = True
-            _warn(f"a callback set control.should_training_stop at step {step}: mathgrpo's loop does not stop "
-                  f"early on callbacks yet; training continues to step {t.max_steps}")
         return self.control.should_training_stop
 
     # --- checkpoints --------------------------------------------------------------------------------------------

@@ -35,8 +35,7 @@ class HFRollout:
             import copy
 
             self._merged = copy.deepcopy(model).merge_and_unload().eval().requires_grad_(False)
-        else:
-            _copy_merged_weights(model, self._merged)
+        _copy_merged_weights(model, self._merged)  # also right when made inside `disable_adapter()`
         self.model = self._merged
 
     @torch.no_grad()
@@ -99,7 +98,8 @@ def _copy_merged_weights(peft_model, merged) -> None:
             continue
         dst = targets[name[len(prefix):] if name.startswith(prefix) else name]
         w = mod.get_base_layer().weight.detach().clone()
-        for adapter in mod.active_adapters:
+        # inside `with model.disable_adapter()` (the base-model evaluation) the copy must be the bare base
+        for adapter in () if mod.disable_adapters else mod.active_adapters:
             if adapter in mod.lora_A:
                 w += mod.get_delta_weight(adapter).to(w.dtype)
         dst.weight.copy_(w)
