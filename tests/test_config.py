@@ -37,6 +37,12 @@ def test_yaml_then_overrides_with_types(tmp_path):
     assert c.model.quantization is None
 
 
+def test_override_text_with_a_colon_stays_text():
+    c = load_config(None, ["prompt.instruction=For example: 3 + 4 = 7, so \\boxed{7}.", "prompt.system_prompt=a: b: c"])
+    assert c.prompt.instruction == "For example: 3 + 4 = 7, so \\boxed{7}." and c.prompt.system_prompt == "a: b: c"
+    assert load_config(None, ["trainer={max_steps: 3}"]).trainer.max_steps == 3  # an explicit mapping stays one
+
+
 @pytest.mark.parametrize("override,message", [
     ("grpo.bogus=1", "unknown key 'grpo.bogus'; valid keys in section 'grpo': num_generations"),
     ("nosection.x=1", "unknown key 'nosection'; valid keys in the top level: model, data"),

@@ -137,3 +137,8 @@ def test_lora_inputs_stay_bf16_under_autocast(tiny_qwen_dir):
         model(input_ids=ids)
     # Without autocast peft casts to the adapter dtype; under autocast the bf16 input is passed as is.
     assert seen == [torch.float32, torch.bfloat16]
+
+
+def test_fused_kernels_on_a_cpu_model_are_a_clear_error(tiny_model_dir):
+    with pytest.raises(ModelError, match="fuse_kernels: liger-kernel's Triton kernels need a CUDA model"):
+        load_model(ModelConfig(name_or_path=tiny_model_dir, device="cpu", fuse_kernels=True), trainable=True)

@@ -281,6 +281,8 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
         # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
         # backward compute a useless gradient for the embedding output).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.fuse_kernels:
+        fuse_kernels(model)
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)

@@ -300,6 +300,8 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
                                        **reward_columns(batch, G))
             adv = group_advantages(torch.from_numpy(total), G, cfg.grpo.scale_rewards)  # [N]
             t1 = time.perf_counter()
+            if cfg.generation.release_memory and hasattr(rollout, "release"):
+                rollout.release()  # the update's activations get the KV cache's memory
             torch.manual_seed(seed + 1)  # LoRA dropout
             upd = {**policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world),
                    "lr": scheduler.get_last_lr()[0]}

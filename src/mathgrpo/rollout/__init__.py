@@ -14,15 +14,16 @@ from .base import Completions, Rollout, SamplingConfig
 from .hf import HFRollout
 
 
-def _fast(model, tokenizer, max_batch):
+def _fast(model, tokenizer, gen_cfg):
     from .fast import FastRollout  # CUDA-graph engine; imported lazily
 
-    return FastRollout(model, tokenizer, max_batch=max_batch)
+    return FastRollout(model, tokenizer, max_batch=gen_cfg.max_batch, fuse_weights=gen_cfg.fuse_weights)
 
 
+# name -> factory(model, tokenizer, generation config)
 BACKENDS: dict[str, Callable] = {
-    "hf": lambda model, tok, max_batch: HFRollout(model, tok, max_batch=max_batch),
-    "hf_unmerged": lambda model, tok, max_batch: HFRollout(model, tok, max_batch=max_batch, merge_lora=False),
+    "hf": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=gen_cfg.max_batch),
+    "hf_unmerged": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=gen_cfg.max_batch, merge_lora=False),
     "fast": _fast,
 }
 
@@ -34,7 +35,7 @@ def make_rollout(gen_cfg, model, tokenizer) -> Rollout:
         name = "fast" if on_cuda and _fast_available() else "hf"
     if name not in BACKENDS:
         raise ValueError(f"generation.backend: unknown backend '{name}'; choose from {', '.join(BACKENDS)}")
-    return BACKENDS[name](model, tokenizer, gen_cfg.max_batch)
+    return BACKENDS[name](model, tokenizer, gen_cfg)
 
 
 def _fast_available() -> bool:
