@@ -47,6 +47,18 @@ def tiny_qwen_dir(tmp_path_factory, smol_tokenizer):
     return _tiny_dir(tmp_path_factory, smol_tokenizer, "qwen2")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-matmul tests: extra threads only spin (8x slower on a busy
+    2-core machine). Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_overrides(model_dir: str, out_dir, **extra) -> list[str]:
     """Overrides for a seconds-long CPU training run of the tiny model."""
     base = {

@@ -421,3 +421,10 @@ def test_math500_boxed_solution_matches_answer():
     fraction = ok / len(rows)
     print(f"MATH-500: {ok}/{len(rows)} = {fraction:.4f}")
     assert fraction >= 0.99
+
+
+@pytest.mark.parametrize("pred", ["11 - 3", "2^{10}", "3 \\times 4", "4 \\cdot 2", "16 / 2"])
+def test_an_unevaluated_computation_is_not_an_integer_answer(pred):
+    gold = {"11 - 3": "8", "2^{10}": "1024", "3 \\times 4": "12", "4 \\cdot 2": "8", "16 / 2": "8"}[pred]
+    assert not is_equivalent(pred, gold)  # math-verify alone would say equal: boxing the question is no answer
+    assert is_equivalent(gold, gold) and is_equivalent("\\frac{16}{2}", "8") and is_equivalent("-8", "-8")

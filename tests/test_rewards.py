@@ -100,6 +100,13 @@ def test_accuracy_reward():
     assert out == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
 
 
+def test_answer_reward_falls_back_to_the_last_number():
+    comps = ["6 + 9 = 15", "so 1,200 items", "\\boxed{14} though 15", "no number", "15 then 16", "x = -3.5"]
+    got = REWARDS["answer"](comps, gold=["15", "1200", "15", "15", "15", "-7/2"])
+    assert got == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]  # a box wins over later numbers; the last number counts
+    assert rewards.final_answer("a \\boxed{\\frac{1}{2}} b 3") == "\\frac{1}{2}"
+
+
 def test_accuracy_needs_gold_column_length_to_match():
     with pytest.raises(ValueError, match="gold"):
         REWARDS["accuracy"](["\\boxed{1}", "\\boxed{2}"], gold=["1"])

@@ -82,13 +82,7 @@ trainer.save_model(os.path.join(OUT, "final"))
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: extra threads only spin on a busy 2-core machine; restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def _only_import_changed(script: str) -> str:

@@ -413,11 +413,19 @@ atexit.register(_WORKER.close)
 os.register_at_fork(after_in_child=_WORKER._forget)
 
 
+# A digit, an arithmetic operator, a digit: "11 - 3", "2^{10}", "3 \\times 4".
+_UNEVALUATED = re.compile(r"\d\s*(?:[-+*/^×÷]|\\times|\\cdot|\\div)\s*\{?\s*\d")
+
+
 @lru_cache(maxsize=1 << 16)
 def _equivalent_normalized(pred: str, gold: str, timeout: float) -> bool:
     pi, gi = as_int(pred), as_int(gold)
     if pi is not None and gi is not None:
         return pi == gi
+    if gi is not None and _UNEVALUATED.search(pred):
+        # math-verify evaluates "11 - 3" to 8; an integer answer that is still the computation would let a
+        # policy earn accuracy by boxing the question (seen in GRPO on arithmetic), so it does not count.
+        return False
     pf, gf = _as_fraction(pred), _as_fraction(gold)
     if pf is not None and gf is not None:
         if pf == gf:

@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -133,6 +134,27 @@ def boxed_reward(completions: list[str], **kwargs) -> list[float]:
 def accuracy_reward(completions: list[str], **kwargs) -> list[float]:
     """1.0 when the last boxed answer is equivalent to `gold` (missing gold or box -> 0.0)."""
     return [float(ok) for ok in _correctness(completions, kwargs)]
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_answer(text: str) -> str | None:
+    """The last boxed answer; without a box, the last number of the text (commas dropped)."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+@register_reward("answer")
+def answer_reward(completions: list[str], **kwargs) -> list[float]:
+    """1.0 when the final answer is equivalent to `gold`: the last boxed answer, or, with no box, the last
+    number of the completion (as open-r1's math-verify accuracy also finds unboxed answers). For small models
+    that do not box yet: `accuracy` alone gives them no signal, and a box reward alone is easily gamed."""
+    golds = _column(kwargs, "gold", len(completions), None)
+    return [float(is_equivalent(final_answer(c), g)) for c, g in zip(completions, golds)]
 
 
 @register_reward("similarity")
