@@ -52,7 +52,7 @@ def test_override_text_with_a_colon_stays_text():
     ("model.lora=maybe", "model.lora: expected true/false"),
     ("grpo.loss_type=ppo", "grpo.loss_type: 'ppo' is not one of grpo, bnpo, dr_grpo, dapo"),
     ("grpo.num_generations=1", "grpo.num_generations must be >= 2"),
-    ("rewards.weights=[1]", "rewards.weights has 1 values but rewards.functions has"),
+    ("rewards.weights=[1, 2]", "rewards.weights has 2 values but rewards.functions has"),
     ("trainer", "must look like section.key=value"),
 ])
 def test_bad_overrides_name_the_key(override, message):

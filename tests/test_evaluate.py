@@ -224,6 +224,19 @@ def test_evaluate_metrics_match_hand_computation(tokenizer):
     assert set(rec["1"]["samples"][0]["rewards"]) == {"boxed", "accuracy", "total"}
 
 
+@pytest.mark.parametrize("answer,expected", [("boxed", [None, None, "5", None]), ("final", ["6", "6", "5", None])])
+def test_eval_answer_final_reads_the_last_number_without_a_box(tokenizer, monkeypatch, answer, expected):
+    from mathgrpo.prompts import PromptBuilder
+
+    monkeypatch.setitem(SCRIPT, 3, (["it is 6", "6", "\\boxed{5} then 6", "none"], None))
+    cfg = small_cfg(num_samples=4, max_problems=None, answer=answer)
+    builder = PromptBuilder(tokenizer, cfg.prompt, None)
+    rollout = ScriptedRollout(tokenizer, {tuple(builder.ids(p.problem)): int(p.id) for p in PROBLEMS})
+    rec = {r["id"]: r for r in evaluate(None, tokenizer, PROBLEMS, cfg, rollout=rollout).records}
+    assert [s["answer"] for s in rec["3"]["samples"]] == expected  # a box wins over a later number
+    assert rec["3"]["n_correct"] == expected.count("6")
+
+
 def test_evaluate_rejects_empty_problem_list(tokenizer):
     with pytest.raises(ValueError, match="no problems"):
         evaluate(None, tokenizer, [], small_cfg(), rollout=object())

@@ -70,6 +70,7 @@ class DataConfig:
     arithmetic_size: int = 1000
     arithmetic_steps: int = 2  # operations per generated problem (1 = a single +, -, * or remainder)
     arithmetic_max_operand: int = 99  # largest operand of the generated problems
+    arithmetic_ops: list[str] = field(default_factory=lambda: ["+", "-", "*", "%"])  # % = a final remainder
 
 
 @dataclass
@@ -145,6 +146,9 @@ class EvalConfig:
     temperature: float = 1.0  # 0 = greedy
     max_new_tokens: int | None = None  # default: generation.max_new_tokens
     max_problems: int | None = None  # evaluate at most this many test problems
+    # the answer pass@k / maj@k judge: boxed = the last \\boxed{} (standard); final = that, or with no box
+    # the last number (the `answer` reward's reading, for models that do not box)
+    answer: str = "boxed"
     bootstrap: int = 1000  # bootstrap resamples for the 95% confidence intervals
     seed: int = 1234  # sampling seed of the evaluation (the same for base and trained)
 
@@ -164,15 +168,23 @@ class Config:
 # The embedded default: what `mathgrpo train` runs with no config file. Tuned on a 2-core CPU so that
 # format and accuracy rewards rise within ~15 minutes (see README for the measured numbers).
 EMBEDDED: dict[str, Any] = {
-    "model": {"name_or_path": "smollm2", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
-    "data": {"source": "arithmetic", "max_problems": 400, "arithmetic_steps": 1, "arithmetic_max_operand": 20},
-    "generation": {"max_new_tokens": 64, "temperature": 0.7},
-    "rewards": {"functions": ["boxed", "accuracy"], "weights": [0.5, 1.0]},
-    "grpo": {"num_generations": 8, "beta": 0.0, "loss_type": "dr_grpo"},
-    "trainer": {"max_steps": 40, "prompts_per_step": 4, "learning_rate": 5e-4, "warmup_steps": 2,
-                "lr_scheduler": "constant", "logging_steps": 5, "save_steps": 20, "log_completions_steps": 10},
-    "eval": {"num_samples": 4, "max_problems": 40, "temperature": 0.7},
+    # LoRA on the last 8 of 30 layers: the update's backward stops there (about half the CPU time of all layers)
+    "model": {"name_or_path": "smollm2", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_layers": 8},
+    # one + or * on operands up to 12: SmolLM2-135M answers about half of these right before training
+    # (- about 20%, remainders 9%), so GRPO has groups with both right and wrong answers to learn from
+    "data": {"source": "arithmetic", "arithmetic_size": 260, "max_problems": None, "arithmetic_steps": 1,
+             "arithmetic_max_operand": 12, "arithmetic_ops": ["+", "*"], "test_fraction": 0.25},
+    # SmolLM2-135M rarely boxes an answer; `answer` also reads its last number. A box reward is left out on
+    # purpose: in trials the policy learned to box anything ("\\boxed{number}") and stopped computing.
+    "prompt": {"instruction": "Give only the final answer, in \\boxed{}."},
+    "generation": {"max_new_tokens": 48, "temperature": 0.7},
+    "rewards": {"functions": ["answer"], "weights": [1.0]},
+    "grpo": {"num_generations": 4, "beta": 0.0, "loss_type": "dr_grpo"},
+    "trainer": {"max_steps": 30, "prompts_per_step": 4, "learning_rate": 5e-4, "warmup_steps": 2,
+                "lr_scheduler": "constant", "logging_steps": 5, "save_steps": 10, "log_completions_steps": 10},
+    "eval": {"num_samples": 4, "max_problems": None, "temperature": 0.7, "answer": "final"},
 }
+
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -318,6 +330,7 @@ _CHOICES = {
     "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "grpo.scale_rewards": ("group", "batch", "none"),
     "trainer.lr_scheduler": ("constant", "linear", "cosine"),
+    "eval.answer": ("boxed", "final"),
 }
 
 

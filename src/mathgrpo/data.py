@@ -36,7 +36,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .answers import apply_answer_mod, as_int, extract_boxed, extract_gsm8k, is_aimo_integer
 from .config import DataConfig
@@ -240,11 +240,15 @@ def _operand(rng: random.Random, op: str, value: int, hi: int) -> tuple[int, boo
     return rng.randint(2 if op == "*" else 1, hi), rng.random() < 0.5
 
 
-def _arithmetic_one(rng: random.Random, steps: int, hi: int) -> dict:
+ARITHMETIC_OPS = ("+", "-", "*", "%")
+
+
+def _arithmetic_one(rng: random.Random, steps: int, hi: int, ops: Sequence[str] = ARITHMETIC_OPS) -> dict:
     value = rng.randint(1, hi)
     expr, lines = str(value), []
+    inner_ops = [o for o in ops if o != "%"] or ["%"]  # a remainder only ever comes last
     for step in range(steps):
-        op = rng.choice(["+", "-", "*", "%"] if step == steps - 1 else ["+", "-", "*"])
+        op = rng.choice(list(ops) if step == steps - 1 else inner_ops)
         if op == "%":
             b = rng.randint(2, max(2, min(hi, value)))  # divisor <= dividend: no trivial "2 mod 8"
             q, r = divmod(value, b)
@@ -267,15 +271,21 @@ def _worked(lines: list[str], answer: int) -> str:
     return "\n".join(steps) + f"\nThe answer is \\boxed{{{answer}}}."
 
 
-def generate_arithmetic(n: int, steps: int, max_operand: int, seed: int) -> list[dict]:
-    """`n` distinct seeded problems of `steps` operations (+, -, *, and a final remainder) on operands
-    1..max_operand, with worked solutions ending in `\\boxed{n}`; every answer is a non-negative integer."""
+def generate_arithmetic(n: int, steps: int, max_operand: int, seed: int,
+                        ops: Sequence[str] = ARITHMETIC_OPS) -> list[dict]:
+    """`n` distinct seeded problems of `steps` operations drawn from `ops` (+, -, *, and % as a final
+    remainder) on operands 1..max_operand, with worked solutions ending in `\\boxed{n}`; every answer
+    is a non-negative integer."""
     if n < 0 or steps < 1 or max_operand < 2:
         raise DataError(f"arithmetic: need arithmetic_size >= 0, arithmetic_steps >= 1 and "
                         f"arithmetic_max_operand >= 2; got {n}, {steps}, {max_operand}")
+    bad = [o for o in ops if o not in ARITHMETIC_OPS]
+    if bad or not ops or (steps > 1 and list(ops) == ["%"]):
+        raise DataError(f"data.arithmetic_ops: {list(ops)} must be a non-empty subset of {list(ARITHMETIC_OPS)} "
+                        f"(and more than % alone when arithmetic_steps > 1)")
     rng, rows, seen, misses = random.Random(seed), [], set(), 0
     while len(rows) < n and misses < 10_000:  # that many repeats in a row: the space is used up
-        row = _arithmetic_one(rng, steps, max_operand)
+        row = _arithmetic_one(rng, steps, max_operand, ops)
         if row["problem"] in seen:
             misses += 1
             continue
@@ -371,10 +381,11 @@ def _filter(rows: list[dict], cfg: DataConfig, origin: str, id_prefix: str = "",
 def _source_rows(source: str, cfg: DataConfig, seed: int, split: str) -> tuple[list[dict], DataConfig, str]:
     """Rows, the config that maps them (the built-in set has fixed columns) and a description."""
     if source == BUILTIN_ARITHMETIC:
-        rows = generate_arithmetic(cfg.arithmetic_size, cfg.arithmetic_steps, cfg.arithmetic_max_operand, seed)
+        rows = generate_arithmetic(cfg.arithmetic_size, cfg.arithmetic_steps, cfg.arithmetic_max_operand, seed,
+                                   cfg.arithmetic_ops)
         cfg = dataclasses.replace(cfg, problem_column="problem", solution_column="solution", answer_column="answer")
         return rows, cfg, (f"built-in arithmetic (size {cfg.arithmetic_size}, steps {cfg.arithmetic_steps}, "
-                           f"max operand {cfg.arithmetic_max_operand}, seed {seed})")
+                           f"max operand {cfg.arithmetic_max_operand}, ops {' '.join(cfg.arithmetic_ops)}, seed {seed})")
     rows, desc = _read_source(source, split, cfg.hf_config)
     return rows, cfg, desc
 

@@ -135,11 +135,27 @@ def _reward_kwargs(problems, k: int, prompt_texts: list[str], prefill: str | Non
     return kw
 
 
+def _final_answer(text: str) -> str | None:
+    from .rewards import final_answer
+
+    return final_answer(text)
+
+
+def _boxed_answer(text: str) -> str | None:
+    from .answers import extract_boxed
+
+    return extract_boxed(text)
+
+
+# eval.answer -> what counts as a completion's answer for pass@k and maj@k
+ANSWER_EXTRACTORS = {"boxed": _boxed_answer, "final": _final_answer}
+
+
 def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, label: str = "model") -> EvalResult:
     """Sample eval.num_samples completions per problem and score them (see module docstring)."""
     import torch
 
-    from .answers import extract_boxed, is_equivalent
+    from .answers import is_equivalent
     from .prompts import PromptBuilder
     from .rollout import make_rollout, sampling_from
 
@@ -188,7 +204,7 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     per_problem: dict[str, list] = {m: [] for m in ("pass@1", "pass@k", "maj@k")}
     for i, p in enumerate(problems):
         rows = range(i * k, (i + 1) * k)
-        answers = [extract_boxed(texts[j]) for j in rows]
+        answers = [ANSWER_EXTRACTORS[ev.answer](texts[j]) for j in rows]
         correct = [a is not None and p.gold is not None and is_equivalent(a, p.gold) for a in answers]
         maj = majority_vote(answers)
         maj_ok = maj is not None and correct[answers.index(maj)]  # the winner is one of the answers
