@@ -86,3 +86,11 @@ def test_reference_lists_every_key():
     ref = config_reference()
     for key in ("model.lora_target_modules", "grpo.loss_type", "trainer.max_tokens_per_microbatch", "eval.num_samples"):
         assert f"`{key}`" in ref
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    stale = [row for row in config_reference().splitlines() if row not in readme]
+    assert not stale, "README's config reference is out of date; paste `mathgrpo config reference`:\n" + "\n".join(stale)
