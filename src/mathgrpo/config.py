@@ -174,11 +174,12 @@ EMBEDDED: dict[str, Any] = {
     # (- about 20%, remainders 9%), so GRPO has groups with both right and wrong answers to learn from
     "data": {"source": "arithmetic", "arithmetic_size": 260, "max_problems": None, "arithmetic_steps": 1,
              "arithmetic_max_operand": 12, "arithmetic_ops": ["+", "*"], "test_fraction": 0.25},
-    # SmolLM2-135M rarely boxes an answer; `answer` also reads its last number. A box reward is left out on
-    # purpose: in trials the policy learned to box anything ("\\boxed{number}") and stopped computing.
+    # SmolLM2-135M rarely boxes an answer; `answer` also reads its last number. The box reward has weight 0
+    # on purpose (logged, not trained on): in trials the policy learned to box anything ("\\boxed{number}")
+    # and stopped computing. `accuracy` (boxed and right) is logged the same way.
     "prompt": {"instruction": "Give only the final answer, in \\boxed{}."},
     "generation": {"max_new_tokens": 48, "temperature": 0.7},
-    "rewards": {"functions": ["answer"], "weights": [1.0]},
+    "rewards": {"functions": ["answer", "boxed", "accuracy"], "weights": [1.0, 0.0, 0.0]},
     "grpo": {"num_generations": 4, "beta": 0.0, "loss_type": "dr_grpo"},
     "trainer": {"max_steps": 30, "prompts_per_step": 4, "learning_rate": 5e-4, "warmup_steps": 2,
                 "lr_scheduler": "constant", "logging_steps": 5, "save_steps": 10, "log_completions_steps": 10},

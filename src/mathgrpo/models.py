@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -221,7 +222,9 @@ def add_lora(model, cfg: ModelConfig):
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none",
                       layers_to_transform=_last_layers(model, cfg.lora_layers))
-    model = get_peft_model(model, lcfg)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, lcfg)
     lora_inputs_follow_autocast(model)
     return model
 
@@ -280,7 +283,8 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
     if trainable and cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
         # backward compute a useless gradient for the embedding output).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})  # positional: the keyword was renamed with the method
     if cfg.fuse_kernels:
         fuse_kernels(model)
     model.train(trainable)
