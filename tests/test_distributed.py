@@ -223,6 +223,25 @@ def test_torchrun_two_ranks_train_and_only_rank_0_writes(two_rank_run, tiny_mode
         assert reward == pytest.approx(sum(c["reward"] for c in recs) / len(recs))  # reduced over both ranks
 
 
+def test_end_of_training_eval_is_sharded_over_two_ranks(tiny_model_dir, tmp_path):
+    over = _train_overrides(tiny_model_dir, tmp_path / "out", **{
+        "trainer.max_steps": 1, "trainer.eval_at_end": True, "data.test_fraction": 0.25, "eval.max_problems": 5,
+        "eval.num_samples": 2,
+        "eval.bootstrap": 50})
+    log = _torchrun(tmp_path, over)
+    run = tmp_path / "out" / "run"
+    assert os.listdir(run.parent) == ["run"] and log.count("| pass@1 |") == 1  # one table, from rank 0
+    cfg = load_config(None, over, base={})
+    test = load_problems(cfg.data, seed=cfg.trainer.seed).test[:5]
+    assert len(test) == 5
+    for label in ("base", "trained"):
+        recs = _jsonl(run / f"eval_{label}.jsonl")
+        # 5 problems over 2 ranks (3 + 2), gathered back in the test set's order, 2 samples each
+        assert [r["id"] for r in recs] == [p.id for p in test] and all(len(r["samples"]) == 2 for r in recs)
+    summary = json.loads((run / "eval_summary.json").read_text())
+    assert summary["models"]["trained"]["metrics"]["n_problems"] == 5 and summary["comparison"]
+
+
 def _broken_copy(run: Path, dest: Path) -> Path:
     """The run as if it had died after logging step 3 with checkpoint-2 as its last checkpoint."""
     shutil.copytree(run, dest)

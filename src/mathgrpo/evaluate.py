@@ -151,9 +151,14 @@ def _boxed_answer(text: str) -> str | None:
 ANSWER_EXTRACTORS = {"boxed": _boxed_answer, "final": _final_answer}
 
 
-def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, label: str = "model") -> EvalResult:
-    """Sample eval.num_samples completions per problem and score them (see module docstring)."""
+def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, label: str = "model",
+             world=None) -> EvalResult:
+    """Sample eval.num_samples completions per problem and score them (see module docstring). Under torchrun
+    (`world` with several ranks) each rank samples a contiguous share of the problems and every rank gets
+    the whole result; rank r > 0 seeds its batches apart from rank 0, which seeds them as one process does."""
     import torch
+
+    from .distributed import SINGLE, shard
 
     from .answers import is_equivalent
     from .prompts import PromptBuilder
@@ -176,22 +181,24 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     sampling = sampling_from(cfg.generation, seed=ev.seed, temperature=ev.temperature,
                              max_new_tokens=ev.max_new_tokens or cfg.generation.max_new_tokens)
 
-    # Batches of generation.max_batch completions; batch b always gets seed eval.seed + b.
+    # Batches of generation.max_batch completions; batch b always gets seed eval.seed + b (+ a rank offset).
+    world = world or SINGLE
+    mine = shard(prompt_ids, world.rank, world.size)  # contiguous: gathering in rank order restores the order
     per_call = max(1, cfg.generation.max_batch // k)
-    texts, truncated, lengths, comp_ids = [], [], [], []
+    rows: list[tuple] = []  # (text, truncated, length, completion ids) per completion, problem-major
     t0 = time.perf_counter()
     with torch.random.fork_rng():  # the caller's (trainer's) RNG streams continue untouched
-        for b, start in enumerate(range(0, len(problems), per_call)):
-            sampling.seed = ev.seed + b
+        for b, start in enumerate(range(0, len(mine), per_call)):
+            sampling.seed = ev.seed + b + 100_003 * world.rank
             torch.manual_seed(sampling.seed)  # for backends that ignore sampling.seed
-            out = rollout.generate(prompt_ids[start:start + per_call], k, sampling)
-            texts += out.texts
-            truncated += [bool(t) for t in out.truncated]
-            lengths += out.lengths.tolist()
-            comp_ids += [row[m.bool()].tolist() for row, m in zip(out.completion_ids, out.completion_mask)]
-            log.info("eval %s: %d/%d problems generated (%.0f s)", label, min(start + per_call, len(problems)),
-                     len(problems), time.perf_counter() - t0)
+            out = rollout.generate(mine[start:start + per_call], k, sampling)
+            rows += zip(out.texts, [bool(t) for t in out.truncated], out.lengths.tolist(),
+                        [row[m.bool()].tolist() for row, m in zip(out.completion_ids, out.completion_mask)])
+            log.info("eval %s: %d/%d problems generated (%.0f s)", label, min(start + per_call, len(mine)),
+                     len(mine), time.perf_counter() - t0)
     gen_seconds = time.perf_counter() - t0
+    rows = world.gather_objects(rows)
+    texts, truncated, lengths, comp_ids = (list(x) for x in zip(*rows))
 
     rewards = _reward_set(cfg)
     kwargs = _reward_kwargs(problems, k, prompt_texts, builder.prefill, comp_ids, truncated)
@@ -327,7 +334,7 @@ def format_comparison_table(rows: list[dict]) -> str:
 
 
 def eval_and_report(model, tokenizer, problems: list, cfg: Config, out_dir: str | Path, *, rollout=None,
-                    baseline: bool = True, base_model=None, sources: dict | None = None) -> dict:
+                    baseline: bool = True, base_model=None, sources: dict | None = None, world=None) -> dict:
     """Evaluate `model` and, when `baseline`, its base: `base_model` if given (full fine-tuning), else the
     same peft model with its adapters off (the same weights in memory, no second load). Writes the eval
     files and eval_summary.json into out_dir, prints the table and writes the report; returns the summary.
@@ -343,16 +350,19 @@ def eval_and_report(model, tokenizer, problems: list, cfg: Config, out_dir: str 
                     "given; evaluating it alone")
         baseline = False
     label = "trained" if baseline else "model"
-    results = {label: evaluate(model, tokenizer, problems, cfg, rollout=rollout, label=label)}
+    results = {label: evaluate(model, tokenizer, problems, cfg, rollout=rollout, label=label, world=world)}
     if baseline and base_model is not None:
-        results["base"] = evaluate(base_model, tokenizer, problems, cfg, label="base")
+        results["base"] = evaluate(base_model, tokenizer, problems, cfg, label="base", world=world)
     elif baseline:
         try:
             with model.disable_adapter():
                 rollout.sync_weights(model)  # backends holding their own weight copy must see the base
-                results["base"] = evaluate(model, tokenizer, problems, cfg, rollout=rollout, label="base")
+                results["base"] = evaluate(model, tokenizer, problems, cfg, rollout=rollout, label="base",
+                                           world=world)
         finally:
             rollout.sync_weights(model)
+    if world is not None and not world.is_main:
+        return {"models": {k: {"metrics": r.metrics} for k, r in results.items()}}  # rank 0 writes the files
     return write_eval_outputs(results, cfg, out, sources=sources)
 
 
@@ -462,12 +472,14 @@ def run_eval(cfg: Config | None, *, model_path: str | None = None, adapter: str 
 
 
 def evaluate_trained_run(cfg: Config, run_dir: str | Path, model, tokenizer, problems: list, *,
-                         rollout=None) -> dict:
+                         rollout=None, world=None) -> dict:
     """The end of training: the trained policy and its base (adapters off) on the run's test split, results
-    and report in run_dir. Call on the main process only."""
+    and report in run_dir. Under torchrun every rank calls it with its `world` (sampling is sharded); rank 0
+    writes."""
     import torch
 
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     sources = {"trained": str(Path(run_dir) / "adapter"), "base": cfg.model.name_or_path}
-    return eval_and_report(model, tokenizer, problems, cfg, run_dir, rollout=rollout, baseline=True, sources=sources)
+    return eval_and_report(model, tokenizer, problems, cfg, run_dir, rollout=rollout, baseline=True, sources=sources,
+                           world=world)

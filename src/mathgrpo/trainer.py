@@ -335,10 +335,9 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
         (run / "summary.json").write_text(json.dumps(summary, indent=1))
         print(format_summary(summary))
     if step == cfg.trainer.max_steps and cfg.trainer.eval_at_end and data.test and not stopped:
-        if world.is_main:  # evaluation runs on rank 0 alone until evaluate.py shards over ranks
-            from .evaluate import evaluate_trained_run
+        from .evaluate import evaluate_trained_run
 
-            evaluate_trained_run(cfg, run, model, tok, data.test)
+        evaluate_trained_run(cfg, run, model, tok, data.test, rollout=rollout, world=world)  # sharded over ranks
     elif world.is_main:
         _write_report(run)
     return run
