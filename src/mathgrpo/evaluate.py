@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .answers import extract_boxed
 from .config import Config, load_config
+from .rewards import final_answer
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +137,8 @@ def _reward_kwargs(problems, k: int, prompt_texts: list[str], prefill: str | Non
     return kw
 
 
-def _final_answer(text: str) -> str | None:
-    from .rewards import final_answer
-
-    return final_answer(text)
-
-
-def _boxed_answer(text: str) -> str | None:
-    from .answers import extract_boxed
-
-    return extract_boxed(text)
-
-
 # eval.answer -> what counts as a completion's answer for pass@k and maj@k
-ANSWER_EXTRACTORS = {"boxed": _boxed_answer, "final": _final_answer}
+ANSWER_EXTRACTORS = {"boxed": extract_boxed, "final": final_answer}
 
 
 def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, label: str = "model",
@@ -158,9 +148,8 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     the whole result; rank r > 0 seeds its batches apart from rank 0, which seeds them as one process does."""
     import torch
 
-    from .distributed import SINGLE, shard
-
     from .answers import is_equivalent
+    from .distributed import SINGLE, shard
     from .prompts import PromptBuilder
     from .rollout import make_rollout, sampling_from
 

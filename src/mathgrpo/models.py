@@ -283,14 +283,20 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
     if trainable and cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
         # backward compute a useless gradient for the embedding output).
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})  # positional: the keyword was renamed with the method
+        enable_checkpointing(model)
     if cfg.fuse_kernels:
         fuse_kernels(model)
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
     return model, tok
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing under either name: transformers 5 renamed the method (and its
+    keyword, hence the positional argument); older releases only have `gradient_checkpointing_enable`."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
 
 
 def resolve_adapter(path: str) -> str:

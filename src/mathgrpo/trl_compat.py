@@ -611,9 +611,10 @@ class GRPOTrainer:
         elif not any(p.requires_grad for p in model.parameters()):  # PeftModel.from_pretrained loads frozen
             for name, p in model.named_parameters():
                 p.requires_grad_("lora_" in name)
-        if a.gradient_checkpointing:  # transformers 5 renamed it; older releases only have the first name
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable({"use_reentrant": False})
+        if a.gradient_checkpointing:
+            from .models import enable_checkpointing
+
+            enable_checkpointing(model)
             if lora:
                 model.enable_input_require_grads()
         model.train()

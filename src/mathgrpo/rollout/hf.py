@@ -17,7 +17,7 @@ class HFRollout:
     """`merge_lora`: with a peft policy, sample from a plain copy of the model whose weights are
     W + scale * B @ A, refreshed by `sync_weights` after each optimizer step. Unmerged LoRA runs two
     extra small matmuls per projection per token, which on CPU made sampling several times slower;
-    the copy costs one more set of base weights in memory (set generation.merge_lora=false to avoid it)."""
+    the copy costs one more set of base weights in memory (generation.backend=hf_unmerged avoids it)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 256, merge_lora: bool = True):
         self.tokenizer = tokenizer
@@ -96,13 +96,12 @@ def _copy_merged_weights(peft_model, merged) -> None:
     for name, mod in peft_model.named_modules():
         if not (hasattr(mod, "lora_A") and hasattr(mod, "get_base_layer")):
             continue
-        dst = targets[name[len(prefix):] if name.startswith(prefix) else name]
-        w = mod.get_base_layer().weight.detach().clone()
+        w = targets[name[len(prefix):] if name.startswith(prefix) else name].weight
+        w.copy_(mod.get_base_layer().weight)  # in place: no new weight-sized tensor each step
         # inside `with model.disable_adapter()` (the base-model evaluation) the copy must be the bare base
         for adapter in () if mod.disable_adapters else mod.active_adapters:
             if adapter in mod.lora_A:
                 w += mod.get_delta_weight(adapter).to(w.dtype)
-        dst.weight.copy_(w)
 
 
 def _eos_ids(model, tok) -> list[int]:
