@@ -96,12 +96,13 @@ def _copy_merged_weights(peft_model, merged) -> None:
     for name, mod in peft_model.named_modules():
         if not (hasattr(mod, "lora_A") and hasattr(mod, "get_base_layer")):
             continue
-        w = targets[name[len(prefix):] if name.startswith(prefix) else name].weight
-        w.copy_(mod.get_base_layer().weight)  # in place: no new weight-sized tensor each step
+        dst = targets[name[len(prefix):] if name.startswith(prefix) else name]
+        w = mod.get_base_layer().weight.detach().clone()
         # inside `with model.disable_adapter()` (the base-model evaluation) the copy must be the bare base
         for adapter in () if mod.disable_adapters else mod.active_adapters:
             if adapter in mod.lora_A:
                 w += mod.get_delta_weight(adapter).to(w.dtype)
+        dst.weight.copy_(w)
 
 
 def _eos_ids(model, tok) -> list[int]:
