@@ -22,7 +22,8 @@ per row of L = prompt + completion tokens and T_c completion tokens (lm_head run
 gradient-checkpoint recomputation is not counted (it is work the GPU does but not useful FLOPs).
 Methods: mathgrpo (the trainer's own `policy_update` and rollout backend), options budget=<tokens per
 micro-batch>, chunk=<log-prob chunk>, release=1 (free the fast engine's KV cache before the update),
-backend=fast|hf, fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels); mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl.
+backend=fast|hf, merge=0 (generation.merge_lora=false: sample from the base weights + low-rank LoRA
+deltas instead of a merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels); mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def _mathgrpo_cfg(args, w: Workload, opts: dict):
     m.lora_r, m.lora_alpha, m.lora_dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     m.lora_target_modules, m.gradient_checkpointing, m.attn_implementation = list(PROJECTIONS), True, "sdpa"
     cfg.generation.backend = opts.get("backend", args.backend)
+    cfg.generation.merge_lora = opts.get("merge", "1") == "1"
     cfg.generation.max_new_tokens, cfg.generation.temperature = w.new_tokens, 1.0
     cfg.grpo.num_generations, cfg.grpo.beta, cfg.grpo.loss_type = w.group, BETA, "grpo"
     t = cfg.trainer

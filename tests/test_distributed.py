@@ -100,7 +100,7 @@ def _update(cfg, comp, adv, world) -> dict:
     model = _model(cfg)
     optimizer, scheduler = make_optimizer(model, cfg)
     ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
-    metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world)
+    metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world, keep_grads=True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return {"metrics": metrics, "weights": {n: p.detach().clone() for n, p in named},
             "grads": {n: p.grad.clone() for n, p in named}}

@@ -217,10 +217,14 @@ def _randomise_lora(pm, seed: int) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_lora_generation_and_sync(device):
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_generation_and_sync(device, merge):
     pm, tok = _lora(tiny_model("qwen2", device), seed=1), char_tokenizer()
-    eng = FastRollout(pm, tok)
-    assert eng.owned_weight_bytes > 0
+    eng = FastRollout(pm, tok, merge_lora=merge)
+    adapted = sum(m.weight.numel() * m.weight.element_size() for n, m in pm.named_modules()
+                  if n.endswith("base_layer") and "lm_head" not in n)
+    # merged: a copy of every adapted weight; unmerged: only the low-rank pairs (and the adapted head's copy)
+    assert (eng.owned_weight_bytes > adapted) == merge
     before = eng.generate(PROMPTS, 1, GREEDY)
     assert rows_of(before) == [hf_greedy(pm, p, 12) for p in PROMPTS]
     _randomise_lora(pm, seed=2)  # an "optimizer step" on the adapter
@@ -228,6 +232,25 @@ def test_lora_generation_and_sync(device):
     after = eng.generate(PROMPTS, 1, GREEDY)
     assert rows_of(after) == [hf_greedy(pm, p, 12) for p in PROMPTS]
     assert rows_of(after) != rows_of(before)
+    with pm.disable_adapter():  # the base-model evaluation: the deltas must vanish from generation
+        eng.sync_weights(pm)
+        assert rows_of(eng.generate(PROMPTS, 1, GREEDY)) == [hf_greedy(pm, p, 12) for p in PROMPTS]
+    eng.sync_weights(pm)
+    assert rows_of(eng.generate(PROMPTS, 1, GREEDY)) == rows_of(after)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_logprobs_match_peft_forward(merge):
+    """Sampled log-probs equal the peft model's own (unmerged) forward at every position, merged or not."""
+    pm, tok = _lora(tiny_model("llama"), seed=3), char_tokenizer()
+    out = FastRollout(pm, tok, merge_lora=merge).generate(PROMPTS[:2], 2, SamplingConfig(max_new_tokens=8, seed=0))
+    for i, prompt in enumerate(out.prompt_ids):
+        n = int(out.lengths[i])
+        ids = torch.tensor([prompt + out.completion_ids[i, :n].tolist()])
+        with torch.no_grad():
+            logp = torch.log_softmax(pm(ids).logits[0, len(prompt) - 1:-1].float(), -1)  # [n, V]
+        want = logp.gather(1, out.completion_ids[i, :n, None])[:, 0]
+        torch.testing.assert_close(out.logprobs[i, :n], want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,

@@ -98,6 +98,7 @@ class GenerationConfig:
     top_k: int = 0  # sample among the k most likely tokens (0 = off)
     stop_strings: list[str] = field(default_factory=list)  # a completion ends after any of these strings (besides EOS)
     max_batch: int = 256  # completions generated at once at most
+    merge_lora: bool = True  # sample from a LoRA-merged weight copy (fastest); false: base + low-rank deltas, no copy
     fuse_weights: bool = False  # fast backend: also keep fused q/k/v and gate/up weight copies (+12% tok/s, +memory)
     release_memory: bool = False  # fast backend: free the KV cache before each update (lower peak, re-allocated)
 

@@ -111,9 +111,10 @@ def microbatches(total_lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor,
-                  cfg: Config, world: World = SINGLE) -> dict:
+                  cfg: Config, world: World = SINGLE, keep_grads: bool = False) -> dict:
     """num_iterations optimizer steps over one rollout (this rank's rows); returns this rank's averaged loss
-    metrics. With several ranks, gradients are averaged over ranks before each step (distributed.py)."""
+    metrics. With several ranks, gradients are averaged over ranks before each step (distributed.py).
+    Gradients are freed at the end (generation gets their memory) unless keep_grads (tests inspect them)."""
     g, t = cfg.grpo, cfg.trainer
     mask = comp.completion_mask.float()  # [N, T]
     n_rows = mask.shape[0]
@@ -160,6 +161,8 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
         scheduler.step()
         sums["loss"] = sums.get("loss", 0.0) + loss_total / g.num_iterations
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm / g.num_iterations
+    if not keep_grads:
+        optimizer.zero_grad(set_to_none=True)
     return sums
 
 

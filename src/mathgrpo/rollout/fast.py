@@ -5,8 +5,8 @@
     ...optimizer.step(); rollout.sync_weights(model)   # LoRA deltas merged into the generation copy
 
 Instead of transformers' generic forward it runs its own (fast_forward.py) over weights read out of
-the HF module (fast_weights.py: the model's own tensors where possible, an owned bf16 copy for LoRA,
-4-bit or cast models), a static KV cache, and on CUDA one captured CUDA graph per (batch, length
+the HF module (fast_weights.py: the model's own tensors where possible, an owned bf16 copy for LoRA
+(or, with merge_lora=False, the base tensors plus low-rank deltas), 4-bit or cast models), a static KV cache, and on CUDA one captured CUDA graph per (batch, length
 bucket): the per-step Python, mask building and kernel launches of `generate` disappear and attention
 only reads the filled part of the cache. Prefill runs eagerly once per distinct prompt (its K/V is
 copied to the n samples). Sampling runs on the device after each replay (fast_sampling.py); finished
@@ -35,13 +35,15 @@ from .hf import _eos_ids
 class FastRollout:
     def __init__(self, model, tokenizer, *, max_batch: int = 256, max_seq_len: int | None = None, device=None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
-                 fuse_weights: bool = False, compile_pointwise: bool | None = None, prefill_tokens: int = 16384,
+                 fuse_weights: bool = False, merge_lora: bool = True, compile_pointwise: bool | None = None, prefill_tokens: int = 16384,
                  check_every: int = 16):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
         decode steps (default: on for CUDA); kv_bucket: attention length granularity (default 256 on CUDA,
         1 on CPU); fuse_weights: copy q/k/v and gate/up into fused buffers even for a plain model (faster
-        decode, costs a copy of those weights); compile_pointwise: torch.compile the norm/rope/activation
+        decode, costs a copy of those weights); merge_lora: generate from a copy of the LoRA-adapted weights
+        with the deltas merged in (fastest decode) or, if False, from the base weights plus the low-rank deltas
+        (no copy: less memory, two more small matmuls per projection group); compile_pointwise: torch.compile the norm/rope/activation
         pieces of the decode step and the sampler's final pick (default: with CUDA graphs);
         prefill_tokens: prompt tokens per prefill chunk; check_every: steps between stop-string checks."""
         if max_batch < 1:
@@ -57,6 +59,7 @@ class FastRollout:
         if self.graphs and self.device.type != "cuda":
             raise ValueError("FastRollout: cuda_graphs=True needs a CUDA device")
         self.bucket = kv_bucket or (256 if self.device.type == "cuda" else 1)
+        self.merge_lora = merge_lora
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
         compile_ = self.graphs if compile_pointwise is None else compile_pointwise
         self.ops = compiled_ops() if compile_ else EAGER_OPS
@@ -72,7 +75,7 @@ class FastRollout:
         self.model = model
         _, self._decoder = causal_lm_parts(model)
         with torch.inference_mode():
-            self.w = extract(model, self.dtype, self.device, self.fuse)
+            self.w = extract(model, self.dtype, self.device, self.fuse, self.merge_lora)
         self._ptrs = param_pointers(model)
         self._graph_map.clear()  # owned buffers moved: captured graphs point at the old ones
         self._rope_len = 0

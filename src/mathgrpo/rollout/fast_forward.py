@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .fast_weights import GenWeights, LayerWeights
+from .fast_weights import GenWeights, LayerWeights, LowRank
 
 
 def rope_table(decoder, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,16 +56,21 @@ def compiled_ops() -> dict:
     return {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in EAGER_OPS.items()}
 
 
-def _linears(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """Outputs of a projection group (one matmul when fused, then split by the group's sizes)."""
-    return [F.linear(x, w, b) for w, b in zip(ws, bs)]
+def _project(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None],
+             lora: LowRank | None = None) -> torch.Tensor:
+    """Output of a projection group, concatenated ([q; k; v], [gate; up]): one matmul when fused, plus the
+    unmerged LoRA delta (two small matmuls for the whole group) when there is one."""
+    outs = [F.linear(x, w, b) for w, b in zip(ws, bs)]
+    y = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+    if lora is not None:
+        y = y + F.linear(F.linear(x, lora.A), lora.B)
+    return y
 
 
 def _attention_inputs(L: LayerWeights, w: GenWeights, h: torch.Tensor, cos, sin, ops):
     """q [.., H, D] and k, v [.., KV, D] after the q/k norms (Qwen3) and RoPE."""
     H, KV, D = w.n_heads, w.n_kv, w.head_dim
-    outs = _linears(h, L.qkv, L.qkv_bias)
-    qkv = (outs[0] if len(outs) == 1 else torch.cat(outs, -1)).unflatten(-1, (H + 2 * KV, D))  # [.., H+2KV, D]
+    qkv = _project(h, L.qkv, L.qkv_bias, L.qkv_lora).unflatten(-1, (H + 2 * KV, D))  # [.., H+2KV, D]
     qk, v = qkv[..., :H + KV, :], qkv[..., H + KV:, :]
     if L.q_norm is not None:
         rms = ops["rms"]
@@ -75,9 +80,8 @@ def _attention_inputs(L: LayerWeights, w: GenWeights, h: torch.Tensor, cos, sin,
 
 
 def _mlp(L: LayerWeights, w: GenWeights, h: torch.Tensor, ops) -> torch.Tensor:
-    outs = _linears(h, L.gate_up, L.gate_up_bias)
-    gate, up = outs[0].chunk(2, -1) if len(outs) == 1 else outs
-    return F.linear(ops["glu"](gate, up, w.act), L.down, L.down_bias)
+    gate, up = _project(h, L.gate_up, L.gate_up_bias, L.gate_up_lora).chunk(2, -1)
+    return _project(ops["glu"](gate, up, w.act), [L.down], [L.down_bias], L.down_lora)
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -90,7 +94,7 @@ def run_layers(w: GenWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     h = ops["rms"](x, w.layers[0].ln1, w.eps)
     for i, L in enumerate(w.layers):
         q, k, v = _attention_inputs(L, w, h, cos, sin, ops)
-        x, h = add_rms(x, F.linear(attend(i, q, k, v), L.o, L.o_bias), L.ln2, w.eps)
+        x, h = add_rms(x, _project(attend(i, q, k, v), [L.o], [L.o_bias], L.o_lora), L.ln2, w.eps)
         nxt = w.layers[i + 1].ln1 if i + 1 < len(w.layers) else w.norm  # next norm fused with this residual
         x, h = add_rms(x, _mlp(L, w, h, ops), nxt, w.eps)
     return h

@@ -9,6 +9,11 @@ Two ways to hold a weight:
   engine holds one bf16 copy and no second dequantised base), or a dtype cast. Owned q/k/v and
   gate/up are stored fused ([q; k; v] and [gate; up]) so a decode step makes one matmul of each.
 
+LoRA can also stay unmerged (`merge_lora=False`): the base weights stay direct views and each group of
+projections that read the same input gets a `LowRank` pair, A = [A_1; A_2; ...] ([sum r, in]) and a
+block-diagonal B ([sum out, sum r], scales folded in), so the delta costs two small matmuls per group
+instead of a bf16 copy of every adapted weight (2.4 GiB at 1.5B with all projections adapted).
+
 `refill` recomputes every owned buffer in place (same storage, so captured CUDA graphs stay valid);
 the trainer calls it through `FastRollout.sync_weights` after each optimizer step.
 
@@ -19,12 +24,20 @@ generate from merged bf16 weights the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class LowRank:
+    """An unmerged LoRA delta of a projection group: y += (x @ A.T) @ B.T."""
+
+    A: torch.Tensor  # [sum r, in]
+    B: torch.Tensor  # [sum out, sum r], block-diagonal, LoRA scaling folded in
 
 
 @dataclass
@@ -41,6 +54,10 @@ class LayerWeights:
     ln2: torch.Tensor
     q_norm: torch.Tensor | None = None  # Qwen3 per-head norms
     k_norm: torch.Tensor | None = None
+    qkv_lora: LowRank | None = None  # unmerged LoRA deltas (merge_lora=False)
+    o_lora: LowRank | None = None
+    gate_up_lora: LowRank | None = None
+    down_lora: LowRank | None = None
 
 
 @dataclass
@@ -81,32 +98,35 @@ def causal_lm_parts(model: nn.Module):
 
 
 def extract(model: nn.Module, dtype: torch.dtype | None = None, device: torch.device | None = None,
-            fuse: bool = False) -> GenWeights:
-    """Build generation weights; `fuse=True` copies q/k/v and gate/up into fused buffers even for a plain model."""
+            fuse: bool = False, merge_lora: bool = True) -> GenWeights:
+    """Build generation weights; `fuse=True` copies q/k/v and gate/up into fused buffers even for a plain model;
+    `merge_lora=False` keeps LoRA deltas as low-rank pairs next to the base weights (see the module docstring)."""
     base, dec = causal_lm_parts(model)
     cfg = base.config
     dtype = dtype or _plain(dec.embed_tokens).weight.dtype
     device = torch.device(device) if device is not None else _plain(dec.embed_tokens).weight.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    env = (dtype, device, recipes := [])
+    env = _Env(dtype, device, merge_lora, recipes := [])
     layers = []
     # Qwen2 sets a window per layer (None for full-attention layers); Mistral reads its config.
     windows = [w for w in (getattr(la.self_attn, "sliding_window", getattr(cfg, "sliding_window", None))
                            for la in dec.layers) if w]
     for layer in dec.layers:
         at, mlp = layer.self_attn, layer.mlp
-        qkv, qkv_b = _group([at.q_proj, at.k_proj, at.v_proj], env, fuse)
-        gu, gu_b = _group([mlp.gate_proj, mlp.up_proj], env, fuse)
-        (o,), (o_b,) = _group([at.o_proj], env, False)
-        (down,), (down_b,) = _group([mlp.down_proj], env, False)
+        qkv, qkv_b, qkv_l = _group([at.q_proj, at.k_proj, at.v_proj], env, fuse)
+        gu, gu_b, gu_l = _group([mlp.gate_proj, mlp.up_proj], env, fuse)
+        (o,), (o_b,), o_l = _group([at.o_proj], env, False)
+        (down,), (down_b,), down_l = _group([mlp.down_proj], env, False)
         layers.append(LayerWeights(
             qkv=qkv, qkv_bias=qkv_b, o=o, o_bias=o_b, gate_up=gu, gate_up_bias=gu_b, down=down, down_bias=down_b,
+            qkv_lora=qkv_l, o_lora=o_l, gate_up_lora=gu_l, down_lora=down_l,
             ln1=_vector(layer.input_layernorm.weight, env), ln2=_vector(layer.post_attention_layernorm.weight, env),
             q_norm=_vector(at.q_norm.weight, env) if hasattr(at, "q_norm") else None,
             k_norm=_vector(at.k_norm.weight, env) if hasattr(at, "k_norm") else None))
-    (embed,), _ = _group([dec.embed_tokens], env, False)
-    (lm_head,), (lm_b,) = _group([base.lm_head], env, False)
+    merged = env._replace(merge_lora=True)  # a LoRA on the embedding or head (rare) is merged into a copy
+    (embed,), _, _ = _group([dec.embed_tokens], merged, False)
+    (lm_head,), (lm_b,), _ = _group([base.lm_head], merged, False)
     n_heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     ln = dec.layers[0].input_layernorm
@@ -160,9 +180,26 @@ def _is_quantized(m: nn.Module) -> bool:
     return type(m.weight).__name__ in ("Params4bit", "Int8Params") or hasattr(m, "W_q")
 
 
-def _needs_copy(m: nn.Module, env) -> bool:
+class _Env(NamedTuple):
+    dtype: torch.dtype
+    device: torch.device
+    merge_lora: bool
+    recipes: list
+
+
+def _merges(m: nn.Module, env: _Env) -> bool:
+    """Whether this module's LoRA deltas go into an owned copy of its weight (else a LowRank pair)."""
+    return _is_lora(_plain(m)) and (env.merge_lora or not _low_rank_ok(_plain(m)))
+
+
+def _low_rank_ok(lora: nn.Module) -> bool:
+    return (not getattr(lora, "fan_in_fan_out", False)
+            and all(isinstance(lora.lora_A[a], nn.Linear) for a in lora.lora_A))
+
+
+def _needs_copy(m: nn.Module, env: _Env) -> bool:
     b = _base(m)
-    return _is_lora(_plain(m)) or _is_quantized(b) or (b.weight.dtype, b.weight.device) != env[:2]
+    return _merges(m, env) or _is_quantized(b) or (b.weight.dtype, b.weight.device) != (env.dtype, env.device)
 
 
 def _out_features(m: nn.Module) -> int:
@@ -177,42 +214,78 @@ def _in_features(m: nn.Module) -> int:
     return b.weight.shape[1] if not _is_quantized(b) else b.in_features
 
 
-def _group(mods: list[nn.Module], env, fuse: bool):
-    """Weights and biases of modules that read the same input: direct views, or owned (fused) buffers."""
-    dtype, device, recipes = env
+def _group(mods: list[nn.Module], env: _Env, fuse: bool):
+    """Weights, biases and unmerged LoRA delta (or None) of modules that read the same input: direct views,
+    or owned (fused) buffers."""
     has_bias = [getattr(_base(m), "bias", None) is not None for m in mods]
+    lora = _low_rank(mods, env)
     if not fuse and not any(_needs_copy(m, env) for m in mods):
         return ([_base(m).weight.detach() for m in mods],
-                [_vector(_base(m).bias, env) if hb else None for m, hb in zip(mods, has_bias)])
+                [_vector(_base(m).bias, env) if hb else None for m, hb in zip(mods, has_bias)], lora)
     for m in mods:
         _check_lora(m)
     rows = [_out_features(m) for m in mods]
-    buf = torch.empty(sum(rows), _in_features(mods[0]), dtype=dtype, device=device)
+    buf = torch.empty(sum(rows), _in_features(mods[0]), dtype=env.dtype, device=env.device)
 
     def fill_weight(dst, mods=mods, rows=rows):
         for m, part in zip(mods, dst.split(rows)):
-            _effective_into(m, part)
+            _effective_into(m, part, with_lora=_merges(m, env))
 
-    recipes.append((buf, fill_weight))
+    env.recipes.append((buf, fill_weight))
     if not any(has_bias):
-        return [buf], [None]
-    bias = torch.empty(sum(rows), dtype=dtype, device=device)
+        return [buf], [None], lora
+    bias = torch.empty(sum(rows), dtype=env.dtype, device=env.device)
 
     def fill_bias(dst, mods=mods, rows=rows):
         for m, part in zip(mods, dst.split(rows)):
             part.copy_(_base(m).bias) if getattr(_base(m), "bias", None) is not None else part.zero_()
 
-    recipes.append((bias, fill_bias))
-    return [buf], [bias]
+    env.recipes.append((bias, fill_bias))
+    return [buf], [bias], lora
 
 
-def _vector(t: torch.Tensor, env) -> torch.Tensor:
+def _low_rank(mods: list[nn.Module], env: _Env) -> LowRank | None:
+    """The group's unmerged LoRA pair: one column block per (module, adapter), every adapter the module knows,
+    so that enabling/disabling adapters only changes what a refill writes (inactive ones are zero blocks)."""
+    blocks = []  # (module index, lora module, adapter, rank)
+    for j, m in enumerate(mods):
+        lora = _plain(m)
+        if _is_lora(lora) and not _merges(m, env):
+            _check_lora(m)
+            blocks += [(j, lora, a, lora.lora_A[a].out_features) for a in lora.lora_A]
+    if not blocks:
+        return None
+    rows = [_out_features(m) for m in mods]
+    row0 = [sum(rows[:j]) for j in range(len(mods))]
+    R = sum(b[3] for b in blocks)
+    A = torch.empty(R, _in_features(mods[0]), dtype=env.dtype, device=env.device)
+    B = torch.empty(sum(rows), R, dtype=env.dtype, device=env.device)
+
+    def fill_a(dst):
+        col = 0
+        for _, lora, a, r in blocks:
+            dst[col:col + r].copy_(lora.lora_A[a].weight)
+            col += r
+
+    def fill_b(dst):
+        dst.zero_()
+        col = 0
+        for j, lora, a, r in blocks:
+            if a in _active_adapters(lora):
+                block = dst[row0[j]:row0[j] + rows[j], col:col + r]
+                block.copy_(lora.lora_B[a].weight).mul_(lora.scaling[a])
+            col += r
+
+    env.recipes.extend([(A, fill_a), (B, fill_b)])
+    return LowRank(A, B)
+
+
+def _vector(t: torch.Tensor, env: _Env) -> torch.Tensor:
     """Norm weights and biases: a view when dtype and device match, else an owned copy."""
-    dtype, device, recipes = env
-    if (t.dtype, t.device) == (dtype, device):
+    if (t.dtype, t.device) == (env.dtype, env.device):
         return t.detach()
-    buf = torch.empty(t.shape, dtype=dtype, device=device)
-    recipes.append((buf, lambda dst, src=t: dst.copy_(src)))
+    buf = torch.empty(t.shape, dtype=env.dtype, device=env.device)
+    env.recipes.append((buf, lambda dst, src=t: dst.copy_(src)))
     return buf
 
 
@@ -235,15 +308,16 @@ def _check_lora(m: nn.Module) -> None:
             raise ValueError(f"FastRollout: adapter '{a}' trains a LoRA bias, which is not supported")
 
 
-def _effective_into(m: nn.Module, dst: torch.Tensor) -> None:
-    """dst <- base weight (dequantised) + sum of active LoRA deltas; the first delta fused into the copy."""
+def _effective_into(m: nn.Module, dst: torch.Tensor, with_lora: bool = True) -> None:
+    """dst <- base weight (dequantised) + sum of active LoRA deltas (if with_lora); the first delta fused
+    into the copy."""
     from peft.utils.integrations import dequantize_module_weight
 
     b = _base(m)
     w = dequantize_module_weight(b) if _is_quantized(b) else b.weight
     w = w.detach()
     lora = _plain(m)
-    adapters = _active_adapters(lora) if _is_lora(lora) else []
+    adapters = _active_adapters(lora) if _is_lora(lora) and with_lora else []
     plain_linear = all(isinstance(lora.lora_A[a], nn.Linear) if a in lora.lora_A else False for a in adapters)
     if adapters and plain_linear and not getattr(lora, "fan_in_fan_out", False):
         for j, a in enumerate(adapters):
