@@ -22,8 +22,8 @@ per row of L = prompt + completion tokens and T_c completion tokens (lm_head run
 gradient-checkpoint recomputation is not counted (it is work the GPU does but not useful FLOPs).
 Methods: mathgrpo (the trainer's own `policy_update` and rollout backend), options budget=<tokens per
 micro-batch>, chunk=<log-prob chunk>, release=1 (free the fast engine's KV cache before the update),
-backend=fast|hf, merge=0 (generation.merge_lora=false: sample from the base weights + low-rank LoRA
-deltas instead of a merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels); mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl.
+backend=fast|hf, merge=copy|in_place|none (generation.lora_merge: how LoRA reaches sampling; copy = a
+merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels); mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl.
 """
 
 from __future__ import annotations
@@ -77,6 +77,12 @@ def _peak_reset():
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+
+
+def _allocated() -> float:
+    import torch
+
+    return round(torch.cuda.memory_allocated() / 2**30, 3) if torch.cuda.is_available() else float("nan")
 
 
 def _peak() -> float:
@@ -155,7 +161,7 @@ def _mathgrpo_cfg(args, w: Workload, opts: dict):
     m.lora_r, m.lora_alpha, m.lora_dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     m.lora_target_modules, m.gradient_checkpointing, m.attn_implementation = list(PROJECTIONS), True, "sdpa"
     cfg.generation.backend = opts.get("backend", args.backend)
-    cfg.generation.merge_lora = opts.get("merge", "1") == "1"
+    cfg.generation.lora_merge = opts.get("merge", "copy")
     cfg.generation.max_new_tokens, cfg.generation.temperature = w.new_tokens, 1.0
     cfg.grpo.num_generations, cfg.grpo.beta, cfg.grpo.loss_type = w.group, BETA, "grpo"
     t = cfg.trainer
@@ -228,6 +234,7 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
     for step in range(args.steps):
         _peak_reset()
         _sync()
+        resident = _allocated()  # what stays allocated between steps: must not grow
         t0 = time.perf_counter()
         comp = rollout.generate(prompts, w.group, SamplingConfig(max_new_tokens=w.new_tokens, temperature=1.0,
                                                                  ignore_eos=True, seed=step))
@@ -243,8 +250,10 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
         _sync()
         t3 = time.perf_counter()
         rows = [(len(p) + int(n), int(n)) for p, n in zip(comp.prompt_ids, comp.lengths)]
-        steps.append(dict(gen_s=t1 - t0, update_s=t3 - t2, step_s=(t1 - t0) + (t3 - t2), peak_gen_gib=peak_gen,
+        steps.append(dict(gen_s=t1 - t0, update_s=t3 - t2, step_s=(t1 - t0) + (t3 - t2), resident_gib=resident,
+                          peak_gen_gib=peak_gen,
                           peak_update_gib=_peak(), completion_tokens=int(comp.lengths.sum()),
+                          graphs_captured=getattr(rollout, "captures", None),
                           **{k: round(upd[k], 6) for k in ("loss", "grad_norm", "kl") if k in upd}))
         print(f"[{args.worker}] step {step}: {json.dumps(steps[-1])}", flush=True)
     backend = type(rollout).__name__

@@ -166,6 +166,27 @@ def test_seeded_sampling_is_reproducible():
     assert not torch.equal(eng.generate(PROMPTS, 3, s).completion_ids, a.completion_ids)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_release_between_calls_keeps_results(device):
+    """Freeing the KV cache for an update (and everything, with graphs=True) changes nothing sampled; on CUDA,
+    graphs are re-captured only when the cache comes back at another address."""
+    model, tok = tiny_model("llama", device), char_tokenizer()
+    eng = FastRollout(model, tok)
+    s = SamplingConfig(max_new_tokens=10, temperature=1.0, seed=5)
+    first = eng.generate(PROMPTS, 2, s)
+    captured = eng.captures
+    eng.release()
+    assert eng.kv_cache_bytes == 0
+    filler = torch.empty(3 << 20, device=device)  # an "update" allocates in between
+    again = eng.generate(PROMPTS, 2, s)
+    del filler
+    assert torch.equal(first.completion_ids, again.completion_ids) and torch.equal(first.logprobs, again.logprobs)
+    if device == "cuda":
+        assert eng.captures >= captured > 0
+    eng.release(graphs=True)
+    assert torch.equal(eng.generate(PROMPTS, 2, s).completion_ids, first.completion_ids)
+
+
 def _reference_probs(logits: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor:
     """Plain temperature -> top-k -> top-p filtering, token by token."""
     probs = torch.softmax(logits.double() / t, -1)
@@ -217,15 +238,19 @@ def _randomise_lora(pm, seed: int) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("merge", ["copy", "in_place", "none"])
 def test_lora_generation_and_sync(device, merge):
     pm, tok = _lora(tiny_model("qwen2", device), seed=1), char_tokenizer()
-    eng = FastRollout(pm, tok, merge_lora=merge)
-    adapted = sum(m.weight.numel() * m.weight.element_size() for n, m in pm.named_modules()
-                  if n.endswith("base_layer") and "lm_head" not in n)
-    # merged: a copy of every adapted weight; unmerged: only the low-rank pairs (and the adapted head's copy)
-    assert (eng.owned_weight_bytes > adapted) == merge
+    eng = FastRollout(pm, tok, lora_merge=merge)
+    bases = {n: m.weight.detach().clone() for n, m in pm.named_modules() if n.endswith("base_layer")}
+    adapted = sum(w.numel() * w.element_size() for w in bases.values())
+    # copy: a copy of every adapted weight; none: only the low-rank pairs; in_place: nothing on the device
+    assert (eng.owned_weight_bytes > adapted) == (merge == "copy")
+    assert (eng.owned_weight_bytes == 0) == (merge == "in_place")
     before = eng.generate(PROMPTS, 1, GREEDY)
+    for n, m in pm.named_modules():  # in_place: the base weights are back, bit for bit
+        if n.endswith("base_layer"):
+            assert torch.equal(m.weight, bases[n]), n
     assert rows_of(before) == [hf_greedy(pm, p, 12) for p in PROMPTS]
     _randomise_lora(pm, seed=2)  # an "optimizer step" on the adapter
     eng.sync_weights(pm)
@@ -239,11 +264,11 @@ def test_lora_generation_and_sync(device, merge):
     assert rows_of(eng.generate(PROMPTS, 1, GREEDY)) == rows_of(after)
 
 
-@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("merge", ["copy", "in_place", "none"])
 def test_lora_logprobs_match_peft_forward(merge):
     """Sampled log-probs equal the peft model's own (unmerged) forward at every position, merged or not."""
     pm, tok = _lora(tiny_model("llama"), seed=3), char_tokenizer()
-    out = FastRollout(pm, tok, merge_lora=merge).generate(PROMPTS[:2], 2, SamplingConfig(max_new_tokens=8, seed=0))
+    out = FastRollout(pm, tok, lora_merge=merge).generate(PROMPTS[:2], 2, SamplingConfig(max_new_tokens=8, seed=0))
     for i, prompt in enumerate(out.prompt_ids):
         n = int(out.lengths[i])
         ids = torch.tensor([prompt + out.completion_ids[i, :n].tolist()])
@@ -255,7 +280,8 @@ def test_lora_logprobs_match_peft_forward(merge):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
                     reason="needs CUDA and bitsandbytes")
-def test_lora_on_4bit_base(tmp_path):
+@pytest.mark.parametrize("merge", ["copy", "in_place", "none"])
+def test_lora_on_4bit_base(tmp_path, merge):
     from transformers import BitsAndBytesConfig
 
     tiny_model("llama").save_pretrained(tmp_path)
@@ -264,7 +290,7 @@ def test_lora_on_4bit_base(tmp_path):
                                                             bnb_4bit_compute_dtype=torch.float32))
     assert type(q.model.layers[0].mlp.up_proj.weight).__name__ == "Params4bit"
     pm, tok = _lora(q, seed=1), char_tokenizer()
-    eng = FastRollout(pm, tok)  # generates from a dequantised fp32 copy with the adapter merged in
+    eng = FastRollout(pm, tok, lora_merge=merge)  # a dequantised fp32 copy (+ merged adapter unless "none")
     assert rows_of(eng.generate(PROMPTS, 1, GREEDY)) == [hf_greedy(pm, p, 12) for p in PROMPTS]
     _randomise_lora(pm, seed=2)
     eng.sync_weights(pm)

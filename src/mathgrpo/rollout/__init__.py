@@ -18,12 +18,13 @@ def _fast(model, tokenizer, gen_cfg):
     from .fast import FastRollout  # CUDA-graph engine; imported lazily
 
     return FastRollout(model, tokenizer, max_batch=gen_cfg.max_batch, fuse_weights=gen_cfg.fuse_weights,
-                       merge_lora=gen_cfg.merge_lora)
+                       lora_merge=gen_cfg.lora_merge)
 
 
 # name -> factory(model, tokenizer, generation config)
 BACKENDS: dict[str, Callable] = {
-    "hf": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=gen_cfg.max_batch, merge_lora=gen_cfg.merge_lora),
+    "hf": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=gen_cfg.max_batch,
+                                                merge_lora=gen_cfg.lora_merge == "copy"),
     "hf_unmerged": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=gen_cfg.max_batch, merge_lora=False),
     "fast": _fast,
 }

@@ -6,7 +6,8 @@
 
 Instead of transformers' generic forward it runs its own (fast_forward.py) over weights read out of
 the HF module (fast_weights.py: the model's own tensors where possible, an owned bf16 copy for LoRA
-(or, with merge_lora=False, the base tensors plus low-rank deltas), 4-bit or cast models), a static KV cache, and on CUDA one captured CUDA graph per (batch, length
+(or, with lora_merge=in_place|none, the base tensors with the deltas added in place while sampling or
+applied as low-rank matmuls), 4-bit or cast models), a static KV cache, and on CUDA one captured CUDA graph per (batch, length
 bucket): the per-step Python, mask building and kernel launches of `generate` disappear and attention
 only reads the filled part of the cache. Prefill runs eagerly once per distinct prompt (its K/V is
 copied to the n samples). Sampling runs on the device after each replay (fast_sampling.py); finished
@@ -14,11 +15,13 @@ rows emit padding; stop strings are checked on the host every `check_every` step
 early once every row has finished. On CPU the same code runs eagerly (what the CPU tests cover).
 
 Memory: the KV cache (2 * layers * rows * kv_heads * capacity * head_dim elements) stays allocated
-between calls so graphs stay valid; `release()` frees it (and the graphs) for the training step.
+between calls so graphs stay valid; `release()` frees it for the training step, and the next call keeps the
+graphs if the cache is re-allocated at the same addresses (checked), else re-captures them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 
@@ -28,22 +31,23 @@ from .base import Completions, SamplingConfig
 from .common import finish_completions
 from .fast_forward import EAGER_OPS, compiled_ops, decode_step, logits_into, prefill, rope_table
 from .fast_sampling import check_sampling, compiled_pick, pick, sample
-from .fast_weights import causal_lm_parts, extract, param_pointers, refill
+from .fast_weights import causal_lm_parts, extract, merge_in_place, param_pointers, refill, restore
 from .hf import _eos_ids
 
 
 class FastRollout:
     def __init__(self, model, tokenizer, *, max_batch: int = 256, max_seq_len: int | None = None, device=None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
-                 fuse_weights: bool = False, merge_lora: bool = True, compile_pointwise: bool | None = None, prefill_tokens: int = 16384,
+                 fuse_weights: bool = False, lora_merge: str = "copy", compile_pointwise: bool | None = None, prefill_tokens: int = 16384,
                  check_every: int = 16):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
         decode steps (default: on for CUDA); kv_bucket: attention length granularity (default 256 on CUDA,
         1 on CPU); fuse_weights: copy q/k/v and gate/up into fused buffers even for a plain model (faster
-        decode, costs a copy of those weights); merge_lora: generate from a copy of the LoRA-adapted weights
-        with the deltas merged in (fastest decode) or, if False, from the base weights plus the low-rank deltas
-        (no copy: less memory, two more small matmuls per projection group); compile_pointwise: torch.compile the norm/rope/activation
+        decode, costs a copy of those weights); lora_merge: how LoRA deltas reach generation: "copy" (a merged copy
+        of the adapted weights: fastest decode, +memory), "in_place" (added into the base weights for the
+        duration of `generate`, restored from a host snapshot: no GPU copy) or "none" (low-rank matmuls next to
+        the base weights: no copy anywhere, slower decode); compile_pointwise: torch.compile the norm/rope/activation
         pieces of the decode step and the sampler's final pick (default: with CUDA graphs);
         prefill_tokens: prompt tokens per prefill chunk; check_every: steps between stop-string checks."""
         if max_batch < 1:
@@ -59,12 +63,16 @@ class FastRollout:
         if self.graphs and self.device.type != "cuda":
             raise ValueError("FastRollout: cuda_graphs=True needs a CUDA device")
         self.bucket = kv_bucket or (256 if self.device.type == "cuda" else 1)
-        self.merge_lora = merge_lora
+        self.lora_merge = lora_merge
+        self._side = None  # one side stream for every graph capture (each new stream gets its own cuBLAS workspace)
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
         compile_ = self.graphs if compile_pointwise is None else compile_pointwise
         self.ops = compiled_ops() if compile_ else EAGER_OPS
         self._pick = compiled_pick() if compile_ else pick
         self._cache_rows = self._cache_len = 0
+        self.k_cache = self.v_cache = None
+        self._graph_kv = (0, 0)  # KV cache addresses the captured graphs were recorded with
+        self.captures = 0  # CUDA graphs captured so far (re-captures show up here)
         self._rope_len = 0
         self._graph_map: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -75,7 +83,7 @@ class FastRollout:
         self.model = model
         _, self._decoder = causal_lm_parts(model)
         with torch.inference_mode():
-            self.w = extract(model, self.dtype, self.device, self.fuse, self.merge_lora)
+            self.w = extract(model, self.dtype, self.device, self.fuse, self.lora_merge)
         self._ptrs = param_pointers(model)
         self._graph_map.clear()  # owned buffers moved: captured graphs point at the old ones
         self._rope_len = 0
@@ -95,38 +103,51 @@ class FastRollout:
 
     # ----- buffers ---------------------------------------------------------------------------------------
     def _ensure(self, rows: int, length: int) -> None:
-        length = -(-length // self.bucket) * self.bucket
+        unit = min(self.bucket, 128)  # capacity granularity: less slack than whole attention buckets
+        length = -(-length // unit) * unit
         if rows > self._cache_rows or length > self._cache_len:
             rows, length = max(rows, self._cache_rows), max(length, self._cache_len)
-            self.release()
+            self.release(graphs=True)
             w, dev = self.w, self.device
-            shape = (len(w.layers), rows, w.n_kv, length, w.head_dim)
-            self.k_cache = torch.zeros(shape, dtype=w.dtype, device=dev)
-            self.v_cache = torch.zeros(shape, dtype=w.dtype, device=dev)
+            self._kv_shape = (len(w.layers), rows, w.n_kv, length, w.head_dim)
             self._logits = torch.zeros(rows, w.lm_head.shape[0], dtype=w.dtype, device=dev)
             self._tok = torch.zeros(rows, dtype=torch.long, device=dev)
             self._pos = torch.zeros(rows, dtype=torch.long, device=dev)
             self._pad = torch.zeros(rows, dtype=torch.long, device=dev)
             self._col = torch.zeros(1, dtype=torch.long, device=dev)
             self._cache_rows, self._cache_len = rows, length
+        if self.k_cache is None:  # first use, or freed by `release()` for an update
+            self.k_cache = torch.zeros(self._kv_shape, dtype=self.w.dtype, device=self.device)
+            self.v_cache = torch.zeros(self._kv_shape, dtype=self.w.dtype, device=self.device)
+        # Captured graphs hold the cache's addresses: they stay valid only if it came back at the same place
+        # (it usually does from the second update on: the update allocates the same shapes every step).
+        ptrs = (self.k_cache.data_ptr(), self.v_cache.data_ptr())
+        if ptrs != self._graph_kv:
+            self._graph_map.clear()
+            self._graph_kv = ptrs
         if self._rope_len < self._cache_len:
             self.cos, self.sin = rope_table(self._decoder, self._cache_len, self.w.dtype, self.device)
             self._rope_len = self._cache_len
             self._graph_map.clear()
 
-    def release(self) -> None:
-        """Free the KV cache, static buffers and CUDA graphs (the next generate re-creates them)."""
-        self._graph_map.clear()
-        self._pool = None
-        for name in ("k_cache", "v_cache", "_logits", "_tok", "_pos", "_pad", "_col"):
-            self.__dict__.pop(name, None)
-        self._cache_rows = self._cache_len = 0
+    def release(self, graphs: bool = False) -> None:
+        """Free the KV cache (the next generate allocates it again, and re-captures its CUDA graphs only if it
+        lands at another address); graphs=True also frees the graphs and the small static buffers."""
+        self.k_cache = self.v_cache = None
+        if graphs:
+            self._graph_map.clear()
+            self._pool = None
+            for name in ("_logits", "_tok", "_pos", "_pad", "_col"):
+                self.__dict__.pop(name, None)
+            self._cache_rows = self._cache_len = 0
         if self.device.type == "cuda":
+            if graphs:  # 32 MiB per (cuBLAS handle, stream) used by captures; kept graphs still point at theirs
+                torch._C._cuda_clearCublasWorkspaces()
             torch.cuda.empty_cache()
 
     @property
     def kv_cache_bytes(self) -> int:
-        return 2 * self.k_cache.numel() * self.k_cache.element_size() if self._cache_rows else 0
+        return 2 * self.k_cache.numel() * self.k_cache.element_size() if self.k_cache is not None else 0
 
     # ----- decoding ----------------------------------------------------------------------------------------
     def _step(self, rows: int, n_cols: int) -> None:
@@ -141,7 +162,7 @@ class FastRollout:
         if g is None:
             # Warm-up on a side stream (as torch.cuda.graph requires) with the real inputs: it writes the
             # same K/V column and logits the replay will.
-            side = torch.cuda.Stream(self.device)
+            side = self._side = self._side or torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 self._step(rows, n_cols)
@@ -152,6 +173,7 @@ class FastRollout:
             with torch.cuda.graph(g, pool=self._pool):
                 self._step(rows, n_cols)
             self._graph_map[(rows, n_cols)] = g
+            self.captures += 1
         g.replay()
 
     def _cols(self, filled: int) -> int:
@@ -222,6 +244,18 @@ class FastRollout:
         if hit:
             done[torch.tensor(hit, device=done.device)] = True
 
+    @contextlib.contextmanager
+    def _lora_in_place(self):
+        """lora_merge=in_place: the deltas live in the base weights only while this rollout samples."""
+        if not self.w.in_place:
+            yield
+            return
+        merge_in_place(self.w)
+        try:
+            yield
+        finally:
+            restore(self.w)
+
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> Completions:
         t0 = time.perf_counter()
         check_sampling(sampling)
@@ -249,7 +283,7 @@ class FastRollout:
         gen = torch.Generator(self.device).manual_seed(seed)
         pad_id = self.tokenizer.pad_token_id
         toks, lps = [], []
-        with torch.inference_mode():
+        with torch.inference_mode(), self._lora_in_place():
             for a in range(0, len(rows), self.max_batch):
                 per_prompt = Counter(r // n for r in range(a, min(a + self.max_batch, len(rows))))
                 uniq = sorted(per_prompt)

@@ -9,10 +9,18 @@ Two ways to hold a weight:
   engine holds one bf16 copy and no second dequantised base), or a dtype cast. Owned q/k/v and
   gate/up are stored fused ([q; k; v] and [gate; up]) so a decode step makes one matmul of each.
 
-LoRA can also stay unmerged (`merge_lora=False`): the base weights stay direct views and each group of
-projections that read the same input gets a `LowRank` pair, A = [A_1; A_2; ...] ([sum r, in]) and a
-block-diagonal B ([sum out, sum r], scales folded in), so the delta costs two small matmuls per group
-instead of a bf16 copy of every adapted weight (2.4 GiB at 1.5B with all projections adapted).
+LoRA has three modes (`lora_merge`), trading decode speed against GPU memory:
+- copy (default): the owned merged copy above; fastest (fused q/k/v and gate/up), costs a bf16 copy of every
+  adapted weight (2.4 GiB at 1.5B with all seven projections adapted).
+- in_place: the base weights stay direct views; `merge_in_place` adds the deltas into them just before
+  sampling and `restore` copies the untouched base back from a pinned host snapshot right after (exact:
+  subtracting the delta again would not round back to the same bf16 values). No GPU copy; the host
+  holds one copy of the adapted base weights; each rollout pays one host-to-device copy of them.
+- none: the base weights stay direct views and each group of projections that read the same input gets a
+  `LowRank` pair, A = [A_1; A_2; ...] ([sum r, in]) and a block-diagonal B ([sum out, sum r], scales folded
+  in): two small matmuls per group per decode step, no copy anywhere.
+Quantized or cast bases always take the copy path (they need an owned buffer anyway), as do LoRA layers that
+are not plain linear ones.
 
 `refill` recomputes every owned buffer in place (same storage, so captured CUDA graphs stay valid);
 the trainer calls it through `FastRollout.sync_weights` after each optimizer step.
@@ -54,7 +62,7 @@ class LayerWeights:
     ln2: torch.Tensor
     q_norm: torch.Tensor | None = None  # Qwen3 per-head norms
     k_norm: torch.Tensor | None = None
-    qkv_lora: LowRank | None = None  # unmerged LoRA deltas (merge_lora=False)
+    qkv_lora: LowRank | None = None  # unmerged LoRA deltas (lora_merge=none)
     o_lora: LowRank | None = None
     gate_up_lora: LowRank | None = None
     down_lora: LowRank | None = None
@@ -77,6 +85,8 @@ class GenWeights:
     # (owned buffer, function that recomputes it in place) for every tensor the engine holds itself.
     recipes: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = field(default_factory=list)
     owned_bytes: int = 0
+    # lora_merge=in_place: (base weight the engine reads, its LoRA module, pinned host snapshot of the weight)
+    in_place: list[tuple[torch.Tensor, nn.Module, torch.Tensor]] = field(default_factory=list)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -97,17 +107,22 @@ def causal_lm_parts(model: nn.Module):
     return base, decoder
 
 
+LORA_MODES = ("copy", "in_place", "none")
+
+
 def extract(model: nn.Module, dtype: torch.dtype | None = None, device: torch.device | None = None,
-            fuse: bool = False, merge_lora: bool = True) -> GenWeights:
+            fuse: bool = False, lora_merge: str = "copy") -> GenWeights:
     """Build generation weights; `fuse=True` copies q/k/v and gate/up into fused buffers even for a plain model;
-    `merge_lora=False` keeps LoRA deltas as low-rank pairs next to the base weights (see the module docstring)."""
+    `lora_merge` says how LoRA deltas reach generation (copy | in_place | none, see the module docstring)."""
+    if lora_merge not in LORA_MODES:
+        raise ValueError(f"FastRollout: lora_merge must be one of {', '.join(LORA_MODES)}, got {lora_merge!r}")
     base, dec = causal_lm_parts(model)
     cfg = base.config
     dtype = dtype or _plain(dec.embed_tokens).weight.dtype
     device = torch.device(device) if device is not None else _plain(dec.embed_tokens).weight.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    env = _Env(dtype, device, merge_lora, recipes := [])
+    env = _Env(dtype, device, lora_merge, recipes := [], in_place := [])
     layers = []
     # Qwen2 sets a window per layer (None for full-attention layers); Mistral reads its config.
     windows = [w for w in (getattr(la.self_attn, "sliding_window", getattr(cfg, "sliding_window", None))
@@ -124,7 +139,7 @@ def extract(model: nn.Module, dtype: torch.dtype | None = None, device: torch.de
             ln1=_vector(layer.input_layernorm.weight, env), ln2=_vector(layer.post_attention_layernorm.weight, env),
             q_norm=_vector(at.q_norm.weight, env) if hasattr(at, "q_norm") else None,
             k_norm=_vector(at.k_norm.weight, env) if hasattr(at, "k_norm") else None))
-    merged = env._replace(merge_lora=True)  # a LoRA on the embedding or head (rare) is merged into a copy
+    merged = env._replace(mode="copy")  # a LoRA on the embedding or head (rare) is merged into a copy
     (embed,), _, _ = _group([dec.embed_tokens], merged, False)
     (lm_head,), (lm_b,), _ = _group([base.lm_head], merged, False)
     n_heads = cfg.num_attention_heads
@@ -136,7 +151,8 @@ def extract(model: nn.Module, dtype: torch.dtype | None = None, device: torch.de
                    lm_head_bias=lm_b, n_heads=n_heads, n_kv=getattr(cfg, "num_key_value_heads", None) or n_heads,
                    head_dim=head_dim, eps=getattr(ln, "variance_epsilon", getattr(ln, "eps", 1e-6)),
                    scaling=getattr(dec.layers[0].self_attn, "scaling", head_dim ** -0.5),
-                   act=ACT2FN[cfg.hidden_act], window=min(windows) if windows else None, recipes=recipes)
+                   act=ACT2FN[cfg.hidden_act], window=min(windows) if windows else None, recipes=recipes,
+                   in_place=in_place)
     w.owned_bytes = sum(d.numel() * d.element_size() for d, _ in recipes)
     refill(w)
     return w
@@ -180,16 +196,39 @@ def _is_quantized(m: nn.Module) -> bool:
     return type(m.weight).__name__ in ("Params4bit", "Int8Params") or hasattr(m, "W_q")
 
 
+@torch.no_grad()
+def merge_in_place(w: GenWeights) -> None:
+    """lora_merge=in_place: add every active LoRA delta into the base weight the engine reads."""
+    for weight, lora, _ in w.in_place:
+        for a in _active_adapters(lora):
+            weight.addmm_(lora.lora_B[a].weight.to(weight.dtype), lora.lora_A[a].weight.to(weight.dtype),
+                          alpha=lora.scaling[a])
+
+
+@torch.no_grad()
+def restore(w: GenWeights) -> None:
+    """Undo `merge_in_place` exactly: copy the base weights back from their host snapshots."""
+    for weight, _, host in w.in_place:
+        weight.copy_(host, non_blocking=True)  # stream-ordered: kernels queued after it see the base
+
+
 class _Env(NamedTuple):
     dtype: torch.dtype
     device: torch.device
-    merge_lora: bool
+    mode: str  # lora_merge
     recipes: list
+    in_place: list
 
 
 def _merges(m: nn.Module, env: _Env) -> bool:
-    """Whether this module's LoRA deltas go into an owned copy of its weight (else a LowRank pair)."""
-    return _is_lora(_plain(m)) and (env.merge_lora or not _low_rank_ok(_plain(m)))
+    """Whether this module's LoRA deltas go into an owned copy of its weight (else in place or a LowRank pair)."""
+    lora = _plain(m)
+    if not _is_lora(lora):
+        return False
+    if env.mode == "in_place":
+        b = _base(m)
+        return not (_low_rank_ok(lora) and not _is_quantized(b) and (b.weight.dtype, b.weight.device) == env[:2])
+    return env.mode == "copy" or not _low_rank_ok(lora)
 
 
 def _low_rank_ok(lora: nn.Module) -> bool:
@@ -217,8 +256,18 @@ def _in_features(m: nn.Module) -> int:
 def _group(mods: list[nn.Module], env: _Env, fuse: bool):
     """Weights, biases and unmerged LoRA delta (or None) of modules that read the same input: direct views,
     or owned (fused) buffers."""
+    if fuse and env.mode == "in_place":
+        env = env._replace(mode="copy")  # a fused buffer is a copy anyway: merge into it
     has_bias = [getattr(_base(m), "bias", None) is not None for m in mods]
-    lora = _low_rank(mods, env)
+    lora = _low_rank(mods, env) if env.mode == "none" else None
+    if env.mode == "in_place":
+        for m in mods:
+            if _is_lora(_plain(m)) and not _merges(m, env):
+                _check_lora(m)
+                weight = _base(m).weight
+                host = torch.empty(weight.shape, dtype=weight.dtype, device="cpu",
+                                   pin_memory=weight.device.type == "cuda")
+                env.in_place.append((weight.detach(), _plain(m), host.copy_(weight.detach())))
     if not fuse and not any(_needs_copy(m, env) for m in mods):
         return ([_base(m).weight.detach() for m in mods],
                 [_vector(_base(m).bias, env) if hb else None for m, hb in zip(mods, has_bias)], lora)
