@@ -85,7 +85,7 @@ class FastRollout:
         with torch.inference_mode():
             self.w = extract(model, self.dtype, self.device, self.fuse, self.lora_merge)
         self._ptrs = param_pointers(model)
-        self._graph_map.clear()  # owned buffers moved: captured graphs point at the old ones
+        self._drop_graphs()  # owned buffers moved: captured graphs point at the old ones
         self._rope_len = 0
 
     def sync_weights(self, model) -> None:
@@ -123,20 +123,24 @@ class FastRollout:
         # (it usually does from the second update on: the update allocates the same shapes every step).
         ptrs = (self.k_cache.data_ptr(), self.v_cache.data_ptr())
         if ptrs != self._graph_kv:
-            self._graph_map.clear()
+            self._drop_graphs()
             self._graph_kv = ptrs
         if self._rope_len < self._cache_len:
             self.cos, self.sin = rope_table(self._decoder, self._cache_len, self.w.dtype, self.device)
             self._rope_len = self._cache_len
-            self._graph_map.clear()
+            self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        # A pool whose graphs are all gone is freed by PyTorch: later captures need a new one.
+        self._graph_map.clear()
+        self._pool = None
 
     def release(self, graphs: bool = False) -> None:
         """Free the KV cache (the next generate allocates it again, and re-captures its CUDA graphs only if it
         lands at another address); graphs=True also frees the graphs and the small static buffers."""
         self.k_cache = self.v_cache = None
         if graphs:
-            self._graph_map.clear()
-            self._pool = None
+            self._drop_graphs()
             for name in ("_logits", "_tok", "_pos", "_pad", "_col"):
                 self.__dict__.pop(name, None)
             self._cache_rows = self._cache_len = 0
