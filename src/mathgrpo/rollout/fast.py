@@ -144,10 +144,12 @@ class FastRollout:
             for name in ("_logits", "_tok", "_pos", "_pad", "_col"):
                 self.__dict__.pop(name, None)
             self._cache_rows = self._cache_len = 0
-        if self.device.type == "cuda":
-            if graphs:  # 32 MiB per (cuBLAS handle, stream) used by captures; kept graphs still point at theirs
-                torch._C._cuda_clearCublasWorkspaces()
+        if graphs and self.device.type == "cuda":
+            torch._C._cuda_clearCublasWorkspaces()  # 32 MiB per (cuBLAS handle, stream) used by captures
             torch.cuda.empty_cache()
+        # Without graphs=True the freed cache stays in PyTorch's allocator: the update's tensors take its
+        # blocks, and once they are freed it coalesces again, so the next cache usually lands at the same
+        # address and the captured graphs are replayed instead of re-captured.
 
     @property
     def kv_cache_bytes(self) -> int:
