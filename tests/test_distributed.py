@@ -242,11 +242,12 @@ def test_end_of_training_eval_is_sharded_over_two_ranks(tiny_model_dir, tmp_path
     assert summary["models"]["trained"]["metrics"]["n_problems"] == 5 and summary["comparison"]
 
 
-def _broken_copy(run: Path, dest: Path) -> Path:
-    """The run as if it had died after logging step 3 with checkpoint-2 as its last checkpoint."""
+def _broken_copy(run: Path, dest: Path, final: str = "adapter") -> Path:
+    """The run as if it had died after logging step 3 with checkpoint-2 as its last checkpoint (`final`: the folder
+    of the final weights, adapter or model)."""
     shutil.copytree(run, dest)
     shutil.rmtree(dest / "checkpoints" / "checkpoint-3")
-    for name in ("adapter", "summary.json"):
+    for name in (final, "summary.json"):
         shutil.rmtree(dest / name) if (dest / name).is_dir() else (dest / name).unlink()
     return dest
 

@@ -3,6 +3,11 @@
 Written atomically (a temp folder renamed into place) so a crash never leaves a half checkpoint;
 only the last `save_total_limit` are kept. `find_resume(...)` turns `--resume` / `trainer.resume`
 (a checkpoint, a run dir, or "latest") into a checkpoint folder.
+
+Under torchrun every rank calls the save and load functions with its `world`; rank 0 writes. A model
+sharded with FSDP2 is gathered to rank 0 on save and scattered from it on load, and the files are the
+same as those of a replicated run (a HF model folder, `optimizer.state_dict()` keyed by parameter index),
+so a run resumes on any number of ranks, sharded or not.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .distributed import SINGLE, World, full_state_dicts, is_sharded, load_full_state_dicts
 
 
 class CheckpointError(ValueError):
@@ -34,24 +41,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_weights(model, path: Path) -> None:
+def save_weights(model, path: Path, world: World = SINGLE, state_dict: dict | None = None) -> None:
+    """A peft adapter folder or a HF model folder; rank 0 writes. A sharded model is gathered first (pass its
+    full `state_dict` when it is at hand), so with one every rank must call this."""
+    if state_dict is None and is_sharded(model):
+        state_dict, _ = full_state_dicts(model)
+    if not world.is_main:
+        return
     if hasattr(model, "peft_config"):
         model.save_pretrained(path)  # a peft adapter folder, loadable with PeftModel.from_pretrained
     else:
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    config_yaml: str, keep: int) -> Path:
+                    config_yaml: str, keep: int, world: World = SINGLE) -> Path | None:
+    """checkpoint-<step>/ in run_dir; its path on rank 0, None on the other ranks (which only help gather)."""
+    weights, optim = full_state_dicts(model, optimizer) if is_sharded(model) else (None, None)
+    if not world.is_main:
+        return None
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_weights(model, tmp / ("adapter" if hasattr(model, "peft_config") else "model"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "training_state.pt")
+    save_weights(model, tmp / ("adapter" if hasattr(model, "peft_config") else "model"), state_dict=weights)
+    torch.save({"optimizer": optim if optim is not None else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "training_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     (tmp / "config.yaml").write_text(config_yaml)
     if final.exists():
@@ -94,24 +111,32 @@ def find_resume(spec: str, output_dir: Path) -> Path:
     raise CheckpointError(f"trainer.resume={spec}: not a checkpoint and no checkpoints/checkpoint-* inside")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG in place; returns the trainer state dict."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, world: World = SINGLE) -> dict:
+    """Restore weights, optimizer, scheduler and RNG in place; returns the trainer state dict. With a sharded
+    model every rank must call this: rank 0 reads the weights and optimizer state, every rank keeps its shard."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = Path(path)
+    sharded = is_sharded(model)
+    weights = None
     if (path / "adapter").is_dir():
         if not hasattr(model, "peft_config"):
             raise CheckpointError(f"{path} holds a LoRA adapter but model.lora is off in this config")
-        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-        set_peft_model_state_dict(model, weights)
-    else:
+        set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    elif world.is_main or not sharded:
         from transformers import AutoModelForCausalLM
 
         src = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(model.parameters()).dtype)
-        model.load_state_dict(src.state_dict())
-    state = torch.load(path / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+        weights = src.state_dict()
+        if not sharded:
+            model.load_state_dict(weights)
+    # under FSDP the other ranks only need the scheduler and RNG: map the file instead of reading its optimizer state
+    state = torch.load(path / "training_state.pt", weights_only=False, mmap=sharded and not world.is_main)
+    if sharded:
+        load_full_state_dicts(model, optimizer, weights, state["optimizer"] if world.is_main else None)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return json.loads((path / "trainer_state.json").read_text())

@@ -98,7 +98,10 @@ class GenerationConfig:
     top_k: int = 0  # sample among the k most likely tokens (0 = off)
     stop_strings: list[str] = field(default_factory=list)  # a completion ends after any of these strings (besides EOS)
     max_batch: int = 256  # completions generated at once at most
-    merge_lora: bool = True  # sample from a LoRA-merged weight copy (fastest); false: base + low-rank deltas, no copy
+    # LoRA at sampling time: copy (a merged copy of adapted weights: fastest, +memory) | in_place (fast backend: merged
+    # into the base weights while sampling, restored from a host copy: no GPU copy) | none (base + low-rank deltas;
+    # the hf backend samples through peft's unmerged layers with in_place or none)
+    lora_merge: str = "copy"
     fuse_weights: bool = False  # fast backend: also keep fused q/k/v and gate/up weight copies (+12% tok/s, +memory)
     release_memory: bool = False  # fast backend: free the KV cache before each update (lower peak, re-allocated)
 
@@ -138,6 +141,9 @@ class TrainerConfig:
     log_completions_steps: int = 10
     tensorboard: bool = True  # also write metrics to tensorboard/ in the run dir
     resume: str | None = None  # a checkpoint dir, a run dir, or "latest"
+    # torchrun: shard weights, gradients and Adam state over ranks with FSDP2. auto = for full fine-tuning
+    # (model.lora=false) on > 1 rank; on = the same, an error with LoRA; off = a full replica on every rank
+    fsdp: str = "auto"
     eval_at_end: bool = True  # after training, evaluate base vs trained on the test problems and write the report
 
 
@@ -329,14 +335,18 @@ _CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"),
     "model.quantization": (None, "nf4"),
     "generation.backend": ("auto", "hf", "hf_unmerged", "fast"),
+    "generation.lora_merge": ("copy", "in_place", "none"),
     "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "grpo.scale_rewards": ("group", "batch", "none"),
     "trainer.lr_scheduler": ("constant", "linear", "cosine"),
+    "trainer.fsdp": ("auto", "on", "off"),
     "eval.answer": ("boxed", "final"),
 }
 
 
 def validate(cfg: Config) -> None:
+    # YAML 1.1 reads a bare on/off as a boolean, which the str field then holds as "True"/"False"
+    cfg.trainer.fsdp = {"True": "on", "False": "off"}.get(cfg.trainer.fsdp, cfg.trainer.fsdp)
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -341,7 +341,8 @@ def backbone_and_head(model):
 
 
 class Reference:
-    """Log-probs under the KL reference: LoRA -> the same model with adapters off; full FT -> a frozen copy."""
+    """Log-probs under the KL reference: LoRA -> the same model with adapters off; full FT -> a frozen copy
+    (made from the unsharded policy; under FSDP2 the trainer then shards the copy like the policy)."""
 
     def __init__(self, model, beta: float, lora: bool):
         self.enabled = beta > 0
@@ -411,7 +412,20 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: torch.
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
                         chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
     """Log-probs [B, T] float32 of each completion token under `model`, from hidden states in chunks of
-    `chunk_size` tokens (no [B, T, V] logits, forward or backward). Arguments as `completion_hidden`."""
+    `chunk_size` tokens (no [B, T, V] logits, forward or backward). Arguments as `completion_hidden`.
+    A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers the
+    embeddings and lm_head around it (`distributed.shard_model` says why); every rank must call it then."""
+    from .distributed import is_sharded, sharded_logprobs
+
+    if is_sharded(model):
+        return sharded_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature)
+    return unsharded_completion_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size,
+                                         temperature=temperature)
+
+
+def unsharded_completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
+                                  chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+    """`completion_logprobs` on parameters that are plain tensors (not sharded, or gathered by FSDP)."""
     from .loss import chunked_token_logprobs
 
     _, head = backbone_and_head(model)

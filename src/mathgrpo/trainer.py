@@ -10,7 +10,8 @@ Every step draws `prompts_per_step` problems, samples G completions each through
 scores them, normalises rewards per group and runs `num_iterations` optimizer steps over the rollout in
 token-budgeted micro-batches. Randomness is re-seeded from (seed, step, rank) at every step, so a resumed
 run repeats the uninterrupted one step for step. Under torchrun each rank takes its share of the step's
-prompts and gradients are averaged over ranks; rank 0 alone writes files.
+prompts and gradients are averaged over ranks (full fine-tuning: weights, gradients and Adam state sharded
+with FSDP2, trainer.fsdp); rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, dump_yaml, save_config
 from .data import Problem, ProblemSet, load_problems, reward_columns
-from .distributed import SINGLE, World, batch_line, process_group, rank_seed
+from .distributed import (SINGLE, World, batch_line, gathered, is_sharded, process_group, rank_seed, rollout_for,
+                          shard_model, use_fsdp)
 from .logger import NullLogger, RunLogger
 from .loss import effective_mask, group_advantages, grpo_loss, zero_std_fraction
 from .models import Reference, completion_logprobs, load_model
@@ -93,6 +95,17 @@ def make_optimizer(model, cfg: Config):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def prepare_policy(model, cfg: Config, world: World = SINGLE) -> Reference:
+    """The KL reference, then FSDP2 sharding of the policy and of a full fine-tuning reference copy when
+    trainer.fsdp asks for it (distributed.py); the reference comes first since FSDP modules cannot be copied."""
+    ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
+    if use_fsdp(cfg.trainer.fsdp, cfg.model.lora, world):
+        for m in (model, ref.copy):
+            if m is not None:
+                shard_model(m, world)
+    return ref
+
+
 def microbatches(total_lengths: list[int], budget: int) -> list[list[int]]:
     """Row groups whose padded size (rows x longest row) stays within `budget` tokens; similar lengths
     are grouped (stable sort) so short completions are not padded to long ones."""
@@ -120,6 +133,9 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     n_rows = mask.shape[0]
     lengths = comp.completion_mask.sum(1).tolist()
     groups = microbatches([len(p) + int(n) for p, n in zip(comp.prompt_ids, lengths)], t.max_tokens_per_microbatch)
+    sharded = is_sharded(model)
+    if sharded:  # every FSDP2 forward and backward is a collective: the same number of micro-batches on every rank
+        groups = world.match_microbatches(groups)
     tokens = float(effective_mask(mask, comp.truncated, g.mask_truncated_completions).sum())
     seq_count, token_count = world.loss_counts(g.loss_type, n_rows, tokens)
     device = next(p for p in model.parameters() if p.requires_grad).device
@@ -155,8 +171,11 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + w * v / g.num_iterations
         params = [p for p in model.parameters() if p.requires_grad]
-        world.all_reduce_grads(params)  # after the last micro-batch: ranks may run different numbers of them
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+        if not sharded:  # (FSDP2 reduce-scatters, averaging over ranks, in every backward)
+            world.all_reduce_grads(params)  # after the last micro-batch: ranks may run different numbers of them
+        # the global norm, also over FSDP2's DTensor gradients (a replicated DTensor: the same float on every rank);
+        # max_grad_norm=0 means no clipping (torch would scale every gradient to 0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
         optimizer.step()
         scheduler.step()
         sums["loss"] = sums.get("loss", 0.0) + loss_total / g.num_iterations
@@ -268,13 +287,13 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
     prompts = prompts or PromptBuilder(tok, cfg.prompt, cfg.data.answer_mod)
     funcs = reward_funcs or cfg.rewards.functions
     rewards = RewardSet(list(zip(funcs, cfg.rewards.weights or [1.0] * len(funcs))))
-    rollout = make_rollout(cfg.generation, model, tok)
-    ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
+    ref = prepare_policy(model, cfg, world)
+    rollout = rollout_for(model, lambda: make_rollout(cfg.generation, model, tok))  # on gathered weights if sharded
     optimizer, scheduler = make_optimizer(model, cfg)
     sampler = Sampler(len(data.train), cfg.trainer.seed)  # global: the same draws on every rank
     start = 0
-    if resume_from is not None:  # every rank loads the same (replicated) weights and optimizer state
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+    if resume_from is not None:  # every rank loads the same weights and optimizer state (or its shard of them)
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, world)
         start = state["step"]
         sampler = Sampler(len(data.train), cfg.trainer.seed, **state["sampler"])
         if world.is_main:
@@ -286,7 +305,8 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
         else NullLogger()
     logger.write(f"run dir: {run}\n{data.report}")
     logger.write(batch_line(cfg.trainer.prompts_per_step, G, world, cfg.trainer.max_tokens_per_microbatch,
-                            cfg.grpo.num_iterations) + (f"; resumed from {resume_from}" if resume_from else ""))
+                            cfg.grpo.num_iterations, is_sharded(model))
+                 + (f"; resumed from {resume_from}" if resume_from else ""))
     state_of = lambda s: {"step": s, "sampler": sampler.state(), "max_steps": cfg.trainer.max_steps}  # noqa: E731
     step, stopped = start, False
     with StopFlag() as stop:
@@ -325,22 +345,23 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
             last = step == cfg.trainer.max_steps
             if last or stopped or step % cfg.trainer.save_steps == 0:
                 path = ckpt.save_checkpoint(run, step, model, optimizer, scheduler, state_of(step), dump_yaml(cfg),
-                                            cfg.trainer.save_total_limit) if world.is_main else None
+                                            cfg.trainer.save_total_limit, world)  # rank 0 writes, all gather
                 world.barrier()  # nobody moves on (or exits) before the checkpoint is complete
             if stopped and not last:
                 logger.write(f"stopped after step {step}; checkpoint {path}\n"
                              f"resume with: mathgrpo train {run / 'config.yaml'} --resume {run}")
                 break
     logger.close()
+    ckpt.save_weights(model, run / ("adapter" if cfg.model.lora else "model"), world)  # rank 0 writes, all gather
     if world.is_main:
-        ckpt.save_weights(model, run / ("adapter" if cfg.model.lora else "model"))
         summary = summarize(run, rewards.names)
         (run / "summary.json").write_text(json.dumps(summary, indent=1))
         print(format_summary(summary))
     if step == cfg.trainer.max_steps and cfg.trainer.eval_at_end and data.test and not stopped:
         from .evaluate import evaluate_trained_run
 
-        evaluate_trained_run(cfg, run, model, tok, data.test, rollout=rollout, world=world)  # sharded over ranks
+        with gathered(model):  # FSDP2: gathered once, as ranks sample different numbers of batches
+            evaluate_trained_run(cfg, run, model, tok, data.test, rollout=rollout, world=world)  # sharded over ranks
     elif world.is_main:
         _write_report(run)
     return run

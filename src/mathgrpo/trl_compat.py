@@ -533,6 +533,9 @@ class GRPOTrainer:
         cfg = args.to_mathgrpo_config(train_size=len(self._train.rows), on_cuda=on_cuda, reward_funcs=self.reward_funcs)
         cfg.model.name_or_path = str(model if isinstance(model, str) else getattr(model.config, "_name_or_path", ""))
         cfg.model.lora = _is_peft(self.model)
+        # Replicated weights under torchrun: this front door saves checkpoints and models, and evaluates, on
+        # rank 0 alone, which an FSDP2-sharded model cannot do (its weights are gathered by every rank).
+        cfg.trainer.fsdp = "off"
         if cfg.model.lora:
             lc = self.model.peft_config[self.model.active_adapter]
             targets = lc.target_modules
