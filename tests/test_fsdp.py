@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from mathgrpo import checkpoint as ckpt
 from mathgrpo import distributed as D
+from mathgrpo import fsdp as F
 from mathgrpo.config import load_config
 from mathgrpo.models import Reference, load_model, load_tokenizer
 from mathgrpo.rollout import SamplingConfig, make_rollout
@@ -64,30 +65,30 @@ def _fsdp_worker(rank: int, port: int, model_dir: str, out: str) -> None:
         # the straight run: two updates, a checkpoint after the first
         model = _fresh(cfg)
         ref = prepare_policy(model, cfg, world)
-        assert D.is_sharded(model) and D.is_sharded(ref.copy)
+        assert F.is_sharded(model) and F.is_sharded(ref.copy)
         optimizer, scheduler = make_optimizer(model, cfg)
         rollouts = {}
         for name in ("hf", "fast"):
             gen = load_config(None, [f"generation.backend={name}"], base={}).generation
-            rollouts[name] = D.rollout_for(model, lambda: make_rollout(gen, model, tok))  # noqa: B023
+            rollouts[name] = F.rollout_for(model, lambda: make_rollout(gen, model, tok))  # noqa: B023
         for r in rollouts.values():  # sampled once before the update: the fast engine then holds the old weights
             r.generate(PROMPTS, 1, GREEDY)
         first = policy_update(model, optimizer, scheduler, ref, *_rows(comp, adv, mine), cfg, world, keep_grads=True)
         grads = _full_grads(model)
-        weights, optim = copy.deepcopy(D.full_state_dicts(model, optimizer))  # (its step counts are live tensors)
+        weights, optim = copy.deepcopy(F.full_state_dicts(model, optimizer))  # (its step counts are live tensors)
         norms = world.gather_objects([first["grad_norm"]])
         samples = {name: r.generate(PROMPTS, 1, GREEDY).completion_ids for name, r in rollouts.items()}
         path = ckpt.save_checkpoint(out / "run", 1, model, optimizer, scheduler, {"step": 1}, "{}\n", 0, world)
         world.barrier()
         second = policy_update(model, optimizer, scheduler, ref, *_rows(*_second(comp, adv), mine), cfg, world)
-        straight, _ = D.full_state_dicts(model)
+        straight, _ = F.full_state_dicts(model)
         # 2 -> 2: a fresh sharded policy resumes from the checkpoint and repeats the second update
         model = _fresh(cfg)
         ref = prepare_policy(model, cfg, world)
         optimizer, scheduler = make_optimizer(model, cfg)
         ckpt.load_checkpoint(out / "run" / "checkpoints" / "checkpoint-1", model, optimizer, scheduler, world)
         policy_update(model, optimizer, scheduler, ref, *_rows(*_second(comp, adv), mine), cfg, world)
-        resumed, _ = D.full_state_dicts(model)
+        resumed, _ = F.full_state_dicts(model)
         if rank == 0:
             torch.save({"first": world.reduce_metrics(first), "second": second, "grads": grads, "weights": weights,
                         "optim": optim, "norms": norms, "samples": samples, "path": path, "straight": straight,
@@ -169,12 +170,12 @@ def test_sharded_checkpoint_is_the_replicated_one_and_resumes_on_two_and_one_ran
 
 def test_fsdp_is_chosen_for_full_fine_tuning_over_several_ranks():
     two, one = D.World(rank=0, size=2), D.SINGLE
-    assert D.use_fsdp("auto", lora=False, world=two) and D.use_fsdp("on", lora=False, world=two)
-    assert not D.use_fsdp("auto", lora=True, world=two)  # LoRA stays replicated
-    assert not D.use_fsdp("auto", lora=False, world=one) and not D.use_fsdp("on", lora=False, world=one)
-    assert not D.use_fsdp("off", lora=False, world=two)
+    assert F.use_fsdp("auto", lora=False, world=two) and F.use_fsdp("on", lora=False, world=two)
+    assert not F.use_fsdp("auto", lora=True, world=two)  # LoRA stays replicated
+    assert not F.use_fsdp("auto", lora=False, world=one) and not F.use_fsdp("on", lora=False, world=one)
+    assert not F.use_fsdp("off", lora=False, world=two)
     with pytest.raises(ValueError, match="trainer.fsdp=on shards full fine-tuning only, and model.lora=true"):
-        D.use_fsdp("on", lora=True, world=two)
+        F.use_fsdp("on", lora=True, world=two)
     assert load_config(None, ["trainer.fsdp=off"], base={}).trainer.fsdp == "off"  # not YAML's boolean false
     assert "sharded over ranks with FSDP2" in D.batch_line(8, 4, two, 100, 1, sharded=True)
     assert "replicated weights, gradients averaged over ranks" in D.batch_line(8, 4, two, 100, 1)

@@ -294,7 +294,9 @@ def test_lora_on_4bit_base(tmp_path, merge):
                                                             bnb_4bit_compute_dtype=torch.float32))
     assert type(q.model.layers[0].mlp.up_proj.weight).__name__ == "Params4bit"
     pm, tok = _lora(q, seed=1), char_tokenizer()
-    eng = FastRollout(pm, tok, lora_merge=merge)  # a dequantised fp32 copy (+ merged adapter unless "none")
+    eng = FastRollout(pm, tok, lora_merge=merge)  # copy: a dequantised fp32 copy; else dequantised at every use
+    dense = sum(m.out_features * m.in_features * 4 for n, m in pm.named_modules() if n.endswith("base_layer"))
+    assert (eng.owned_weight_bytes >= dense) == (merge == "copy")
     assert rows_of(eng.generate(PROMPTS, 1, GREEDY)) == [hf_greedy(pm, p, 12) for p in PROMPTS]
     _randomise_lora(pm, seed=2)
     eng.sync_weights(pm)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .distributed import SINGLE, World, full_state_dicts, is_sharded, load_full_state_dicts
+from .distributed import SINGLE, World
+from .fsdp import full_state_dicts, is_sharded, load_full_state_dicts
 
 
 class CheckpointError(ValueError):

@@ -414,8 +414,8 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torc
     """Log-probs [B, T] float32 of each completion token under `model`, from hidden states in chunks of
     `chunk_size` tokens (no [B, T, V] logits, forward or backward). Arguments as `completion_hidden`.
     A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers the
-    embeddings and lm_head around it (`distributed.shard_model` says why); every rank must call it then."""
-    from .distributed import is_sharded, sharded_logprobs
+    embeddings and lm_head around it (`fsdp.shard_model` says why); every rank must call it then."""
+    from .fsdp import is_sharded, sharded_logprobs
 
     if is_sharded(model):
         return sharded_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature)

@@ -30,8 +30,8 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, dump_yaml, save_config
 from .data import Problem, ProblemSet, load_problems, reward_columns
-from .distributed import (SINGLE, World, batch_line, gathered, is_sharded, process_group, rank_seed, rollout_for,
-                          shard_model, use_fsdp)
+from .distributed import SINGLE, World, batch_line, process_group, rank_seed
+from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
 from .loss import effective_mask, group_advantages, grpo_loss, zero_std_fraction
 from .models import Reference, completion_logprobs, load_model

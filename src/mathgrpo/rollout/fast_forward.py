@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .fast_weights import GenWeights, LayerWeights, LowRank
+from .fast_weights import Dequant, GenWeights, LayerWeights, LowRank
 
 
 def rope_table(decoder, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,7 @@ def _project(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | No
              lora: LowRank | None = None) -> torch.Tensor:
     """Output of a projection group, concatenated ([q; k; v], [gate; up]): one matmul when fused, plus the
     unmerged LoRA delta (two small matmuls for the whole group) when there is one."""
-    outs = [F.linear(x, w, b) for w, b in zip(ws, bs)]
+    outs = [F.linear(x, w() if isinstance(w, Dequant) else w, b) for w, b in zip(ws, bs)]
     y = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
     if lora is not None:
         y = y + F.linear(F.linear(x, lora.A), lora.B)

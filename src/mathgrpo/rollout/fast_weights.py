@@ -19,8 +19,9 @@ LoRA has three modes (`lora_merge`), trading decode speed against GPU memory:
 - none: the base weights stay direct views and each group of projections that read the same input gets a
   `LowRank` pair, A = [A_1; A_2; ...] ([sum r, in]) and a block-diagonal B ([sum out, sum r], scales folded
   in): two small matmuls per group per decode step, no copy anywhere.
-Quantized or cast bases always take the copy path (they need an owned buffer anyway), as do LoRA layers that
-are not plain linear ones.
+A bitsandbytes 4/8-bit base is dequantised into the owned copy with `copy`; with `in_place` or `none` it is
+dequantised at every use instead (`Dequant`: no bf16 copy, slower decode) and its LoRA deltas are `LowRank`
+pairs. Cast bases and LoRA layers that are not plain linear ones always take the copy path.
 
 `refill` recomputes every owned buffer in place (same storage, so captured CUDA graphs stay valid);
 the trainer calls it through `FastRollout.sync_weights` after each optimizer step.
@@ -220,14 +221,33 @@ class _Env(NamedTuple):
     in_place: list
 
 
+class Dequant:
+    """A bitsandbytes 4/8-bit base weight dequantised at every use (lora_merge=in_place|none): the engine keeps
+    no bf16 copy of a quantized model, at the price of one dequantisation per projection and decode step."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        self.module, self.dtype = module, dtype
+
+    def __call__(self) -> torch.Tensor:
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(self.module).to(self.dtype)
+
+
+def _live(m: nn.Module, env: _Env) -> bool:
+    """A quantized base read through `Dequant` (not copied): in the in_place and none modes."""
+    return _is_quantized(_base(m)) and env.mode != "copy"
+
+
 def _merges(m: nn.Module, env: _Env) -> bool:
-    """Whether this module's LoRA deltas go into an owned copy of its weight (else in place or a LowRank pair)."""
+    """Whether this module's LoRA deltas go into an owned copy of its weight (else in place or a LowRank pair;
+    a quantized base cannot take a delta in place: it gets a LowRank pair)."""
     lora = _plain(m)
     if not _is_lora(lora):
         return False
-    if env.mode == "in_place":
-        b = _base(m)
-        return not (_low_rank_ok(lora) and not _is_quantized(b) and (b.weight.dtype, b.weight.device) == env[:2])
+    b = _base(m)
+    if env.mode == "in_place" and not _is_quantized(b):
+        return not (_low_rank_ok(lora) and (b.weight.dtype, b.weight.device) == env[:2])
     return env.mode == "copy" or not _low_rank_ok(lora)
 
 
@@ -238,7 +258,9 @@ def _low_rank_ok(lora: nn.Module) -> bool:
 
 def _needs_copy(m: nn.Module, env: _Env) -> bool:
     b = _base(m)
-    return _merges(m, env) or _is_quantized(b) or (b.weight.dtype, b.weight.device) != (env.dtype, env.device)
+    if _is_quantized(b):
+        return _merges(m, env) or not _live(m, env)
+    return _merges(m, env) or (b.weight.dtype, b.weight.device) != (env.dtype, env.device)
 
 
 def _out_features(m: nn.Module) -> int:
@@ -256,20 +278,20 @@ def _in_features(m: nn.Module) -> int:
 def _group(mods: list[nn.Module], env: _Env, fuse: bool):
     """Weights, biases and unmerged LoRA delta (or None) of modules that read the same input: direct views,
     or owned (fused) buffers."""
-    if fuse and env.mode == "in_place":
+    if fuse and env.mode != "copy":
         env = env._replace(mode="copy")  # a fused buffer is a copy anyway: merge into it
     has_bias = [getattr(_base(m), "bias", None) is not None for m in mods]
-    lora = _low_rank(mods, env) if env.mode == "none" else None
+    lora = _low_rank(mods, env)
     if env.mode == "in_place":
         for m in mods:
-            if _is_lora(_plain(m)) and not _merges(m, env):
+            if _is_lora(_plain(m)) and not _merges(m, env) and not _live(m, env):
                 _check_lora(m)
                 weight = _base(m).weight
                 host = torch.empty(weight.shape, dtype=weight.dtype, device="cpu",
                                    pin_memory=weight.device.type == "cuda")
                 env.in_place.append((weight.detach(), _plain(m), host.copy_(weight.detach())))
     if not fuse and not any(_needs_copy(m, env) for m in mods):
-        return ([_base(m).weight.detach() for m in mods],
+        return ([Dequant(_base(m), env.dtype) if _live(m, env) else _base(m).weight.detach() for m in mods],
                 [_vector(_base(m).bias, env) if hb else None for m, hb in zip(mods, has_bias)], lora)
     for m in mods:
         _check_lora(m)
@@ -299,7 +321,7 @@ def _low_rank(mods: list[nn.Module], env: _Env) -> LowRank | None:
     blocks = []  # (module index, lora module, adapter, rank)
     for j, m in enumerate(mods):
         lora = _plain(m)
-        if _is_lora(lora) and not _merges(m, env):
+        if _is_lora(lora) and not _merges(m, env) and (env.mode == "none" or _live(m, env)):
             _check_lora(m)
             blocks += [(j, lora, a, lora.lora_A[a].out_features) for a in lora.lora_A]
     if not blocks:

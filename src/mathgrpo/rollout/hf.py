@@ -60,7 +60,7 @@ class HFRollout:
                     ids[i, width - len(r):] = torch.tensor(r)
                     att[i, width - len(r):] = 1
                 # synced_gpus: transformers turns it on for FSDP models (every rank steps until all are done, an
-                # all-reduce per token); ranks sample independently here, on gathered weights (distributed.gathered)
+                # all-reduce per token); ranks sample independently here, on gathered weights (fsdp.gathered)
                 kw = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tok.pad_token_id,
                           eos_token_id=eos, use_cache=True, synced_gpus=False)
                 if sampling.temperature > 0:
