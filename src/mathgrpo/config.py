@@ -90,7 +90,7 @@ class RewardsConfig:
 
 @dataclass
 class GenerationConfig:
-    # auto (fast on CUDA, hf elsewhere) | hf (samples from a LoRA-merged copy) | hf_unmerged | fast
+    # auto (fast on CUDA, hf elsewhere) | hf (transformers generate; LoRA as lora_merge says) | hf_unmerged | fast
     backend: str = "auto"
     max_new_tokens: int = 2048  # completion length cap; longer completions are cut and marked truncated
     temperature: float = 1.0  # sampling temperature (0 = greedy)
