@@ -7,9 +7,9 @@
 Instead of transformers' generic forward it runs its own (fast_forward.py) over weights read out of
 the HF module (fast_weights.py: the model's own tensors where possible, an owned bf16 copy for LoRA
 (or, with lora_merge=in_place|none, the base tensors with the deltas added in place while sampling or
-applied as low-rank matmuls), 4-bit or cast models), a static KV cache, and on CUDA one captured CUDA graph per (batch, length
-bucket): the per-step Python, mask building and kernel launches of `generate` disappear and attention
-only reads the filled part of the cache. Prefill runs eagerly once per distinct prompt (its K/V is
+applied as low-rank matmuls), 4-bit or cast models), a static KV cache, and on CUDA one captured CUDA
+graph per (batch, length bucket): the per-step Python, mask building and kernel launches of `generate`
+disappear and attention only reads the filled part of the cache. Prefill runs eagerly once per distinct prompt (its K/V is
 copied to the n samples). Sampling runs on the device after each replay (fast_sampling.py); finished
 rows emit padding; stop strings are checked on the host every `check_every` steps, and the batch ends
 early once every row has finished. On CPU the same code runs eagerly (what the CPU tests cover).
@@ -38,8 +38,8 @@ from .hf import _eos_ids
 class FastRollout:
     def __init__(self, model, tokenizer, *, max_batch: int = 256, max_seq_len: int | None = None, device=None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
-                 fuse_weights: bool = False, lora_merge: str = "copy", compile_pointwise: bool | None = None, prefill_tokens: int = 16384,
-                 check_every: int = 16):
+                 fuse_weights: bool = False, lora_merge: str = "copy", compile_pointwise: bool | None = None,
+                 prefill_tokens: int = 16384, check_every: int = 16):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
         decode steps (default: on for CUDA); kv_bucket: attention length granularity (default 256 on CUDA,
@@ -47,8 +47,8 @@ class FastRollout:
         decode, costs a copy of those weights); lora_merge: how LoRA deltas reach generation: "copy" (a merged copy
         of the adapted weights: fastest decode, +memory), "in_place" (added into the base weights for the
         duration of `generate`, restored from a host snapshot: no GPU copy) or "none" (low-rank matmuls next to
-        the base weights: no copy anywhere, slower decode); compile_pointwise: torch.compile the norm/rope/activation
-        pieces of the decode step and the sampler's final pick (default: with CUDA graphs);
+        the base weights: no copy anywhere, slower decode); compile_pointwise: torch.compile the
+        norm/rope/activation pieces of the decode step and the sampler's final pick (default: with CUDA graphs);
         prefill_tokens: prompt tokens per prefill chunk; check_every: steps between stop-string checks."""
         if max_batch < 1:
             raise ValueError(f"FastRollout: max_batch must be >= 1, got {max_batch}")

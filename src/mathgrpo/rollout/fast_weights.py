@@ -240,8 +240,8 @@ def _live(m: nn.Module, env: _Env) -> bool:
 
 
 def _merges(m: nn.Module, env: _Env) -> bool:
-    """Whether this module's LoRA deltas go into an owned copy of its weight (else in place or a LowRank pair;
-    a quantized base cannot take a delta in place: it gets a LowRank pair)."""
+    """Whether this module's LoRA deltas must go into an owned copy of its weight (else in place, or a LowRank
+    pair: a quantized base cannot take a delta in place)."""
     lora = _plain(m)
     if not _is_lora(lora):
         return False
@@ -276,35 +276,27 @@ def _in_features(m: nn.Module) -> int:
 
 
 def _group(mods: list[nn.Module], env: _Env, fuse: bool):
-    """Weights, biases and unmerged LoRA delta (or None) of modules that read the same input: direct views,
-    or owned (fused) buffers."""
-    if fuse and env.mode != "copy":
-        env = env._replace(mode="copy")  # a fused buffer is a copy anyway: merge into it
+    """Weights, biases and unmerged LoRA delta (or None) of modules that read the same input. Either every module
+    is read as it is (a view, or `Dequant`) with its deltas added in place or kept as a `LowRank` pair, or the
+    group gets one owned (fused) buffer with every delta merged into it."""
     has_bias = [getattr(_base(m), "bias", None) is not None for m in mods]
-    lora = _low_rank(mods, env)
-    if env.mode == "in_place":
-        for m in mods:
-            if _is_lora(_plain(m)) and not _merges(m, env) and not _live(m, env):
-                _check_lora(m)
-                weight = _base(m).weight
-                host = torch.empty(weight.shape, dtype=weight.dtype, device="cpu",
-                                   pin_memory=weight.device.type == "cuda")
-                env.in_place.append((weight.detach(), _plain(m), host.copy_(weight.detach())))
-    if not fuse and not any(_needs_copy(m, env) for m in mods):
-        return ([Dequant(_base(m), env.dtype) if _live(m, env) else _base(m).weight.detach() for m in mods],
-                [_vector(_base(m).bias, env) if hb else None for m, hb in zip(mods, has_bias)], lora)
     for m in mods:
         _check_lora(m)
+    if not fuse and not any(_needs_copy(m, env) for m in mods):
+        if env.mode == "in_place":
+            env.in_place.extend(_snapshot(m) for m in mods if _is_lora(_plain(m)) and not _live(m, env))
+        return ([Dequant(_base(m), env.dtype) if _live(m, env) else _base(m).weight.detach() for m in mods],
+                [_vector(_base(m).bias, env) if hb else None for m, hb in zip(mods, has_bias)], _low_rank(mods, env))
     rows = [_out_features(m) for m in mods]
     buf = torch.empty(sum(rows), _in_features(mods[0]), dtype=env.dtype, device=env.device)
 
     def fill_weight(dst, mods=mods, rows=rows):
         for m, part in zip(mods, dst.split(rows)):
-            _effective_into(m, part, with_lora=_merges(m, env))
+            _effective_into(m, part)
 
     env.recipes.append((buf, fill_weight))
     if not any(has_bias):
-        return [buf], [None], lora
+        return [buf], [None], None
     bias = torch.empty(sum(rows), dtype=env.dtype, device=env.device)
 
     def fill_bias(dst, mods=mods, rows=rows):
@@ -312,7 +304,14 @@ def _group(mods: list[nn.Module], env: _Env, fuse: bool):
             part.copy_(_base(m).bias) if getattr(_base(m), "bias", None) is not None else part.zero_()
 
     env.recipes.append((bias, fill_bias))
-    return [buf], [bias], lora
+    return [buf], [bias], None
+
+
+def _snapshot(m: nn.Module) -> tuple[torch.Tensor, nn.Module, torch.Tensor]:
+    """lora_merge=in_place: (the base weight, its LoRA module, a pinned host copy of the weight to restore from)."""
+    weight = _base(m).weight.detach()
+    host = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=weight.device.type == "cuda")
+    return weight, _plain(m), host.copy_(weight)
 
 
 def _low_rank(mods: list[nn.Module], env: _Env) -> LowRank | None:
@@ -321,8 +320,7 @@ def _low_rank(mods: list[nn.Module], env: _Env) -> LowRank | None:
     blocks = []  # (module index, lora module, adapter, rank)
     for j, m in enumerate(mods):
         lora = _plain(m)
-        if _is_lora(lora) and not _merges(m, env) and (env.mode == "none" or _live(m, env)):
-            _check_lora(m)
+        if _is_lora(lora) and (env.mode == "none" or _live(m, env)):
             blocks += [(j, lora, a, lora.lora_A[a].out_features) for a in lora.lora_A]
     if not blocks:
         return None
@@ -379,16 +377,15 @@ def _check_lora(m: nn.Module) -> None:
             raise ValueError(f"FastRollout: adapter '{a}' trains a LoRA bias, which is not supported")
 
 
-def _effective_into(m: nn.Module, dst: torch.Tensor, with_lora: bool = True) -> None:
-    """dst <- base weight (dequantised) + sum of active LoRA deltas (if with_lora); the first delta fused
-    into the copy."""
+def _effective_into(m: nn.Module, dst: torch.Tensor) -> None:
+    """dst <- base weight (dequantised) + sum of active LoRA deltas; the first delta fused into the copy."""
     from peft.utils.integrations import dequantize_module_weight
 
     b = _base(m)
     w = dequantize_module_weight(b) if _is_quantized(b) else b.weight
     w = w.detach()
     lora = _plain(m)
-    adapters = _active_adapters(lora) if _is_lora(lora) and with_lora else []
+    adapters = _active_adapters(lora) if _is_lora(lora) else []
     plain_linear = all(isinstance(lora.lora_A[a], nn.Linear) if a in lora.lora_A else False for a in adapters)
     if adapters and plain_linear and not getattr(lora, "fan_in_fan_out", False):
         for j, a in enumerate(adapters):
