@@ -145,8 +145,8 @@ class World:
             return groups
         t = torch.tensor([len(groups)], device=self.device)
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        groups = list(groups)
-        while len(groups) < int(t.item()):
+        groups, target = list(groups), int(t.item())
+        while len(groups) < target:
             i = max(range(len(groups)), key=lambda j: len(groups[j]))
             half = len(groups[i]) // 2
             groups[i:i + 1] = [groups[i][:half], groups[i][half:]]
