@@ -226,6 +226,9 @@ def ref_keep(rows, answer_column=True, aimo=False, mod=None, dedup=True):
             drops["no answer found"] += 1
             continue
         is_int = re.fullmatch(r"\d+", gold.replace(",", "")) is not None
+        if mod and not is_int:  # answer_mod on a non-integer gold drops the row
+            drops["answer not an integer (data.answer_mod is set)"] += 1
+            continue
         if mod and is_int:
             gold = str(int(gold.replace(",", "")) % mod)
         if aimo:
@@ -364,7 +367,7 @@ def test_unreadable_files_name_file_and_line(tmp_path):
         read_rows(str(parquet))
     badcsv = tmp_path / "bad.csv"
     badcsv.write_text('problem,solution\na,b\n"c,d,e,f\n')
-    with pytest.raises(DataError, match=r"bad\.csv: not a readable CSV file"):
+    with pytest.raises(DataError, match=r"bad\.csv: line 3: not a readable CSV file"):
         read_rows(str(badcsv))
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match=r"empty\.jsonl: no rows"):

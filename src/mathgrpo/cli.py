@@ -13,6 +13,7 @@ With no config file, `train` and `eval` use the embedded default (SmolLM2-135M, 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -43,6 +44,8 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     if args.resume is not None:
         cfg.trainer.resume = args.resume
+    if args.resume_changing:
+        cfg.trainer.resume_changing = [k.strip() for item in args.resume_changing for k in item.split(",") if k.strip()]
     train(cfg, quiet=args.quiet)
     return 0
 
@@ -100,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("items", nargs="*", help="[config.yaml] [section.key=value ...]")
     t.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint, a run dir, or 'latest' (default)")
+    t.add_argument("--resume-changing", action="append", default=[], metavar="KEY[,KEY]",
+                   help="allow this config key to differ from the checkpoint's on resume (e.g. trainer.max_steps)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
 
@@ -142,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors are ValueError subclasses with messages that name the key/file/function at fault.
         print(f"mathgrpo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _FS_ERRORS:
+            raise
+        # a full disk, a read-only or forbidden folder: the path and the reason, not a traceback
+        print(f"mathgrpo {args.command}: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 2
+
+
+_FS_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+              errno.EEXIST}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ arithmetic set, tuned to learn visibly on a laptop CPU in minutes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,6 +146,9 @@ class TrainerConfig:
     # (model.lora=false) on > 1 rank; on = the same, an error with LoRA; off = a full replica on every rank
     fsdp: str = "auto"
     eval_at_end: bool = True  # after training, evaluate base vs trained on the test problems and write the report
+    # keys a resume may change from the checkpoint's config (--resume-changing; e.g. [trainer.max_steps]); any other
+    # difference, or other data, refuses the resume (runs.py)
+    resume_changing: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -314,11 +318,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            hint = "" if p.suffix in (".yaml", ".yml", ".json") else \
+                " (and not an override either: an override looks like section.key=value)"
+            raise ConfigError(f"config file not found: {p}{hint}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if data is None:  # an empty file is more likely a mistake than a wish for the 1.5B notebook defaults
+            raise ConfigError(f"{p}: the file is empty; put `{{}}` in it to mean the built-in defaults "
+                              f"(mathgrpo config reference), or give the settings you want")
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         try:
@@ -367,6 +376,52 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rewards.weights has {len(w)} values but rewards.functions has {len(cfg.rewards.functions)}")
     if not cfg.rewards.functions:
         raise ConfigError("rewards.functions is empty: name at least one reward")
+    check_ranges(cfg)
+
+
+# Allowed ranges, checked when the config is built: (low, high, low included, high included); None = unbounded.
+# A null value of an optional key is always allowed; every float must also be finite.
+_RANGES: dict[str, tuple] = {
+    "model.lora_r": (1, None, True, True), "model.lora_alpha": (0, None, False, True),
+    "model.lora_dropout": (0, 1, True, False), "model.lora_layers": (1, None, True, True),
+    "data.max_problems": (1, None, True, True), "data.answer_mod": (1, None, True, True),
+    "data.arithmetic_size": (1, None, True, True), "data.arithmetic_steps": (1, None, True, True),
+    "data.arithmetic_max_operand": (2, None, True, True), "prompt.max_prompt_tokens": (1, None, True, True),
+    "generation.temperature": (0, None, True, True), "generation.top_p": (0, 1, False, True),
+    "generation.top_k": (0, None, True, True), "generation.max_batch": (1, None, True, True),
+    "grpo.beta": (0, None, True, True), "grpo.epsilon": (0, None, False, True),
+    "grpo.epsilon_high": (0, None, False, True),
+    "trainer.max_steps": (1, None, True, True), "trainer.learning_rate": (0, None, False, True),
+    "trainer.weight_decay": (0, None, True, True), "trainer.adam_beta1": (0, 1, True, False),
+    "trainer.adam_beta2": (0, 1, True, False), "trainer.warmup_steps": (0, None, True, True),
+    "trainer.max_grad_norm": (0, None, True, True), "trainer.logprob_chunk_size": (1, None, True, True),
+    "trainer.logging_steps": (1, None, True, True), "trainer.save_steps": (1, None, True, True),
+    "trainer.save_total_limit": (0, None, True, True), "trainer.log_completions_steps": (0, None, True, True),
+    "eval.temperature": (0, None, True, True), "eval.max_new_tokens": (1, None, True, True),
+    "eval.max_problems": (1, None, True, True), "eval.bootstrap": (0, None, True, True),
+}
+
+
+def _describe(lo, hi, lo_in: bool, hi_in: bool) -> str:
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo}"
+    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every float finite and every key of `_RANGES` within its range; the error names the key and the range."""
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        for f in dataclasses.fields(obj):
+            key, v = f"{sec.name}.{f.name}", getattr(obj, f.name)
+            values = v if isinstance(v, list) else [v]
+            if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+                raise ConfigError(f"{key} must be a finite number, got {v}")
+            if key in _RANGES and v is not None:
+                lo, hi, lo_in, hi_in = _RANGES[key]
+                ok = (v >= lo if lo_in else v > lo) and (hi is None or (v <= hi if hi_in else v < hi))
+                if not ok:
+                    raise ConfigError(f"{key} must be {_describe(lo, hi, lo_in, hi_in)}, got {v}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -16,8 +16,13 @@ Sources (`data.source`, `data.test_source`):
 Gold answer, in order of preference: the answer column when mapped and non-empty (a `\\boxed{}` or GSM8K
 `####` inside it is extracted); else the LAST `\\boxed{}`/`\\fbox{}` of the solution; else GSM8K's `#### 72`.
 `answer_mod` is applied to the gold, then the filters run: empty problem, no answer found, the AIMO filter
-(gold an integer 0..999 after `answer_mod`), duplicate problems (same text up to whitespace). Every dropped
-row is counted by reason in `ProblemSet.report`.
+(gold an integer 0..999 after `answer_mod`), duplicate problems (same text up to whitespace). A problem,
+solution or answer cell that is not text or a number (a list, a mapping, a boolean) drops its row, and so
+does a gold that is not an integer when `answer_mod` is set. Every dropped row is counted by reason in
+`ProblemSet.report`, which also names the first rows of each reason (rows counted from 0 in the order read,
+as `Problem.id`) and the duplicates whose gold differs from the kept first occurrence (conflicts).
+A CSV row whose field count differs from the header's, and a file that is not UTF-8, are errors naming
+the file and line.
 
 Split: the filtered rows are shuffled with `random.Random(seed)`; `round(n * test_fraction)` of them form the
 test split (source order), the rest the train split (shuffled order). `max_problems` then caps the TRAIN split
@@ -28,12 +33,14 @@ also in the train data, when `dedup` is on).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
+import logging
 import math
 import random
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -42,6 +49,7 @@ from .answers import apply_answer_mod, as_int, extract_boxed, extract_gsm8k, is_
 from .config import DataConfig
 
 BUILTIN_ARITHMETIC = "arithmetic"
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -66,24 +74,34 @@ class ProblemSet:
 
 # --- reading files --------------------------------------------------------------------------------------
 
+def _read_text(path: Path) -> str:
+    """The file as text; not UTF-8 is an error naming the line and byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                        f"convert the file to UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
 def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -105,15 +123,22 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    import pandas as pd
-
-    try:  # everything as text: "042" must stay "042"
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        return []
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{path}: not a readable CSV file: {e}") from None
-    return df.to_dict("records")
+    # the csv module, not pandas: pandas silently takes a first column as the index when the first row has
+    # one field more than the header (an unquoted comma), shifting every column. Everything stays text.
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    rows = []
+    try:
+        header = next(reader, None)
+        for fields in reader:
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                raise DataError(f"{path}: line {reader.line_num}: {len(fields)} fields, but the header has "
+                                f"{len(header)} ({', '.join(header)}); quote a value that holds a comma")
+            rows.append(dict(zip(header, fields)))
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: not a readable CSV file: {e}") from None
+    return rows
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -310,6 +335,18 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
+def _not_scalar(value: Any) -> str | None:
+    """The type name of a cell that is not text, a number or missing (a list, a mapping, a boolean)."""
+    if value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool)):
+        return None
+    return type(value).__name__
+
+
+def _rows_named(ids: list[str], n: int = 5) -> str:
+    more = f" and {len(ids) - n} more" if len(ids) > n else ""
+    return f"row{'s' if len(ids) > 1 else ''} {', '.join(ids[:n])}{more}"
+
+
 def _gold(answer: str | None, solution: str) -> str | None:
     if answer is not None:
         if "\\boxed" in answer or "\\fbox" in answer:
@@ -342,40 +379,60 @@ def _filter(rows: list[dict], cfg: DataConfig, origin: str, id_prefix: str = "",
     _check_columns(rows, cfg, origin)
     mapped = {cfg.problem_column, cfg.solution_column, cfg.answer_column} - {None}
     others = [c for c in _columns(rows) if c not in mapped]  # every Problem.extra gets the same keys
-    drops: Counter = Counter()
-    seen = set(exclude or ())
+    drops: dict[str, list[str]] = {}  # reason -> ids of the rows dropped for it
+    seen = {k: None for k in exclude or ()}  # problem key -> (id, gold) of its kept first occurrence
+    conflicts: list[str] = []
     kept = []
     for i, row in enumerate(rows):
+        rid = f"{id_prefix}{i}"
+        odd = [(role, col, t) for role, col in (("problem", cfg.problem_column), ("solution", cfg.solution_column),
+                                                 ("answer", cfg.answer_column))
+               if col and (t := _not_scalar(row.get(col)))]
+        if odd:
+            drops.setdefault(f"{odd[0][0]} not text or a number ({odd[0][1]} holds a {odd[0][2]})", []).append(rid)
+            continue
         problem = _text(row.get(cfg.problem_column))
         if problem is None:
-            drops["empty problem"] += 1
+            drops.setdefault("empty problem", []).append(rid)
             continue
         solution = _text(row.get(cfg.solution_column)) if cfg.solution_column else None
         answer = _text(row.get(cfg.answer_column)) if cfg.answer_column else None
         gold = (_gold(answer, solution or "") or "").strip()
         if not gold:
-            drops["no answer found"] += 1
+            drops.setdefault("no answer found", []).append(rid)
+            continue
+        if cfg.answer_mod is not None and as_int(gold) is None:  # "x mod 1000" of 1/3 means nothing
+            drops.setdefault("answer not an integer (data.answer_mod is set)", []).append(rid)
             continue
         gold = apply_answer_mod(gold, cfg.answer_mod)
         if cfg.aimo_filter:
             if not is_aimo_integer(gold):
-                drops["answer not an integer 0..999"] += 1
+                drops.setdefault("answer not an integer 0..999", []).append(rid)
                 continue
             gold = str(as_int(gold))  # "042", "42.0" -> "42"
         key = " ".join(problem.split())
         if cfg.dedup and key in seen:
-            drops["also in the train data" if exclude and key in exclude else "duplicate problem"] += 1
+            drops.setdefault("also in the train data" if seen[key] is None else "duplicate problem", []).append(rid)
+            if seen[key] is not None and seen[key][1] != gold:
+                conflicts.append(f"row {rid} (gold {gold!r}) repeats row {seen[key][0]} (gold {seen[key][1]!r})")
             continue
-        seen.add(key)
+        seen[key] = (rid, gold)
         extra = {k: row.get(k) for k in others}
-        kept.append(Problem(f"{id_prefix}{i}", problem, gold, solution or "", extra))
+        kept.append(Problem(rid, problem, gold, solution or "", extra))
+    ranked = sorted(drops.items(), key=lambda kv: -len(kv[1]))  # most common first, ties in order of appearance
     counts = f"kept {len(kept)} of {len(rows)}"
     if drops:
-        counts += ": " + ", ".join(f"{c} {reason}" for reason, c in drops.most_common())
+        counts += ": " + ", ".join(f"{len(ids)} {reason}" for reason, ids in ranked)
     if not kept:
         raise DataError(f"{origin}: no problems left after filtering ({counts}). Check data.problem_column, "
                         f"data.solution_column, data.answer_column, data.aimo_filter and data.answer_mod")
-    return kept, f"{origin}: {counts}"
+    lines = [f"{origin}: {counts}"] + [f"  dropped, {reason}: {_rows_named(ids)}" for reason, ids in ranked]
+    if conflicts:
+        warn = (f"{origin}: {len(conflicts)} duplicate problem(s) with another gold than their first occurrence "
+                f"(the first is kept): {'; '.join(conflicts[:3])}{' ...' if len(conflicts) > 3 else ''}")
+        log.warning("%s", warn)
+        lines.append(f"  conflicts: {warn.split(': ', 1)[1]}")
+    return kept, "\n".join(lines)
 
 
 def _source_rows(source: str, cfg: DataConfig, seed: int, split: str) -> tuple[list[dict], DataConfig, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import logging
 import math
 import re
 import sys
@@ -36,6 +37,7 @@ __all__ = [
     "register_reward",
 ]
 
+log = logging.getLogger(__name__)
 RewardFn = Callable[..., Sequence[Any]]
 REWARDS: dict[str, RewardFn] = {}
 
@@ -341,6 +343,7 @@ class RewardSet:
             self._funcs.append(fn)
             weights.append(w)
         self.weights = np.asarray(weights, dtype=np.float32)  # [R]
+        self._warned: set[str] = set()
 
     @property
     def names(self) -> list[str]:
@@ -352,6 +355,10 @@ class RewardSet:
         per_reward = np.empty((n, len(self._funcs)), dtype=np.float32)  # [N, R]
         for j, (name, fn) in enumerate(zip(self._names, self._funcs)):
             per_reward[:, j] = self._run(name, fn, completions, kwargs)
+            if n and np.isnan(per_reward[:, j]).all() and name not in self._warned:
+                self._warned.add(name)  # once per reward: a batch of "not applicable" can be legitimate
+                log.warning("reward %r returned None for every completion of a batch (%d): it adds nothing to the "
+                            "total; check its inputs (dataset columns passed as keyword arguments)", name, n)
         weighted = per_reward * self.weights[None, :]  # [N, R]
         total = np.nansum(weighted, axis=1).astype(np.float32)  # [N]
         return per_reward, total

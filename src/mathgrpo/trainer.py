@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, dump_yaml, save_config
+from . import runs
+from .config import Config, dump_yaml
 from .data import Problem, ProblemSet, load_problems, reward_columns
 from .distributed import SINGLE, World, batch_line, process_group, rank_seed
 from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
@@ -231,19 +232,12 @@ def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     if t.resume:
         start = ckpt.find_resume(t.resume, Path(t.output_dir))
         return start.parent.parent, start
-    name = t.run_name or time.strftime("%Y%m%d-%H%M%S")
-    run = Path(t.output_dir) / name
-    run.mkdir(parents=True, exist_ok=True)
-    return run, None
+    return runs.create_run_dir(cfg), None  # claimed exclusively, config.yaml written
 
 
 def _truncate_metrics(run: Path, last_step: int) -> None:
     """On resume, forget steps logged after the checkpoint: they are about to be redone."""
-    for name in ("metrics.jsonl", "completions.jsonl"):
-        p = run / name
-        if p.is_file():
-            keep = [line for line in p.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-            p.write_text("".join(line + "\n" for line in keep))
+    runs.truncate_logs(run, last_step)
 
 
 def step_metrics(world: World, comp: Completions, names: list[str], per: np.ndarray, total: np.ndarray, group: int,
@@ -274,14 +268,14 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
            callbacks) -> Path:
     world.share(cfg.trainer.prompts_per_step)  # a global batch that does not split fails before any work
     run, resume_from = world.broadcast_object(make_run_dir(cfg) if world.is_main else None)
-    if world.is_main:
-        save_config(cfg, run / "config.yaml")
+    data = data or load_problems(cfg.data, seed=cfg.trainer.seed)
+    depends = runs.fingerprints(data)  # checked on resume before any model is loaded
+    changes = runs.check_resume(resume_from, cfg, depends) if resume_from is not None else {}
     seed_everything(cfg.trainer.seed)
     if model is None:
         model, tok = load_model(replace(cfg.model, device=world.model_device(cfg.model.device)), trainable=True)
     else:
         tok = tokenizer
-    data = data or load_problems(cfg.data, seed=cfg.trainer.seed)
     if world.is_main:
         (run / "data_report.txt").write_text(data.report + "\n")
     prompts = prompts or PromptBuilder(tok, cfg.prompt, cfg.data.answer_mod)
@@ -298,6 +292,7 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
         sampler = Sampler(len(data.train), cfg.trainer.seed, **state["sampler"])
         if world.is_main:
             _truncate_metrics(run, start)
+            runs.record_resume(run, resume_from, start, changes, cfg)
     world.broadcast_params([p for p in model.parameters() if p.requires_grad])  # identical replicas, as DDP
     rollout.sync_weights(model)  # backends holding their own weight copy must sample from the loaded weights
     G = cfg.grpo.num_generations
@@ -306,11 +301,16 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
     logger.write(f"run dir: {run}\n{data.report}")
     logger.write(batch_line(cfg.trainer.prompts_per_step, G, world, cfg.trainer.max_tokens_per_microbatch,
                             cfg.grpo.num_iterations, is_sharded(model))
-                 + (f"; resumed from {resume_from}" if resume_from else ""))
-    state_of = lambda s: {"step": s, "sampler": sampler.state(), "max_steps": cfg.trainer.max_steps}  # noqa: E731
+                 + (f"; resumed from {resume_from}" if resume_from else "")
+                 + "".join(f"\nchanged on resume: {k} {a!r} -> {b!r} (recorded in resumes.jsonl)"
+                           for k, (a, b) in changes.items()))
+    state_of = lambda s: {"step": s, "sampler": sampler.state(), "max_steps": cfg.trainer.max_steps,  # noqa: E731
+                          "depends": depends}
     step, stopped = start, False
-    with StopFlag() as stop:
+    guard = ckpt.SaveOnError(run, model, optimizer, scheduler, cfg, world, state_of, start)
+    with StopFlag() as stop, guard:
         for step in range(start + 1, cfg.trainer.max_steps + 1):
+            guard.begin(step, sampler.state())
             t0 = time.perf_counter()
             # Every rank draws the same global batch and takes its contiguous share: a group never spans ranks.
             batch: list[Problem] = world.mine([data.train[i] for i in sampler.next(cfg.trainer.prompts_per_step)])

@@ -749,7 +749,8 @@ class GRPOTrainer:
         """A fresh run replaces an earlier one in output_dir (as TRL overwrites), so that its logs, checkpoints and
         pruning do not mix with the new run's."""
         out = Path(self.args.output_dir)
-        old = [out / n for n in ("metrics.jsonl", "completions.jsonl", "summary.json", "checkpoints") if (out / n).exists()]
+        old = [out / n for n in ("metrics.jsonl", "completions.jsonl", "summary.json", "checkpoints", "config.yaml",
+                                 "resumes.jsonl") if (out / n).exists()]
         old += _trl_checkpoints(out)
         if old and not self.args.overwrite_output_dir:
             _warn(f"output_dir {out} holds an earlier run: its logs and checkpoints are replaced (resume it instead "
