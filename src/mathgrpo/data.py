@@ -70,6 +70,7 @@ class ProblemSet:
     train: list[Problem]
     test: list[Problem]
     report: str  # what was read, kept and dropped (by reason), and how it was split
+    pool: list[Problem] = field(default_factory=list)  # every kept problem before the split and the cap
 
 
 # --- reading files --------------------------------------------------------------------------------------
@@ -485,7 +486,8 @@ def load_problems(cfg: DataConfig, seed: int = 42) -> ProblemSet:
         lines += [f"read test data {t_desc}", t_line, f"split: {len(train)} train (source), {len(test)} test (test_source)"]
     train, cap_line = _cap(train, cfg)
     lines += [cap_line] if cap_line else []
-    return ProblemSet(train=train, test=test, report="\n".join(lines))
+    pool = kept if cfg.test_source is None else kept + test
+    return ProblemSet(train=train, test=test, report="\n".join(lines), pool=pool)
 
 
 def _clip(text: str, n: int = 240) -> str:

@@ -63,8 +63,9 @@ def os_reason(e: BaseException, path: Path | str | None = None) -> str:
         for p in [Path(path), *Path(path).parents]:
             if p.exists() and not p.is_dir():
                 return f"{p} is a file, not a folder"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror + (f" ({e.filename})" if e.filename and str(e.filename) != str(path) else "")
+    if isinstance(e, OSError) and e.strerror:  # the file at fault, unless it is the path itself or inside it
+        inside = path is not None and str(e.filename or "").startswith(str(path))
+        return e.strerror + (f" ({e.filename})" if e.filename and not inside else "")
     return str(e) or type(e).__name__
 
 
@@ -116,9 +117,10 @@ def _digest(obj: Any) -> str:
 
 
 def fingerprints(data: ProblemSet) -> dict:
-    """`data`: the kept problems and golds in any order; `split`: which are train (in sampling order) and test."""
+    """`data`: the kept problems and golds (before split and cap) in any order; `split`: which are train (in
+    sampling order) and test."""
     pairs = lambda ps: [[p.problem, p.gold] for p in ps]  # noqa: E731
-    return {"data": _digest(sorted(pairs(data.train) + pairs(data.test))),
+    return {"data": _digest(sorted(pairs(data.pool or data.train + data.test))),
             "split": _digest([pairs(data.train), pairs(data.test)]),
             "n_train": len(data.train), "n_test": len(data.test)}
 
