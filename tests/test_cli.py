@@ -44,3 +44,26 @@ def test_nf4_on_cpu_is_a_clear_error(capsys, tiny_model_dir, tmp_path):
 
     rc = main(["train", *tiny_overrides(tiny_model_dir, tmp_path, **{"model.quantization": "nf4"}), "--quiet"])
     assert rc == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_an_override_without_equals_is_no_file_path(capsys):
+    assert main(["config", "show", "trainer.max_steps"]) == 2
+    err = capsys.readouterr().err
+    assert "config file not found: trainer.max_steps (and not an override either" in err and "Traceback" not in err
+
+
+def test_a_bad_setting_fails_before_any_work(capsys, tmp_path):
+    assert main(["train", f"trainer.output_dir={tmp_path / 'runs'}", "trainer.save_steps=0", "--quiet"]) == 2
+    assert "trainer.save_steps must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_changing_reaches_the_config(monkeypatch):
+    import mathgrpo.trainer
+
+    seen = {}
+    monkeypatch.setattr(mathgrpo.trainer, "train", lambda cfg, quiet: seen.setdefault("cfg", cfg))
+    assert main(["train", "--resume", "runs/x", "--resume-changing", "trainer.max_steps,trainer.save_steps",
+                 "--resume-changing", "eval.num_samples"]) == 0
+    t = seen["cfg"].trainer
+    assert t.resume == "runs/x" and t.resume_changing == ["trainer.max_steps", "trainer.save_steps", "eval.num_samples"]

@@ -94,3 +94,47 @@ def test_readme_config_reference_is_current():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     stale = [row for row in config_reference().splitlines() if row not in readme]
     assert not stale, "README's config reference is out of date; paste `mathgrpo config reference`:\n" + "\n".join(stale)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.save_steps=0", "trainer.save_steps must be >= 1, got 0"),
+    ("trainer.logging_steps=0", "trainer.logging_steps must be >= 1, got 0"),
+    ("trainer.max_steps=0", "trainer.max_steps must be >= 1, got 0"),
+    ("trainer.max_steps=-3", "trainer.max_steps must be >= 1, got -3"),
+    ("trainer.learning_rate=0", "trainer.learning_rate must be > 0, got 0.0"),
+    ("trainer.learning_rate=-1e-5", "trainer.learning_rate must be > 0, got -1e-05"),
+    ("trainer.learning_rate=nan", "trainer.learning_rate must be a finite number, got nan"),
+    ("grpo.beta=-0.1", "grpo.beta must be >= 0, got -0.1"),
+    ("generation.temperature=-1", "generation.temperature must be >= 0, got -1.0"),
+    ("generation.top_p=1.5", "generation.top_p must be in (0, 1], got 1.5"),
+    ("generation.top_p=0", "generation.top_p must be in (0, 1], got 0.0"),
+    ("model.lora_dropout=1", "model.lora_dropout must be in [0, 1), got 1.0"),
+    ("trainer.adam_beta2=1.0", "trainer.adam_beta2 must be in [0, 1), got 1.0"),
+    ("data.max_problems=0", "data.max_problems must be >= 1, got 0"),
+    ("rewards.weights=[1, .inf, 1]", "rewards.weights must be a finite number, got [1.0, inf, 1.0]"),
+])
+def test_settings_out_of_range_are_caught_when_the_config_is_built(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_every_preset_passes_the_range_checks(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("{}\n")
+    load_config(f)  # the dataclass defaults
+    load_config()  # the embedded preset
+    assert load_config(None, ["data.max_problems=null", "grpo.epsilon_high=null"]).data.max_problems is None
+
+
+def test_an_empty_yaml_file_is_a_clear_error(tmp_path):
+    f = tmp_path / "empty.yaml"
+    f.write_text("\n# nothing here\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml: the file is empty; put `\{\}` in it"):
+        load_config(f)
+
+
+def test_an_override_without_equals_that_is_no_file_says_so():
+    with pytest.raises(ConfigError, match=r"config file not found: trainer.max_steps \(and not an override either: "
+                                          r"an override looks like section.key=value\)"):
+        load_config("trainer.max_steps")

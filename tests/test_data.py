@@ -456,3 +456,64 @@ def test_inspect_source_shows_columns_rows_gold_and_drops(tmp_path):
     for problem, gold in kept:
         assert f"problem: {problem}" in out and f"gold: {gold}" in out
     assert "problem <- problem" in inspect_source("arithmetic", cfg(arithmetic_size=5))
+
+
+# --- rows read wrongly without a word (issue 16) ----------------------------------------------------------
+
+@pytest.mark.parametrize("text,line,fields", [
+    ("problem,answer\nWhat is 1,000 + 2?,1002\nWhat is 3 + 4?,7\n", 2, 3),  # an unquoted comma in the first row
+    ("problem,answer\nWhat is 3 + 4?,7\nWhat is 5 + 1?\n", 3, 1),  # a row cut short
+])
+def test_a_csv_row_whose_field_count_disagrees_with_the_header_names_file_and_line(tmp_path, text, line, fields):
+    path = tmp_path / "shift.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=rf"shift\.csv: line {line}: {fields} fields, but the header has 2 "
+                                        rf"\(problem, answer\); quote a value that holds a comma"):
+        load_problems(cfg(source=str(path), solution_column=None, answer_column="answer", **ALL))
+    path.write_text('problem,answer\n"What is 1,000 + 2?",1002\n')  # quoted: read as one field
+    ps = load_problems(cfg(source=str(path), solution_column=None, answer_column="answer", **ALL))
+    assert [(p.problem, p.gold) for p in ps.train] == [("What is 1,000 + 2?", "1002")]
+
+
+def test_golds_that_are_not_scalars_are_dropped_and_named(tmp_path):
+    rows = [{"problem": "a", "answer": True}, {"problem": "b", "answer": [9]}, {"problem": "c", "answer": "5"},
+            {"problem": "d", "answer": {"a": 1}}, {"problem": "e", "answer": 7}, {"problem": "f", "answer": [1, 2]}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    ps = load_problems(cfg(source=str(path), solution_column=None, answer_column="answer", **ALL))
+    assert sorted(p.gold for p in ps.train) == ["5", "7"]
+    assert "kept 2 of 6: 2 answer not text or a number (answer holds a list), 1 answer not text or a number " \
+           "(answer holds a bool), 1 answer not text or a number (answer holds a dict)" in ps.report
+    assert "  dropped, answer not text or a number (answer holds a list): rows 1, 5" in ps.report
+    assert "  dropped, answer not text or a number (answer holds a bool): row 0" in ps.report
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv", "json"])
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path, ext):
+    path = tmp_path / f"latin1.{ext}"
+    body = {"jsonl": b'{"problem": "a", "solution": "\\\\boxed{1}"}\n{"problem": "caf\xe9"}\n',
+            "csv": b"problem,solution\ncaf\xe9,c\n", "json": b'[{"problem": "a"},\n{"problem": "caf\xe9"}]'}[ext]
+    path.write_bytes(body)
+    with pytest.raises(DataError, match=rf"latin1\.{ext}: line 2: not UTF-8 text \(byte 0xe9"):
+        read_rows(str(path))
+
+
+def test_the_report_names_dropped_rows_and_warns_of_conflicting_duplicates(tmp_path, caplog):
+    rows = [{"problem": "p0", "solution": "\\boxed{4}"}, {"problem": "p1", "solution": "none"},
+            {"problem": " p0 ", "solution": "\\boxed{5}"}, {"problem": "p0", "solution": "\\boxed{4}"}]
+    rows += [{"problem": "", "solution": "\\boxed{1}"} for _ in range(7)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    ps = load_problems(cfg(source=str(path), **ALL))
+    assert "kept 1 of 11: 7 empty problem, 2 duplicate problem, 1 no answer found" in ps.report
+    assert "  dropped, empty problem: rows 4, 5, 6, 7, 8 and 2 more" in ps.report
+    assert "  dropped, duplicate problem: rows 2, 3" in ps.report and "  dropped, no answer found: row 1" in ps.report
+    conflict = "1 duplicate problem(s) with another gold than their first occurrence (the first is kept): " \
+               "row 2 (gold '5') repeats row 0 (gold '4')"
+    assert conflict in ps.report and conflict in caplog.text  # row 3 repeats it with the same gold: no conflict
+
+
+def test_answer_mod_on_a_non_integer_answer_drops_the_row_and_says_why(tmp_path):
+    rows = [{"problem": "a", "solution": "\\boxed{2024}"}, {"problem": "b", "solution": "\\boxed{\\frac{1}{3}}"},
+            {"problem": "c", "solution": "\\boxed{x+1}"}]
+    ps = load_problems(cfg(source=str(write_jsonl(tmp_path / "m.jsonl", rows)), answer_mod=1000, **ALL))
+    assert [p.gold for p in ps.train] == ["24"]
+    assert "  dropped, answer not an integer (data.answer_mod is set): rows 1, 2" in ps.report
