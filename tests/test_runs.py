@@ -272,3 +272,10 @@ def test_a_reward_that_is_always_none_warns_once(caplog):
             rs.score(["\\boxed{1}", "no"], gold=["1", "2"])
     warned = [r for r in caplog.records if "returned None for every completion" in r.getMessage()]
     assert len(warned) == 1 and "'never'" in warned[0].getMessage()
+
+
+def test_a_run_name_taken_by_a_run_that_never_started_says_so(tmp_path):
+    cfg = load_config(None, [f"trainer.output_dir={tmp_path}", "trainer.run_name=r"], base={})
+    create_run_dir(cfg)  # e.g. a typo in data.source made it stop before step 1
+    with pytest.raises(RunDirError, match="holds a run that has not logged a step .* delete that folder"):
+        create_run_dir(cfg)

@@ -81,10 +81,14 @@ def create_run_dir(cfg: Config, clock=time.strftime) -> Path:
         raise RunDirError(f"trainer.output_dir={out}: cannot create the folder: {os_reason(e, out)}") from None
     if t.run_name:
         run = out / t.run_name
-        if not _claim(run, cfg):
+        if _claim(run, cfg):
+            return run
+        if any((run / f).exists() for f in RUN_FILES[1:]):
             raise RunDirError(f"trainer.run_name={t.run_name}: {run} already holds a run; resume it with "
                               f"--resume {run}, or choose another run_name (a new run never reuses a folder)")
-        return run
+        raise RunDirError(f"trainer.run_name={t.run_name}: {run} holds a run that has not logged a step (it is "
+                          f"starting now, or it failed before its first step): delete that folder or choose "
+                          f"another run_name")
     stamp = clock("%Y%m%d-%H%M%S")
     for i in range(1, 1000):  # runs started in the same second: -2, -3, ...
         run = out / (stamp if i == 1 else f"{stamp}-{i}")
