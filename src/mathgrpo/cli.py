@@ -1,6 +1,6 @@
 """The `mathgrpo` command line.
 
-    mathgrpo train [cfg.yaml] [section.key=value ...] [--resume [RUN|CKPT|latest]]
+    mathgrpo train [cfg.yaml] [section.key=value ...] [--resume [RUN|CKPT|latest]] [--resume-changing KEY]
     mathgrpo eval  [cfg.yaml] [--model M] [--adapter RUN] [--baseline] [overrides]
     mathgrpo report RUN_DIR
     mathgrpo data inspect SOURCE [overrides]
