@@ -267,8 +267,8 @@ def train(cfg: Config, quiet: bool = False, *, model=None, tokenizer=None, data:
 def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, prompts, reward_funcs,
            callbacks) -> Path:
     world.share(cfg.trainer.prompts_per_step)  # a global batch that does not split fails before any work
+    data = data or load_problems(cfg.data, seed=cfg.trainer.seed)  # (bad data: no run folder is made)
     run, resume_from = world.broadcast_object(make_run_dir(cfg) if world.is_main else None)
-    data = data or load_problems(cfg.data, seed=cfg.trainer.seed)
     depends = runs.fingerprints(data)  # checked on resume before any model is loaded
     changes = runs.check_resume(resume_from, cfg, depends) if resume_from is not None else {}
     seed_everything(cfg.trainer.seed)
