@@ -233,6 +233,8 @@ def test_an_error_in_a_reward_at_step_2_saves_then_resumes_exactly(straight, tin
         train(_cfg(tiny_model_dir, tmp_path, straight[1], **opts), quiet=True)
     run = tmp_path / "run"
     assert [c.name for c in ckpt.list_checkpoints(run)] == ["checkpoint-1"]
+    state = json.loads((run / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["sampler"]["position"] == 2  # where step 2 began, not after its draw of 2 problems
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert f"step 2 failed (RewardError); saved checkpoint {run / 'checkpoints' / 'checkpoint-1'}" in caplog.text
     monkeypatch.delenv("MATHGRPO_TEST_FAIL_AT")
@@ -242,6 +244,21 @@ def test_an_error_in_a_reward_at_step_2_saves_then_resumes_exactly(straight, tin
     wb = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_an_error_after_the_update_saves_that_step(straight, tiny_model_dir, tmp_path, caplog):
+    def callback(step, metrics):
+        if step == 2:
+            raise RuntimeError("a bug in a callback")
+
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="a bug in a callback"):
+        train(_cfg(tiny_model_dir, tmp_path, straight[1], **{"trainer.save_steps": 10}), quiet=True,
+              callbacks=[callback])
+    run = tmp_path / "run"
+    assert [c.name for c in ckpt.list_checkpoints(run)] == ["checkpoint-2"]
+    state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["sampler"]["position"] == 4
+    assert "step 2 failed (RuntimeError); saved checkpoint" in caplog.text
 
 
 def test_a_full_disk_at_checkpoint_time_keeps_the_previous_one(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -246,10 +246,12 @@ class SaveOnError:
     before it propagates. Call `begin(step, sampler_state)` first thing in every step.
 
     Which state is saved follows from the scheduler's count (it steps once per optimizer step): the
-    previous step's (its sampler position, the exact resume point) when the step failed before its update,
-    this step's when it failed after it; in the middle of an update (num_iterations > 1) only the weights
-    are saved. A failed checkpoint write is not retried, and nothing is saved when nothing was trained
-    since the run (or resume) began or when the model is sharded (the save would need every rank)."""
+    previous step's (with its sampler position: the exact resume point) when the step failed before its
+    update, this step's when it failed after it, only the weights when it failed in the middle of an update
+    (num_iterations > 1). (A failure between `optimizer.step()` and `scheduler.step()`, two adjacent calls,
+    would pass for "before the update".) A failed checkpoint write is not retried, and nothing is saved when
+    nothing was trained since the run (or resume) began, or when the model is sharded (the save needs every
+    rank)."""
 
     def __init__(self, run: Path, model, optimizer, scheduler, cfg: Config, world: World, state_of, start: int):
         self.run, self.model, self.optimizer, self.scheduler = run, model, optimizer, scheduler

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in _FS_ERRORS:
             raise
         # a full disk, a read-only or forbidden folder: the path and the reason, not a traceback
-        print(f"mathgrpo {args.command}: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mathgrpo {args.command}: error: {where}{e.strerror}", file=sys.stderr)
         return 2
 
 
