@@ -216,7 +216,9 @@ def test_torchrun_fsdp_trains_evaluates_and_writes_a_plain_model(fsdp_run, tiny_
 def test_torchrun_fsdp_resume_repeats_the_run_on_two_ranks_and_continues_on_one(fsdp_run, tiny_model_dir, tmp_path):
     run, _ = fsdp_run
     broken = _broken_copy(run, tmp_path / "out" / "run", final="model")
-    _torchrun(tmp_path, _full_overrides(tiny_model_dir, tmp_path / "out", **{"trainer.resume": str(broken)}))
+    # the run evaluated at the end; its resumes do not (a change the resume must be allowed to make)
+    same = {"trainer.resume_changing": "[trainer.eval_at_end]"}
+    _torchrun(tmp_path, _full_overrides(tiny_model_dir, tmp_path / "out", **{"trainer.resume": str(broken)}, **same))
     a, b = _jsonl(run / "metrics.jsonl"), _jsonl(broken / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3] and b[2]["reward"] == a[2]["reward"]
     assert b[2]["loss"] == pytest.approx(a[2]["loss"], abs=1e-6)
@@ -226,7 +228,7 @@ def test_torchrun_fsdp_resume_repeats_the_run_on_two_ranks_and_continues_on_one(
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
     # one process (replicated weights) continues the sharded run from its checkpoint; the sampler position is global
     single = _broken_copy(run, tmp_path / "one" / "run", final="model")
-    cfg = load_config(None, _full_overrides(tiny_model_dir, tmp_path / "one", **{"trainer.resume": str(single)}),
+    cfg = load_config(None, _full_overrides(tiny_model_dir, tmp_path / "one", **{"trainer.resume": str(single)}, **same),
                       base={})
     assert train(cfg, quiet=True) == single
     problems = lambda r: [c["problem"] for c in _jsonl(r / "completions.jsonl") if c["step"] == 3]  # noqa: E731

@@ -169,7 +169,8 @@ def check_resume(ckpt: Path, cfg: Config, depends: dict) -> dict[str, tuple]:
     except (OSError, yaml.YAMLError, json.JSONDecodeError) as e:
         raise ResumeError(f"{ckpt}: cannot read its config.yaml / trainer_state.json: {e}") from None
     changes = config_changes(old_cfg, cfg)
-    refused = [f"  {k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changes.items() if k not in allowed]
+    refused = [f"  {k}: {a!r} in the checkpoint, {b!r} now" + ("" if _changeable(k) else " (cannot change on resume)")
+               for k, (a, b) in changes.items() if k not in allowed]
     old = state.get("depends")
     if old is None:
         log.warning("%s was written before checkpoints recorded their data; the data is not checked", ckpt)
