@@ -162,7 +162,7 @@ def check_resume(ckpt: Path, cfg: Config, depends: dict) -> dict[str, tuple]:
         if not _changeable(key):
             raise ConfigError(f"trainer.resume_changing: '{key}' cannot change on resume (the checkpoint's "
                               f"weights, optimizer, scheduler and data position were made for it); keys that "
-                              f"can: {', '.join(CHANGEABLE)}")
+                              f"can: {', '.join(c + '*' if c.endswith('.') else c for c in CHANGEABLE)}")
     try:
         old_cfg = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
         state = json.loads((ckpt / "trainer_state.json").read_text())
