@@ -132,3 +132,52 @@ def test_the_loop_groups_advantages_by_prompt_and_logs_the_kl_to_the_base_model(
             assert kl == 0.0  # a fresh adapter: the policy is the base model
     assert seen[-1][2] > 1e-4  # later steps have moved away from it
     assert any(a.abs().sum() > 0 for _, a, _, _ in seen)
+
+
+class _Ranks:
+    """Stands in for a World of `size` ranks whose rows are `parts` (gather_objects concatenates in rank order)."""
+
+    def __init__(self, rank, parts):
+        self.rank, self.size, self.parts = rank, len(parts), parts
+
+    def gather_objects(self, items):
+        torch.testing.assert_close(items[0], self.parts[self.rank], equal_nan=True)
+        return list(self.parts)
+
+
+@pytest.mark.parametrize("scale", ["batch", "group"])
+def test_rank_advantages_use_the_global_batch(scale):
+    """With several ranks, scale_rewards=batch divides by the std of every rank's rewards (TRL), and an unscorable
+    completion (every reward None) gets advantage 0 and stays out of its group's statistics."""
+    gen = torch.Generator().manual_seed(0)
+    per = [torch.rand(8, 2, generator=gen) * torch.tensor([1.0, 5.0 * r + 1]) for r in range(2)]  # rank 1 spreads more
+    per[1][5] = float("nan")
+    totals = [p.nan_to_num(0.0).sum(1) for p in per]
+    parts = [T.unscorable_as_nan(p, t) for p, t in zip(per, totals)]
+    everyone = T.group_advantages(torch.cat(parts), 4, scale)
+    for r in range(2):
+        got = T.rank_advantages(_Ranks(r, parts), per[r].numpy(), totals[r].numpy(), 4, scale)
+        torch.testing.assert_close(got, everyone[8 * r:8 * (r + 1)])
+    own = T.group_advantages(parts[0], 4, scale)
+    assert (scale == "group") == torch.allclose(own, everyone[:8])  # only "batch" needs the other rank
+    assert T.rank_advantages(_Ranks(1, parts), per[1].numpy(), totals[1].numpy(), 4, scale)[5] == 0.0
+
+
+def test_the_reference_of_an_adapted_model_is_its_starting_adapter(tiny_model_dir, base_model, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path)
+    model, _ = load_model(cfg.model, trainable=True)
+    comp, _ = _rollout()
+    logps = lambda m: naive_logps(m, comp.prompt_ids, comp.completion_ids, TEMP)  # noqa: E731
+    assert Reference(model, 0.04, True).adapter is None  # fresh adapter (B = 0): switching it off is exact
+    with torch.no_grad():
+        for n, p in _trainable(model).items():
+            p.add_(torch.randn_like(p) * 0.3)
+        start = logps(model)
+        ref = Reference(model, 0.04, True)  # e.g. a trained PeftModel handed to the front door
+        for p in _trainable(model).values():  # training moves the adapter
+            p.add_(torch.randn_like(p) * 0.3)
+        live = logps(model)
+        with ref.context(model) as rm:
+            torch.testing.assert_close(logps(rm), start)
+        torch.testing.assert_close(logps(model), live)  # the live adapter is back
+        assert (live - start).abs().max() > 1e-3 and (start - logps(base_model)).abs().max() > 1e-3
