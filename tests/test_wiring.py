@@ -91,10 +91,10 @@ def test_second_iteration_equals_a_naive_clipped_update(tiny_model_dir, base_mod
     got = {n: p.grad for n, p in _trainable(model).items()}
     for n in want:
         scale = want[n].abs().max().item()
-        assert scale > 0 and (got[n] - want[n]).abs().max().item() < 1e-4 * scale, n
+        assert scale > 0 and (got[n] - want[n]).abs().max().item() < 1e-5 * scale, n  # measured: 2.8e-6
     # logged: the mean over both iterations, token-weighted; the first iteration has ratio 1, KL 0, nothing clipped
-    assert metrics["clip_ratio/region"] == pytest.approx(clipped / 2, rel=1e-5)
-    assert metrics["kl"] == pytest.approx(kl2 / 2, rel=1e-4)
+    assert metrics["clip_ratio/region"] == pytest.approx(clipped / 2, rel=1e-6)
+    assert metrics["kl"] == pytest.approx(kl2 / 2, rel=1e-5)  # measured: 3e-6 (fp32, chunked vs full logits)
     assert metrics["num_tokens"] == mask.sum().item()
 
 
@@ -127,7 +127,7 @@ def test_the_loop_groups_advantages_by_prompt_and_logs_the_kl_to_the_base_model(
             want = [0.0] * G if len(set(r)) == 1 else \
                 [(x - statistics.mean(r)) / (statistics.stdev(r) + 1e-4) for x in r]
             torch.testing.assert_close(adv[i:i + G], torch.tensor(want), atol=1e-5, rtol=1e-5)
-        assert metrics["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-9)
+        assert metrics["kl"] == pytest.approx(kl, rel=1e-5, abs=1e-9)  # measured: 2.5e-6
         if step == 1:
             assert kl == 0.0  # a fresh adapter: the policy is the base model
     assert seen[-1][2] > 1e-4  # later steps have moved away from it
