@@ -175,7 +175,7 @@ def test_two_ranks_update_like_an_independent_naive_reference(two_rank_updates, 
     for k, p in model.named_parameters():
         if p.requires_grad:
             scale = p.grad.abs().max().item()
-            assert scale > 0 and (two["grads"][k] - p.grad).abs().max().item() < 1e-4 * scale, k
+            assert scale > 0 and (two["grads"][k] - p.grad).abs().max().item() < 3e-6 * scale, k  # measured: 7e-7
 
 
 def test_bnpo_averages_the_ranks_own_token_means(two_rank_updates, tiny_model_dir, tmp_path):

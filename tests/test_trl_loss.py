@@ -14,6 +14,7 @@ import pytest
 import torch
 
 trl = pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
 
 from mathgrpo.distributed import SINGLE  # noqa: E402
 from mathgrpo.loss import bnpo_row_norms, effective_mask, grpo_loss  # noqa: E402
@@ -57,8 +58,6 @@ def tiny_dir(tmp_path_factory, smol_tokenizer):
 
 
 def _trl_trainer(model_dir, tokenizer, opts, out):
-    from datasets import Dataset
-
     args = trl.GRPOConfig(output_dir=str(out), bf16=False, use_cpu=True, report_to="none", **opts)
     tr = trl.GRPOTrainer(model=model_dir, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
                          args=args, train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}), processing_class=tokenizer)
@@ -180,3 +179,35 @@ def test_policy_update_gradient_equals_trls(tiny_dir, smol_tokenizer, tmp_path, 
     m = policy_update(model, optimizer, scheduler, reference, comp, adv, cfg, SINGLE, keep_grads=True)
     assert m["loss"] == pytest.approx(want, rel=LOSS_RTOL, abs=1e-9)
     _assert_grads_close(_grads(model), want_grads)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_advantages_equal_trls(tiny_dir, smol_tokenizer, tmp_path, scale):
+    """Advantages of TRL's own `_generate_and_score_completions` (generation stubbed out) against the trainer's path
+    (RewardSet with the front door's weights, then rank_advantages): weighted sums, None rewards, an unscorable row."""
+    from mathgrpo.rewards import RewardSet
+    from mathgrpo.trainer import rank_advantages
+
+    r1 = [1.0, 0.0, None, 1.0, 0.5, 2.0, 0.0, 0.3]
+    r2 = [0.2, None, None, 0.1, None, 1.0, 0.4, 0.0]  # row 2: no reward applies
+    def first(completions, **kw):
+        return r1
+
+    def second(completions, **kw):
+        return r2
+
+    funcs = [first, second]
+    opts = {"per_device_train_batch_size": N, "num_generations": G, "scale_rewards": scale, "reward_weights": [1.0, 0.5]}
+    args = trl.GRPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", **opts)
+    tr = trl.GRPOTrainer(model=tiny_dir, reward_funcs=funcs, args=args, processing_class=smol_tokenizer,
+                         train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}))
+    tr.model.train()
+    ids = [[10 + i, 11, smol_tokenizer.eos_token_id] for i in range(N)]
+    tr._generate = lambda prompts: ([[5, 6, 7]] * N, ids, None, ["x"] * N, None, {}, None, None)
+    want = tr._generate_and_score_completions([{"prompt": "a"}] * G + [{"prompt": "b"}] * G)["advantages"]
+
+    cfg = GRPOConfig(str(tmp_path), bf16=False, max_steps=1, **opts).to_mathgrpo_config(on_cuda=False)
+    per, total = RewardSet(list(zip(funcs, cfg.rewards.weights))).score(["x"] * N)
+    got = rank_advantages(SINGLE, per, total, cfg.grpo.num_generations, cfg.grpo.scale_rewards)
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-7)  # measured: 1.2e-7 (float32)
+    assert got[2] == 0.0
