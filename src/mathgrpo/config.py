@@ -120,7 +120,7 @@ class GRPOConfig:
     importance_sampling_level: str = "token"  # token / sequence (GSPO: one length-normalised ratio per completion)
     sapo_temperature_pos: float = 1.0  # sapo: gate temperature for tokens with positive advantage
     sapo_temperature_neg: float = 1.05  # sapo: gate temperature for tokens with non-positive advantage
-    bnpo_batch_rows: int | None = None  # bnpo: rows per token-mean batch (TRL: per_device_train_batch_size); None = a rank's rollout
+    bnpo_batch_rows: int | None = None  # bnpo: rows per token-mean batch (TRL: per_device_train_batch_size); None: a rank's rows
 
 
 @dataclass
