@@ -89,7 +89,7 @@ def test_math500_answer_column_and_solution_only():
         assert p.extra["unique_id"] == rows[int(p.id)]["unique_id"]
     solution_only = load_problems(cfg(source=str(path), **ALL)).train
     exact = sum(p.gold == rows[int(p.id)]["answer"] for p in solution_only)
-    assert exact >= 0.99 * len(rows), f"only {exact}/{len(rows)} solutions give the answer column"
+    assert exact == len(rows) == 500, f"only {exact}/{len(rows)} solutions give the answer column"
     for p in solution_only:  # agrees with the plain brace-counting reference wherever that one applies
         ref = ref_last_boxed(rows[int(p.id)]["solution"])
         if ref is not None and "\\fbox" not in rows[int(p.id)]["solution"]:
@@ -107,8 +107,8 @@ def test_math_problems_parquet_matches_math500_answers():
                for line in (SHARED / "math500/test.jsonl").read_text().splitlines()}
     ps = load_problems(cfg(source=str(path), answer_column="answer" if "answer" in columns else None, **ALL))
     common = [p for p in ps.train if p.problem in answers]
-    assert len(common) >= 0.9 * len(ps.train)
-    assert sum(p.gold == answers[p.problem] for p in common) >= 0.99 * len(common)
+    assert len(common) == len(ps.train) == 500  # measured: all 500 are MATH-500 problems
+    assert sum(p.gold == answers[p.problem] for p in common) == 500
 
 
 @needs_shared

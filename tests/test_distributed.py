@@ -51,7 +51,8 @@ def _free_port() -> int:
 def _cfg(model_dir, out, **extra):
     # No gradient clipping, so gradients can be compared as computed; small micro-batches, so ranks run
     # different numbers of them (rank 0 holds the long completions).
-    extra = {"trainer.max_grad_norm": 1e9, "trainer.max_tokens_per_microbatch": 40, "model.lora_dropout": 0.0, **extra}
+    extra = {"trainer.max_grad_norm": 1e9, "trainer.max_tokens_per_microbatch": 40, "model.lora_dropout": 0.0,
+             "generation.temperature": 0.7, **extra}
     return load_config(None, tiny_overrides(model_dir, out, **extra), base={})
 
 
@@ -100,6 +101,7 @@ def _update(cfg, comp, adv, world) -> dict:
     model = _model(cfg)
     optimizer, scheduler = make_optimizer(model, cfg)
     ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
+    ref.adapter = None  # the KL to the base model, as in a run from a fresh adapter (these adapters are random)
     metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world, keep_grads=True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return {"metrics": metrics, "weights": {n: p.detach().clone() for n, p in named},
@@ -150,6 +152,30 @@ def test_two_ranks_update_like_one_rank_over_the_same_global_batch(two_rank_upda
     start = _model(cfg)
     moved = [k for k, p in start.named_parameters() if p.requires_grad and not torch.equal(p, one["weights"][k])]
     assert moved  # the update did something, so equal weights mean equal updates
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "full"])
+def test_two_ranks_update_like_an_independent_naive_reference(two_rank_updates, tiny_model_dir, tmp_path, name):
+    """The 2-rank gradient against tests/naive_grpo.py over the global batch: full logits from the model's own forward,
+    the plain objective, the KL to the base model loaded on its own (full fine-tuning: to the starting weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from naive_grpo import naive_logps, naive_loss
+
+    cfg = _cfg(tiny_model_dir, tmp_path, **CASES[name])
+    comp, adv = _rollout()
+    model = _model(cfg)
+    logp = naive_logps(model, comp.prompt_ids, comp.completion_ids, cfg.generation.temperature)
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir) if cfg.model.lora else model
+        ref = naive_logps(base, comp.prompt_ids, comp.completion_ids, cfg.generation.temperature)
+    naive_loss(logp, None, ref, adv, comp.completion_mask, beta=cfg.grpo.beta, loss_type=cfg.grpo.loss_type,
+               max_len=cfg.generation.max_new_tokens).backward()
+    two = torch.load(two_rank_updates / f"{name}.pt")
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            scale = p.grad.abs().max().item()
+            assert scale > 0 and (two["grads"][k] - p.grad).abs().max().item() < 3e-6 * scale, k  # measured: 7e-7
 
 
 def test_bnpo_averages_the_ranks_own_token_means(two_rank_updates, tiny_model_dir, tmp_path):

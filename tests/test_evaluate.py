@@ -413,3 +413,17 @@ def test_run_eval_bad_input(tokenizer, tiny_dir, tmp_path):
         run_eval(Config(), adapter=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="--baseline"):
         run_eval(Config(), model_path=str(tiny_dir), baseline=True)
+
+
+def test_evaluation_judges_values_leniently_while_the_reward_stays_strict(tokenizer, monkeypatch):
+    from mathgrpo.prompts import PromptBuilder
+
+    texts = ["\\boxed{8\\text{ cm}^2}", "so \\boxed{2\\times4=8}", "\\boxed{4+4}", "\\boxed{0.8\\times10^1}"]  # gold 8
+    monkeypatch.setitem(SCRIPT, 4, (texts, None))
+    cfg = small_cfg(num_samples=4, max_problems=None)
+    builder = PromptBuilder(tokenizer, cfg.prompt, None)
+    rollout = ScriptedRollout(tokenizer, {tuple(builder.ids(p.problem)): int(p.id) for p in PROBLEMS})
+    rec = {r["id"]: r for r in evaluate(None, tokenizer, PROBLEMS, cfg, rollout=rollout).records}["4"]
+    assert [s["correct"] for s in rec["samples"]] == [True, True, False, True]  # `4+4` is the question, not a value
+    assert rec["maj_answer"] == "8" and rec["maj@4"] is True and rec["n_correct"] == 3
+    assert [s["rewards"]["accuracy"] for s in rec["samples"]] == [0.0, 0.0, 0.0, 0.0]  # training's guard

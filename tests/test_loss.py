@@ -11,13 +11,16 @@ import torch
 from mathgrpo.loss import (
     ADVANTAGE_SCALINGS,
     LOSS_NORMALIZERS,
+    POLICY_TERMS,
+    bnpo_row_norms,
     chunked_token_logprobs,
     effective_mask,
     grpo_loss,
     group_advantages,
     kl_k3,
     selective_log_softmax,
-    truncated_is_weights,
+    token_means,
+    unscorable_as_nan,
     zero_std_fraction,
 )
 
@@ -28,13 +31,16 @@ LOSS_TYPES = sorted(LOSS_NORMALIZERS)
 
 def ref_advantages(rewards: list[float], g: int, scale: str, eps: float) -> list[float]:
     out = []
-    batch_std = statistics.stdev(rewards)
+    batch_std = statistics.stdev([r for r in rewards if not math.isnan(r)])
     for p in range(len(rewards) // g):
         grp = rewards[p * g : (p + 1) * g]
-        mu = statistics.mean(grp)
+        scored = [r for r in grp if not math.isnan(r)]  # an unscorable completion (NaN) joins no statistic
+        mu = statistics.mean(scored)
         for r in grp:
-            if scale == "group":
-                out.append((r - mu) / (statistics.stdev(grp) + eps))
+            if math.isnan(r):
+                out.append(0.0)
+            elif scale == "group":
+                out.append((r - mu) / (statistics.stdev(scored) + eps))
             elif scale == "batch":
                 out.append((r - mu) / (batch_std + eps))
             else:
@@ -47,11 +53,23 @@ def test_group_advantages_match_reference(scale):
     torch.manual_seed(0)
     rewards = torch.randint(0, 3, (12,)).float() + torch.rand(12) * (torch.rand(12) > 0.5)
     rewards[4:8] = 1.0  # a flat group: zero advantage, no division blow-up
+    rewards[9] = float("nan")  # every reward returned None for this completion
     got = group_advantages(rewards, 4, scale_rewards=scale, eps=1e-4)
     want = ref_advantages(rewards.tolist(), 4, scale, 1e-4)
     assert got.shape == (12,)
-    assert torch.allclose(got, torch.tensor(want), atol=1e-5)
-    assert torch.all(got[4:8] == 0)
+    torch.testing.assert_close(got, torch.tensor(want), atol=2e-7, rtol=2e-7)
+    assert torch.all(got[4:8] == 0) and got[9] == 0
+
+
+def test_unscorable_completion_is_left_out_as_trl_does():
+    # TRL 1.16 on rewards [1, 0, None, 1]: [0.577, -1.155, 0, 0.577] (the None row in no statistic)
+    per = torch.tensor([[1.0], [0.0], [float("nan")], [1.0]])
+    total = torch.nan_to_num(per.sum(1), nan=0.0)  # RewardSet's nansum gives the None row 0
+    adv = group_advantages(unscorable_as_nan(per, total), 4)
+    sd = statistics.stdev([1.0, 0.0, 1.0]) + 1e-4
+    torch.testing.assert_close(adv, torch.tensor([1 / 3 / sd, -2 / 3 / sd, 0.0, 1 / 3 / sd]), atol=1e-7, rtol=1e-6)
+    wrong = group_advantages(total, 4)  # the None row counted as 0 shifts every advantage of its group
+    assert (wrong - adv).abs().max() > 0.1
 
 
 def test_group_advantages_bad_input():
@@ -60,7 +78,7 @@ def test_group_advantages_bad_input():
     with pytest.raises(ValueError, match="scale_rewards"):
         group_advantages(torch.zeros(8), 4, scale_rewards="nope")
     with pytest.raises(ValueError, match="rows \\[2\\]"):
-        group_advantages(torch.tensor([0.0, 1.0, float("nan"), 1.0]), 2)
+        group_advantages(torch.tensor([0.0, 1.0, float("inf"), 1.0]), 2)
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(torch.zeros(4), 1)
 
@@ -70,6 +88,10 @@ def test_zero_std_fraction():
     groups = [rewards[i : i + 3].tolist() for i in range(0, 9, 3)]
     want = sum(len(set(g)) == 1 for g in groups) / len(groups)
     assert zero_std_fraction(rewards, 3) == pytest.approx(want)
+    rewards[3] = float("nan")  # the group [nan, 1, 0] still varies; [nan, 1, 1] would not
+    assert zero_std_fraction(rewards, 3) == pytest.approx(want)
+    rewards[5] = 1.0
+    assert zero_std_fraction(rewards, 3) == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -182,8 +204,8 @@ def test_kl_k3_reference_and_nonnegative():
 
 
 def ref_grpo_loss(logp, old, ref, adv, mask, loss_type, eps_low, eps_high, beta, max_len,
-                  seq_count=None, token_count=None):
-    """Loops over rows and tokens; the clipped objective written out case by case."""
+                  seq_count=None, token_count=None, bias_correction=True, tau=(1.0, 1.05)):
+    """Loops over rows and tokens; each loss type's objective written out case by case (TRL 1.16's formulas)."""
     n, t_len = mask.shape
     row_sums, row_lens = [], []
     for i in range(n):
@@ -193,7 +215,12 @@ def ref_grpo_loss(logp, old, ref, adv, mask, loss_type, eps_low, eps_high, beta,
             if not mask[i][t]:
                 continue
             r = torch.exp(logp[i, t] - old[i, t])
-            if a > 0:
+            if loss_type == "cispo":  # stop-gradient weight min(r, eps_high) on log p
+                obj = min(r.item(), eps_high) * a * logp[i, t]
+            elif loss_type == "sapo":  # a sigmoid gate around r = 1, temperature by the advantage's sign
+                tp = tau[0] if a > 0 else tau[1]
+                obj = torch.sigmoid(tp * (r - 1)) * 4 / tp * a
+            elif a > 0:
                 obj = r * a if r.item() <= 1 + eps_high else torch.tensor((1 + eps_high) * a)
             elif a < 0:
                 obj = r * a if r.item() >= 1 - eps_low else torch.tensor((1 - eps_low) * a)
@@ -202,15 +229,15 @@ def ref_grpo_loss(logp, old, ref, adv, mask, loss_type, eps_low, eps_high, beta,
             term = -obj
             if beta:
                 d = ref[i, t] - logp[i, t]
-                term = term + beta * (torch.exp(d) - d - 1)
+                term = term + beta * (torch.exp(d) - d - 1) * (r if bias_correction else 1.0)
             row, k = row + term, k + 1
         row_sums.append(row)
         row_lens.append(k)
     seqs = n if seq_count is None else seq_count
     toks = sum(row_lens) if token_count is None else token_count
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return sum(s / max(k, 1) for s, k in zip(row_sums, row_lens)) / seqs
-    if loss_type in ("bnpo", "dapo"):
+    if loss_type in ("bnpo", "dapo", "cispo"):
         return sum(row_sums) / max(toks, 1)
     if loss_type == "dr_grpo":
         return sum(row_sums) / (seqs * max_len)
@@ -231,40 +258,63 @@ def make_batch(seed=0, n=4, t=6):
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_grpo_loss_matches_reference(loss_type, beta):
+@pytest.mark.parametrize("beta,bias_correction", [(0.0, True), (0.04, True), (0.04, False)])
+def test_grpo_loss_matches_reference(loss_type, beta, bias_correction):
     logp, old, ref, adv, mask = make_batch()
-    kw = dict(epsilon_low=0.2, epsilon_high=0.28, beta=beta, max_completion_length=6)
+    eps_high = 1.3 if loss_type == "cispo" else 0.28  # cispo's epsilon_high is the ratio cap itself
+    kw = dict(epsilon_low=0.2, epsilon_high=eps_high, beta=beta, max_completion_length=6,
+              use_bias_correction_kl=bias_correction)
     x = logp.clone().requires_grad_()
     loss, metrics = grpo_loss(x, old, ref if beta else None, adv, mask, loss_type=loss_type, **kw)
     loss.backward()
     y = logp.clone().requires_grad_()
-    want = ref_grpo_loss(y, old, ref, adv, mask, loss_type, 0.2, 0.28, beta, 6)
+    want = ref_grpo_loss(y, old, ref, adv, mask, loss_type, 0.2, eps_high, beta, 6, bias_correction=bias_correction)
     want.backward()
     assert loss.item() == pytest.approx(want.item(), abs=1e-6)
-    assert torch.allclose(x.grad, y.grad, atol=1e-6)
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-6)
     assert (x.grad[~mask] == 0).all()
 
-    # Clip metrics against a loop over tokens (TRL's definition: clipping that removes the gradient).
+    # Clip metrics against a loop over tokens (TRL's definition: clipping that removes the gradient; cispo:
+    # the tokens whose weight the cap lowers).
     low = high = 0
     for i in range(4):
         for t in range(6):
             if mask[i, t]:
                 r = math.exp(logp[i, t] - old[i, t])
-                low += r < 0.8 and adv[i] < 0
-                high += r > 1.28 and adv[i] > 0
+                low += r < 0.8 and adv[i] < 0 and loss_type != "cispo"
+                high += r > (1.3 if loss_type == "cispo" else 1.28) and adv[i] > 0
     n_tok = mask.sum().item()
-    assert low > 0 and high > 0  # the batch really exercises both bounds
-    assert metrics["clip_ratio/low"] == pytest.approx(low / n_tok)
-    assert metrics["clip_ratio/high"] == pytest.approx(high / n_tok)
-    assert metrics["clip_ratio/region"] == pytest.approx((low + high) / n_tok)
+    assert high > 0 and (low > 0 or loss_type == "cispo")  # the batch really exercises the bounds
+    means = token_means(metrics)
+    assert means["clip_ratio/low"] == pytest.approx(low / n_tok)
+    assert means["clip_ratio/high"] == pytest.approx(high / n_tok)
+    assert means["clip_ratio/region"] == pytest.approx((low + high) / n_tok)
     assert metrics["num_tokens"] == n_tok
     if beta:
-        want_kl = kl_k3(logp, ref)[mask].mean().item()
-        assert metrics["kl"] == pytest.approx(want_kl, rel=1e-5)
+        ratio = torch.exp(logp - old) if bias_correction else 1.0
+        want_kl = (kl_k3(logp, ref) * ratio)[mask].mean().item()  # TRL logs the KL term as it enters the loss
+        assert means["kl"] == pytest.approx(want_kl, rel=1e-5)
     else:
-        assert "kl" not in metrics
+        assert "kl" not in means
     assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_bias_correction_changes_only_the_kl_gradient_on_policy():
+    # ratio == 1 in value, but d(kl * ratio)/d logp = d kl + kl: the gradient differs even on-policy (TRL's default)
+    logp, _, ref, adv, mask = make_batch(7)
+    grads = []
+    for corr in (True, False):
+        x = logp.clone().requires_grad_()
+        loss, _ = grpo_loss(x, None, ref, adv, mask, loss_type="dapo", beta=0.04, use_bias_correction_kl=corr)
+        loss.backward()
+        grads.append((loss.item(), x.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-7)  # same value
+    kl = kl_k3(logp, ref) * mask
+    torch.testing.assert_close(grads[0][1] - grads[1][1], 0.04 * kl / mask.sum(), atol=1e-7, rtol=1e-5)
+
+
+def test_policy_terms_cover_every_loss_type():
+    assert set(POLICY_TERMS) == set(LOSS_NORMALIZERS) >= {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"}
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -277,8 +327,8 @@ def test_logp_old_none_means_ratio_one(loss_type):
     ref_grpo_loss(y, logp, ref, adv, mask, loss_type, 0.2, 0.2, 0.0, 6).backward()
     assert torch.allclose(x.grad, y.grad, atol=1e-6)
     assert x.grad.abs().sum() > 0  # gradient flows although the ratio is exactly 1
-    assert metrics["ratio/mean"] == pytest.approx(1.0)
-    assert metrics["clip_ratio/region"] == 0.0
+    assert token_means(metrics)["ratio/mean"] == pytest.approx(1.0)
+    assert metrics["clip_ratio/region_sum"] == 0.0 or loss_type == "cispo"  # cispo caps at epsilon_high=0.2 < 1
 
 
 def test_beta_needs_reference_and_dr_grpo_needs_length():
@@ -325,13 +375,15 @@ def test_micro_batch_accumulation_equals_full_batch(loss_type):
     full.backward()
 
     y = logp.clone().requires_grad_()
-    token_count = effective_mask(mask, truncated, True).sum().item()
+    eff = effective_mask(mask, truncated, True)
+    token_count, row_norm = eff.sum().item(), bnpo_row_norms(eff)
     total = 0.0
     for rows in (slice(0, 1), slice(1, 4)):
         width = int(mask[rows].sum(-1).max())  # each micro-batch padded only to its own longest row
         cols = slice(0, width)
         part, _ = grpo_loss(y[rows, cols], old[rows, cols], ref[rows, cols], adv[rows], mask[rows, cols],
-                            seq_count=4, token_count=token_count, **{**kw, "truncated": truncated[rows]})
+                            seq_count=4, token_count=token_count, row_norm=row_norm[rows],
+                            **{**kw, "truncated": truncated[rows]})
         part.backward()
         total += part.item()
     assert total == pytest.approx(full.item(), abs=1e-6)
@@ -356,20 +408,18 @@ def test_sequence_level_importance_sampling():
     assert torch.allclose(x.grad, y.grad, atol=1e-6)
 
 
-def test_is_weights_scale_policy_term():
+def test_bnpo_is_the_mean_of_its_batches_token_means():
+    # TRL 1.16: each micro-batch of per_device_train_batch_size rows is a token mean, averaged over the K steps
     logp, old, ref, adv, mask = make_batch(5)
-    sampler = old - 0.3 * torch.rand_like(old)
-    w = truncated_is_weights(old, sampler, mask, cap=1.2)
-    assert (w <= 1.2).all() and (w[mask] >= 1.0).all()
-    got, _ = grpo_loss(logp, old, None, adv, mask, beta=0.0, loss_type="bnpo", is_weights=w)
-    per_tok = []
-    for i in range(4):
-        for t in range(6):
-            if mask[i, t]:
-                one = ref_grpo_loss(logp[i : i + 1, t : t + 1], old[i : i + 1, t : t + 1], None, adv[i : i + 1],
-                                    torch.ones(1, 1, dtype=torch.bool), "bnpo", 0.2, 0.2, 0.0, 1)
-                per_tok.append(one.item() * w[i, t].item())
-    assert got.item() == pytest.approx(sum(per_tok) / len(per_tok), abs=1e-6)
+    norms = bnpo_row_norms(mask, batch_rows=2)  # batches rows {0, 1} (9 tokens) and {2, 3} (6 tokens), K = 2
+    torch.testing.assert_close(norms, torch.tensor([18.0, 18.0, 12.0, 12.0]))
+    got, _ = grpo_loss(logp, old, ref, adv, mask, loss_type="bnpo", row_norm=norms)
+    halves = [grpo_loss(logp[r], old[r], ref[r], adv[r], mask[r], loss_type="bnpo")[0] for r in (slice(0, 2), slice(2, 4))]
+    assert got.item() == pytest.approx(sum(h.item() for h in halves) / 2, abs=1e-7)
+    dapo, _ = grpo_loss(logp, old, ref, adv, mask, loss_type="dapo")
+    assert abs(got.item() - dapo.item()) > 1e-3  # unequal batches: bnpo is not dapo
+    one = grpo_loss(logp, old, ref, adv, mask, loss_type="bnpo", row_norm=bnpo_row_norms(mask))[0]
+    assert one.item() == pytest.approx(dapo.item(), abs=1e-7)  # one batch: the same as dapo
 
 
 def test_padding_garbage_does_not_leak():

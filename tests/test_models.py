@@ -71,12 +71,13 @@ def test_nf4_on_cpu_is_a_clear_error(tiny_model_dir):
 def test_adapter_off_reference_equals_the_base_model(tiny_qwen_dir):
     model, _ = load_model(_cfg(tiny_qwen_dir), trainable=True)
     base, _ = load_model(_cfg(tiny_qwen_dir, lora=False))
-    _perturb_lora(model)
+    reference = Reference(model, beta=0.04, lora=True)  # at the start: a fresh adapter, the base model
+    _perturb_lora(model)  # training moves the adapter
     ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
     want = base(input_ids=ids).logits
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
-        with Reference(model, beta=0.04, lora=True).context(model) as ref:
+        with reference.context(model) as ref:
             got = ref(input_ids=ids).logits
         after = model(input_ids=ids).logits
     assert not torch.allclose(adapted, want, atol=1e-3)  # the adapter does change the model...

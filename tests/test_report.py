@@ -25,7 +25,7 @@ def fabricate_run(tmp_path, n_steps=12, with_times=True, with_kl=True):
         row = {"step": s, "loss": float(rng.normal()), "reward": acc + 0.5 * fmt, "reward_std": 0.3,
                "rewards/accuracy/mean": acc, "rewards/accuracy/std": 0.2,
                "rewards/format/mean": fmt, "rewards/format/std": 0.1, "frac_zero_std": 0.25,
-               "clip_ratio": 0.0, "completion_length_mean": 40.0 + s, "completion_length_max": 64,
+               "clip_ratio/region": 0.0, "completion_length_mean": 40.0 + s, "completion_length_max": 64,
                "truncated_frac": 0.1, "lr": 1e-5, "grad_norm": 0.5}
         if with_kl:
             row["kl"] = 0.001 * s
@@ -80,7 +80,7 @@ def test_report_reads_eval_summary_json_and_skips_missing_series(tmp_path):
     run, _ = fabricate_run(tmp_path, with_times=False, with_kl=False)
     (run / "eval_summary.json").write_text(json.dumps(eval_summary()))
     (run / "metrics.jsonl").write_text("".join(
-        json.dumps({k: v for k, v in json.loads(line).items() if k != "clip_ratio"}) + "\n"
+        json.dumps({k: v for k, v in json.loads(line).items() if k != "clip_ratio/region"}) + "\n"
         for line in (run / "metrics.jsonl").read_text().splitlines()))
     md_path, _ = write_report(run)
     md = md_path.read_text()
@@ -138,3 +138,12 @@ def test_eval_only_report(tmp_path):
     assert "| pass@1 | 0.500 |" in md
     assert "plots/length_hist.png" in md
     assert (out / "plots" / "length_hist.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_clip_plot_reads_the_key_the_trainer_logs():
+    from mathgrpo.report import plot_kl
+
+    # a run with beta=0 logs no kl, and its clip ratio as clip_ratio/region (tests/test_trainer.py checks that key)
+    rows = [{"step": s, "clip_ratio/region": 0.01 * s} for s in range(1, 6)]
+    fig, caption = plot_kl(rows, None)
+    assert fig is not None and "KL" in caption

@@ -86,6 +86,11 @@ def test_resume_repeats_the_straight_run_exactly(tiny_model_dir, tmp_path, extra
     assert resumed == broken
     a, b = _metrics(straight), _metrics(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
+    drawn = lambda run, step: [(c["problem"], c["completion"]) for c in  # noqa: E731
+                               map(json.loads, (run / "completions.jsonl").read_text().splitlines()) if c["step"] == step]
+    for step in (3, 4):  # the resumed run draws the same problems in the same order, and samples the same completions
+        assert drawn(resumed, step) == drawn(straight, step) and len(drawn(straight, step)) == 8
+    assert drawn(straight, 3) != drawn(straight, 1)  # (and those differ from step to step)
     for ra, rb in zip(a[2:], b[2:]):
         assert ra["reward"] == rb["reward"]
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)

@@ -203,13 +203,14 @@ def test_unknown_and_unsupported_options_are_named():
     assert cfg.ignored_options == {"optim": "adamw_8bit", "vllm_mode": "server"}
     with pytest.warns(TRLCompatWarning, match="use_vllm=True: mathgrpo generates with its own engine"):
         GRPOConfig(use_vllm=True)
-    with pytest.raises(ValueError, match="importance_sampling_level='sequence'"):
-        GRPOConfig(importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="delta=2.0"):
+        GRPOConfig(delta=2.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # TRL defaults ask for nothing different: no warning
-        GRPOConfig(use_vllm=False, optim="adamw_torch", importance_sampling_level="token", shuffle_dataset=True)
-    with pytest.raises(ValueError, match="grpo.loss_type: 'cispo'"):
-        GRPOConfig(loss_type="cispo", max_steps=1).to_mathgrpo_config()
+        GRPOConfig(use_vllm=False, optim="adamw_torch", importance_sampling_level="token", shuffle_dataset=True,
+                   use_bias_correction_kl=True, disable_dropout=False)
+    with pytest.raises(ValueError, match="grpo.loss_type: 'vespo'"):
+        GRPOConfig(loss_type="vespo", max_steps=1).to_mathgrpo_config()
     with pytest.raises(ValueError, match="lr_scheduler_type='polynomial'"):
         GRPOConfig(lr_scheduler_type="polynomial", max_steps=1).to_mathgrpo_config()
     with pytest.raises(ValueError, match="save_strategy='best'"):
@@ -245,6 +246,36 @@ def test_step_counts_and_mapping():
     assert cfg.trainer.max_steps == 5 and cfg.trainer.save_steps == 2 and cfg.grpo.num_iterations == 2
     with pytest.raises(ValueError, match="max_steps=-1 needs the dataset size"):
         GRPOConfig().to_mathgrpo_config()
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "bnpo"])
+def test_loss_options_map_without_warnings(loss_type):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every one of these is honoured as TRL 1.16 reads it
+        g = GRPOConfig(loss_type=loss_type, use_bias_correction_kl=False, importance_sampling_level="sequence",
+                       sapo_temperature_pos=0.5, sapo_temperature_neg=2.0, epsilon_high=5.0, per_device_train_batch_size=8,
+                       num_generations=4, max_steps=1, bf16=False).to_mathgrpo_config(on_cuda=False).grpo
+    assert (g.loss_type, g.use_bias_correction_kl, g.importance_sampling_level) == (loss_type, False, "sequence")
+    assert (g.sapo_temperature_pos, g.sapo_temperature_neg, g.epsilon_high) == (0.5, 2.0, 5.0)
+    assert g.bnpo_batch_rows == 8  # TRL's bnpo: a token mean per micro-batch of per_device_train_batch_size rows
+    assert GRPOConfig(max_steps=1, bf16=False).to_mathgrpo_config(on_cuda=False).grpo.use_bias_correction_kl
+
+
+def test_disable_dropout_is_honoured(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    ds = Dataset.from_dict({"prompt": ["1 + 1 =", "2 + 2 ="]})
+    for off in (False, True):
+        tr = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                         args=GRPOConfig(output_dir=str(tmp_path), max_steps=1, bf16=False, disable_dropout=off,
+                                         per_device_train_batch_size=2, num_generations=2),
+                         train_dataset=ds, peft_config=LoraConfig(r=2, lora_alpha=4, lora_dropout=0.3,
+                                                                  target_modules=["q_proj"]))
+        ps = {m.p for m in tr.model.modules() if isinstance(m, torch.nn.Dropout)}
+        assert ps == ({0.0} if off else {0.3}) and tr.cfg.model.lora_dropout == (0.0 if off else 0.3)
 
 
 def _tiny_trainer(model_dir, out, dataset, rewards, **args):
@@ -319,10 +350,13 @@ def test_a_peft_model_is_trained_as_given(trl_run, tiny_model_dir, tmp_path):
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(len(set(c))) for c in completions],
                           args=GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
                                           max_completion_length=4, max_steps=1, learning_rate=1e-2, bf16=False,
-                                          disable_tqdm=True),
+                                          disable_tqdm=True, beta=0.04, logging_steps=1),
                           train_dataset=Dataset.from_dict({"prompt": ["1 + 1 =", "2 + 2 ="]}))
     trainer.train()
     assert any(not torch.equal(v, before[k]) for k, v in _lora_state(trainer.model).items())
+    # The KL reference is the adapter as training started (TRL 1.16's frozen "ref" adapter), not the bare base: the
+    # first step's policy is the reference itself
+    assert trainer.state.log_history[0]["kl"] == 0.0
     for n, p in trainer.model.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, base_before[n]), n  # the base stays frozen

@@ -32,8 +32,8 @@ from fractions import Fraction
 from functools import lru_cache
 
 __all__ = [
-    "extract_boxed", "extract_gsm8k", "normalize_answer", "as_int", "is_equivalent",
-    "apply_answer_mod", "is_aimo_integer",
+    "extract_boxed", "extract_gsm8k", "normalize_answer", "as_int", "is_equivalent", "is_equivalent_lenient",
+    "lenient_value", "apply_answer_mod", "is_aimo_integer",
 ]
 
 # ----------------------------------------------------------------------------------- extraction
@@ -455,3 +455,47 @@ def is_equivalent(pred: str | None, gold: str | None, timeout: float = 2.0) -> b
     if p == g:
         return True
     return _equivalent_normalized(p, g, float(timeout))
+
+
+# ------------------------------------------------------------------------------ lenient judging (evaluation)
+
+_NUMBER = r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)"
+_SCIENTIFIC = re.compile(rf"({_NUMBER})\s*(?:\\times|\\cdot|\*|×)\s*10\s*\^\s*\{{?\s*([+-]?\d{{1,3}})\s*\}}?")
+_POWER_OF_TEN = re.compile(r"10\s*\^\s*\{?\s*([+-]?\d{1,3})\s*\}?")
+_UNIT_WORD = r"[a-zA-Z]+\.?(?:\s*\^\s*\{?\s*[23]\s*\}?)?"
+_WITH_UNIT = re.compile(rf"({_NUMBER})\s*{_UNIT_WORD}(?:\s*/\s*{_UNIT_WORD})?(?:\s+{_UNIT_WORD})*")
+
+
+def _plain(value: Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def lenient_value(answer: str | None) -> str | None:
+    """The plain value of an answer written in a form a grader reads unambiguously, else the answer unchanged:
+    the right-hand side of a final `=` (`3\\times4=12` -> `12`), a number followed by units (`8\\text{ cm}^2`,
+    `5 m/s` -> the number), scientific notation and powers of ten (`1.5\\times10^3` -> `1500`, `10^3` -> `1000`).
+    Arithmetic left undone (`11 - 3`, `3\\times 4`) stays as it is, so the strict guard still refuses it."""
+    if answer is None:
+        return None
+    s = normalize_answer(str(answer))
+    if "=" in s:
+        s = s.rsplit("=", 1)[1].strip()
+    if m := _WITH_UNIT.fullmatch(s):
+        s = m.group(1)
+    if m := _SCIENTIFIC.fullmatch(s):
+        s = _plain(Fraction(m.group(1)) * Fraction(10) ** int(m.group(2)))
+    elif m := _POWER_OF_TEN.fullmatch(s):
+        s = _plain(Fraction(10) ** int(m.group(1)))
+    return s
+
+
+def is_equivalent_lenient(pred: str | None, gold: str | None, timeout: float = 2.0) -> bool:
+    """`is_equivalent`, or the same on `lenient_value(pred)` when the gold has no `=` of its own: the judge of
+    pass@k and maj@k (evaluate.py). Training rewards keep `is_equivalent`, whose guard refuses every unevaluated
+    expression (a policy learns to box `2^{10}` or the question itself when that pays)."""
+    if is_equivalent(pred, gold, timeout):
+        return True
+    if pred is None or gold is None or "=" in str(gold):
+        return False
+    value = lenient_value(pred)
+    return value != normalize_answer(str(pred)) and is_equivalent(value, gold, timeout)

@@ -113,10 +113,15 @@ class GRPOConfig:
     beta: float = 0.04  # KL coefficient; 0 disables the reference model
     epsilon: float = 0.2  # PPO clip range of the importance ratio (lower side; upper too unless epsilon_high)
     epsilon_high: float | None = None  # defaults to epsilon
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo (TRL 1.16's formulas)
     scale_rewards: str = "group"  # group | batch | none
     num_iterations: int = 1  # mu: updates per rollout
     mask_truncated_completions: bool = False  # exclude completions cut at max_new_tokens from the loss (DAPO)
+    use_bias_correction_kl: bool = True  # KL term times the importance ratio (TRL 1.16's default; changes its gradient)
+    importance_sampling_level: str = "token"  # token / sequence (GSPO: one length-normalised ratio per completion)
+    sapo_temperature_pos: float = 1.0  # sapo: gate temperature for tokens with positive advantage
+    sapo_temperature_neg: float = 1.05  # sapo: gate temperature for tokens with non-positive advantage
+    bnpo_batch_rows: int | None = None  # bnpo: rows per token-mean batch (TRL: per_device_train_batch_size); None: a rank's rows
 
 
 @dataclass
@@ -345,7 +350,8 @@ _CHOICES = {
     "model.quantization": (None, "nf4"),
     "generation.backend": ("auto", "hf", "hf_unmerged", "fast"),
     "generation.lora_merge": ("copy", "in_place", "none"),
-    "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+    "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"),
+    "grpo.importance_sampling_level": ("token", "sequence"),
     "grpo.scale_rewards": ("group", "batch", "none"),
     "trainer.lr_scheduler": ("constant", "linear", "cosine"),
     "trainer.fsdp": ("auto", "on", "off"),
@@ -367,6 +373,8 @@ def validate(cfg: Config) -> None:
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1, got {v}")
+    if cfg.grpo.bnpo_batch_rows is not None and cfg.grpo.bnpo_batch_rows < 1:
+        raise ConfigError(f"grpo.bnpo_batch_rows must be >= 1 or null, got {cfg.grpo.bnpo_batch_rows}")
     if cfg.grpo.num_generations < 2:
         raise ConfigError("grpo.num_generations must be >= 2: group-relative advantages need a group")
     if not 0.0 <= cfg.data.test_fraction < 1.0:

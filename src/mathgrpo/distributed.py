@@ -27,8 +27,10 @@ How the loss is normalised (the contract of loss.py). One process over the globa
 T tokens) minimises L = sum_{i in R} l_i / D with D = N (grpo), T (dapo) or N * max_len (dr_grpo).
 Rank r minimises L_r = sum_{i in R_r} l_i / D_r; the averaged gradient (1/W) sum_r grad L_r equals
 grad L exactly when D_r = D / W, i.e. seq_count = N / W and token_count = T / W (`loss_counts`).
-"bnpo" keeps the rank-local token count (TRL normalises it per process): its gradient is the mean of
-the ranks' own token-mean gradients, equal to the 1-rank gradient only when ranks hold equal token counts.
+"bnpo" is normalised by the tokens of each rank's own local batches (TRL normalises it per process and
+micro-batch; loss.bnpo_row_norms): its gradient is the mean of the ranks' own token-mean gradients, equal to
+the 1-rank gradient only when ranks hold equal token counts. "scale_rewards=batch" divides by the std of
+the global batch: the trainer gathers every rank's rewards before computing advantages (rank_advantages).
 The logged loss is the mean of the ranks' losses, which is L.
 
 Eval sharding: `shard(items, rank, world)` splits contiguously, `gather_objects(items)` concatenates
@@ -46,7 +48,8 @@ import torch
 import torch.distributed as tdist
 
 # loss type -> whether its token count is rank-local (else global / W); see the module docstring.
-LOCAL_TOKEN_COUNT: dict[str, bool] = {"grpo": False, "dr_grpo": False, "dapo": False, "bnpo": True}
+LOCAL_TOKEN_COUNT: dict[str, bool] = {"grpo": False, "dr_grpo": False, "dapo": False, "bnpo": True, "cispo": False,
+                                     "sapo": False}
 
 RANK_SEED_STRIDE = 104_729_003  # far apart, so rank seeds and the trainer's seed + 1 never collide
 BUCKET_BYTES = 32 << 20  # gradients are averaged in flat buckets of at most this size

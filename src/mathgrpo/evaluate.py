@@ -148,7 +148,7 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     the whole result; rank r > 0 seeds its batches apart from rank 0, which seeds them as one process does."""
     import torch
 
-    from .answers import is_equivalent
+    from .answers import is_equivalent_lenient, lenient_value
     from .distributed import SINGLE, shard
     from .prompts import PromptBuilder
     from .rollout import make_rollout, sampling_from
@@ -201,9 +201,11 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     for i, p in enumerate(problems):
         rows = range(i * k, (i + 1) * k)
         answers = [ANSWER_EXTRACTORS[ev.answer](texts[j]) for j in rows]
-        correct = [a is not None and p.gold is not None and is_equivalent(a, p.gold) for a in answers]
-        maj = majority_vote(answers)
-        maj_ok = maj is not None and correct[answers.index(maj)]  # the winner is one of the answers
+        # judged as a grader would: `10^3`, `3\times4=12`, `8\text{ cm}^2` are values (rewards stay strict)
+        correct = [a is not None and p.gold is not None and is_equivalent_lenient(a, p.gold) for a in answers]
+        values = [lenient_value(a) for a in answers]  # votes count `10^3` and `1000` as one answer
+        maj = majority_vote(values)
+        maj_ok = maj is not None and correct[values.index(maj)]  # the winner is one of the answers
         c = sum(correct)
         per_problem["pass@1"].append(c / k)
         per_problem["pass@k"].append(pass_at_k(k, c, k))

@@ -3,8 +3,9 @@
 Pure functions, no model or trainer state; the trainer (trainer.py) calls them once per step
 (`group_advantages`) and once per micro-batch (`chunked_token_logprobs`, `grpo_loss`).
 Semantics follow TRL's GRPOTrainer (loss types, clip metrics, KL estimator, reward scaling) so
-runs are comparable; variants are registry names (`ADVANTAGE_SCALINGS`, `LOSS_NORMALIZERS`,
-`IMPORTANCE_LEVELS`). Check with `pytest tests/test_loss.py -q`.
+runs are comparable; variants are registry names (`ADVANTAGE_SCALINGS`, `POLICY_TERMS`, `LOSS_NORMALIZERS`,
+`IMPORTANCE_LEVELS`). Check with `pytest tests/test_loss.py -q`; `tests/test_trl_loss.py` compares the loss and
+its gradients with TRL 1.16's own `GRPOTrainer._compute_loss` for every loss type and option.
 
 Gradient accumulation contract (how the trainer must call `grpo_loss`):
   one optimiser step covers rows R on this rank, split into micro-batches m_1..m_k. For every m_j pass
@@ -12,9 +13,10 @@ Gradient accumulation contract (how the trainer must call `grpo_loss`):
       token_count = effective_mask(mask_R, truncated_R, mask_truncated).sum()   (tokens in R)
   and call `.backward()` on each micro-batch loss as is (no division by k). The summed gradient
   then equals that of a single `grpo_loss` over R, for every loss type.
-  Under DDP (gradients averaged over W ranks) "dapo" wants the global token mean: pass
-  token_count = global_tokens / W. "bnpo" is the same formula with the rank-local count
-  (TRL's bnpo normalises per process), so the two differ only by the count the trainer passes.
+  Under DDP (gradients averaged over W ranks) "dapo" and "cispo" want the global token mean: pass
+  token_count = global_tokens / W. "bnpo" is TRL's per-micro-batch token mean averaged over its
+  K accumulation steps: pass `row_norm` = `bnpo_row_norms(...)[rows]` (each row's tokens-of-its-batch x K),
+  which makes it independent of how the trainer cuts micro-batches for memory.
 """
 
 from __future__ import annotations
@@ -27,14 +29,25 @@ from torch import Tensor
 # ----------------------------------------------------------------------------- advantages
 
 
+def _nanstd(x: Tensor, dim: int | None = None) -> Tensor:
+    # Unbiased (Bessel) std ignoring NaN, as TRL's `nanstd`; NaN where fewer than 2 values remain.
+    keep = ~torch.isnan(x)
+    n = keep.sum() if dim is None else keep.sum(dim=dim, keepdim=True)
+    mean = x.nanmean() if dim is None else x.nanmean(dim=dim, keepdim=True)
+    sq = torch.where(keep, (x - mean) ** 2, torch.zeros_like(x))
+    ss = sq.sum() if dim is None else sq.sum(dim=dim, keepdim=True)
+    return torch.where(n > 1, (ss / (n - 1).clamp(min=1)).sqrt(), torch.full_like(ss, float("nan")))
+
+
 def _group_std(grouped: Tensor) -> Tensor:  # [P, G] -> [P, 1]
-    # Unbiased (Bessel) std per group, as TRL's `rewards.view(-1, G).std(dim=1)`.
-    return grouped.std(dim=1, keepdim=True)
+    # Unbiased (Bessel) std per group, as TRL's `nanstd(rewards.view(-1, G), dim=1)`.
+    return _nanstd(grouped, dim=1)
 
 
 def _batch_std(grouped: Tensor) -> Tensor:  # [P, G] -> [1, 1]
-    # One unbiased std over every reward in the batch; the mean stays per group (TRL "batch").
-    return grouped.std().reshape(1, 1)
+    # One unbiased std over every reward in the batch; the mean stays per group (TRL "batch"). With several
+    # ranks the batch is the global one: the trainer gathers every rank's rewards first.
+    return _nanstd(grouped).reshape(1, 1)
 
 
 # name -> fn(grouped rewards [P, G]) -> divisor broadcastable to [P, G]; None means "don't scale".
@@ -58,8 +71,10 @@ def group_advantages(
 ) -> Tensor:
     """Group-relative advantages [N] from total rewards [N], rows prompt-major (G per prompt).
 
-    A = (r - mean_group) / (std + eps), std unbiased (torch default, as TRL). With several ranks,
-    gather rewards first: "batch" scaling and whole groups need the global batch.
+    A = (r - mean_group) / (std + eps), std unbiased (Bessel, as TRL). A NaN reward marks a completion no
+    reward function could score (all returned None): as in TRL 1.16 it joins neither its group's mean nor
+    the std, and its advantage is 0 (so is every advantage of a group left with < 2 scored members when
+    scaling). With several ranks, pass the global batch: "batch" scaling needs every rank's rewards.
     """
     if scale_rewards not in ADVANTAGE_SCALINGS:
         known = sorted(ADVANTAGE_SCALINGS)
@@ -67,21 +82,27 @@ def group_advantages(
     if group_size < 2:
         raise ValueError(f"group_advantages: group_size must be >= 2 (got {group_size}): no baseline")
     grouped = _grouped(rewards, group_size, "group_advantages").float()  # [P, G]
-    if not torch.isfinite(grouped).all():
-        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-        raise ValueError(f"group_advantages: non-finite rewards at rows {bad[:10]}")
-    adv = grouped - grouped.mean(dim=1, keepdim=True)  # [P, G]
+    if torch.isinf(grouped).any():
+        bad = torch.isinf(rewards).nonzero().flatten().tolist()
+        raise ValueError(f"group_advantages: infinite rewards at rows {bad[:10]}")
+    adv = grouped - grouped.nanmean(dim=1, keepdim=True)  # [P, G]; NaN for unscorable rows
     scale = ADVANTAGE_SCALINGS[scale_rewards]
     if scale is not None:
         adv = adv / (scale(grouped) + eps)
-    return adv.reshape(-1)  # [N]
+    return torch.nan_to_num(adv, nan=0.0).reshape(-1)  # [N]
+
+
+def unscorable_as_nan(per_reward: Tensor, total: Tensor) -> Tensor:
+    """total [N] with NaN where every reward of the row is NaN ([N, R] per_reward): `group_advantages` input."""
+    return torch.where(torch.isnan(per_reward).all(dim=1), torch.full_like(total, float("nan")), total)
 
 
 def zero_std_fraction(rewards: Tensor, group_size: int) -> float:
-    """Fraction of groups whose rewards are all equal (they give zero advantage, hence no signal)."""
-    grouped = _grouped(rewards, group_size, "zero_std_fraction")  # [P, G]
-    flat = grouped.amax(dim=1) == grouped.amin(dim=1)  # [P]
-    return flat.float().mean().item()
+    """Fraction of groups whose scored rewards are all equal (zero advantage, hence no signal); NaN rewards
+    (unscorable rows) are left out, as TRL's `frac_reward_zero_std` (per-group std, Bessel, close to 0)."""
+    grouped = _grouped(rewards, group_size, "zero_std_fraction").double()  # [P, G]
+    std = _group_std(grouped).squeeze(1)  # [P]; NaN with < 2 scored rewards
+    return torch.isclose(std, torch.zeros_like(std)).double().mean().item()
 
 
 # ----------------------------------------------------------------------------- token log-probs
@@ -207,19 +228,18 @@ def effective_mask(mask: Tensor, truncated: Tensor | None = None, mask_truncated
     return m
 
 
-def truncated_is_weights(logp_old: Tensor, logp_sampler: Tensor, mask: Tensor, cap: float = 2.0) -> Tensor:
-    """Per-token weights [N, T] min(pi_old / pi_sampler, cap) correcting for the rollout engine's numerics
-    (TRL's vLLM importance-sampling correction); pass as `is_weights` to `grpo_loss`."""
-    log_r = torch.where(mask.bool(), logp_old - logp_sampler, torch.zeros_like(logp_old))
-    return torch.exp(log_r).clamp(max=cap).detach()
-
-
-def _seq_mean_norm(loss_sum_rows, n_tokens_rows, counts):  # grpo: mean over sequences of per-sequence means
+def _seq_mean_norm(loss_sum_rows, n_tokens_rows, counts):  # grpo / sapo: mean over sequences of per-sequence means
     return (loss_sum_rows / n_tokens_rows.clamp(min=1.0)).sum() / counts["seq_count"]
 
 
-def _token_norm(loss_sum_rows, n_tokens_rows, counts):  # bnpo / dapo: mean over tokens of the batch
+def _token_norm(loss_sum_rows, n_tokens_rows, counts):  # dapo / cispo: mean over the tokens of the global batch
     return loss_sum_rows.sum() / max(counts["token_count"], 1.0)
+
+
+def _batch_token_norm(loss_sum_rows, n_tokens_rows, counts):  # bnpo: mean of the local batches' token means
+    if counts["row_norm"] is None:  # this call is the one local batch
+        return loss_sum_rows.sum() / n_tokens_rows.sum().clamp(min=1.0)
+    return (loss_sum_rows / counts["row_norm"]).sum()
 
 
 def _fixed_len_norm(loss_sum_rows, n_tokens_rows, counts):  # dr_grpo: no length bias, fixed denominator
@@ -229,9 +249,49 @@ def _fixed_len_norm(loss_sum_rows, n_tokens_rows, counts):  # dr_grpo: no length
 # name -> fn(per-row loss sums [N], per-row token counts [N], counts dict) -> scalar loss.
 LOSS_NORMALIZERS: dict[str, Callable[[Tensor, Tensor, dict], Tensor]] = {
     "grpo": _seq_mean_norm,
-    "bnpo": _token_norm,
+    "bnpo": _batch_token_norm,
     "dr_grpo": _fixed_len_norm,
     "dapo": _token_norm,
+    "cispo": _token_norm,
+    "sapo": _seq_mean_norm,
+}
+
+
+def bnpo_row_norms(mask: Tensor, batch_rows: int | None = None) -> Tensor:  # [N, T] -> [N]
+    """bnpo's per-row denominator: the tokens of the row's local batch times the number K of local batches.
+    TRL 1.16 normalises bnpo by the tokens of each micro-batch (per_device_train_batch_size rows) and divides
+    by its K accumulation steps; here the batches are consecutive runs of `batch_rows` rows of the rank's
+    rollout (None: one batch), whatever micro-batches the trainer cuts for memory. `mask` is the effective mask."""
+    n = mask.shape[0]
+    rows = n if not batch_rows else min(batch_rows, n)
+    tokens = mask.float().sum(-1)  # [N]
+    batch = torch.arange(n, device=mask.device) // max(rows, 1)  # [N] batch index of each row
+    per_batch = torch.zeros(int(batch.max()) + 1 if n else 0, device=mask.device).index_add_(0, batch, tokens)
+    return per_batch.clamp(min=1.0)[batch] * per_batch.numel()  # [N]
+
+
+def _clipped_surrogate(ratio, adv, logp, p):  # grpo, bnpo, dr_grpo, dapo: PPO's pessimistic clipped objective
+    return -torch.min(ratio * adv, ratio.clamp(1 - p["eps_low"], 1 + p["eps_high"]) * adv)
+
+
+def _cispo_term(ratio, adv, logp, p):  # MiniMax-M1: the clipped ratio is a stop-gradient weight on log p
+    return -ratio.clamp(max=p["eps_high"]).detach() * adv * logp
+
+
+def _sapo_term(ratio, adv, logp, p):  # SAPO: a sigmoid gate instead of a hard clip, its own temperature per sign
+    tau = torch.where(adv > 0, p["sapo_temperature_pos"], p["sapo_temperature_neg"])
+    return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+
+
+# loss type -> fn(ratio [N,T]|[N,1], advantages [N,1], logp [N,T], params) -> per-token policy loss.
+# cispo's epsilon_high is the ratio cap itself (TRL: "eps_max", 5.0 recommended), not 1 + epsilon_high.
+POLICY_TERMS: dict[str, Callable[[Tensor, Tensor, Tensor, dict], Tensor]] = {
+    "grpo": _clipped_surrogate,
+    "bnpo": _clipped_surrogate,
+    "dr_grpo": _clipped_surrogate,
+    "dapo": _clipped_surrogate,
+    "cispo": _cispo_term,
+    "sapo": _sapo_term,
 }
 
 
@@ -264,25 +324,35 @@ def grpo_loss(
     truncated: Tensor | None = None,
     mask_truncated: bool = False,
     importance_sampling_level: str = "token",
-    is_weights: Tensor | None = None,
+    use_bias_correction_kl: bool = True,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    row_norm: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped GRPO surrogate + beta * k3 KL, normalised by `loss_type`. Returns (scalar loss, metrics).
+    """Policy term of `loss_type` + beta * k3 KL, normalised by `loss_type`. Returns (scalar loss, metrics).
 
     logp, logp_old, logp_ref, mask: [N, T]; advantages: [N]. logp_old None means one update per
     rollout (ratio 1, gradient still flows); logp_ref may be None only when beta == 0.
-    token_count / seq_count: see the module docstring (defaults: this call's own counts).
+    token_count / seq_count / row_norm (bnpo): see the module docstring (defaults: this call's own counts).
+    use_bias_correction_kl (TRL 1.16's default): the KL term is multiplied by the importance ratio, which
+    changes its gradient even where the ratio is 1 (d ratio / d logp = ratio).
+    Metrics are sums over this call's tokens (`*_sum`) and `num_tokens`, so that callers can form
+    token-weighted means over micro-batches and ranks (`token_means`); `ratio/mean` etc. as TRL logs them.
     """
     fn = "grpo_loss"
     if loss_type not in LOSS_NORMALIZERS:
         raise ValueError(f"{fn}: unknown loss_type {loss_type!r}; known: {sorted(LOSS_NORMALIZERS)}")
     if importance_sampling_level not in IMPORTANCE_LEVELS:
-        raise ValueError(f"{fn}: unknown importance_sampling_level {importance_sampling_level!r}")
+        raise ValueError(f"{fn}: unknown importance_sampling_level {importance_sampling_level!r}; "
+                         f"known: {sorted(IMPORTANCE_LEVELS)}")
     if logp.dim() != 2 or mask.shape != logp.shape or advantages.shape != logp.shape[:1]:
         raise ValueError(f"{fn}: need logp/mask [N, T] and advantages [N]; got {tuple(logp.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
-    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref), ("is_weights", is_weights)):
+    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{fn}: {name} {tuple(t.shape)} must match logp {tuple(logp.shape)}")
+    if row_norm is not None and row_norm.shape != logp.shape[:1]:
+        raise ValueError(f"{fn}: row_norm {tuple(row_norm.shape)} must be [N] = {tuple(logp.shape[:1])}")
     if beta != 0.0 and logp_ref is None:
         raise ValueError(f"{fn}: beta={beta} needs logp_ref (pass beta=0.0 to train without a reference)")
     if loss_type == "dr_grpo" and not max_completion_length:
@@ -299,13 +369,14 @@ def grpo_loss(
     # inf/NaN out of both the loss and its gradient, where multiplying by the mask afterwards would not.
     log_ratio = torch.where(keep, logp - old, torch.zeros_like(logp))  # [N, T]
     ratio = torch.exp(IMPORTANCE_LEVELS[importance_sampling_level](log_ratio, m))  # [N, T] or [N, 1]
-    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)  # [N, T] or [N, 1]
-    if is_weights is not None:
-        per_token = per_token * is_weights.float()
+    params = {"eps_low": eps_low, "eps_high": eps_high, "sapo_temperature_pos": sapo_temperature_pos,
+              "sapo_temperature_neg": sapo_temperature_neg}
+    per_token = POLICY_TERMS[loss_type](ratio, adv, torch.where(keep, logp, torch.zeros_like(logp)), params)
     kl = None
     if logp_ref is not None:
         kl = kl_k3(logp, torch.where(keep, logp_ref.float(), logp))  # [N, T]; 0 at padding
+        if use_bias_correction_kl:
+            kl = kl * ratio  # [N, T]; a sequence-level ratio [N, 1] broadcasts, as in TRL
         if beta != 0.0:
             per_token = per_token + beta * kl
     per_token = per_token * m  # [N, T]
@@ -314,22 +385,33 @@ def grpo_loss(
         "seq_count": float(logp.shape[0] if seq_count is None else seq_count),
         "token_count": float(m.sum() if token_count is None else token_count),
         "max_completion_length": max_completion_length,
+        "row_norm": None if row_norm is None else row_norm.to(logp.device).float(),
     }
     loss = LOSS_NORMALIZERS[loss_type](per_token.sum(-1), m.sum(-1), counts)
 
     with torch.no_grad():
-        n_tok = m.sum().clamp(min=1.0)
         ratio_t = ratio.expand_as(m)  # [N, T]
-        low = ((ratio_t < 1 - eps_low) & (adv < 0)).float()  # tokens whose gradient the low clip removes
-        high = ((ratio_t > 1 + eps_high) & (adv > 0)).float()
+        if loss_type == "cispo":  # the tokens whose weight the cap lowers (TRL's cispo_clip_ratio)
+            low = torch.zeros_like(m)
+            high = ((ratio_t > eps_high) & (adv > 0)).float()
+        else:  # tokens whose gradient the clip removes (for sapo: where the hard clip would have)
+            low = ((ratio_t < 1 - eps_low) & (adv < 0)).float()
+            high = ((ratio_t > 1 + eps_high) & (adv > 0)).float()
         stats = {
-            "clip_ratio/low": (low * m).sum() / n_tok,
-            "clip_ratio/high": (high * m).sum() / n_tok,
-            "clip_ratio/region": ((low + high) * m).sum() / n_tok,
-            "ratio/mean": (ratio_t * m).sum() / n_tok,
+            "clip_ratio/low_sum": (low * m).sum(),
+            "clip_ratio/high_sum": (high * m).sum(),
+            "clip_ratio/region_sum": (torch.maximum(low, high) * m).sum(),
+            "ratio/mean_sum": (ratio_t * m).sum(),
             "num_tokens": m.sum(),
         }
         if kl is not None:
-            stats["kl"] = (kl * m).sum() / n_tok
+            stats["kl_sum"] = (kl * m).sum()
         values = torch.stack(list(stats.values())).tolist()  # one device sync for all metrics
     return loss, dict(zip(stats, values))
+
+
+def token_means(sums: dict[str, float]) -> dict[str, float]:
+    """`grpo_loss` metrics summed over micro-batches (and ranks) -> token-weighted means: `kl_sum` / num_tokens
+    -> `kl`, and so on (TRL's `global_masked_mean`); other keys are kept as they are."""
+    n = max(sums.get("num_tokens", 0.0), 1.0)
+    return {(k[:-4] if k.endswith("_sum") else k): (v / n if k.endswith("_sum") else v) for k, v in sums.items()}

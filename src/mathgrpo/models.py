@@ -341,19 +341,48 @@ def backbone_and_head(model):
 
 
 class Reference:
-    """Log-probs under the KL reference: LoRA -> the same model with adapters off; full FT -> a frozen copy
-    (made from the unsharded policy; under FSDP2 the trainer then shards the copy like the policy)."""
+    """Log-probs under the KL reference, the policy as training starts: LoRA -> the same model with adapters off;
+    an adapter that already changes the model (a trained PeftModel handed in) -> the same model with a frozen
+    copy of its starting adapter weights swapped in (TRL 1.16's "ref" adapter); full FT -> a frozen copy (made
+    from the unsharded policy; under FSDP2 the trainer then shards the copy like the policy)."""
 
     def __init__(self, model, beta: float, lora: bool):
         self.enabled = beta > 0
         self.copy = None
+        self.adapter: dict[str, torch.Tensor] | None = None
         if self.enabled and not lora:
             self.copy = copy.deepcopy(model).eval().requires_grad_(False)
+        elif self.enabled and adapter_changes_model(model):
+            self.adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def context(self, model):
         if self.copy is not None:
             return contextlib.nullcontext(self.copy)
+        if self.adapter is not None:
+            return _adapter_swapped(model, self.adapter)
         return _adapter_off(model)
+
+
+def adapter_changes_model(model) -> bool:
+    """Whether a peft model's LoRA adapters change its output at all: a fresh adapter has every B matrix zero
+    (peft's default initialisation), so switching it off gives the very same model."""
+    return any(("lora_B" in n or "lora_embedding_B" in n) and bool(p.detach().ne(0).any())
+               for n, p in model.named_parameters())
+
+
+@contextlib.contextmanager
+def _adapter_swapped(model, saved: dict[str, torch.Tensor]):
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        live = {n: params[n].detach().clone() for n in saved}
+        for n, v in saved.items():
+            params[n].copy_(v)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, v in live.items():
+                params[n].copy_(v)
 
 
 @contextlib.contextmanager

@@ -197,14 +197,14 @@ def plot_rewards(rows, ctx):
 
 
 def plot_kl(rows, ctx):
-    present = [k for k in ("kl", "clip_ratio") if np.isfinite(series(rows, k)[1]).any()]
+    present = [k for k in ("kl", "clip_ratio/region") if np.isfinite(series(rows, k)[1]).any()]
     if not present:
         return None
     fig, axes = _figure(len(present))
     for ax, key in zip(axes, present):
         steps, v = series(rows, key)
         _smoothed(ax, steps, v, key)
-        ax.set_title({"kl": "KL to the reference", "clip_ratio": "clipped ratio fraction"}[key])
+        ax.set_title({"kl": "KL to the reference", "clip_ratio/region": "clipped fraction of tokens"}[key])
         ax.set_xlabel("step")
     return fig, "KL divergence to the reference policy" + (" and clip ratio" if len(present) > 1 else "")
 

@@ -34,7 +34,8 @@ from .data import Problem, ProblemSet, load_problems, reward_columns
 from .distributed import SINGLE, World, batch_line, process_group, rank_seed
 from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
-from .loss import effective_mask, group_advantages, grpo_loss, zero_std_fraction
+from .loss import (bnpo_row_norms, effective_mask, group_advantages, grpo_loss, token_means, unscorable_as_nan,
+                   zero_std_fraction)
 from .models import Reference, completion_logprobs, load_model
 from .prompts import PromptBuilder
 from .rewards import RewardSet
@@ -137,8 +138,10 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     sharded = is_sharded(model)
     if sharded:  # every FSDP2 forward and backward is a collective: the same number of micro-batches on every rank
         groups = world.match_microbatches(groups)
-    tokens = float(effective_mask(mask, comp.truncated, g.mask_truncated_completions).sum())
+    eff = effective_mask(mask, comp.truncated, g.mask_truncated_completions)  # [N, T]
+    tokens = float(eff.sum())
     seq_count, token_count = world.loss_counts(g.loss_type, n_rows, tokens)
+    row_norm = bnpo_row_norms(eff, g.bnpo_batch_rows) if g.loss_type == "bnpo" else None  # [N]
     device = next(p for p in model.parameters() if p.requires_grad).device
 
     def logp_of(m, rows: list[int]) -> torch.Tensor:  # [len(rows), T_rows]
@@ -152,25 +155,29 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
             if g.beta > 0:
                 with ref.context(model) as rm:
                     fixed["ref"][k] = logp_of(rm, rows)
-            if g.num_iterations > 1:  # ratio != 1 from the second iteration on
-                fixed["old"][k] = logp_of(model, rows)
     sums: dict[str, float] = {}
-    for _ in range(g.num_iterations):
+    for it in range(g.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for k, rows in enumerate(groups):
             logp = logp_of(model, rows)
             width = logp.shape[1]
+            if it == 0 and g.num_iterations > 1:
+                # The old policy is this iteration's policy: its log-probs are taken from this very pass (same
+                # dropout mask, so the first ratio is exactly 1, and no extra forward pass).
+                fixed["old"][k] = logp.detach()
             loss, m = grpo_loss(
                 logp, fixed["old"].get(k), fixed["ref"].get(k), adv[rows].to(device), mask[rows, :width].to(device),
                 loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
                 max_completion_length=cfg.generation.max_new_tokens, token_count=token_count, seq_count=seq_count,
-                truncated=comp.truncated[rows].to(device), mask_truncated=g.mask_truncated_completions)
+                truncated=comp.truncated[rows].to(device), mask_truncated=g.mask_truncated_completions,
+                importance_sampling_level=g.importance_sampling_level, use_bias_correction_kl=g.use_bias_correction_kl,
+                sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg,
+                row_norm=None if row_norm is None else row_norm[rows].to(device))
             loss.backward()
             loss_total += float(loss.detach())
-            w = len(rows) / n_rows
-            for key, v in m.items():
-                sums[key] = sums.get(key, 0.0) + w * v / g.num_iterations
+            for key, v in m.items():  # token sums: token-weighted means over micro-batches and ranks below
+                sums[key] = sums.get(key, 0.0) + v / g.num_iterations
         params = [p for p in model.parameters() if p.requires_grad]
         if not sharded:  # (FSDP2 reduce-scatters, averaging over ranks, in every backward)
             world.all_reduce_grads(params)  # after the last micro-batch: ranks may run different numbers of them
@@ -183,22 +190,44 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm / g.num_iterations
     if not keep_grads:
         optimizer.zero_grad(set_to_none=True)
-    return sums
+    # every rank returns the global token means (TRL's global_masked_mean); the mean over ranks of sums is sum / W
+    summed = world.reduce_metrics({k: v for k, v in sums.items() if k.endswith("_sum") or k == "num_tokens"})
+    means = {**token_means(summed), "num_tokens": summed["num_tokens"] * world.size}  # tokens in the loss, all ranks
+    return {**{k: v for k, v in sums.items() if k not in summed}, **means}
 
 
 def rollout_metrics(lengths: np.ndarray, truncated: np.ndarray, names: list[str], per: np.ndarray,
                     total: np.ndarray, group: int) -> dict:
     """Reward and length statistics of a rollout: lengths/truncated/total [N], per [N, R], whole groups."""
     lens = lengths.astype(np.float64)
-    m = {"reward": float(total.mean()), "reward_std": float(total.std()),
-         "frac_zero_std": zero_std_fraction(torch.from_numpy(total), group),
+    # as TRL 1.16: rows no reward could score (all None) are left out; stds are unbiased (Bessel)
+    scored = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total)).numpy()  # [N]
+    m = {"reward": _nanmean(scored), "reward_std": _nanstd(scored),
+         "frac_zero_std": zero_std_fraction(torch.from_numpy(scored), group),
          "completion_length_mean": float(lens.mean()), "completion_length_max": float(lens.max()),
          "truncated_frac": float(truncated.astype(np.float64).mean())}
     for j, name in enumerate(names):
         col = per[:, j]
-        m[f"rewards/{name}/mean"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
-        m[f"rewards/{name}/std"] = float(np.nanstd(col)) if np.isfinite(col).any() else float("nan")
+        m[f"rewards/{name}/mean"] = _nanmean(col)
+        m[f"rewards/{name}/std"] = _nanstd(col)
     return m
+
+
+def _nanmean(x: np.ndarray) -> float:
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def _nanstd(x: np.ndarray) -> float:  # Bessel's correction, as TRL's nanstd; NaN with fewer than 2 values
+    return float(np.nanstd(x, ddof=1)) if np.isfinite(x).sum() > 1 else float("nan")
+
+
+def rank_advantages(world: World, per: np.ndarray, total: np.ndarray, group: int, scale_rewards: str) -> torch.Tensor:
+    """This rank's advantages [N] (rows prompt-major): rows no reward could score are NaN (advantage 0, out of
+    their group's statistics), and the advantages are computed over the global batch (every rank's rows in rank
+    order), so scale_rewards=batch divides by the global std, as TRL 1.16 does; groups never span ranks."""
+    mine = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total))  # [N]
+    everyone = torch.cat(world.gather_objects([mine]))  # [W * N]
+    return group_advantages(everyone, group, scale_rewards)[world.rank * len(mine):(world.rank + 1) * len(mine)]
 
 
 class StopFlag:
@@ -321,7 +350,7 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
                                        completion_ids=[r[m].tolist() for r, m in zip(comp.completion_ids, comp.completion_mask)],
                                        prefill=[prompts.prefill] * len(comp.texts), truncated=comp.truncated.tolist(),
                                        **reward_columns(batch, G))
-            adv = group_advantages(torch.from_numpy(total), G, cfg.grpo.scale_rewards)  # [N]
+            adv = rank_advantages(world, per, total, G, cfg.grpo.scale_rewards)  # [N]
             t1 = time.perf_counter()
             if cfg.generation.release_memory and hasattr(rollout, "release"):
                 rollout.release()  # the update's activations get the KV cache's memory

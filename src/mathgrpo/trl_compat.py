@@ -71,6 +71,11 @@ class _Options:
     num_iterations: int = 1
     reward_weights: list[float] | None = None
     mask_truncated_completions: bool = False
+    use_bias_correction_kl: bool = True
+    importance_sampling_level: str = "token"
+    sapo_temperature_neg: float = 1.05
+    sapo_temperature_pos: float = 1.0
+    disable_dropout: bool = False
     learning_rate: float = 1e-6
     lr_scheduler_type: str = "linear"
     warmup_steps: float = 0  # < 1: a fraction of the optimizer steps
@@ -103,19 +108,19 @@ class _Options:
 
 # TRL 1.16 GRPOConfig options mathgrpo does not honour, with their defaults (passing the default asks for nothing).
 _TRL_ONLY = {
-    "router_aux_loss_coef": None, "disable_dropout": False, "cast_lm_head_to_fp32": False,
+    "router_aux_loss_coef": None, "cast_lm_head_to_fp32": False,
     "remove_unused_columns": False, "num_generations_eval": None, "ds3_gather_for_generation": True,
     "shuffle_dataset": True, "pad_to_multiple_of": "auto", "min_p": None, "generation_kwargs": None,
     "repetition_penalty": 1.0, "cache_implementation": None, "vllm_mode": "colocate", "vllm_model_impl": "vllm",
     "vllm_enable_sleep_mode": False, "vllm_structured_outputs_regex": None, "vllm_server_base_url": None,
     "vllm_server_host": "0.0.0.0", "vllm_server_port": 8000, "vllm_server_timeout": 240.0, "vllm_group_port": 51216,
     "vllm_gpu_memory_utilization": 0.3, "vllm_max_model_length": None, "vllm_tensor_parallel_size": 1,
-    "sapo_temperature_neg": 1.05, "sapo_temperature_pos": 1.0, "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0,
+    "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0,
     "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512,
     "entropy_coef_min": 0.0, "entropy_coef_max": 1.0, "entropy_coef_delta": 0.005, "entropy_target": 0.2,
     "max_tool_calling_iterations": None, "vllm_importance_sampling_correction": True,
     "vllm_importance_sampling_mode": "sequence_mask", "vllm_importance_sampling_clip_max": 3.0,
-    "vllm_importance_sampling_clip_min": None, "use_bias_correction_kl": True, "log_multimodal": True,
+    "vllm_importance_sampling_clip_min": None, "log_multimodal": True,
     "num_completions_to_print": None, "log_unique_prompts": False, "log_completions_hub_repo": None,
     "use_transformers_continuous_batching": False, "transformers_continuous_batching_config": None,
     "use_transformers_paged": False, "vllm_importance_sampling_cap": None,
@@ -130,7 +135,7 @@ _TRL_ONLY = {
 }
 # Options that would change the objective or the batch in ways mathgrpo does not implement: only this value passes.
 _REFUSED = {
-    "importance_sampling_level": "token", "delta": None, "multi_objective_aggregation": "sum_then_normalize",
+    "delta": None, "multi_objective_aggregation": "sum_then_normalize",
     "sync_ref_model": False, "top_entropy_quantile": 1.0, "entropy_coef": 0.0, "use_adaptive_entropy": False,
     "off_policy_mask_threshold": None, "generation_batch_size": None, "steps_per_generation": None,
 }
@@ -307,7 +312,12 @@ class GRPOConfig(_Options):
             "grpo": {"num_generations": self.num_generations, "beta": self.beta, "epsilon": self.epsilon,
                      "epsilon_high": self.epsilon_high, "loss_type": self.loss_type,
                      "scale_rewards": self.scale_rewards, "num_iterations": mu,
-                     "mask_truncated_completions": self.mask_truncated_completions},
+                     "mask_truncated_completions": self.mask_truncated_completions,
+                     "use_bias_correction_kl": self.use_bias_correction_kl,
+                     "importance_sampling_level": self.importance_sampling_level,
+                     "sapo_temperature_pos": self.sapo_temperature_pos, "sapo_temperature_neg": self.sapo_temperature_neg,
+                     # TRL's bnpo averages token means over micro-batches of per_device_train_batch_size completions
+                     "bnpo_batch_rows": self.per_device_train_batch_size * (1 if note is None else self.num_generations)},
             "trainer": {"output_dir": str(out.parent), "run_name": out.name, "max_steps": steps,
                         "prompts_per_step": pps, "learning_rate": self.learning_rate,
                         "weight_decay": self.weight_decay, "adam_beta1": self.adam_beta1,
@@ -539,7 +549,8 @@ class GRPOTrainer:
         if cfg.model.lora:
             lc = self.model.peft_config[self.model.active_adapter]
             targets = lc.target_modules
-            cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout = lc.r, lc.lora_alpha, lc.lora_dropout
+            cfg.model.lora_r, cfg.model.lora_alpha = lc.r, lc.lora_alpha
+            cfg.model.lora_dropout = 0.0 if args.disable_dropout else lc.lora_dropout
             # peft resolves "all-linear" into module paths; the short names select the same layers
             cfg.model.lora_target_modules = [targets] if isinstance(targets, str) else \
                 sorted({name.rsplit(".", 1)[-1] for name in targets})
@@ -614,6 +625,10 @@ class GRPOTrainer:
         elif not any(p.requires_grad for p in model.parameters()):  # PeftModel.from_pretrained loads frozen
             for name, p in model.named_parameters():
                 p.requires_grad_("lora_" in name)
+        if a.disable_dropout:  # as TRL: every dropout module of the policy (LoRA's included) at p = 0
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
         if a.gradient_checkpointing:
             from .models import enable_checkpointing
 
