@@ -4,8 +4,8 @@
 
 The dataclass defaults reproduce the notebook this tool replaces (100 problems, 2048-token completions,
 G=4, LoRA, 1 prompt a step, 80 steps, beta 0.04, lr 1e-5, log/save every 10 steps, 90/10 split, seed 42).
-`mathgrpo train` with no config file uses the embedded preset (`EMBEDDED`): SmolLM2-135M on the built-in
-arithmetic set, tuned to learn visibly on a laptop CPU in minutes.
+`mathgrpo train` with no arguments at all uses the embedded preset (`EMBEDDED`, preset `demo`): SmolLM2-135M on
+the built-in arithmetic set, tuned to learn visibly on a laptop CPU in minutes. Named presets: presets.py.
 """
 
 from __future__ import annotations
@@ -145,6 +145,10 @@ class TrainerConfig:
     # (model.lora=false) on > 1 rank; on = the same, an error with LoRA; off = a full replica on every rank
     fsdp: str = "auto"
     eval_at_end: bool = True  # after training, evaluate base vs trained on the test problems and write the report
+    # experiment trackers that get the run name, the config and every metric (trackers.py): tensorboard, wandb,
+    # mlflow, trackio; each but tensorboard is an extra: pip install 'mathgrpo[wandb]'. metrics.jsonl is always written
+    report_to: list[str] = field(default_factory=list)
+    tracker_run_name: str | None = None  # the run's name in the trackers (default: run_name, else the run dir's name)
 
 
 @dataclass
@@ -305,9 +309,10 @@ def _parse_value(raw: str) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
-    """Defaults <- `base` preset (EMBEDDED when no file is given) <- YAML file <- dotted overrides."""
+    """Defaults <- `base` preset <- YAML file <- dotted overrides. With no file, base or override at all: the
+    embedded preset (EMBEDDED, preset `demo`); a file or overrides alone start from the defaults (presets.py)."""
     cfg = Config()
-    if path is None and base is None:
+    if path is None and base is None and not overrides:
         base = EMBEDDED
     if base:
         _merge(cfg, base, "")
@@ -367,6 +372,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rewards.weights has {len(w)} values but rewards.functions has {len(cfg.rewards.functions)}")
     if not cfg.rewards.functions:
         raise ConfigError("rewards.functions is empty: name at least one reward")
+    _check_report_to(cfg)
+
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio")  # trainer.report_to names (trackers.py has their code)
+
+
+def _check_report_to(cfg: Config) -> None:
+    bad = [r for r in cfg.trainer.report_to if r not in REPORT_TO]
+    if bad:
+        raise ConfigError(f"trainer.report_to: {', '.join(map(repr, bad))} not among {', '.join(REPORT_TO)}")
 
 
 def to_dict(cfg: Config) -> dict:

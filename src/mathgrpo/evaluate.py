@@ -150,6 +150,7 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
 
     from .answers import is_equivalent
     from .distributed import SINGLE, shard
+    from .logger import progress_bar
     from .prompts import PromptBuilder
     from .rollout import make_rollout, sampling_from
 
@@ -176,6 +177,7 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     per_call = max(1, cfg.generation.max_batch // k)
     rows: list[tuple] = []  # (text, truncated, length, completion ids) per completion, problem-major
     t0 = time.perf_counter()
+    bar = progress_bar(len(mine), f"eval {label}", "problems", world.is_main)
     with torch.random.fork_rng():  # the caller's (trainer's) RNG streams continue untouched
         for b, start in enumerate(range(0, len(mine), per_call)):
             sampling.seed = ev.seed + b + 100_003 * world.rank
@@ -183,8 +185,10 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
             out = rollout.generate(mine[start:start + per_call], k, sampling)
             rows += zip(out.texts, [bool(t) for t in out.truncated], out.lengths.tolist(),
                         [row[m.bool()].tolist() for row, m in zip(out.completion_ids, out.completion_mask)])
+            bar.update(min(per_call, len(mine) - start))
             log.info("eval %s: %d/%d problems generated (%.0f s)", label, min(start + per_call, len(mine)),
                      len(mine), time.perf_counter() - t0)
+    bar.close()
     gen_seconds = time.perf_counter() - t0
     rows = world.gather_objects(rows)
     texts, truncated, lengths, comp_ids = (list(x) for x in zip(*rows))
