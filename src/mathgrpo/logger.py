@@ -84,4 +84,6 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
     """A tqdm bar on stderr, like training's (evaluation: problems done); a no-op bar when not enabled."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=f" {unit}", dynamic_ncols=True, file=sys.stderr, disable=not enabled)
+    # every update is drawn (mininterval=0): an update is a whole generation batch, seconds apart
+    return tqdm(total=total, desc=desc, unit=f" {unit}", dynamic_ncols=True, file=sys.stderr, disable=not enabled,
+                mininterval=0)
