@@ -112,7 +112,8 @@ def test_wandb_offline_gets_name_config_and_every_metric(tiny_model_dir, offline
 def test_mlflow_file_store_gets_name_config_and_every_metric(tiny_model_dir, offline):
     from mlflow.tracking import MlflowClient
 
-    run, rows = _train(tiny_model_dir, offline / "out", "[mlflow]")
+    run, rows = _train(tiny_model_dir, offline / "out", "[mlflow]", **{"trainer.eval_at_end": True,
+                                                                       "eval.max_problems": 2, "eval.num_samples": 2})
     run_id = json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]
     client = MlflowClient()  # the same MLFLOW_TRACKING_URI: a file store under tmp_path
     got = client.get_run(run_id)
@@ -125,6 +126,12 @@ def test_mlflow_file_store_gets_name_config_and_every_metric(tiny_model_dir, off
         assert history.keys() == expected.keys(), key
         for step, v in history.items():
             assert math.isclose(v, expected[step][key], rel_tol=1e-12, abs_tol=1e-300), (key, step)
+    # the end-of-training evaluation joins the same run, at the last step (MLflow spells pass@1 as pass_1)
+    summary = json.loads((run / "eval_summary.json").read_text())["models"]
+    for label in ("base", "trained"):
+        for key, mlflow_key in (("pass@1", "pass_1"), ("completion_length", "completion_length")):
+            (m,) = client.get_metric_history(run_id, f"eval/{label}/{mlflow_key}")
+            assert (m.step, m.value) == (2, summary[label]["metrics"][key])
 
 
 @needs["mlflow"]
@@ -136,14 +143,18 @@ def test_resume_continues_the_same_tracker_run(offline, monkeypatch):
     first = Trackers(["mlflow"], run_dir, "r", {"trainer": {"max_steps": 4}})
     first.log(1, {"reward": 0.5, "note": "text", "kl": float("nan")})
     first.close()
-    second = Trackers(["mlflow"], run_dir, "r", {"trainer": {"max_steps": 4}})  # as a resumed run opens them
+    second = Trackers(["mlflow"], run_dir, "r", {"trainer": {"max_steps": 4}}, resume=True)  # as a resumed run
     second.log(2, {"reward": 0.75})
     second.close()
     run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]["run_id"]
     client = MlflowClient()
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/reward")] == [(1, 0.5), (2, 0.75)]
     assert "train/kl" not in client.get_run(run_id).data.metrics  # NaN and text are not logged
-    assert len(client.search_runs([client.get_experiment_by_name("mathgrpo-test").experiment_id])) == 1
+    exp_id = client.get_experiment_by_name("mathgrpo-test").experiment_id
+    assert len(client.search_runs([exp_id])) == 1
+    Trackers(["mlflow"], run_dir, "r", {}).close()  # a fresh run in the same folder: a new tracker run
+    assert len(client.search_runs([exp_id])) == 2
+    assert json.loads((run_dir / "trackers.json").read_text())["mlflow"]["run_id"] != run_id
 
 
 @needs["trackio"]
@@ -184,3 +195,40 @@ def test_tensorboard_through_report_to(tmp_path):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/reward")] == [(1, 0.25), (2, 0.5)]
     assert [e.step for e in acc.Scalars("train/loss")] == [1]
+
+
+@needs["mlflow"]
+def test_trl_door_reports_trl_logs_to_the_tracker(tiny_model_dir, offline):
+    """report_to='mlflow', run_name='exp': TRL's metric names at its logging steps, eval_x as eval/x, TRL's
+    options in the params; evaluate() after train() continues the same tracker run."""
+    from datasets import Dataset
+    from mlflow.tracking import MlflowClient
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from mathgrpo.trl_compat import GRPOConfig, GRPOTrainer
+
+    out = offline / "trl-out"
+    ds = Dataset.from_dict({"prompt": ["1 + 1 =", "2 + 2 =", "3 + 3 ="]})
+    args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=2, num_generations=2, max_completion_length=4,
+                      max_steps=2, logging_steps=1, save_strategy="no", learning_rate=1e-3, bf16=False,
+                      gradient_checkpointing=False, disable_tqdm=True, report_to="mlflow", run_name="exp")
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args, train_dataset=ds,
+                          reward_funcs=lambda completions, **k: [float(len(c)) for c in completions],
+                          peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    trainer.train()
+    trainer.evaluate(ds)
+    run_id = json.loads((out / "trackers.json").read_text())["mlflow"]["run_id"]
+    client = MlflowClient()
+    got = client.get_run(run_id)
+    assert got.info.run_name == "exp" and got.data.params["trl.learning_rate"] == "0.001"
+    assert got.data.params["grpo.num_generations"] == "2"
+    logged = [h for h in trainer.state.log_history if "reward" in h]
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "train/reward")}
+    assert history == {h["step"]: h["reward"] for h in logged} and sorted(history) == [1, 2]
+    assert [m.value for m in client.get_metric_history(run_id, "train/completions/mean_length")] == \
+        [h["completions/mean_length"] for h in logged]
+    (ev,) = [h for h in trainer.state.log_history if "eval_reward" in h]
+    assert [m.value for m in client.get_metric_history(run_id, "eval/reward")] == [ev["eval_reward"]]
+    assert len(client.search_runs([got.info.experiment_id])) == 1
+    assert not (out / "tensorboard").exists()  # report_to names only mlflow

@@ -379,6 +379,13 @@ def write_eval_outputs(results: dict[str, EvalResult], cfg: Config, out: Path, s
                "settings": {**first.settings, "bootstrap": cfg.eval.bootstrap, "data": cfg.data.source,
                             "test_source": cfg.data.test_source, "model": cfg.model.name_or_path}}
     (out / "eval_summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    if (out / "metrics.jsonl").is_file():  # a training run's evaluation: into its trackers too
+        from .trackers import report_eval
+
+        try:
+            report_eval(out, cfg, {label: r.metrics for label, r in results.items()})
+        except Exception as e:  # noqa: BLE001 - the numbers are written already; a tracker failure must not lose them
+            log.warning("could not report the evaluation to trainer.report_to's trackers: %s", e)
     print(format_comparison_table(rows))
     try:
         md, html = (write_report if (out / "metrics.jsonl").is_file() else write_eval_report)(out, summary)

@@ -23,7 +23,8 @@ class RunLogger:
         t = getattr(cfg, "trainer", None)
         name = (t.tracker_run_name or t.run_name) if t is not None else None
         self.trackers = Trackers(tracker_names(t.report_to if t is not None else [], tensorboard), run_dir,
-                                 name or Path(run_dir).name, dataclasses.asdict(cfg) if cfg is not None else {})
+                                 name or Path(run_dir).name, dataclasses.asdict(cfg) if cfg is not None else {},
+                                 resume=first_step > 0)
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         self.completions = open(run_dir / "completions.jsonl", "a")
         self.bar = None

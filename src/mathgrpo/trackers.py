@@ -43,9 +43,9 @@ def _require(name: str):
                            f"(or remove {name!r} from trainer.report_to)") from None
 
 
-def scalars(metrics: dict) -> dict[str, float]:
-    """The finite numeric metrics of a step, named `train/<name>` (None, NaN and text are left out)."""
-    return {f"train/{k}": float(v) for k, v in metrics.items()
+def scalars(metrics: dict, prefix: str = "train/") -> dict[str, float]:
+    """The finite numeric metrics of a step, named `<prefix><name>` (None, NaN and text are left out)."""
+    return {f"{prefix}{k}": float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
@@ -147,12 +147,13 @@ TRACKERS: dict[str, Callable] = {"tensorboard": _TensorBoard, "wandb": _Wandb, "
 
 
 class Trackers:
-    """The run's open trackers: `log(step, metrics)` to all of them, `close()` at the end."""
+    """The run's open trackers: `log(step, metrics)` to all of them, `close()` at the end. With `resume`, the
+    tracker runs recorded in run_dir/trackers.json are continued; otherwise new ones start (and are recorded)."""
 
-    def __init__(self, names: list[str], run_dir: Path, run_name: str, config: dict):
+    def __init__(self, names: list[str], run_dir: Path, run_name: str, config: dict, resume: bool = False):
         self.run_dir = Path(run_dir)
         saved = self.run_dir / "trackers.json"
-        states = json.loads(saved.read_text()) if saved.is_file() else {}
+        states = json.loads(saved.read_text()) if resume and saved.is_file() else {}
         self.open: list = []
         try:
             for name in dict.fromkeys(names):  # each once, in the order given
@@ -166,8 +167,8 @@ class Trackers:
         if self.open:
             saved.write_text(json.dumps(states, indent=1) + "\n")
 
-    def log(self, step: int, metrics: dict) -> None:
-        values = scalars(metrics)
+    def log(self, step: int, metrics: dict, prefix: str = "train/") -> None:
+        values = scalars(metrics, prefix)
         for t in self.open:
             t.log(step, values)
 
@@ -188,3 +189,21 @@ def check_installed(report_to: list[str]) -> None:
     for name in report_to:
         if name in LIBRARIES and importlib.util.find_spec(LIBRARIES[name][0]) is None:
             _require(name)  # raises, naming the extra
+
+
+def report_eval(run_dir: Path, cfg, metrics: dict[str, dict]) -> None:
+    """An evaluation of a training run (the end of training, or `mathgrpo eval --adapter RUN`) into the run's
+    trackers, continued: `eval/<model>/<metric>` (model: base, trained) at the run's last step."""
+    import dataclasses
+
+    names = tracker_names(cfg.trainer.report_to, cfg.trainer.tensorboard)
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    if not names or not lines:
+        return
+    step = json.loads(lines[-1])["step"]
+    name = cfg.trainer.tracker_run_name or cfg.trainer.run_name or Path(run_dir).name
+    trackers = Trackers(names, Path(run_dir), name, dataclasses.asdict(cfg), resume=True)
+    try:
+        trackers.log(step, {f"{label}/{k}": v for label, m in metrics.items() for k, v in m.items()}, prefix="eval/")
+    finally:
+        trackers.close()

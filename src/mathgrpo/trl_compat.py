@@ -583,6 +583,9 @@ class GRPOTrainer:
         if eval_dataset is not None and args.eval_strategy != "no":
             _warn(f"eval_strategy={args.eval_strategy!r}: mathgrpo does not evaluate during training; it evaluates "
                   f"eval_dataset once, after training (or call trainer.evaluate())")
+        # Trackers other than TensorBoard get what TRL hands them (its metric names, every logging_steps, eval_x as
+        # eval/x), as transformers' integrations log on_log; so the engine itself does not report to them.
+        self._report_to, cfg.trainer.report_to, self._trackers = cfg.trainer.report_to, [], None
         self.cfg = cfg
         from transformers.trainer_callback import TrainerControl, TrainerState
 
@@ -689,7 +692,22 @@ class GRPOTrainer:
             logs = {**logs, "epoch": round(self.state.epoch, 4)}
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control.should_log = False
+        if self._trackers is not None:
+            self._trackers.log(self.state.global_step, {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v
+                                                        for k, v in logs.items()}, prefix="")
         self._event("on_log", logs=logs)
+
+    def _open_trackers(self, resume: bool):
+        """The trackers of report_to (TensorBoard aside: the engine writes it), on rank 0, named run_name (default:
+        output_dir's name), with TRL's options and the mathgrpo config they mean."""
+        from .trackers import Trackers
+
+        if not self._report_to or not self.is_main:
+            return None
+        out = Path(self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = json.loads(json.dumps({"trl": self.args.to_dict(), **dataclasses.asdict(self.cfg)}, default=str))
+        return Trackers(self._report_to, out, self.args.run_name or out.resolve().name, config, resume=resume)
 
     def _reward_kwargs(self) -> dict:
         def log_metric(name: str, value: float) -> None:
@@ -783,7 +801,8 @@ class GRPOTrainer:
         """A fresh run replaces an earlier one in output_dir (as TRL overwrites), so that its logs, checkpoints and
         pruning do not mix with the new run's."""
         out = Path(self.args.output_dir)
-        old = [out / n for n in ("metrics.jsonl", "completions.jsonl", "summary.json", "checkpoints") if (out / n).exists()]
+        old = [out / n for n in ("metrics.jsonl", "completions.jsonl", "summary.json", "checkpoints", "trackers.json")
+               if (out / n).exists()]
         old += _trl_checkpoints(out)
         if old and not self.args.overwrite_output_dir:
             _warn(f"output_dir {out} holds an earlier run: its logs and checkpoints are replaced (resume it instead "
@@ -822,9 +841,14 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         rewards = [_trl_reward(f, self._train, self._reward_kwargs) for f in self.reward_funcs]
         first = self.state.global_step
-        train(cfg, quiet=self.args.disable_tqdm, model=self.model, tokenizer=self.processing_class,
-              data=self._train.problem_set("train_dataset"), prompts=self._train, reward_funcs=rewards,
-              callbacks=[self._after_step])
+        self._trackers = self._open_trackers(resume=start is not None)
+        try:
+            train(cfg, quiet=self.args.disable_tqdm, model=self.model, tokenizer=self.processing_class,
+                  data=self._train.problem_set("train_dataset"), prompts=self._train, reward_funcs=rewards,
+                  callbacks=[self._after_step])
+        except BaseException:
+            self._close_trackers()
+            raise
         runtime = time.perf_counter() - t0
         done = self.state.global_step - first
         losses = [h["loss"] for h in self.state.log_history if "loss" in h and h["step"] > first and h["loss"] is not None]
@@ -836,7 +860,13 @@ class GRPOTrainer:
         self._event("on_train_end")
         if self.eval_dataset is not None and self.args.eval_strategy != "no":
             self.evaluate()
+        self._close_trackers()
         return TrainOutput(self.state.global_step, summary["train_loss"], summary)
+
+    def _close_trackers(self) -> None:
+        if self._trackers is not None:
+            self._trackers.close()
+            self._trackers = None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Sample num_generations completions for every eval prompt and average the rewards (TRL's eval metrics)."""
@@ -861,7 +891,14 @@ class GRPOTrainer:
         for j, name in enumerate(rs.names):
             m[f"rewards/{name}/mean"] = float(np.nanmean(per[:, j])) if np.isfinite(per[:, j]).any() else None
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in m.items()}
-        self.log(metrics)
+        opened = self._trackers is None  # called on its own: continue the training run's tracker runs
+        if opened:
+            self._trackers = self._open_trackers(resume=True)
+        try:
+            self.log(metrics)
+        finally:
+            if opened:
+                self._close_trackers()
         self._event("on_evaluate", metrics=metrics)
         return metrics
 
