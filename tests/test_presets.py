@@ -84,6 +84,13 @@ def test_train_first_line_names_the_preset(capsys, tiny_model_dir, tmp_path):
     assert main(["train", "--preset", "demo", *over, "--quiet"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("config: preset demo (") and f"<- {len(over)} command-line values" in first
+    # eval of that run, without a file or preset: the run's own config, said so
+    assert main(["eval", "--adapter", str(tmp_path / "run"), "eval.max_problems=1", "eval.num_samples=1"]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0] == (f"config: the documented defaults (no preset; --preset NAME starts from one) "
+                                       f"<- file {tmp_path / 'run' / 'config.yaml'} (the adapter's run config) "
+                                       f"<- 2 command-line values")
+    assert "eval model" in out.err and "1/1" in out.err  # the progress bar of problems
     # the first line comes before any work: a missing model fails after it
     assert main(["train", "model.name_or_path=./no/such/model", "--quiet"]) == 2
     out = capsys.readouterr()
