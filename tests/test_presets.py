@@ -54,8 +54,6 @@ def test_sources_of_non_default_values(tmp_path):
     shown = res.show()
     assert shown.startswith(f"# config: preset demo (") and f"<- file {f} <- 2 command-line values" in shown
     assert "trainer.learning_rate: 0.0001" in shown and "<- preset demo" in shown
-    import yaml
-
     assert load_config(_write(tmp_path / "shown.yaml", shown), base={}) == res.config  # still a valid config
 
 
@@ -72,7 +70,8 @@ def test_unknown_preset_lists_them():
 def test_deepscaler_preset_is_a_valid_config_with_the_scripts_numbers():
     cfg = resolve("deepscaler-8k").config
     assert cfg.model.name_or_path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" and cfg.model.lora is False
-    assert (cfg.generation.max_new_tokens, cfg.generation.temperature, cfg.prompt.max_prompt_tokens) == (8192, 0.6, 1024)
+    g = cfg.generation
+    assert (g.max_new_tokens, g.temperature, cfg.prompt.max_prompt_tokens) == (8192, 0.6, 1024)
     assert (cfg.grpo.num_generations, cfg.grpo.beta, cfg.trainer.learning_rate) == (8, 0.001, 1e-6)
     assert cfg.data.source == DEEPSCALER_8K["data"]["source"] and set(PRESETS) == {"demo", "notebook", "deepscaler-8k"}
 

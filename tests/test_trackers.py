@@ -21,7 +21,8 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-needs = {m: pytest.mark.skipif(not _installed(m), reason=f"{m} is not installed") for m in ("wandb", "mlflow", "trackio")}
+needs = {m: pytest.mark.skipif(not _installed(m), reason=f"{m} is not installed")
+         for m in ("wandb", "mlflow", "trackio")}
 
 
 @pytest.fixture

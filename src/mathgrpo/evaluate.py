@@ -426,7 +426,7 @@ def find_run_config(path: str | Path) -> Path | None:
 def eval_config(adapter: str | None = None, path: str | None = None, overrides: list[str] | None = None) -> Config:
     """The config `mathgrpo eval` runs with: an explicit config file (`path`) if given, else the config.yaml of
     the run the adapter belongs to (so the test split is the one held out in training), else the embedded
-    default; then the dotted overrides."""
+    default (the documented defaults when overrides are given: `load_config`); then the dotted overrides."""
     run_cfg = find_run_config(adapter) if adapter and path is None else None
     if run_cfg is not None:
         log.info("eval: model, data and eval settings from %s", run_cfg)
