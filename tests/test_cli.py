@@ -8,9 +8,16 @@ from mathgrpo.cli import main
 
 
 def test_config_show_prints_resolved_yaml(capsys):
-    assert main(["config", "show", "trainer.max_steps=7"]) == 0
+    assert main(["config", "show", "--preset", "demo", "trainer.max_steps=7"]) == 0
     out = capsys.readouterr().out
     assert "max_steps: 7" in out and "name_or_path: smollm2" in out
+    assert out.startswith("# config: preset demo (")
+    assert "#   trainer.max_steps: 7" in out and "<- command line" in out
+    assert "#   model.name_or_path: 'smollm2'" in out and "<- preset demo" in out
+    # overrides without --preset start from the documented defaults, not the demo
+    assert main(["config", "show", "trainer.max_steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "name_or_path: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" in out and "no preset" in out.splitlines()[0]
 
 
 def test_unknown_key_is_a_clean_error(capsys):

@@ -19,12 +19,14 @@ def test_defaults_reproduce_the_notebook():
     assert c.prompt.system_prompt is None and "\\boxed{}" in c.prompt.instruction
 
 
-def test_no_file_means_the_embedded_preset_and_file_means_defaults(tmp_path):
+def test_nothing_means_the_embedded_preset_and_file_or_overrides_mean_defaults(tmp_path):
     assert load_config().model.name_or_path == EMBEDDED["model"]["name_or_path"]
     f = tmp_path / "c.yaml"
     f.write_text("grpo:\n  beta: 0.1\n")
     c = load_config(f)
     assert c.grpo.beta == 0.1 and c.model.name_or_path == Config().model.name_or_path
+    c = load_config(None, ["model.name_or_path=DIR", "model.quantization=nf4"])  # issue 18: not the demo's settings
+    assert c.generation.max_new_tokens == 2048 and c.model.lora_layers is None and c.trainer.learning_rate == 1e-5
 
 
 def test_yaml_then_overrides_with_types(tmp_path):

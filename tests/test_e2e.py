@@ -6,16 +6,16 @@ import json
 
 import pytest
 
-from mathgrpo.config import load_config
+from mathgrpo.presets import resolve
 from mathgrpo.trainer import train
 
 
 @pytest.mark.slow
 def test_real_smollm2_trains_a_few_steps(tmp_path):
-    cfg = load_config(None, [  # the embedded preset, shortened
+    cfg = resolve("demo", None, [  # the embedded preset, shortened
         "trainer.max_steps=2", "trainer.prompts_per_step=2", "grpo.num_generations=4", "generation.max_new_tokens=24",
         f"trainer.output_dir={tmp_path}", "trainer.run_name=e2e", "trainer.save_steps=2", "trainer.eval_at_end=false",
-        "grpo.beta=0.04"])
+        "grpo.beta=0.04"]).config
     run = train(cfg, quiet=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

@@ -457,3 +457,60 @@ def test_model_loaded_from_gguf_trains(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "checkpoint-1")
     for (name, a), b in zip(full.model.named_parameters(), reloaded.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_report_to_and_run_name_map_onto_trackers():
+    import importlib.util
+
+    cfg = GRPOConfig(output_dir="o", max_steps=2, report_to="wandb", run_name="exp-1").to_mathgrpo_config(on_cuda=True)
+    t = cfg.trainer
+    assert (t.report_to, t.tensorboard, t.tracker_run_name, t.run_name) == (["wandb"], False, "exp-1", "o")
+    cfg = GRPOConfig(max_steps=2, report_to=["tensorboard", "mlflow", "none"]).to_mathgrpo_config(on_cuda=True)
+    assert (cfg.trainer.report_to, cfg.trainer.tensorboard, cfg.trainer.tracker_run_name) == (["mlflow"], True, None)
+    installed = [n for n in ("wandb", "mlflow", "trackio") if importlib.util.find_spec(n) is not None]
+    cfg = GRPOConfig(max_steps=2, report_to="all").to_mathgrpo_config(on_cuda=True)  # every installed one
+    assert cfg.trainer.tensorboard and cfg.trainer.report_to == installed
+    with pytest.warns(TRLCompatWarning, match=r"report_to=\['comet_ml'\]: not supported by mathgrpo"):
+        cfg = GRPOConfig(max_steps=2, report_to=["comet_ml", "wandb"]).to_mathgrpo_config(on_cuda=True)
+    assert cfg.trainer.report_to == ["wandb"]
+
+
+def test_report_to_a_missing_library_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import mathgrpo.trackers as trackers
+
+    monkeypatch.setitem(trackers.LIBRARIES, "wandb", ("no_such_wandb_module", "wandb"))
+    with pytest.raises(ValueError, match=r"pip install 'mathgrpo\[wandb\]'"):
+        GRPOTrainer(model=str(tmp_path / "never-loaded"), reward_funcs=lambda completions, **k: [0.0],
+                    args=GRPOConfig(output_dir=str(tmp_path), max_steps=1, report_to="wandb"))
+
+
+def test_peft_rule_for_target_modules(tiny_model_dir, tmp_path):
+    """Names matching no layer pass while one matches (a warning names both, as scripts for several
+    architectures list `dense` beside `q_proj`); none matching is an error; the native config stays strict."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    ds = Dataset.from_dict({"prompt": ["1 + 1 =", "2 + 2 ="]})
+    with pytest.warns(TRLCompatWarning, match=r"peft_config.target_modules: dense, query_key_value match no layer "
+                                              r"of this model \(LlamaForCausalLM\) and are skipped, as peft does; "
+                                              r"LoRA goes on q_proj, v_proj"):
+        trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                              reward_funcs=lambda completions, **k: [0.0] * len(completions),
+                              args=GRPOConfig(output_dir=str(tmp_path), max_steps=1, num_generations=2,
+                                              per_device_train_batch_size=2),
+                              train_dataset=ds, peft_config=LoraConfig(r=2, target_modules=["q_proj", "dense",
+                                                                                             "v_proj", "query_key_value"]))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "v_proj"} and trainer.cfg.model.lora_target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match=r"peft_config.target_modules: dense, query_key_value match no layer.*"
+                                         r"its linear layers are: .*q_proj"):
+        GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=lambda completions, **k: [0.0],
+                    args=GRPOConfig(output_dir=str(tmp_path), max_steps=1, num_generations=2), train_dataset=ds,
+                    peft_config=LoraConfig(target_modules=["dense", "query_key_value"]))
+    from mathgrpo.config import ModelConfig
+    from mathgrpo.models import ModelError, add_lora
+
+    with pytest.raises(ModelError, match="model.lora_target_modules: dense match no layer"):
+        add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                 ModelConfig(lora_target_modules=["q_proj", "dense"]))

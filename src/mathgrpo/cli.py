@@ -7,7 +7,8 @@
     mathgrpo config show [cfg.yaml] [overrides]     |   mathgrpo config reference
     mathgrpo merge RUN_DIR OUT_DIR
 
-With no config file, `train` and `eval` use the embedded default (SmolLM2-135M, built-in arithmetic, CPU).
+With no arguments at all, `train` and `eval` use preset `demo` (SmolLM2-135M, built-in arithmetic, CPU) and say so;
+`--preset NAME` picks a preset; a config file or overrides alone start from the documented defaults (presets.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import os
 import sys
 
-from .config import ConfigError, config_reference, dump_yaml, load_config
+from .config import ConfigError, config_reference, load_config
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -33,15 +34,23 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
-def _config(args) -> "Config":  # noqa: F821
+def _resolved(args, file_label: str | None = None):
+    """The preset / file / overrides of a command, resolved with the source of every value (presets.resolve)."""
+    from .presets import resolve
+
     path, overrides = _split_args(args.items)
-    return load_config(path, overrides)
+    return resolve(getattr(args, "preset", None), path, overrides, file_label)
 
 
 def cmd_train(args) -> int:
+    from .trackers import check_installed
     from .trainer import train
 
-    cfg = _config(args)
+    res = _resolved(args)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(res.origin(), flush=True)  # the first line: which preset (or none), file and overrides
+    cfg = res.config
+    check_installed(cfg.trainer.report_to)
     if args.resume is not None:
         cfg.trainer.resume = args.resume
     if args.resume_changing:
@@ -51,11 +60,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import eval_config, run_eval
+    from .evaluate import find_run_config, run_eval
 
     path, overrides = _split_args(args.items)
-    # Without a config file, the adapter's run config is used, so the test split is the one held out.
-    cfg = eval_config(args.adapter, path, overrides)
+    # Without a config file or preset, the adapter's run config is used, so the test split is the one held out.
+    run_cfg = find_run_config(args.adapter) if args.adapter and path is None and args.preset is None else None
+    if run_cfg is not None:
+        args.items = [str(run_cfg), *overrides]
+    res = _resolved(args, "the adapter's run config" if run_cfg is not None else None)
+    print(res.origin(), flush=True)
+    cfg = res.config
     run_eval(cfg, model_path=args.model, adapter=args.adapter, baseline=args.baseline, out_dir=args.out)
     return 0
 
@@ -71,7 +85,7 @@ def cmd_report(args) -> int:
 def cmd_data(args) -> int:
     from .data import inspect_source
 
-    cfg = load_config(None, args.overrides)
+    cfg = load_config(None, args.overrides, base={})  # the documented data defaults, never a preset's
     print(inspect_source(args.source, cfg.data))
     return 0
 
@@ -80,7 +94,12 @@ def cmd_config(args) -> int:
     if args.action == "reference":
         print(config_reference())
         return 0
-    print(dump_yaml(_config(args)), end="")
+    if args.action == "presets":
+        from .presets import preset_table
+
+        print(preset_table())
+        return 0
+    print(_resolved(args).show(), end="")
     return 0
 
 
@@ -91,8 +110,14 @@ def cmd_merge(args) -> int:
 
     run_cfg = Path(args.run_dir) / "config.yaml"
     cfg = load_config(str(run_cfg) if run_cfg.is_file() else None)
+    if not run_cfg.is_file():
+        print(f"no {run_cfg}: the base model is preset demo's ({cfg.model.name_or_path})")
     print(f"merged model written to {merge_adapter(args.run_dir, cfg.model, args.out_dir)}")
     return 0
+
+
+_PRESET_HELP = ("start from a named preset (demo, notebook, deepscaler-8k: `mathgrpo config presets`); without it "
+                "a config file or overrides start from the documented defaults, and no arguments at all mean demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume-changing", action="append", default=[], metavar="KEY[,KEY]",
                    help="allow this config key to differ from the checkpoint's on resume (e.g. trainer.max_steps)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--preset", default=None, help=_PRESET_HELP)
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="pass@1 / pass@k / maj@k and rewards of a model and/or trained adapter")
@@ -114,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None, help="a run dir or checkpoint holding a LoRA adapter")
     e.add_argument("--baseline", action="store_true", help="also evaluate the base model and compare")
     e.add_argument("--out", default=None, help="output folder (default: the run dir, or runs/eval-<time>)")
+    e.add_argument("--preset", default=None, help=_PRESET_HELP)
     e.set_defaults(fn=cmd_eval)
 
     r = sub.add_parser("report", help="write report.md/report.html with plots for a run dir")
@@ -126,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="data.key=value (column mapping, filters)")
     d.set_defaults(fn=cmd_data)
 
-    c = sub.add_parser("config", help="show the resolved config, or the reference of every key")
-    c.add_argument("action", choices=["show", "reference"])
+    c = sub.add_parser("config", help="show the resolved config and where each value came from, the reference "
+                                      "of every key, or the presets")
+    c.add_argument("action", choices=["show", "reference", "presets"])
     c.add_argument("items", nargs="*", help="[config.yaml] [section.key=value ...]")
+    c.add_argument("--preset", default=None, help=_PRESET_HELP)
     c.set_defaults(fn=cmd_config)
 
     m = sub.add_parser("merge", help="merge a run's LoRA adapter into the base model for deployment")
@@ -140,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MATHGRPO_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `train --preset demo a=1`: argparse has filled `items` before the option; what follows it belongs there too
+    if extra and hasattr(args, "items") and not any(e.startswith("-") for e in extra):
+        args.items += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -4,8 +4,8 @@
 
 The dataclass defaults reproduce the notebook this tool replaces (100 problems, 2048-token completions,
 G=4, LoRA, 1 prompt a step, 80 steps, beta 0.04, lr 1e-5, log/save every 10 steps, 90/10 split, seed 42).
-`mathgrpo train` with no config file uses the embedded preset (`EMBEDDED`): SmolLM2-135M on the built-in
-arithmetic set, tuned to learn visibly on a laptop CPU in minutes.
+`mathgrpo train` with no arguments at all uses the embedded preset (`EMBEDDED`, preset `demo`): SmolLM2-135M on
+the built-in arithmetic set, tuned to learn visibly on a laptop CPU in minutes. Named presets: presets.py.
 """
 
 from __future__ import annotations
@@ -154,6 +154,10 @@ class TrainerConfig:
     # keys a resume may change from the checkpoint's config (--resume-changing; e.g. [trainer.max_steps]); any other
     # difference, or other data, refuses the resume (runs.py)
     resume_changing: list[str] = field(default_factory=list)
+    # experiment trackers that get the run name, the config and every metric (trackers.py): tensorboard, wandb,
+    # mlflow, trackio; each but tensorboard is an extra: pip install 'mathgrpo[wandb]'. metrics.jsonl is always written
+    report_to: list[str] = field(default_factory=list)
+    tracker_run_name: str | None = None  # the run's name in the trackers (default: run_name, else the run dir's name)
 
 
 @dataclass
@@ -181,7 +185,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# The embedded default: what `mathgrpo train` runs with no config file. Tuned on a 2-core CPU so that
+# The embedded default (preset `demo`): what `mathgrpo train` runs with no arguments at all. Tuned on a 2-core CPU so that
 # format and accuracy rewards rise within ~15 minutes (see README for the measured numbers).
 EMBEDDED: dict[str, Any] = {
     # LoRA on the last 8 of 30 layers: the update's backward stops there (about half the CPU time of all layers)
@@ -314,9 +318,10 @@ def _parse_value(raw: str) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
-    """Defaults <- `base` preset (EMBEDDED when no file is given) <- YAML file <- dotted overrides."""
+    """Defaults <- `base` preset <- YAML file <- dotted overrides. With no file, base or override at all: the
+    embedded preset (EMBEDDED, preset `demo`); a file or overrides alone start from the defaults (presets.py)."""
     cfg = Config()
-    if path is None and base is None:
+    if path is None and base is None and not overrides:
         base = EMBEDDED
     if base:
         _merge(cfg, base, "")
@@ -385,6 +390,7 @@ def validate(cfg: Config) -> None:
     if not cfg.rewards.functions:
         raise ConfigError("rewards.functions is empty: name at least one reward")
     check_ranges(cfg)
+    _check_report_to(cfg)
 
 
 # Allowed ranges, checked when the config is built: (low, high, low included, high included); None = unbounded.
@@ -430,6 +436,15 @@ def check_ranges(cfg: Config) -> None:
                 ok = (v >= lo if lo_in else v > lo) and (hi is None or (v <= hi if hi_in else v < hi))
                 if not ok:
                     raise ConfigError(f"{key} must be {_describe(lo, hi, lo_in, hi_in)}, got {v}")
+
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio")  # trainer.report_to names (trackers.py has their code)
+
+
+def _check_report_to(cfg: Config) -> None:
+    bad = [r for r in cfg.trainer.report_to if r not in REPORT_TO]
+    if bad:
+        raise ConfigError(f"trainer.report_to: {', '.join(map(repr, bad))} not among {', '.join(REPORT_TO)}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -150,6 +150,7 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
 
     from .answers import is_equivalent_lenient, lenient_value
     from .distributed import SINGLE, shard
+    from .logger import progress_bar
     from .prompts import PromptBuilder
     from .rollout import make_rollout, sampling_from
 
@@ -176,6 +177,7 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     per_call = max(1, cfg.generation.max_batch // k)
     rows: list[tuple] = []  # (text, truncated, length, completion ids) per completion, problem-major
     t0 = time.perf_counter()
+    bar = progress_bar(len(mine), f"eval {label}", "problems", world.is_main)
     with torch.random.fork_rng():  # the caller's (trainer's) RNG streams continue untouched
         for b, start in enumerate(range(0, len(mine), per_call)):
             sampling.seed = ev.seed + b + 100_003 * world.rank
@@ -183,8 +185,10 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
             out = rollout.generate(mine[start:start + per_call], k, sampling)
             rows += zip(out.texts, [bool(t) for t in out.truncated], out.lengths.tolist(),
                         [row[m.bool()].tolist() for row, m in zip(out.completion_ids, out.completion_mask)])
+            bar.update(min(per_call, len(mine) - start))
             log.info("eval %s: %d/%d problems generated (%.0f s)", label, min(start + per_call, len(mine)),
                      len(mine), time.perf_counter() - t0)
+    bar.close()
     gen_seconds = time.perf_counter() - t0
     rows = world.gather_objects(rows)
     texts, truncated, lengths, comp_ids = (list(x) for x in zip(*rows))
@@ -377,6 +381,13 @@ def write_eval_outputs(results: dict[str, EvalResult], cfg: Config, out: Path, s
                "settings": {**first.settings, "bootstrap": cfg.eval.bootstrap, "data": cfg.data.source,
                             "test_source": cfg.data.test_source, "model": cfg.model.name_or_path}}
     (out / "eval_summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    if (out / "metrics.jsonl").is_file():  # a training run's evaluation: into its trackers too
+        from .trackers import report_eval
+
+        try:
+            report_eval(out, cfg, {label: r.metrics for label, r in results.items()})
+        except Exception as e:  # noqa: BLE001 - the numbers are written already; a tracker failure must not lose them
+            log.warning("could not report the evaluation to trainer.report_to's trackers: %s", e)
     print(format_comparison_table(rows))
     try:
         md, html = (write_report if (out / "metrics.jsonl").is_file() else write_eval_report)(out, summary)
@@ -417,7 +428,7 @@ def find_run_config(path: str | Path) -> Path | None:
 def eval_config(adapter: str | None = None, path: str | None = None, overrides: list[str] | None = None) -> Config:
     """The config `mathgrpo eval` runs with: an explicit config file (`path`) if given, else the config.yaml of
     the run the adapter belongs to (so the test split is the one held out in training), else the embedded
-    default; then the dotted overrides."""
+    default (the documented defaults when overrides are given: `load_config`); then the dotted overrides."""
     run_cfg = find_run_config(adapter) if adapter and path is None else None
     if run_cfg is not None:
         log.info("eval: model, data and eval settings from %s", run_cfg)

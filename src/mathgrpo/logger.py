@@ -1,10 +1,12 @@
-"""Where a run's numbers go: metrics.jsonl (every step), TensorBoard, completions.jsonl, the terminal.
+"""Where a run's numbers go: metrics.jsonl (every step), the trackers of trainer.report_to (TensorBoard, W&B,
+MLflow, Trackio: trackers.py), completions.jsonl, the terminal.
 
 Under torchrun only rank 0 holds a RunLogger; the other ranks get a NullLogger and write nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -12,18 +14,19 @@ from pathlib import Path
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool, max_steps: int, first_step: int = 0, quiet: bool = False):
+    def __init__(self, run_dir: Path, tensorboard: bool, max_steps: int, first_step: int = 0, quiet: bool = False,
+                 cfg=None):
+        """`cfg` (the run's Config) opens the trackers of cfg.trainer.report_to with its run name and values."""
+        from .trackers import Trackers, tracker_names
+
         self.run_dir = run_dir
+        t = getattr(cfg, "trainer", None)
+        name = (t.tracker_run_name or t.run_name) if t is not None else None
+        self.trackers = Trackers(tracker_names(t.report_to if t is not None else [], tensorboard), run_dir,
+                                 name or Path(run_dir).name, dataclasses.asdict(cfg) if cfg is not None else {},
+                                 resume=first_step > 0)
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         self.completions = open(run_dir / "completions.jsonl", "a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional at run time
-                self.tb = None
         self.bar = None
         if not quiet:
             from tqdm import tqdm
@@ -34,10 +37,7 @@ class RunLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self.metrics.write(json.dumps({"step": step, **clean}) + "\n")
         self.metrics.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, step)
+        self.trackers.log(step, metrics)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(reward=f"{metrics['reward']:.3f}", len=f"{metrics['completion_length_mean']:.0f}",
@@ -62,8 +62,7 @@ class RunLogger:
             self.bar.close()
         self.metrics.close()
         self.completions.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.trackers.close()
 
 
 class NullLogger:
@@ -80,3 +79,12 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
+    """A tqdm bar on stderr, like training's (evaluation: problems done); a no-op bar when not enabled."""
+    from tqdm import tqdm
+
+    # every update is drawn (mininterval=0): an update is a whole generation batch, seconds apart
+    return tqdm(total=total, desc=desc, unit=f" {unit}", dynamic_ncols=True, file=sys.stderr, disable=not enabled,
+                mininterval=0)

@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -123,10 +124,21 @@ def prepare_tokenizer(tok):
     return tok
 
 
+def say(text: str) -> None:
+    """A line on stderr about what a long step is doing (loading, converting); rank 0 only under torchrun."""
+    import sys
+
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr, flush=True)
+
+
 def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     folder, gguf = resolve_source(cfg)
+    t0 = time.perf_counter()
+    what = f"{str(dtype).replace('torch.', '')}{', NF4' if cfg.quantization == 'nf4' else ''} on {device}"
+    say(f"loading model {Path(folder) / gguf if gguf else folder} ({what})")
     kw: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kw["attn_implementation"] = cfg.attn_implementation
@@ -145,8 +157,11 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     if gguf:
         cached = _gguf_cache_dir(folder, gguf)
         if cached is not None and (cached / "model" / "config.json").is_file():
+            say(f"  from its converted copy in {cached / 'model'}")
             model = AutoModelForCausalLM.from_pretrained(cached / "model", **kw)
         else:
+            say(f"  converting the GGUF weights (dequantised; about 25 s for SmolLM2-135M on a CPU"
+                f"{f', then cached in {cached}' if cached is not None and cfg.quantization is None else ''})")
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kw)
             if cached is not None and cfg.quantization is None:
                 cached.mkdir(parents=True, exist_ok=True)
@@ -158,6 +173,8 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
             raise ModelError(f"cannot load model '{folder}': {e}") from None
     if cfg.quantization is None:
         model.to(device=device, dtype=dtype)
+    n = sum(p.numel() for p in model.parameters())
+    say(f"  loaded {type(model).__name__}, {n / 1e6:.1f}M parameters, in {time.perf_counter() - t0:.1f} s")
     return model
 
 
@@ -202,10 +219,17 @@ def linear_layer_names(model) -> list[str]:
     return sorted(names)
 
 
-def validate_lora_targets(model, targets: list[str]) -> None:
+def match_lora_targets(model, targets: list[str]) -> tuple[list[str], list[str]]:
+    """(targets naming a module of `model`, targets naming none), by peft's rule for a list of names: a module
+    matches a name when its path is the name or ends with "." + name."""
     modules = [n for n, m in model.named_modules()]
+    found = [t for t in targets if any(n == t or n.endswith("." + t) for n in modules)]
+    return found, [t for t in targets if t not in found]
+
+
+def validate_lora_targets(model, targets: list[str]) -> None:
     available = linear_layer_names(model)
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+    _, missing = match_lora_targets(model, targets)
     if missing:
         raise ModelError(f"model.lora_target_modules: {', '.join(missing)} match no layer of this model "
                          f"({type(model).__name__}); its linear layers are: {', '.join(available)}")
@@ -271,6 +295,7 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
         from peft import PeftModel
 
         path = resolve_adapter(adapter)
+        say(f"loading LoRA adapter {path}")
         try:
             model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
         except (RuntimeError, ValueError, KeyError) as e:
@@ -394,6 +419,7 @@ def _adapter_off(model):
 def merge_adapter(run_or_adapter: str, cfg: ModelConfig, out_dir: str) -> str:
     """Write base + adapter merged into one full model (for deployment) plus its tokenizer."""
     model, tok = load_model(cfg, adapter=run_or_adapter)
+    say(f"merging the adapter into the base weights, writing {out_dir}")
     merged = model.merge_and_unload()
     out = Path(out_dir)
     merged.save_pretrained(out)

@@ -325,7 +325,7 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
     world.broadcast_params([p for p in model.parameters() if p.requires_grad])  # identical replicas, as DDP
     rollout.sync_weights(model)  # backends holding their own weight copy must sample from the loaded weights
     G = cfg.grpo.num_generations
-    logger = RunLogger(run, cfg.trainer.tensorboard, cfg.trainer.max_steps, start, quiet) if world.is_main \
+    logger = RunLogger(run, cfg.trainer.tensorboard, cfg.trainer.max_steps, start, quiet, cfg=cfg) if world.is_main \
         else NullLogger()
     logger.write(f"run dir: {run}\n{data.report}")
     logger.write(batch_line(cfg.trainer.prompts_per_step, G, world, cfg.trainer.max_tokens_per_microbatch,

@@ -289,13 +289,8 @@ class GRPOConfig(_Options):
                   "bf16 is safer where the GPU has it")
         elif self.bf16:
             dtype = "bfloat16"
-        report = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
-        report = [r for r in report if r != "none"]
-        tensorboard = any(r in ("tensorboard", "all") for r in report)
-        others = [r for r in report if r not in ("tensorboard", "all")]
-        if others:
-            _warn(f"report_to={others}: not supported by mathgrpo; every step is logged to output_dir/metrics.jsonl "
-                  f"(and to TensorBoard with report_to='tensorboard')")
+        report = _report_to(self.report_to)
+        tensorboard = "tensorboard" in report
         if self.logging_dir:
             _warn(f"logging_dir={self.logging_dir!r}: mathgrpo writes TensorBoard logs to output_dir/tensorboard "
                   f"(with report_to='tensorboard') and every step to output_dir/metrics.jsonl")
@@ -326,7 +321,8 @@ class GRPOConfig(_Options):
                         "logging_steps": every(self.logging_steps, "logging_steps"), "save_steps": save_every,
                         "save_total_limit": self.save_total_limit or 0,
                         "log_completions_steps": every(self.logging_steps, "logging_steps") if self.log_completions else 0,
-                        "tensorboard": tensorboard, "eval_at_end": False},
+                        "tensorboard": tensorboard, "eval_at_end": False,
+                        "report_to": [r for r in report if r != "tensorboard"], "tracker_run_name": self.run_name},
         }
         for key, value in (self.mathgrpo_overrides or {}).items():
             *path, last = key.split(".")
@@ -338,6 +334,25 @@ class GRPOConfig(_Options):
             return load_config(None, base=base)
         except ConfigError as e:
             raise ValueError(f"GRPOConfig: {e} (see docs/trl.md for which TRL option sets which mathgrpo key)") from None
+
+
+def _report_to(value, warn: bool = True) -> list[str]:
+    """TRL's report_to ("none", "all", a name or a list) as trainer.report_to names: "all" means every tracker
+    mathgrpo supports whose library is installed, as transformers reads it; other integrations are ignored with a
+    warning (metrics.jsonl in output_dir always holds every step)."""
+    import importlib.util
+
+    from .trackers import LIBRARIES
+
+    names = [value] if isinstance(value, str) else list(value or [])
+    if "all" in names:
+        names = [n for n, (module, _) in LIBRARIES.items() if importlib.util.find_spec(module) is not None]
+    names = [n for n in dict.fromkeys(names) if n != "none"]
+    others = [n for n in names if n not in LIBRARIES]
+    if others and warn:
+        _warn(f"report_to={others}: not supported by mathgrpo (it logs to {', '.join(LIBRARIES)}); every step is "
+              f"logged to output_dir/metrics.jsonl")
+    return [n for n in names if n in LIBRARIES]
 
 
 def _env(name: str, default: int) -> int:
@@ -482,6 +497,23 @@ def _trl_reward(fn, prompts: _DatasetPrompts, extra_kwargs):
     return reward
 
 
+def _check_peft_targets(model, targets: list[str]) -> None:
+    """peft's rule for a list of target_modules: names matching no layer are allowed while one matches (scripts
+    written for several architectures list e.g. `dense` beside `q_proj`); a warning names both. None matching is
+    an error listing the model's linear layers. (The native config, model.lora_target_modules, stays strict.)"""
+    from .models import ModelError, match_lora_targets, validate_lora_targets
+
+    found, missing = match_lora_targets(model, targets)
+    if not found:
+        try:
+            validate_lora_targets(model, targets)
+        except ModelError as e:
+            raise ValueError(str(e).replace("model.lora_target_modules", "peft_config.target_modules")) from None
+    if missing:
+        _warn(f"peft_config.target_modules: {', '.join(missing)} match no layer of this model "
+              f"({type(model).__name__}) and are skipped, as peft does; LoRA goes on {', '.join(found)}")
+
+
 def _is_peft(model) -> bool:
     from peft import PeftModel
 
@@ -529,6 +561,9 @@ class GRPOTrainer:
             args = GRPOConfig(f"{Path(str(name)).name}-GRPO")
         self.args = args
         self.reward_funcs = _check_rewards(reward_funcs)
+        from .trackers import check_installed
+
+        check_installed(_report_to(args.report_to, warn=False))  # as transformers, before the model is loaded
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"GRPOConfig.reward_weights has {len(args.reward_weights)} values but "
                              f"{len(self.reward_funcs)} reward functions were given")  # before loading the model
@@ -547,16 +582,21 @@ class GRPOTrainer:
         # rank 0 alone, which an FSDP2-sharded model cannot do (its weights are gathered by every rank).
         cfg.trainer.fsdp = "off"
         if cfg.model.lora:
+            from .models import match_lora_targets
+
             lc = self.model.peft_config[self.model.active_adapter]
             targets = lc.target_modules
             cfg.model.lora_r, cfg.model.lora_alpha = lc.r, lc.lora_alpha
             cfg.model.lora_dropout = 0.0 if args.disable_dropout else lc.lora_dropout
             # peft resolves "all-linear" into module paths; the short names select the same layers
             cfg.model.lora_target_modules = [targets] if isinstance(targets, str) else \
-                sorted({name.rsplit(".", 1)[-1] for name in targets})
+                match_lora_targets(self.model, sorted({name.rsplit(".", 1)[-1] for name in targets}))[0]
         if eval_dataset is not None and args.eval_strategy != "no":
             _warn(f"eval_strategy={args.eval_strategy!r}: mathgrpo does not evaluate during training; it evaluates "
                   f"eval_dataset once, after training (or call trainer.evaluate())")
+        # Trackers other than TensorBoard get what TRL hands them (its metric names, every logging_steps, eval_x as
+        # eval/x), as transformers' integrations log on_log; so the engine itself does not report to them.
+        self._report_to, cfg.trainer.report_to, self._trackers = cfg.trainer.report_to, [], None
         self.cfg = cfg
         from transformers.trainer_callback import TrainerControl, TrainerState
 
@@ -576,7 +616,7 @@ class GRPOTrainer:
         import torch
 
         from .config import ModelConfig
-        from .models import ModelError, load_model, prepare_tokenizer, validate_lora_targets
+        from .models import load_model, prepare_tokenizer
 
         a = self.args
         if isinstance(model, str):
@@ -613,10 +653,7 @@ class GRPOTrainer:
                                  "them, or pass the base model")
             targets = getattr(peft_config, "target_modules", None)
             if isinstance(targets, (list, set, tuple)):
-                try:
-                    validate_lora_targets(model, sorted(targets))
-                except ModelError as e:
-                    raise ValueError(str(e).replace("model.lora_target_modules", "peft_config.target_modules")) from None
+                _check_peft_targets(model, sorted(targets))
             if _is_kbit(model):
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=a.gradient_checkpointing)
             model = get_peft_model(model, peft_config)
@@ -670,7 +707,22 @@ class GRPOTrainer:
             logs = {**logs, "epoch": round(self.state.epoch, 4)}
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control.should_log = False
+        if self._trackers is not None:
+            self._trackers.log(self.state.global_step, {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v
+                                                        for k, v in logs.items()}, prefix="")
         self._event("on_log", logs=logs)
+
+    def _open_trackers(self, resume: bool):
+        """The trackers of report_to (TensorBoard aside: the engine writes it), on rank 0, named run_name (default:
+        output_dir's name), with TRL's options and the mathgrpo config they mean."""
+        from .trackers import Trackers
+
+        if not self._report_to or not self.is_main:
+            return None
+        out = Path(self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = json.loads(json.dumps({"trl": self.args.to_dict(), **dataclasses.asdict(self.cfg)}, default=str))
+        return Trackers(self._report_to, out, self.args.run_name or out.resolve().name, config, resume=resume)
 
     def _reward_kwargs(self) -> dict:
         def log_metric(name: str, value: float) -> None:
@@ -765,7 +817,7 @@ class GRPOTrainer:
         pruning do not mix with the new run's."""
         out = Path(self.args.output_dir)
         old = [out / n for n in ("metrics.jsonl", "completions.jsonl", "summary.json", "checkpoints", "config.yaml",
-                                 "resumes.jsonl") if (out / n).exists()]
+                                 "resumes.jsonl", "trackers.json") if (out / n).exists()]
         old += _trl_checkpoints(out)
         if old and not self.args.overwrite_output_dir:
             _warn(f"output_dir {out} holds an earlier run: its logs and checkpoints are replaced (resume it instead "
@@ -804,9 +856,14 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         rewards = [_trl_reward(f, self._train, self._reward_kwargs) for f in self.reward_funcs]
         first = self.state.global_step
-        train(cfg, quiet=self.args.disable_tqdm, model=self.model, tokenizer=self.processing_class,
-              data=self._train.problem_set("train_dataset"), prompts=self._train, reward_funcs=rewards,
-              callbacks=[self._after_step])
+        self._trackers = self._open_trackers(resume=start is not None)
+        try:
+            train(cfg, quiet=self.args.disable_tqdm, model=self.model, tokenizer=self.processing_class,
+                  data=self._train.problem_set("train_dataset"), prompts=self._train, reward_funcs=rewards,
+                  callbacks=[self._after_step])
+        except BaseException:
+            self._close_trackers()
+            raise
         runtime = time.perf_counter() - t0
         done = self.state.global_step - first
         losses = [h["loss"] for h in self.state.log_history if "loss" in h and h["step"] > first and h["loss"] is not None]
@@ -818,7 +875,13 @@ class GRPOTrainer:
         self._event("on_train_end")
         if self.eval_dataset is not None and self.args.eval_strategy != "no":
             self.evaluate()
+        self._close_trackers()
         return TrainOutput(self.state.global_step, summary["train_loss"], summary)
+
+    def _close_trackers(self) -> None:
+        if self._trackers is not None:
+            self._trackers.close()
+            self._trackers = None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Sample num_generations completions for every eval prompt and average the rewards (TRL's eval metrics)."""
@@ -843,7 +906,14 @@ class GRPOTrainer:
         for j, name in enumerate(rs.names):
             m[f"rewards/{name}/mean"] = float(np.nanmean(per[:, j])) if np.isfinite(per[:, j]).any() else None
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in m.items()}
-        self.log(metrics)
+        opened = self._trackers is None  # called on its own: continue the training run's tracker runs
+        if opened:
+            self._trackers = self._open_trackers(resume=True)
+        try:
+            self.log(metrics)
+        finally:
+            if opened:
+                self._close_trackers()
         self._event("on_evaluate", metrics=metrics)
         return metrics
 
