@@ -99,6 +99,7 @@ class _Options:
     eval_strategy: str = "no"
     use_vllm: bool = False
     mathgrpo_overrides: dict | None = None  # mathgrpo-only: {"generation.backend": "hf", ...}
+    top_entropy_quantile: float = 1.0
 
 
 # TRL 1.16 GRPOConfig options mathgrpo does not honour, with their defaults (passing the default asks for nothing).
@@ -131,7 +132,7 @@ _TRL_ONLY = {
 # Options that would change the objective or the batch in ways mathgrpo does not implement: only this value passes.
 _REFUSED = {
     "importance_sampling_level": "token", "delta": None, "multi_objective_aggregation": "sum_then_normalize",
-    "sync_ref_model": False, "top_entropy_quantile": 1.0, "entropy_coef": 0.0, "use_adaptive_entropy": False,
+    "sync_ref_model": False, "entropy_coef": 0.0, "use_adaptive_entropy": False,
     "off_policy_mask_threshold": None, "generation_batch_size": None, "steps_per_generation": None,
 }
 # Why an ignored option is ignored (by name prefix); the rest: "not supported by mathgrpo".
@@ -307,7 +308,8 @@ class GRPOConfig(_Options):
             "grpo": {"num_generations": self.num_generations, "beta": self.beta, "epsilon": self.epsilon,
                      "epsilon_high": self.epsilon_high, "loss_type": self.loss_type,
                      "scale_rewards": self.scale_rewards, "num_iterations": mu,
-                     "mask_truncated_completions": self.mask_truncated_completions},
+                     "mask_truncated_completions": self.mask_truncated_completions,
+                     "top_entropy_quantile": self.top_entropy_quantile},
             "trainer": {"output_dir": str(out.parent), "run_name": out.name, "max_steps": steps,
                         "prompts_per_step": pps, "learning_rate": self.learning_rate,
                         "weight_decay": self.weight_decay, "adam_beta1": self.adam_beta1,
