@@ -83,7 +83,7 @@ class PromptConfig:
 
 @dataclass
 class RewardsConfig:
-    # Built-in names (format, boxed, accuracy, similarity, length, cosine) or "package.module:function".
+    # Built-in names (format, boxed, accuracy, similarity, length, cosine, overlong) or "package.module:function".
     functions: list[str] = field(default_factory=lambda: ["format", "accuracy", "similarity"])
     weights: list[float] | None = None  # one per function; default all 1.0
     # the `overlong` reward's ramp: its last N tokens before max_new_tokens (None: max_new_tokens // 5, DAPO's ratio)
@@ -161,7 +161,7 @@ class TrainerConfig:
 class EvalConfig:
     num_samples: int = 4  # k samples per problem
     temperature: float = 1.0  # 0 = greedy
-    max_new_tokens: int | None = None  # default: generation.max_new_tokens
+    max_new_tokens: int | None = None  # default: generation.max_new_tokens (a schedule's value at trainer.max_steps)
     max_problems: int | None = None  # evaluate at most this many test problems
     # the answer pass@k / maj@k judge: boxed = the last \\boxed{} (standard); final = that, or with no box
     # the last number (the `answer` reward's reading, for models that do not box)
