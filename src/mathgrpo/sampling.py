@@ -17,8 +17,8 @@ rank, the most any rank still needs divided by the informative share seen so far
 share: no round generates more than a plain step); a rank that is already full skips its share of that round.
 Informative groups beyond a rank's need are not trained on (`groups/surplus`). Out of rounds, every rank trains on
 as many groups as the emptiest rank has (ranks keep equal shares, which FSDP2's matched micro-batches and the loss
-counts rely on), and the log says so; with no informative group at all, the step trains on its first round as drawn
-(zero advantages: the plain step). Round k of a step samples with seed step_seed + k * ROUND_SEED_STRIDE (per rank),
+counts rely on), and the log says so; when a rank has none, the step trains on its first round as drawn (the
+plain step). Round k of a step samples with seed step_seed + k * ROUND_SEED_STRIDE (per rank),
 round 0 with the plain step's seed, so a step without flat groups is the plain step.
 """
 
@@ -120,8 +120,9 @@ def sample_step(base_seed: int, sampler, problems: list[Problem], rollout, promp
             informative = [g for g in range(len(batch)) if not flat[g]]
             take = informative[:share - len(kept)]
             kept += [(len(parts) - 1, g) for g in take]
-            generated, dropped, surplus = generated + len(batch), dropped + int(flat.sum()), \
-                surplus + len(informative) - len(take)
+            generated += len(batch)
+            dropped += int(flat.sum())
+            surplus += len(informative) - len(take)
         counts = world.gather_objects([(share - len(kept), generated, generated - dropped)])  # per rank
         needs = [c[0] for c in counts]
         if max(needs) == 0 or k == cfg.grpo.dynamic_sampling_max_rounds:
@@ -140,7 +141,7 @@ def sample_step(base_seed: int, sampler, problems: list[Problem], rollout, promp
     note = None
     if fewest < share:
         what = (f"training on {fewest * world.size} ({fewest} per rank)" if fewest else
-                "training on the first round as drawn (zero advantages, as without dynamic sampling)")
+                "training on the first round as drawn, as without dynamic sampling")
         note = (f"step {step}: dynamic sampling found {P - sum(needs)} of {P} informative groups after {k} extra "
                 f"round{'s' if k != 1 else ''} (grpo.dynamic_sampling_max_rounds={cfg.grpo.dynamic_sampling_max_rounds}"
                 f"; {int(sums[0])} groups generated, {int(sums[1])} with all rewards equal); {what}")
