@@ -192,7 +192,8 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
 
     rewards = _reward_set(cfg)
     kwargs = _reward_kwargs(problems, k, prompt_texts, builder.prefill, comp_ids, truncated)
-    per_reward, total = rewards.score(texts, **kwargs)
+    per_reward, total = rewards.score(texts, **kwargs, max_completion_len=sampling.max_new_tokens,
+                                      overlong_buffer=cfg.rewards.overlong_buffer)  # as in training (overlong, cosine)
     P, R = len(problems), len(rewards.names)
     per_reward = np.asarray(per_reward, dtype=np.float64).reshape(P, k, R)  # [P, k, R]
     total = np.asarray(total, dtype=np.float64).reshape(P, k)  # [P, k]
