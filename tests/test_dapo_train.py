@@ -76,3 +76,28 @@ def test_resume_repeats_the_straight_run(straight, tiny_model_dir, tmp_path):
     wb = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_two_torchrun_ranks_fill_their_shares_together(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    over = tiny_overrides(tiny_model_dir, tmp_path / "out", **{**OPTS, "trainer.max_steps": 2, "trainer.save_steps": 10,
+                                                                "grpo.top_entropy_quantile": 1.0})
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("{}\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "mathgrpo", "train", str(cfg_file), *over, "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run = tmp_path / "out" / "run"
+    metrics, comps = _jsonl(run / "metrics.jsonl"), _jsonl(run / "completions.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        recs = [c for c in comps if c["step"] == m["step"]]
+        assert m["groups/kept"] in (0.0, 2.0) and len(recs) == 8  # 1 group per rank, equal shares
+        if m["groups/kept"]:
+            assert all(c["gold"].lstrip("-").isdigit() and int(c["gold"]) % 2 for c in recs)
+    assert sum(m["groups/dropped"] for m in metrics) > 0 and all(m["groups/kept"] == 2.0 for m in metrics)
