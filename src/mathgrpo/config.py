@@ -84,16 +84,20 @@ class PromptConfig:
 
 @dataclass
 class RewardsConfig:
-    # Built-in names (format, boxed, accuracy, similarity, length, cosine) or "package.module:function".
+    # Built-in names (format, boxed, accuracy, similarity, length, cosine, overlong) or "package.module:function".
     functions: list[str] = field(default_factory=lambda: ["format", "accuracy", "similarity"])
     weights: list[float] | None = None  # one per function; default all 1.0
+    # the `overlong` reward's ramp: its last N tokens before max_new_tokens (None: max_new_tokens // 5, DAPO's ratio)
+    overlong_buffer: int | None = None
 
 
 @dataclass
 class GenerationConfig:
     # auto (fast on CUDA, hf elsewhere) | hf (transformers generate; LoRA as lora_merge says) | hf_unmerged | fast
     backend: str = "auto"
-    max_new_tokens: int = 2048  # completion length cap; longer completions are cut and marked truncated
+    # completion length cap; longer completions are cut and marked truncated. A length curriculum is a mapping
+    # {step: tokens}, each value from that step on, e.g. {0: 8192, 100: 16384}
+    max_new_tokens: int | dict[int, int] = 2048
     temperature: float = 1.0  # sampling temperature (0 = greedy)
     top_p: float = 1.0  # nucleus sampling mass (1.0 = off)
     top_k: int = 0  # sample among the k most likely tokens (0 = off)
@@ -122,6 +126,12 @@ class GRPOConfig:
     sapo_temperature_pos: float = 1.0  # sapo: gate temperature for tokens with positive advantage
     sapo_temperature_neg: float = 1.05  # sapo: gate temperature for tokens with non-positive advantage
     bnpo_batch_rows: int | None = None  # bnpo: rows per token-mean batch (TRL: per_device_train_batch_size); None: a rank's rows
+    # policy gradient only on the top share of completion tokens by entropy (TRL's top_entropy_quantile; 1.0 = all)
+    top_entropy_quantile: float = 1.0
+    # DAPO dynamic sampling: drop groups whose G rewards are all equal, sample more prompts until the step has
+    # prompts_per_step informative groups or dynamic_sampling_max_rounds extra rounds were generated
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4  # extra generation rounds at most per step (then train on what there is)
 
 
 @dataclass
@@ -164,7 +174,7 @@ class TrainerConfig:
 class EvalConfig:
     num_samples: int = 4  # k samples per problem
     temperature: float = 1.0  # 0 = greedy
-    max_new_tokens: int | None = None  # default: generation.max_new_tokens
+    max_new_tokens: int | None = None  # default: generation.max_new_tokens (a schedule's value at trainer.max_steps)
     max_problems: int | None = None  # evaluate at most this many test problems
     # the answer pass@k / maj@k judge: boxed = the last \\boxed{} (standard); final = that, or with no box
     # the last number (the `answer` reward's reading, for models that do not box)
@@ -232,6 +242,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, kt, f"{key} (key {k!r})"): _coerce(v, vt, f"{key}[{k!r}]") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):  # allow `a,b,c` on the command line
@@ -372,8 +387,9 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    schedule = length_schedule(cfg.generation.max_new_tokens)
     positive = {"grpo.num_generations": cfg.grpo.num_generations, "trainer.prompts_per_step": cfg.trainer.prompts_per_step,
-                "generation.max_new_tokens": cfg.generation.max_new_tokens, "grpo.num_iterations": cfg.grpo.num_iterations,
+                "generation.max_new_tokens": min(v for _, v in schedule), "grpo.num_iterations": cfg.grpo.num_iterations,
                 "eval.num_samples": cfg.eval.num_samples, "trainer.max_tokens_per_microbatch": cfg.trainer.max_tokens_per_microbatch}
     for key, v in positive.items():
         if v < 1:
@@ -382,6 +398,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"grpo.bnpo_batch_rows must be >= 1 or null, got {cfg.grpo.bnpo_batch_rows}")
     if cfg.grpo.num_generations < 2:
         raise ConfigError("grpo.num_generations must be >= 2: group-relative advantages need a group")
+    if not 0.0 <= cfg.grpo.top_entropy_quantile <= 1.0:
+        raise ConfigError(f"grpo.top_entropy_quantile must be in [0, 1], got {cfg.grpo.top_entropy_quantile}")
+    if cfg.grpo.dynamic_sampling_max_rounds < 0:
+        raise ConfigError(f"grpo.dynamic_sampling_max_rounds must be >= 0, got {cfg.grpo.dynamic_sampling_max_rounds}")
     if not 0.0 <= cfg.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction must be in [0, 1), got {cfg.data.test_fraction}")
     w = cfg.rewards.weights
@@ -445,6 +465,27 @@ def _check_report_to(cfg: Config) -> None:
     bad = [r for r in cfg.trainer.report_to if r not in REPORT_TO]
     if bad:
         raise ConfigError(f"trainer.report_to: {', '.join(map(repr, bad))} not among {', '.join(REPORT_TO)}")
+
+
+def length_schedule(value: int | dict[int, int]) -> list[tuple[int, int]]:
+    """generation.max_new_tokens as [(first step, tokens), ...] sorted by step; an int is [(0, value)]."""
+    if not isinstance(value, dict):
+        return [(0, value)]
+    if not value:
+        raise ConfigError("generation.max_new_tokens: an empty schedule; give an int or {step: tokens, ...}")
+    items = sorted(value.items())
+    if items[0][0] > 1 or items[0][0] < 0:
+        raise ConfigError(f"generation.max_new_tokens: the schedule {value} must start at step 0 (or 1); steps "
+                          f"before {items[0][0]} would have no length")
+    return items
+
+
+def max_new_tokens_at(value: int | dict[int, int], step: int | None) -> int:
+    """The completion length cap at training step `step` (1-based; None: the schedule's last value)."""
+    schedule = length_schedule(value)
+    if step is None:
+        return schedule[-1][1]
+    return ([tokens for first, tokens in schedule if first <= step] or [schedule[0][1]])[-1]
 
 
 def to_dict(cfg: Config) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .answers import extract_boxed
-from .config import Config, load_config
+from .config import Config, load_config, max_new_tokens_at
 from .rewards import final_answer
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,8 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     prompt_texts = [builder.text(p.problem) for p in problems]
     rollout = rollout if rollout is not None else make_rollout(cfg.generation, model, tokenizer)
     sampling = sampling_from(cfg.generation, seed=ev.seed, temperature=ev.temperature,
-                             max_new_tokens=ev.max_new_tokens or cfg.generation.max_new_tokens)
+                             max_new_tokens=ev.max_new_tokens or max_new_tokens_at(cfg.generation.max_new_tokens,
+                                                                                   cfg.trainer.max_steps))
 
     # Batches of generation.max_batch completions; batch b always gets seed eval.seed + b (+ a rank offset).
     world = world or SINGLE
@@ -195,7 +196,8 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
 
     rewards = _reward_set(cfg)
     kwargs = _reward_kwargs(problems, k, prompt_texts, builder.prefill, comp_ids, truncated)
-    per_reward, total = rewards.score(texts, **kwargs)
+    per_reward, total = rewards.score(texts, **kwargs, max_completion_len=sampling.max_new_tokens,
+                                      overlong_buffer=cfg.rewards.overlong_buffer)  # as in training (overlong, cosine)
     P, R = len(problems), len(rewards.names)
     per_reward = np.asarray(per_reward, dtype=np.float64).reshape(P, k, R)  # [P, k, R]
     total = np.asarray(total, dtype=np.float64).reshape(P, k)  # [P, k]

@@ -89,7 +89,8 @@ def _logprob_pass(model, *args, **kwargs) -> torch.Tensor:
     from .models import unsharded_completion_logprobs
 
     # a copy, not a view: FSDP hooks the output for the backward, and an in-place op on a view would lose the hook
-    return unsharded_completion_logprobs(model, *args, **kwargs).clone()
+    out = unsharded_completion_logprobs(model, *args, **kwargs)
+    return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()  # (logp, entropy) or logp
 
 
 def sharded_logprobs(model, *args, **kwargs) -> torch.Tensor:

@@ -131,27 +131,35 @@ def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float) ->
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """Per-token log p(ids) from hidden states; saves only inputs and logsumexp, recomputes logits in backward."""
+    """Per-token log p(ids) from hidden states; saves only inputs and logsumexp, recomputes logits in backward.
+    Second output: the entropy of each position's distribution ([B, T], or [0] when not asked for), computed
+    from the same chunk of logits; it is not differentiable (TRL also takes no gradient through it)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, chunk_size, temperature):
+    def forward(ctx, hidden, weight, bias, ids, chunk_size, temperature, with_entropy=False):
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
         h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # [M, H]
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)  # [V, H], [V]
         flat_ids = ids.reshape(-1)  # [M]
         out = torch.empty(h.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=h.device)  # [M]
         lse = torch.empty_like(out)  # [M]
+        ent = torch.empty_like(out) if with_entropy else out.new_empty(0)  # [M] or [0]
         for s in range(0, h.shape[0], chunk_size):
             z = _chunk_logits(h[s : s + chunk_size], w, b, temperature)  # [c, V]
             lse[s : s + chunk_size] = torch.logsumexp(z, dim=1)
             picked = z.gather(1, flat_ids[s : s + chunk_size, None]).squeeze(1)  # [c]
             out[s : s + chunk_size] = picked - lse[s : s + chunk_size]
+            if with_entropy:  # H = -sum_v p_v log p_v; log p (not z) keeps the fp32 sum from cancelling
+                lp = z.sub_(lse[s : s + chunk_size, None])  # [c, V], z is not needed any more
+                ent[s : s + chunk_size] = -torch.einsum("cv,cv->c", lp.exp(), lp)
         ctx.save_for_backward(hidden, weight, bias, ids, lse)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
-        return out.reshape(ids.shape)  # [B, T]
+        ent = ent.reshape(ids.shape) if with_entropy else ent  # [B, T] or [0]
+        ctx.mark_non_differentiable(ent)
+        return out.reshape(ids.shape), ent  # [B, T]
 
     @staticmethod
-    def backward(ctx, grad_out):  # grad_out [B, T]
+    def backward(ctx, grad_out, _grad_entropy=None):  # grad_out [B, T]; entropy carries no gradient
         hidden, weight, bias, ids, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
@@ -178,7 +186,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_h = None if grad_h is None else grad_h.reshape(hidden.shape).to(hidden.dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def chunked_token_logprobs(
@@ -188,10 +196,13 @@ def chunked_token_logprobs(
     chunk_size: int = 1024,
     temperature: float = 1.0,
     lm_head_bias: Tensor | None = None,
-) -> Tensor:
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(hidden @ W.T + b) / temperature)[ids] -> [B, T] fp32, never holding more than
     chunk_size x V logits (forward or backward). hidden [B, T, H] is the state that predicts ids [B, T]
-    (i.e. already shifted by the caller); W [V, H]. Gradients flow to hidden, and to W/b if they need them."""
+    (i.e. already shifted by the caller); W [V, H]. Gradients flow to hidden, and to W/b if they need them.
+    with_entropy: also return the entropy [B, T] of every position's tempered distribution (no gradient),
+    computed chunk by chunk in the same pass (never [B, T, V])."""
     if hidden.shape[:-1] != ids.shape or hidden.shape[-1] != lm_head_weight.shape[-1]:
         raise ValueError(
             f"chunked_token_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(lm_head_weight.shape)}, "
@@ -205,7 +216,9 @@ def chunked_token_logprobs(
         raise ValueError(
             f"chunked_token_logprobs: ids outside [0, {lm_head_weight.shape[0]}); use real token ids at padding"
         )
-    return _ChunkedTokenLogprobs.apply(hidden, lm_head_weight, lm_head_bias, ids, chunk_size, temperature)
+    logp, entropy = _ChunkedTokenLogprobs.apply(hidden, lm_head_weight, lm_head_bias, ids, chunk_size, temperature,
+                                                with_entropy)
+    return (logp, entropy) if with_entropy else logp
 
 
 # ----------------------------------------------------------------------------- loss
@@ -226,6 +239,23 @@ def effective_mask(mask: Tensor, truncated: Tensor | None = None, mask_truncated
             raise ValueError(f"effective_mask: truncated {tuple(truncated.shape)} must be [N] (mask {tuple(mask.shape)})")
         m = m * (~truncated.bool()).to(m)[:, None]
     return m
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float) -> Tensor:
+    """Bool [N, T]: the completion tokens whose entropy is at least the (1 - top_quantile) quantile of the
+    entropies under `mask` (torch.quantile, linear interpolation), i.e. the top `top_quantile` share by entropy
+    (TRL's `top_entropy_quantile`, "Beyond the 80/20 Rule"); 0.0 keeps only the highest, 1.0 every token.
+    TRL takes the quantile over a micro-batch's tokens pooled over processes; callers pass one micro-batch."""
+    if not 0.0 <= top_quantile <= 1.0:
+        raise ValueError(f"high_entropy_mask: top_quantile must be in [0, 1], got {top_quantile}")
+    if entropy.shape != mask.shape:
+        raise ValueError(f"high_entropy_mask: entropy {tuple(entropy.shape)} must match mask {tuple(mask.shape)}")
+    keep = mask.bool()
+    valid = entropy[keep].float()  # [K]
+    if valid.numel() == 0:
+        return torch.zeros_like(keep)
+    threshold = torch.quantile(valid, 1.0 - top_quantile)
+    return (entropy.float() >= threshold) & keep
 
 
 def _seq_mean_norm(loss_sum_rows, n_tokens_rows, counts):  # grpo / sapo: mean over sequences of per-sequence means
@@ -328,6 +358,8 @@ def grpo_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     row_norm: Tensor | None = None,
+    entropy: Tensor | None = None,
+    top_entropy_quantile: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Policy term of `loss_type` + beta * k3 KL, normalised by `loss_type`. Returns (scalar loss, metrics).
 
@@ -338,6 +370,8 @@ def grpo_loss(
     changes its gradient even where the ratio is 1 (d ratio / d logp = ratio).
     Metrics are sums over this call's tokens (`*_sum`) and `num_tokens`, so that callers can form
     token-weighted means over micro-batches and ranks (`token_means`); `ratio/mean` etc. as TRL logs them.
+    entropy [N, T] (no gradient): logged as "entropy"; with top_entropy_quantile < 1 only the tokens of
+    `high_entropy_mask` keep their policy-gradient term (the KL term and the normaliser keep every token, as TRL).
     """
     fn = "grpo_loss"
     if loss_type not in LOSS_NORMALIZERS:
@@ -348,7 +382,7 @@ def grpo_loss(
     if logp.dim() != 2 or mask.shape != logp.shape or advantages.shape != logp.shape[:1]:
         raise ValueError(f"{fn}: need logp/mask [N, T] and advantages [N]; got {tuple(logp.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
-    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref)):
+    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref), ("entropy", entropy)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{fn}: {name} {tuple(t.shape)} must match logp {tuple(logp.shape)}")
     if row_norm is not None and row_norm.shape != logp.shape[:1]:
@@ -372,6 +406,10 @@ def grpo_loss(
     params = {"eps_low": eps_low, "eps_high": eps_high, "sapo_temperature_pos": sapo_temperature_pos,
               "sapo_temperature_neg": sapo_temperature_neg}
     per_token = POLICY_TERMS[loss_type](ratio, adv, torch.where(keep, logp, torch.zeros_like(logp)), params)
+    if top_entropy_quantile < 1.0:
+        if entropy is None:
+            raise ValueError(f"{fn}: top_entropy_quantile={top_entropy_quantile} needs the per-token entropy")
+        per_token = per_token * high_entropy_mask(entropy.detach(), m, top_entropy_quantile)  # [N, T]
     kl = None
     if logp_ref is not None:
         kl = kl_k3(logp, torch.where(keep, logp_ref.float(), logp))  # [N, T]; 0 at padding
@@ -406,6 +444,8 @@ def grpo_loss(
         }
         if kl is not None:
             stats["kl_sum"] = (kl * m).sum()
+        if entropy is not None:
+            stats["entropy_sum"] = (entropy.float() * m).sum()
         values = torch.stack(list(stats.values())).tolist()  # one device sync for all metrics
     return loss, dict(zip(stats, values))
 

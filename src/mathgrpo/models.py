@@ -465,25 +465,29 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: torch.
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
-                        chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+                        chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False):
     """Log-probs [B, T] float32 of each completion token under `model`, from hidden states in chunks of
     `chunk_size` tokens (no [B, T, V] logits, forward or backward). Arguments as `completion_hidden`.
+    with_entropy: (log-probs, entropy [B, T] of each position's distribution, no gradient) from the same pass.
     A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers the
     embeddings and lm_head around it (`fsdp.shard_model` says why); every rank must call it then."""
     from .fsdp import is_sharded, sharded_logprobs
 
+    kw = {"with_entropy": True} if with_entropy else {}
     if is_sharded(model):
-        return sharded_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature)
+        return sharded_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature,
+                                **kw)
     return unsharded_completion_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size,
-                                         temperature=temperature)
+                                         temperature=temperature, **kw)
 
 
 def unsharded_completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
-                                  chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+                                  chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False):
     """`completion_logprobs` on parameters that are plain tensors (not sharded, or gathered by FSDP)."""
     from .loss import chunked_token_logprobs
 
     _, head = backbone_and_head(model)
     sel = completion_hidden(model, prompt_ids, completion_ids)  # [B, T, H]
     return chunked_token_logprobs(sel, head.weight, completion_ids.to(sel.device), chunk_size=chunk_size,
-                                  temperature=temperature, lm_head_bias=getattr(head, "bias", None))
+                                  temperature=temperature, lm_head_bias=getattr(head, "bias", None),
+                                  with_entropy=with_entropy)

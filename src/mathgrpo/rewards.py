@@ -32,8 +32,10 @@ __all__ = [
     "REWARDS",
     "RewardError",
     "RewardSet",
+    "get_soft_overlong_punishment",
     "load_user_reward",
     "make_cosine_reward",
+    "make_overlong_reward",
     "register_reward",
 ]
 
@@ -243,6 +245,50 @@ def make_cosine_reward(
 
 
 register_reward("cosine")(make_cosine_reward())
+
+
+def soft_overlong_penalty(length: float, max_len: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment (eq. 13): 0 up to max_len - buffer tokens, then a linear ramp down to -1
+    at max_len, -1 beyond it. buffer 0 is a hard -1 past max_len only."""
+    start = max_len - buffer
+    if length <= start:
+        return 0.0
+    if length <= max_len:
+        return (start - length) / buffer
+    return -1.0
+
+
+def make_overlong_reward(buffer: int | None = None, max_len: int | None = None) -> RewardFn:
+    """The `overlong` reward: `soft_overlong_penalty` of each completion's token count (`completion_ids`, else
+    characters / 4). `max_len` None reads `kwargs["max_completion_len"]` (the trainer passes the step's
+    generation.max_new_tokens, so a length curriculum moves the ramp with it; default 2048); `buffer` None reads
+    `kwargs["overlong_buffer"]` (rewards.overlong_buffer), default max_len // 5, DAPO's 4096 of 20480."""
+
+    def overlong_reward(completions: list[str], **kwargs) -> list[float]:
+        cap = max_len if max_len is not None else kwargs.get("max_completion_len") or DEFAULT_MAX_COMPLETION_TOKENS
+        buf = buffer if buffer is not None else kwargs.get("overlong_buffer")
+        buf = cap // 5 if buf is None else buf
+        if cap <= 0 or not 0 <= buf <= cap:
+            raise ValueError(f"overlong reward needs 0 <= buffer <= max_completion_len, got {buf} and {cap}")
+        return [soft_overlong_penalty(n, cap, buf) for n in _lengths_in_tokens(completions, kwargs)]
+
+    return overlong_reward
+
+
+register_reward("overlong")(make_overlong_reward())
+
+
+def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int) -> RewardFn:
+    """TRL's `trl.rewards.get_soft_overlong_punishment` (same arguments, same values): a reward
+    `f(completion_ids, **kwargs)` for scripts run through mathgrpo's TRL front door without TRL installed."""
+    if soft_punish_cache < 0 or soft_punish_cache > max_completion_len:
+        raise ValueError(f"get_soft_overlong_punishment: soft_punish_cache={soft_punish_cache} must be in "
+                         f"[0, max_completion_len={max_completion_len}]")
+
+    def soft_overlong_punishment_reward(completion_ids: list[list[int]], **kwargs) -> list[float]:
+        return [soft_overlong_penalty(len(ids), max_completion_len, soft_punish_cache) for ids in completion_ids]
+
+    return soft_overlong_punishment_reward
 
 
 # ------------------------------------------------------------------------------- user rewards

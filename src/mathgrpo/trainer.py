@@ -29,8 +29,8 @@ import torch
 
 from . import checkpoint as ckpt
 from . import runs
-from .config import Config, dump_yaml
-from .data import Problem, ProblemSet, load_problems, reward_columns
+from .config import Config, dump_yaml, max_new_tokens_at
+from .data import Problem, ProblemSet, load_problems
 from .distributed import SINGLE, World, batch_line, process_group, rank_seed
 from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
@@ -39,7 +39,8 @@ from .loss import (bnpo_row_norms, effective_mask, group_advantages, grpo_loss, 
 from .models import Reference, completion_logprobs, load_model
 from .prompts import PromptBuilder
 from .rewards import RewardSet
-from .rollout import Completions, make_rollout, sampling_from
+from .rollout import Completions, make_rollout
+from .sampling import sample_step
 
 
 @dataclass
@@ -71,6 +72,12 @@ class Sampler:
 
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**31)
+
+
+def at_step(cfg: Config, step: int) -> Config:
+    """cfg with generation.max_new_tokens at its value for `step` (an int; a length curriculum resolved)."""
+    return replace(cfg, generation=replace(cfg.generation, max_new_tokens=max_new_tokens_at(
+        cfg.generation.max_new_tokens, step)))
 
 
 def seed_everything(seed: int) -> None:
@@ -144,10 +151,11 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     row_norm = bnpo_row_norms(eff, g.bnpo_batch_rows) if g.loss_type == "bnpo" else None  # [N]
     device = next(p for p in model.parameters() if p.requires_grad).device
 
-    def logp_of(m, rows: list[int]) -> torch.Tensor:  # [len(rows), T_rows]
+    def logp_of(m, rows: list[int], with_entropy: bool = False):  # [len(rows), T_rows] (and entropy, same shape)
         width = max(1, max(lengths[i] for i in rows))
         return completion_logprobs(m, [comp.prompt_ids[i] for i in rows], comp.completion_ids[rows, :width],
-                                   chunk_size=t.logprob_chunk_size, temperature=max(cfg.generation.temperature, 1e-6))
+                                   chunk_size=t.logprob_chunk_size, temperature=max(cfg.generation.temperature, 1e-6),
+                                   with_entropy=with_entropy)
 
     fixed: dict[str, dict[int, torch.Tensor]] = {"old": {}, "ref": {}}
     with torch.no_grad():
@@ -160,7 +168,7 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for k, rows in enumerate(groups):
-            logp = logp_of(model, rows)
+            logp, entropy = logp_of(model, rows, with_entropy=True)  # entropy: logged, and top_entropy_quantile
             width = logp.shape[1]
             if it == 0 and g.num_iterations > 1:
                 # The old policy is this iteration's policy: its log-probs are taken from this very pass (same
@@ -173,7 +181,8 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
                 truncated=comp.truncated[rows].to(device), mask_truncated=g.mask_truncated_completions,
                 importance_sampling_level=g.importance_sampling_level, use_bias_correction_kl=g.use_bias_correction_kl,
                 sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg,
-                row_norm=None if row_norm is None else row_norm[rows].to(device))
+                row_norm=None if row_norm is None else row_norm[rows].to(device),
+                entropy=entropy, top_entropy_quantile=g.top_entropy_quantile)
             loss.backward()
             loss_total += float(loss.detach())
             for key, v in m.items():  # token sums: token-weighted means over micro-batches and ranks below
@@ -342,25 +351,32 @@ def _train(cfg: Config, world: World, quiet: bool, *, model, tokenizer, data, pr
             guard.begin(step, sampler.state())
             t0 = time.perf_counter()
             # Every rank draws the same global batch and takes its contiguous share: a group never spans ranks.
-            batch: list[Problem] = world.mine([data.train[i] for i in sampler.next(cfg.trainer.prompts_per_step)])
+            # (sampling.py: dynamic sampling's extra rounds; the length curriculum's cap for this step.)
+            step_cfg, cap = at_step(cfg, step), max_new_tokens_at(cfg.generation.max_new_tokens, step)
+            if isinstance(cfg.generation.max_new_tokens, dict) and (
+                    step == start + 1 or cap != max_new_tokens_at(cfg.generation.max_new_tokens, step - 1)):
+                logger.write(f"step {step}: generation.max_new_tokens = {cap} (length curriculum)")
             seed = rank_seed(step_seed(cfg.trainer.seed, step), world.rank)
-            torch.manual_seed(seed)
-            comp = rollout.generate([prompts.ids(p.problem) for p in batch], G, sampling_from(cfg.generation, seed))
-            per, total = rewards.score(comp.texts, prompts=[prompts.text(p.problem) for p in batch for _ in range(G)],
-                                       completion_ids=[r[m].tolist() for r, m in zip(comp.completion_ids, comp.completion_mask)],
-                                       prefill=[prompts.prefill] * len(comp.texts), truncated=comp.truncated.tolist(),
-                                       **reward_columns(batch, G))
+            got = sample_step(step_seed(cfg.trainer.seed, step), sampler, data.train, rollout, prompts, rewards,
+                              step_cfg, world, tok.pad_token_id or 0, step)
+            batch: list[Problem] = got.batch
+            comp, per, total = got.comp, got.per, got.total
+            if got.note:
+                logger.write(got.note)
             adv = rank_advantages(world, per, total, G, cfg.grpo.scale_rewards)  # [N]
             t1 = time.perf_counter()
             if cfg.generation.release_memory and hasattr(rollout, "release"):
                 rollout.release()  # the update's activations get the KV cache's memory
             torch.manual_seed(seed + 1)  # LoRA dropout
-            upd = {**policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world),
+            upd = {**policy_update(model, optimizer, scheduler, ref, comp, adv, step_cfg, world),
                    "lr": scheduler.get_last_lr()[0]}
             rollout.sync_weights(model)
             now = time.perf_counter()
             metrics = step_metrics(world, comp, rewards.names, per, total, G, upd,
                                    {"step_time": now - t0, "gen_time": t1 - t0, "update_time": now - t1})
+            metrics.update(got.metrics)
+            if isinstance(cfg.generation.max_new_tokens, dict):
+                metrics["max_new_tokens"] = cap
             logger.log(step, metrics, step % cfg.trainer.logging_steps == 0)
             # a callback returning something truthy asks to stop after this step (checkpointed like a signal)
             wants_stop = any([bool(cb(step, metrics)) for cb in callbacks or ()])

@@ -104,6 +104,7 @@ class _Options:
     eval_strategy: str = "no"
     use_vllm: bool = False
     mathgrpo_overrides: dict | None = None  # mathgrpo-only: {"generation.backend": "hf", ...}
+    top_entropy_quantile: float = 1.0
 
 
 # TRL 1.16 GRPOConfig options mathgrpo does not honour, with their defaults (passing the default asks for nothing).
@@ -136,7 +137,7 @@ _TRL_ONLY = {
 # Options that would change the objective or the batch in ways mathgrpo does not implement: only this value passes.
 _REFUSED = {
     "delta": None, "multi_objective_aggregation": "sum_then_normalize",
-    "sync_ref_model": False, "top_entropy_quantile": 1.0, "entropy_coef": 0.0, "use_adaptive_entropy": False,
+    "sync_ref_model": False, "entropy_coef": 0.0, "use_adaptive_entropy": False,
     "off_policy_mask_threshold": None, "generation_batch_size": None, "steps_per_generation": None,
 }
 # Why an ignored option is ignored (by name prefix); the rest: "not supported by mathgrpo".
@@ -312,7 +313,8 @@ class GRPOConfig(_Options):
                      "importance_sampling_level": self.importance_sampling_level,
                      "sapo_temperature_pos": self.sapo_temperature_pos, "sapo_temperature_neg": self.sapo_temperature_neg,
                      # TRL's bnpo averages token means over micro-batches of per_device_train_batch_size completions
-                     "bnpo_batch_rows": self.per_device_train_batch_size * (1 if note is None else self.num_generations)},
+                     "bnpo_batch_rows": self.per_device_train_batch_size * (1 if note is None else self.num_generations),
+                     "top_entropy_quantile": self.top_entropy_quantile},
             "trainer": {"output_dir": str(out.parent), "run_name": out.name, "max_steps": steps,
                         "prompts_per_step": pps, "learning_rate": self.learning_rate,
                         "weight_decay": self.weight_decay, "adam_beta1": self.adam_beta1,

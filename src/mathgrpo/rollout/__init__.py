@@ -49,7 +49,11 @@ def _fast_available() -> bool:
 
 
 def sampling_from(gen_cfg, seed: int | None = None, **changes) -> SamplingConfig:
-    s = SamplingConfig(max_new_tokens=gen_cfg.max_new_tokens, temperature=gen_cfg.temperature,
+    """Sampling settings of the generation config; a length schedule gives its last value unless `changes`
+    name max_new_tokens (the trainer passes the step's value)."""
+    from ..config import max_new_tokens_at
+
+    s = SamplingConfig(max_new_tokens=max_new_tokens_at(gen_cfg.max_new_tokens, None), temperature=gen_cfg.temperature,
                        top_p=gen_cfg.top_p, top_k=gen_cfg.top_k, stop_strings=list(gen_cfg.stop_strings),
                        seed=seed)
     for k, v in changes.items():

@@ -1,0 +1,156 @@
+"""One step's rollout: draw prompts, sample G completions each, score them; DAPO's dynamic sampling.
+
+    got = sample_step(step_seed, sampler, data.train, rollout, prompts, rewards, cfg, world, pad_id)
+    got.batch, got.comp, got.per, got.total     # this rank's problems, completions [N rows], rewards [N, R], [N]
+    got.metrics, got.note                       # groups/* counts (global); a log line when a step came out short
+
+Plain (grpo.dynamic_sampling off): `prompts_per_step` prompts from the sampler, this rank's contiguous share,
+sampled with the step's rank seed and scored, exactly as the loop always did.
+
+Dynamic sampling (DAPO, arXiv:2503.14476 sec. 3.2; verl's `filter_groups`): a group whose G rewards are all equal
+has zero advantage and adds no policy gradient. Such groups are dropped and further rounds draw more prompts until
+every rank holds its share of `prompts_per_step` informative groups, or `grpo.dynamic_sampling_max_rounds` extra
+rounds were generated. Decided globally, in lockstep: after every round the ranks exchange how many groups they
+still need, so all draw the same number of prompts from the (global) sampler, whose position therefore stays the
+same on every rank and in the checkpoint: a resumed run repeats the uninterrupted one. An extra round draws, per
+rank, the most any rank still needs divided by the informative share seen so far in this step (at most a full
+share: no round generates more than a plain step); a rank that is already full skips its share of that round.
+Informative groups beyond a rank's need are not trained on (`groups/surplus`). Out of rounds, every rank trains on
+as many groups as the emptiest rank has (ranks keep equal shares, which FSDP2's matched micro-batches and the loss
+counts rely on), and the log says so; when a rank has none, the step trains on its first round as drawn (the
+plain step). Round k of a step samples with seed step_seed + k * ROUND_SEED_STRIDE (per rank),
+round 0 with the plain step's seed, so a step without flat groups is the plain step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import Config
+from .data import Problem, reward_columns
+from .distributed import World, rank_seed
+from .rewards import RewardSet
+from .rollout import Completions, sampling_from
+
+ROUND_SEED_STRIDE = 15_485_863  # a prime: round seeds stay clear of the next steps' seeds (step_seed + 1, + 2, ...)
+
+
+@dataclass
+class StepRollout:
+    batch: list[Problem]  # this rank's prompts, one per group, in the order of comp's groups
+    comp: Completions  # [len(batch) * G rows], prompt-major
+    per: np.ndarray  # [N, R] per-reward values
+    total: np.ndarray  # [N] weighted totals
+    metrics: dict = field(default_factory=dict)  # global counts (dynamic sampling only)
+    note: str | None = None  # a line for the log (dynamic sampling ran out of rounds)
+
+
+def _generate_and_score(batch: list[Problem], seed: int, rollout, prompts, rewards: RewardSet, cfg: Config):
+    G = cfg.grpo.num_generations
+    torch.manual_seed(seed)
+    comp = rollout.generate([prompts.ids(p.problem) for p in batch], G, sampling_from(
+        cfg.generation, seed, max_new_tokens=cfg.generation.max_new_tokens))
+    per, total = rewards.score(comp.texts, prompts=[prompts.text(p.problem) for p in batch for _ in range(G)],
+                               completion_ids=[r[m].tolist() for r, m in zip(comp.completion_ids, comp.completion_mask)],
+                               prefill=[prompts.prefill] * len(comp.texts), truncated=comp.truncated.tolist(),
+                               max_completion_len=cfg.generation.max_new_tokens,
+                               overlong_buffer=cfg.rewards.overlong_buffer, **reward_columns(batch, G))
+    return comp, per, total
+
+
+def flat_groups(total: np.ndarray, group: int) -> np.ndarray:
+    """Bool [P]: groups whose `group` rewards (total [P * group], prompt-major) are all equal."""
+    grouped = np.asarray(total).reshape(-1, group)  # [P, G]
+    return grouped.max(axis=1) == grouped.min(axis=1)
+
+
+def take_groups(parts: list[tuple], picks: list[tuple[int, int]], group: int, pad_id: int) -> StepRollout:
+    """The groups `picks` = [(part, group index)] of rounds `parts` = [(batch, comp, per, total)] as one rollout:
+    rows in pick order, completions right-padded with pad_id to the widest round."""
+    rows = [(parts[p], g * group + j) for p, g in picks for j in range(group)]
+    width = max([parts[p][1].completion_ids.shape[1] for p, _ in picks] + [1])
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [N, T]
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)  # [N, T]
+    with_lp = all(parts[p][1].logprobs is not None for p, _ in picks)
+    logprobs = torch.zeros((len(rows), width), dtype=torch.float32) if with_lp else None
+    for i, ((_, c, _, _), r) in enumerate(rows):
+        w = c.completion_ids.shape[1]
+        ids[i, :w], mask[i, :w] = c.completion_ids[r], c.completion_mask[r].bool()
+        if with_lp:
+            logprobs[i, :w] = c.logprobs[r]
+    comp = Completions(prompt_ids=[c.prompt_ids[r] for (_, c, _, _), r in rows], completion_ids=ids,
+                       completion_mask=mask, texts=[c.texts[r] for (_, c, _, _), r in rows],
+                       truncated=torch.stack([c.truncated[r] for (_, c, _, _), r in rows]) if rows
+                       else torch.zeros(0, dtype=torch.bool), logprobs=logprobs,
+                       gen_seconds=sum(parts[p][1].gen_seconds for p in sorted({p for p, _ in picks})))
+    n_rewards = parts[0][2].shape[1]
+    per = np.stack([part[2][r] for part, r in rows]) if rows else np.zeros((0, n_rewards), np.float32)
+    total = np.asarray([part[3][r] for part, r in rows], dtype=np.float32)
+    return StepRollout([parts[p][0][g] for p, g in picks], comp, per, total)
+
+
+def sample_step(base_seed: int, sampler, problems: list[Problem], rollout, prompts, rewards: RewardSet, cfg: Config,
+                world: World, pad_id: int, step: int = 0) -> StepRollout:
+    """The step's rollout (see the module docstring). base_seed: the trainer's step_seed(seed, step);
+    cfg.generation.max_new_tokens: the step's value (an int); step: only for the log line."""
+    P, G = cfg.trainer.prompts_per_step, cfg.grpo.num_generations
+
+    def draw(n_per_rank: int) -> list[Problem]:  # every rank draws the same global prompts and takes its share
+        return world.mine([problems[i] for i in sampler.next(n_per_rank * world.size)])
+
+    def seed_of(k: int) -> int:
+        return rank_seed((base_seed + ROUND_SEED_STRIDE * k) % (2**31), world.rank)
+
+    share = world.share(P)
+    batch = draw(share)
+    first = (batch, *_generate_and_score(batch, seed_of(0), rollout, prompts, rewards, cfg))
+    if not cfg.grpo.dynamic_sampling:
+        return StepRollout(*first)
+    parts, kept = [first], []
+    generated = dropped = surplus = 0
+    k = 0
+    while True:
+        batch, comp, per, total = parts[-1]
+        if comp is not None:
+            flat = flat_groups(total, G)
+            informative = [g for g in range(len(batch)) if not flat[g]]
+            take = informative[:share - len(kept)]
+            kept += [(len(parts) - 1, g) for g in take]
+            generated += len(batch)
+            dropped += int(flat.sum())
+            surplus += len(informative) - len(take)
+        counts = world.gather_objects([(share - len(kept), generated, generated - dropped)])  # per rank
+        needs = [c[0] for c in counts]
+        if max(needs) == 0 or k == cfg.grpo.dynamic_sampling_max_rounds:
+            break
+        k += 1
+        seen, useful = sum(c[1] for c in counts), sum(c[2] for c in counts)
+        n = max(min(share, math.ceil(need * seen / useful)) if useful else share for need in needs if need)
+        batch = draw(n)
+        need_here = share - len(kept)
+        parts.append((batch, *_generate_and_score(batch, seed_of(k), rollout, prompts, rewards, cfg)) if need_here
+                     else (batch, None, None, None))  # full already: this rank's share of the round is skipped
+    fewest = share - max(needs)  # groups per rank every rank can train on
+    sums = np.sum([c for c in world.gather_objects([(generated, dropped, surplus + len(kept) - fewest)])], axis=0)
+    metrics = {"groups/generated": float(sums[0]), "groups/dropped": float(sums[1]),
+               "groups/kept": float(fewest * world.size), "groups/surplus": float(sums[2]), "groups/rounds": float(k)}
+    note = None
+    if fewest < share:
+        what = (f"training on {fewest * world.size} ({fewest} per rank)" if fewest else
+                "training on the first round as drawn, as without dynamic sampling")
+        note = (f"step {step}: dynamic sampling found {P - sum(needs)} of {P} informative groups after {k} extra "
+                f"round{'s' if k != 1 else ''} (grpo.dynamic_sampling_max_rounds={cfg.grpo.dynamic_sampling_max_rounds}"
+                f"; {int(sums[0])} groups generated, {int(sums[1])} with all rewards equal); {what}")
+    if fewest == 0:
+        out = StepRollout(*first)
+        metrics["groups/kept"] = 0.0
+    elif len(parts) == 1 and kept == [(0, g) for g in range(share)]:
+        out = StepRollout(*first)  # nothing dropped: the plain step as it is
+    else:
+        out = take_groups(parts, kept[:fewest], G, pad_id)
+    out.metrics, out.note = metrics, note
+    return out
