@@ -283,7 +283,7 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
     if trainable and cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
         # backward compute a useless gradient for the embedding output).
-        enable_checkpointing(model)
+        enable_checkpointing(model, cfg.checkpoint_policy)
     if cfg.fuse_kernels:
         fuse_kernels(model)
     model.train(trainable)
@@ -292,11 +292,40 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
     return model, tok
 
 
-def enable_checkpointing(model) -> None:
+def enable_checkpointing(model, policy: str = "layer") -> None:
     """Non-reentrant activation checkpointing under either name: transformers 5 renamed the method (and its
-    keyword, hence the positional argument); older releases only have `gradient_checkpointing_enable`."""
+    keyword, hence the positional argument); older releases only have `gradient_checkpointing_enable`.
+    policy (model.checkpoint_policy): "layer" keeps each decoder layer's input only and recomputes the whole
+    layer in the backward; "selective" also keeps every matmul and attention output (more memory) and
+    recomputes only the cheap ops between them (norms, RoPE, SwiGLU, casts)."""
+    if policy not in CHECKPOINT_POLICIES:
+        raise ModelError(f"model.checkpoint_policy: {policy!r} is not one of {', '.join(CHECKPOINT_POLICIES)}")
+    kwargs = {"use_reentrant": False}
+    if policy == "selective":
+        kwargs["context_fn"] = selective_checkpoint_contexts
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
+    enable(kwargs)
+
+
+CHECKPOINT_POLICIES = ("layer", "selective")
+
+
+def _saved_ops() -> list:
+    """The aten ops whose outputs selective checkpointing keeps: matmuls and attention kernels."""
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_flash_attention_forward", "_efficient_attention_forward"]
+    ops = [getattr(aten, n).default for n in names if hasattr(aten, n)]
+    varlen = getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None)  # torch.nn.attention.varlen
+    return ops + ([varlen.default] if varlen is not None else [])
+
+
+def selective_checkpoint_contexts():
+    """`context_fn` of torch.utils.checkpoint: save matmul/attention outputs, recompute everything else."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_saved_ops())
 
 
 def resolve_adapter(path: str) -> str:
@@ -410,24 +439,33 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: torch.
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
-                        chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+                        chunk_size: int = 1024, temperature: float = 1.0,
+                        lengths: list[int] | None = None) -> torch.Tensor:
     """Log-probs [B, T] float32 of each completion token under `model`, from hidden states in chunks of
     `chunk_size` tokens (no [B, T, V] logits, forward or backward). Arguments as `completion_hidden`.
-    A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers the
-    embeddings and lm_head around it (`fsdp.shard_model` says why); every rank must call it then."""
+    With `lengths` (real tokens per row) the rows run packed, without padding (`packing.py`; 0 after each
+    row's end). A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers
+    the embeddings and lm_head around it (`fsdp.shard_model` says why); every rank must call it then."""
     from .fsdp import is_sharded, sharded_logprobs
 
     if is_sharded(model):
-        return sharded_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature)
+        return sharded_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature,
+                                lengths=lengths)
     return unsharded_completion_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size,
-                                         temperature=temperature)
+                                         temperature=temperature, lengths=lengths)
 
 
 def unsharded_completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
-                                  chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+                                  chunk_size: int = 1024, temperature: float = 1.0,
+                                  lengths: list[int] | None = None) -> torch.Tensor:
     """`completion_logprobs` on parameters that are plain tensors (not sharded, or gathered by FSDP)."""
     from .loss import chunked_token_logprobs
 
+    if lengths is not None:
+        from .packing import packed_completion_logprobs
+
+        return packed_completion_logprobs(model, prompt_ids, completion_ids, lengths, chunk_size=chunk_size,
+                                          temperature=temperature)
     _, head = backbone_and_head(model)
     sel = completion_hidden(model, prompt_ids, completion_ids)  # [B, T, H]
     return chunked_token_logprobs(sel, head.weight, completion_ids.to(sel.device), chunk_size=chunk_size,
