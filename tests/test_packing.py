@@ -140,3 +140,20 @@ def test_packing_refuses_a_non_sdpa_model():
     comp = _completions()
     with pytest.raises(ModelError, match="attn_implementation=sdpa"):
         completion_logprobs(model, comp.prompt_ids, comp.completion_ids, lengths=comp.completion_mask.sum(1).tolist())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the varlen FlashAttention kernel")
+def test_cuda_packed_bf16_matches_padded_and_uses_varlen():
+    from mathgrpo.models import completion_logprobs
+    from mathgrpo.packing import _varlen
+
+    model = _tiny_lora_model().to("cuda", torch.bfloat16)
+    comp = _completions()
+    lengths = comp.completion_mask.sum(1).tolist()
+    with torch.no_grad():
+        pad = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5)
+        packed = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5, lengths=lengths)
+    fn, _ = _varlen()
+    assert fn is not None, "torch.nn.attention.varlen unavailable or wrong: packing fell back to per-row SDPA"
+    m = comp.completion_mask.cuda()
+    torch.testing.assert_close(packed[m], pad[m], rtol=0, atol=0.05)  # bf16 kernels, different tilings
