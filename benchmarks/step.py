@@ -31,7 +31,7 @@ Methods: mathgrpo (the trainer's own `policy_update` and rollout backend), optio
 micro-batch>, chunk=<log-prob chunk>, release=1 (free the fast engine's KV cache before the update),
 backend=fast|hf, merge=copy|in_place|none (generation.lora_merge: how LoRA reaches sampling; copy = a
 merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels), pack=1
-(trainer.pack_sequences), gc=layer|selective|none (activation checkpointing, model.checkpoint_policy),
+(trainer.pack_sequences), gc=layer|none (activation checkpointing), lora=addmm|peft (model.lora_fused_add),
 gen=canned; mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl (option gen=canned).
 """
 
@@ -248,8 +248,8 @@ def _mathgrpo_cfg(args, w: Workload, opts: dict):
     t.max_tokens_per_microbatch = int(opts.get("budget", t.max_tokens_per_microbatch))
     t.logprob_chunk_size = int(opts.get("chunk", t.logprob_chunk_size))
     t.pack_sequences = opts.get("pack", "0") == "1"
-    gc = opts.get("gc", "layer")
-    m.gradient_checkpointing, m.checkpoint_policy = gc != "none", gc if gc != "none" else "layer"
+    m.gradient_checkpointing = opts.get("gc", "layer") != "none"
+    m.lora_fused_add = opts.get("lora", "addmm") == "addmm"
     t.learning_rate, t.max_steps, t.lr_scheduler = 1e-6, args.steps, "constant"
     return cfg
 

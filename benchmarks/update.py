@@ -8,8 +8,9 @@ One subprocess per workload loads step.py's random model of DeepSeek-R1-Distill-
 sdpa, LoRA r=32 on all seven projections, beta 0.04, loss "grpo") and runs the trainer's `policy_update` on
 canned completions of the workload's lengths (`step.canned_completions`: random tokens; lora-1k forced to
 1,024, uneven-8k log-normal) under each variant in turn, `--steps` updates each, the first a warm-up.
-Variant keys (':'-separated): pack=0|1 (trainer.pack_sequences), gc=layer|selective|none (activation
-checkpointing, model.checkpoint_policy), budget=<tokens per micro-batch>, chunk=<log-prob chunk>, fused=1
+Variant keys (':'-separated): pack=0|1 (trainer.pack_sequences), attn=auto|rows (packed attention: varlen
+kernel or one SDPA call per row), gc=layer|none (activation checkpointing), lora=addmm|peft
+(model.lora_fused_add), budget=<tokens per micro-batch>, chunk=<log-prob chunk>, fused=1
 (liger-kernel RMSNorm/SwiGLU/RoPE), compile=1 (torch.compile of every decoder layer). fused and compile
 cannot be undone, so variants with them run after the others. Printed per variant: update seconds, the
 reference pass alone, peak memory, useful TFLOP/s (step.update_flops: real tokens only, no recompute) and
@@ -31,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step import (WORKLOADS, _mathgrpo_cfg, _peak, _peak_reset, _sync, canned_completions, make_model_dir,  # noqa: E402
                   matmul_peak_tflops, parse_method, random_rewards, update_flops)
 
-DEFAULT_VARIANTS = ["gc=layer", "pack=1", "pack=1:gc=selective", "pack=1:gc=none", "gc=none",
-                    "pack=1:gc=none:budget=32768", "pack=1:gc=none:fused=1", "pack=1:gc=layer:fused=1"]
+DEFAULT_VARIANTS = ["lora=peft", "gc=layer", "pack=1", "pack=1:attn=rows", "gc=none", "pack=1:gc=none",
+                    "pack=1:gc=none:fused=1", "gc=layer:fused=1"]
 IRREVERSIBLE = ("fused", "compile")
 
 
@@ -42,7 +43,8 @@ def parse_variant(spec: str) -> dict:
 
 def apply_variant(model, cfg, opts: dict, state: dict) -> None:
     """Set the trainer keys and the model's checkpointing / kernels for one variant (state: what was done)."""
-    from mathgrpo.models import backbone_and_head, enable_checkpointing, fuse_kernels
+    from mathgrpo.models import backbone_and_head, enable_checkpointing, fuse_kernels, fuse_lora_add
+    from mathgrpo.packing import set_packed_attention
 
     t = cfg.trainer
     t.pack_sequences = opts.get("pack", "0") == "1"
@@ -53,7 +55,9 @@ def apply_variant(model, cfg, opts: dict, state: dict) -> None:
     if gc == "none":
         (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
     else:
-        enable_checkpointing(model, gc)
+        enable_checkpointing(model)
+    fuse_lora_add(model, on=opts.get("lora", "addmm") == "addmm")
+    set_packed_attention(opts.get("attn", "auto"))
     if opts.get("fused") == "1" and not state.get("fused"):
         fuse_kernels(model)
         state["fused"] = True
@@ -112,6 +116,7 @@ def run_workload(args) -> None:
         w = Workload(w.quant, w.prompts, w.group, args.new_tokens, w.trl_micro, median)
     peak = matmul_peak_tflops() if torch.cuda.is_available() else None
     cfg = _mathgrpo_cfg(args, w, {})
+    cfg.model.lora_fused_add = False  # set per variant
     model, _ = load_model(cfg.model, trainable=True)
     ref = Reference(model, cfg.grpo.beta, lora=True)
     optimizer, scheduler = make_optimizer(model, cfg)

@@ -7,7 +7,7 @@ import torch
 
 from mathgrpo.config import Config, ModelConfig
 from mathgrpo.loss import LOSS_NORMALIZERS
-from mathgrpo.packing import ATTN_NAME, pack_rows, packed_microbatches
+from mathgrpo.packing import ATTN_NAME, pack_rows, packed_microbatches, set_packed_attention
 
 VOCAB = 97
 
@@ -60,19 +60,23 @@ def test_packed_logprobs_equal_the_padded_ones_with_gradients():
     assert (packed[~m] == 0).all()
     for a, b in zip(g_packed, g_pad):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    set_packed_attention("rows")  # the varlen kernel is CUDA-only: the CPU always takes the per-row path
+    torch.testing.assert_close(completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5,
+                                                   lengths=lengths), packed, rtol=0, atol=0)
+    set_packed_attention("auto")
     # the unpacked path still runs plain sdpa after the switch (same values as before it)
     torch.testing.assert_close(completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5), pad,
                                rtol=0, atol=1e-12)
 
 
-def _update(pack: bool, loss_type: str, iters: int, checkpointing: str | None):
+def _update(pack: bool, loss_type: str, iters: int, checkpointing: bool):
     from mathgrpo.loss import group_advantages
     from mathgrpo.models import Reference, enable_checkpointing
     from mathgrpo.trainer import make_optimizer, policy_update
 
     model = _tiny_lora_model()
     if checkpointing:
-        enable_checkpointing(model, checkpointing)
+        enable_checkpointing(model)
     model.train()
     cfg = Config()
     cfg.grpo.loss_type, cfg.grpo.beta, cfg.grpo.num_iterations, cfg.grpo.num_generations = loss_type, 0.1, iters, 3
@@ -92,8 +96,8 @@ def _update(pack: bool, loss_type: str, iters: int, checkpointing: str | None):
 def test_packed_update_equals_padded_for_every_loss_type(loss_type):
     # grpo_loss computes in fp32 and the two layouts split the rows into different micro-batches, so the sums
     # agree to fp32 rounding (the per-micro-batch metric means, kl or num_tokens, are weighted by the split: not compared)
-    m_pad, g_pad = _update(False, loss_type, 1, None)
-    m_pack, g_pack = _update(True, loss_type, 1, None)
+    m_pad, g_pad = _update(False, loss_type, 1, False)
+    m_pack, g_pack = _update(True, loss_type, 1, False)
     for key in ("loss", "grad_norm"):
         assert m_pack[key] == pytest.approx(m_pad[key], rel=1e-6, abs=5e-8), key  # terms ~0.1 cancel
     assert m_pad["grad_norm"] > 0
@@ -101,11 +105,10 @@ def test_packed_update_equals_padded_for_every_loss_type(loss_type):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("policy", ["layer", "selective"])
-def test_packed_update_with_checkpointing_and_two_iterations(policy):
+def test_packed_update_with_checkpointing_and_two_iterations():
     # recomputation in the backward must see the packed attention again; the second iteration uses old log-probs
-    m_pad, g_pad = _update(False, "dapo", 2, None)
-    m_pack, g_pack = _update(True, "dapo", 2, policy)
+    m_pad, g_pad = _update(False, "dapo", 2, False)
+    m_pack, g_pack = _update(True, "dapo", 2, True)
     assert m_pack["loss"] == pytest.approx(m_pad["loss"], rel=1e-6)
     for a, b in zip(g_pack, g_pad):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
@@ -157,3 +160,33 @@ def test_cuda_packed_bf16_matches_padded_and_uses_varlen():
     assert fn is not None, "torch.nn.attention.varlen unavailable or wrong: packing fell back to per-row SDPA"
     m = comp.completion_mask.cuda()
     torch.testing.assert_close(packed[m], pad[m], rtol=0, atol=0.05)  # bf16 kernels, different tilings
+    from mathgrpo.models import fuse_lora_add
+
+    fuse_lora_add(model)
+    with torch.no_grad():
+        fused = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5, lengths=lengths)
+    torch.testing.assert_close(fused[m], pad[m], rtol=0, atol=0.05)
+
+
+def test_fused_lora_add_equals_peft_forward_and_backward():
+    from mathgrpo.models import completion_logprobs, fuse_lora_add
+
+    model = _tiny_lora_model()
+    comp = _completions()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        logp = completion_logprobs(model, comp.prompt_ids, comp.completion_ids)
+        with torch.no_grad(), model.disable_adapter():
+            ref = completion_logprobs(model, comp.prompt_ids, comp.completion_ids)
+        return logp, ref, torch.autograd.grad((logp * comp.completion_mask).sum(), params)
+
+    want = run()
+    assert fuse_lora_add(model) == 14  # 7 projections x 2 layers
+    got = run()
+    assert fuse_lora_add(model, on=False) == 14 and "forward" not in vars(model.base_model.model.model.layers[0].mlp.up_proj)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)  # adapters off: the base layer alone
+    assert not torch.equal(got[0], got[1])
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -283,7 +283,9 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
     if trainable and cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
         # backward compute a useless gradient for the embedding output).
-        enable_checkpointing(model, cfg.checkpoint_policy)
+        enable_checkpointing(model)
+    if trainable and cfg.lora and cfg.lora_fused_add:
+        fuse_lora_add(model)
     if cfg.fuse_kernels:
         fuse_kernels(model)
     model.train(trainable)
@@ -292,40 +294,11 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
     return model, tok
 
 
-def enable_checkpointing(model, policy: str = "layer") -> None:
+def enable_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing under either name: transformers 5 renamed the method (and its
-    keyword, hence the positional argument); older releases only have `gradient_checkpointing_enable`.
-    policy (model.checkpoint_policy): "layer" keeps each decoder layer's input only and recomputes the whole
-    layer in the backward; "selective" also keeps every matmul and attention output (more memory) and
-    recomputes only the cheap ops between them (norms, RoPE, SwiGLU, casts)."""
-    if policy not in CHECKPOINT_POLICIES:
-        raise ModelError(f"model.checkpoint_policy: {policy!r} is not one of {', '.join(CHECKPOINT_POLICIES)}")
-    kwargs = {"use_reentrant": False}
-    if policy == "selective":
-        kwargs["context_fn"] = selective_checkpoint_contexts
+    keyword, hence the positional argument); older releases only have `gradient_checkpointing_enable`."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(kwargs)
-
-
-CHECKPOINT_POLICIES = ("layer", "selective")
-
-
-def _saved_ops() -> list:
-    """The aten ops whose outputs selective checkpointing keeps: matmuls and attention kernels."""
-    aten = torch.ops.aten
-    names = ["mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-             "_flash_attention_forward", "_efficient_attention_forward"]
-    ops = [getattr(aten, n).default for n in names if hasattr(aten, n)]
-    varlen = getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None)  # torch.nn.attention.varlen
-    return ops + ([varlen.default] if varlen is not None else [])
-
-
-def selective_checkpoint_contexts():
-    """`context_fn` of torch.utils.checkpoint: save matmul/attention outputs, recompute everything else."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    return create_selective_checkpoint_contexts(_saved_ops())
+    enable({"use_reentrant": False})
 
 
 def resolve_adapter(path: str) -> str:
@@ -355,6 +328,43 @@ def fuse_kernels(model) -> None:
         raise ModelError("fuse_kernels needs liger-kernel: pip install liger-kernel") from None
     _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
+
+
+def fuse_lora_add(model, on: bool = True) -> int:
+    """LoRA's delta as one GEMM that accumulates into the base layer's output, y = addmm(W x, A x, s B^T),
+    instead of peft's `y + B(A x) * s` (a matmul, then a scale pass and an add pass over the whole output
+    in the forward, and the scale's pass again in the backward: on the 1.5B update these elementwise passes
+    over the 8,960-wide MLP outputs cost more than the LoRA matmuls). Same math; one adapter, plain LoRA
+    (no DoRA/variants, no LoRA bias, no mixed-adapter batches) takes this path, anything else peft's own.
+    Installed per layer (an instance `forward`); on=False removes it. Returns the number of layers."""
+    import types
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    n = 0
+    for mod in model.modules():
+        if type(mod) is LoraLinear:
+            if on:
+                mod.forward = types.MethodType(_lora_addmm_forward, mod)
+            else:
+                mod.__dict__.pop("forward", None)
+            n += 1
+    return n
+
+
+def _lora_addmm_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    names = [a for a in self.active_adapters if a in self.lora_A]
+    if (args or kwargs or self.disable_adapters or self.merged or len(names) != 1
+            or names[0] in getattr(self, "lora_variant", {}) or self.lora_B[names[0]].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    a = names[0]
+    result = self.base_layer(x)  # [..., out]
+    lora_a, lora_b, scale = self.lora_A[a], self.lora_B[a], self.scaling[a]
+    h = lora_a(self.lora_dropout[a](self._cast_input_dtype(x, lora_a.weight.dtype)))  # [..., r]
+    if not torch.is_autocast_enabled(x.device.type) and not result.dtype == h.dtype == lora_b.weight.dtype:
+        return (result + lora_b(h) * scale).to(result.dtype)  # mixed dtypes outside autocast: as peft
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(), alpha=scale)
+    return out.view(result.shape)
 
 
 # --- the pieces the loss needs ----------------------------------------------------------------------------

@@ -197,6 +197,15 @@ def _varlen():
     return fn, kw
 
 
+def set_packed_attention(mode: str) -> None:
+    """"auto": the varlen kernel where it passes its check, else per-row SDPA; "rows": per-row SDPA always."""
+    if mode not in ("auto", "rows"):
+        raise ValueError(f"set_packed_attention: {mode!r} is not one of auto, rows")
+    _VARLEN.clear()
+    if mode == "rows":
+        _VARLEN.update(fn=None, kw=None)
+
+
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs):
     """transformers attention function: sdpa, unless called with `cu_seq_lens_q` (packed rows).
