@@ -12,16 +12,17 @@ from mathgrpo.packing import ATTN_NAME, pack_rows, packed_microbatches, set_pack
 VOCAB = 97
 
 
-def _tiny_lora_model(attn: str = "sdpa", seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _tiny_lora_model(attn: str = "sdpa", seed: int = 0, arch: str = "qwen2"):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from mathgrpo.models import add_lora
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False,
-                      attn_implementation=attn)
-    model = Qwen2ForCausalLM(cfg).double()  # fp64: differences are the layout's, not rounding
+    config, cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    cfg = config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False,
+                 attn_implementation=attn)
+    model = cls(cfg).double()  # fp64: differences are the layout's, not rounding
     model = add_lora(model, ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0))
     with torch.no_grad():  # non-zero B: the policy differs from the reference (adapters off)
         for n, p in model.named_parameters():
@@ -44,10 +45,11 @@ def _completions(n_rows: int = 6, width: int = 11, seed: int = 1):
                        truncated=truncated)
 
 
-def test_packed_logprobs_equal_the_padded_ones_with_gradients():
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_packed_logprobs_equal_the_padded_ones_with_gradients(arch):
     from mathgrpo.models import completion_logprobs
 
-    model = _tiny_lora_model()
+    model = _tiny_lora_model(arch=arch)
     comp = _completions()
     lengths = comp.completion_mask.sum(1).tolist()
     pad = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5)  # [B, T]

@@ -108,12 +108,14 @@ def packed_hidden(model, packed: PackedRows) -> torch.Tensor:
     body, _ = backbone_and_head(model)
     use_packed_attention(model)
     cu = packed.cu_seqlens
-    # A mask dict skips transformers' mask building (its packed-sequence mask would be a dense [S, S] one).
-    masks = {"full_attention": None, "sliding_attention": None}
-    with compute_context(model):
-        hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=masks,
-                      use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_len,
-                      max_length_k=packed.max_len).last_hidden_state  # [1, S, H]
+    _STATE["packed_pass"] = True  # no mask: transformers' packed-sequence mask would be a dense [S, S] one
+    try:
+        with compute_context(model):
+            hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                          cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_len,
+                          max_length_k=packed.max_len).last_hidden_state  # [1, S, H]
+    finally:
+        _STATE["packed_pass"] = False
     return hidden[0].index_select(0, packed.predictors)  # [M, H]
 
 
@@ -147,6 +149,7 @@ def _segment_attention(q, k, v, cu: list[int], scale: float | None) -> torch.Ten
 
 
 _VARLEN: dict = {}  # "fn": callable or None once decided, "kw": its causal/GQA keywords
+_STATE = {"packed_pass": False}  # inside `packed_hidden`'s forward (masks are built there, once per forward)
 
 
 def _varlen_kwargs(fn) -> dict | None:
@@ -228,12 +231,19 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     return out[None], None
 
 
+def _packed_or_sdpa_mask(*args, **kwargs):
+    """transformers mask function: none for a packed pass (rows are kept apart by their offsets), else sdpa's."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _STATE["packed_pass"] else sdpa_mask(*args, **kwargs)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_NAME, packed_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_NAME, _packed_or_sdpa_mask)
 
 
 def use_packed_attention(model) -> None:
