@@ -423,7 +423,12 @@ def run_trl(args, w: Workload, opts: dict) -> dict:
     if opts.get("gen") == "canned":  # the update alone: TRL's generation replaced by the same canned rows as ours
         canned = canned_completions(args, w)
         rows_out = [r[m].tolist() for r, m in zip(canned.completion_ids, canned.completion_mask)]
-        generate = lambda prompt_ids, *a, **k: (rows_out[:len(prompt_ids)], None)  # noqa: E731
+        taken = [0]
+
+        def generate(prompt_ids, *a, **k):  # TRL's rows in turn (prompt-major, as ours)
+            idx = [(taken[0] + i) % len(rows_out) for i in range(len(prompt_ids))]
+            taken[0] += len(prompt_ids)
+            return [rows_out[i] for i in idx], None
     elif w.median is not None:
         force_trl_lengths(trainer, lengths, eos=tok.eos_token_id, cap=w.new_tokens)
     trainer._generate_single_turn = timed_generate
