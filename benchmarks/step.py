@@ -9,8 +9,15 @@ The model is a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape
 the QLoRA workload) with a word-level tokenizer over its whole vocabulary, saved once to a folder that
 both frameworks load. LoRA r=32, alpha=32, dropout 0 on all seven projections, beta 0.04, loss "grpo",
 gradient checkpointing, random rewards. Completions are forced to full length (mathgrpo: ignore_eos;
-TRL: generation_kwargs min_new_tokens). Every (workload, method) runs in its own subprocess, so peak
-memory (torch.cuda.max_memory_allocated) is clean, and a stuck run is stopped at --timeout.
+TRL: generation_kwargs min_new_tokens), except on the uneven workload (`uneven-8k`): there every
+completion's length is drawn once from a seeded log-normal (median 1,536 tokens, sigma 1.615, cut at the
+8,192 cap: ~15% truncated) and imposed on both (TRL: a logits processor forcing EOS at the drawn length;
+mathgrpo: sampled with ignore_eos to the longest drawn length, then each row cut there and ended by EOS,
+which is the same decode work since the engine runs every batch to its longest row). Method option
+gen=canned skips sampling altogether (random tokens of the drawn lengths) to time the update alone.
+Every (workload, method) runs in its own subprocess, so peak memory (torch.cuda.max_memory_allocated) is
+clean, and a stuck run is stopped at --timeout. The GPU's bf16 matmul peak (8192^3, mean of 10) is
+measured at the start of the run and every update's TFLOP/s is reported as a share of it.
 
 Printed per run: first step and steady step (mean of the later ones) split into generation and update
 (update = everything after the completions exist: reference and policy log-probs, loss, backward,
@@ -19,11 +26,13 @@ optimizer step, weight sync), peak memory of each phase, and the update's achiev
                 = 3 * F_fwd + F_attn + 6 * P_lora * L
     F_fwd  = 2 * P_body * L + 2 * V * H * T_c + F_attn,   F_attn = 2 * layers * L^2 * heads * head_dim
 per row of L = prompt + completion tokens and T_c completion tokens (lm_head runs on completions only);
-gradient-checkpoint recomputation is not counted (it is work the GPU does but not useful FLOPs).
+gradient-checkpoint recomputation and padding are not counted (work the GPU does, not useful FLOPs).
 Methods: mathgrpo (the trainer's own `policy_update` and rollout backend), options budget=<tokens per
 micro-batch>, chunk=<log-prob chunk>, release=1 (free the fast engine's KV cache before the update),
 backend=fast|hf, merge=copy|in_place|none (generation.lora_merge: how LoRA reaches sampling; copy = a
-merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels); mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl.
+merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels), pack=1
+(trainer.pack_sequences), gc=layer|none (activation checkpointing), lora=addmm|peft (model.lora_fused_add),
+gen=canned; mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl (option gen=canned).
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ from rollout import SHAPES, synthetic_tokenizer  # noqa: E402  (benchmarks/rollo
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = dict(r=32, alpha=32, dropout=0.0)
 BETA = 0.04
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM
+UNEVEN_SIGMA = 1.615  # log-normal sigma: P(length > 8192) = 15% at a median of 1536
+LENGTH_SEED = 17
 
 
 @dataclass
@@ -53,13 +63,83 @@ class Workload:
     group: int
     new_tokens: int
     trl_micro: int  # completions per TRL micro-batch (per_device_train_batch_size)
+    median: int | None = None  # uneven lengths: log-normal median (new_tokens is the cap); None = full length
 
 
 WORKLOADS = {
     "lora-1k": Workload(None, 8, 8, 1024, 8),  # the issue's TRL reference: 8 x 8 x 1024, 8 per micro-batch
     "qlora-2k": Workload("nf4", 1, 4, 2048, 4),  # the notebook: one prompt, G=4, 2048 tokens, NF4
     "lora-4k": Workload(None, 1, 8, 4096, 8),
+    "uneven-8k": Workload(None, 8, 8, 8192, 8, median=1536),  # real, uneven lengths (see the docstring)
 }
+
+
+def drawn_lengths(w: Workload) -> list[int]:
+    """Completion lengths [N] of a workload: all new_tokens, or one seeded log-normal draw cut at the cap."""
+    import numpy as np
+
+    n = w.prompts * w.group
+    if w.median is None:
+        return [w.new_tokens] * n
+    x = np.exp(np.random.default_rng(LENGTH_SEED).normal(np.log(w.median), UNEVEN_SIGMA, n))
+    return np.clip(x, 1, w.new_tokens).astype(int).tolist()
+
+
+def canned_completions(args, w: Workload, eos: int = 0):
+    """Completions of the drawn lengths made of random tokens (gen=canned): the update's work, no sampling.
+    A row shorter than the cap ends with EOS; a row at the cap is truncated."""
+    import torch
+
+    from mathgrpo.rollout import Completions
+
+    lengths = drawn_lengths(w)
+    n, width = len(lengths), max(lengths)
+    g = torch.Generator().manual_seed(LENGTH_SEED)
+    ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (n, width), generator=g)
+    mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]  # [N, T]
+    truncated = torch.tensor([k >= w.new_tokens for k in lengths])
+    for i, k in enumerate(lengths):
+        if not truncated[i]:
+            ids[i, k - 1] = eos
+    prompts = [p for p in prompt_ids(args, w) for _ in range(w.group)]
+    return Completions(prompt_ids=prompts, completion_ids=ids.masked_fill(~mask, eos), completion_mask=mask,
+                       texts=[""] * n, truncated=truncated)
+
+
+def impose_lengths(comp, lengths: list[int], cap: int, eos: int = 0):
+    """Cut sampled completions (ignore_eos, at least max(lengths) long) at the drawn lengths, EOS last."""
+    from dataclasses import replace
+
+    ids, mask = comp.completion_ids[:, :max(lengths)].clone(), comp.completion_mask[:, :max(lengths)].clone()
+    for i, k in enumerate(lengths):
+        mask[i, k:] = False
+        ids[i, k:] = eos
+        if k < cap:
+            ids[i, k - 1] = eos
+    import torch
+
+    return replace(comp, completion_ids=ids, completion_mask=mask,
+                   truncated=torch.tensor([k >= cap for k in lengths]),
+                   logprobs=None if comp.logprobs is None else comp.logprobs[:, :max(lengths)] * mask)
+
+
+def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float:
+    """The GPU's measured bf16 matmul rate (n^3 on random data, mean of `reps` after 3 warm-ups)."""
+    import torch
+
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    tflops = 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return tflops
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -167,6 +247,9 @@ def _mathgrpo_cfg(args, w: Workload, opts: dict):
     t = cfg.trainer
     t.max_tokens_per_microbatch = int(opts.get("budget", t.max_tokens_per_microbatch))
     t.logprob_chunk_size = int(opts.get("chunk", t.logprob_chunk_size))
+    t.pack_sequences = opts.get("pack", "0") == "1"
+    m.gradient_checkpointing = opts.get("gc", "layer") != "none"
+    m.lora_fused_add = opts.get("lora", "addmm") == "addmm"
     t.learning_rate, t.max_steps, t.lr_scheduler = 1e-6, args.steps, "constant"
     return cfg
 
@@ -225,7 +308,8 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
             diff = (completion_logprobs(model, *probe) - before).abs().max().item()
         print(f"[{args.worker}] fused kernels: max |logp change| on a probe = {diff:.3g}", flush=True)
     tok = load_tokenizer(args.model_dir)
-    rollout = make_rollout(cfg.generation, model, tok)
+    canned = opts.get("gen") == "canned"
+    rollout = None if canned else make_rollout(cfg.generation, model, tok)
     ref = Reference(model, cfg.grpo.beta, lora=True)
     optimizer, scheduler = make_optimizer(model, cfg)
     update = (lambda *a: liger_update(*a, opts)) if opts.get("liger") else policy_update
@@ -236,8 +320,14 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
         _sync()
         resident = _allocated()  # what stays allocated between steps: must not grow
         t0 = time.perf_counter()
-        comp = rollout.generate(prompts, w.group, SamplingConfig(max_new_tokens=w.new_tokens, temperature=1.0,
-                                                                 ignore_eos=True, seed=step))
+        lengths = drawn_lengths(w)
+        if canned:
+            comp = canned_completions(args, w)
+        else:
+            comp = rollout.generate(prompts, w.group, SamplingConfig(max_new_tokens=max(lengths), temperature=1.0,
+                                                                     ignore_eos=True, seed=step))
+            if w.median is not None:
+                comp = impose_lengths(comp, lengths, w.new_tokens)
         _sync()
         t1, peak_gen = time.perf_counter(), _peak()
         if opts.get("release") and hasattr(rollout, "release"):
@@ -246,17 +336,18 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
         t2 = time.perf_counter()
         adv = group_advantages(random_rewards(comp.completion_ids.shape[0], step), w.group)  # [N]
         upd = update(model, optimizer, scheduler, ref, comp, adv, cfg)
-        rollout.sync_weights(model)
+        if rollout is not None:
+            rollout.sync_weights(model)
         _sync()
         t3 = time.perf_counter()
         rows = [(len(p) + int(n), int(n)) for p, n in zip(comp.prompt_ids, comp.lengths)]
         steps.append(dict(gen_s=t1 - t0, update_s=t3 - t2, step_s=(t1 - t0) + (t3 - t2), resident_gib=resident,
                           peak_gen_gib=peak_gen,
                           peak_update_gib=_peak(), completion_tokens=int(comp.lengths.sum()),
-                          graphs_captured=getattr(rollout, "captures", None),
+                          graphs_captured=getattr(rollout, "captures", None), truncated=int(comp.truncated.sum()),
                           **{k: round(upd[k], 6) for k in ("loss", "grad_norm", "kl") if k in upd}))
         print(f"[{args.worker}] step {step}: {json.dumps(steps[-1])}", flush=True)
-    backend = type(rollout).__name__
+    backend = "canned" if canned else type(rollout).__name__
     return dict(steps=steps, rows=rows, backend=backend, budget=cfg.trainer.max_tokens_per_microbatch,
                 chunk=cfg.trainer.logprob_chunk_size)
 
@@ -289,10 +380,11 @@ def run_trl(args, w: Workload, opts: dict) -> dict:
     def reward(completions, **_):
         return random_rewards(len(completions), 0).tolist()
 
+    lengths = drawn_lengths(w)
     conf = GRPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=w.trl_micro,
         gradient_accumulation_steps=n // w.trl_micro, num_generations=w.group, max_completion_length=w.new_tokens,
-        generation_kwargs={"min_new_tokens": w.new_tokens}, temperature=1.0, beta=BETA, loss_type="grpo",
+        generation_kwargs={} if w.median else {"min_new_tokens": w.new_tokens}, temperature=1.0, beta=BETA, loss_type="grpo",
         learning_rate=1e-6, max_steps=args.trl_steps, bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=True,
         logging_steps=1, report_to="none", save_strategy="no", use_vllm=False, shuffle_dataset=False, seed=0)
     peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -311,7 +403,7 @@ def run_trl(args, w: Workload, opts: dict) -> dict:
             _sync()
             total = time.perf_counter() - cur["t0"]
             steps.append(dict(gen_s=cur["gen_s"], update_s=total - cur["gen_s"], step_s=total,
-                              peak_gen_gib=cur["peak_gen_gib"], peak_update_gib=_peak(), completion_tokens=n * w.new_tokens))
+                              peak_gen_gib=cur["peak_gen_gib"], peak_update_gib=_peak(), completion_tokens=sum(lengths)))
             print(f"[trl] step {len(steps) - 1}: {json.dumps(steps[-1])}", flush=True)
 
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=conf, train_dataset=ds, processing_class=tok,
@@ -328,10 +420,53 @@ def run_trl(args, w: Workload, opts: dict) -> dict:
         _peak_reset()
         return out
 
+    if opts.get("gen") == "canned":  # the update alone: TRL's generation replaced by the same canned rows as ours
+        canned = canned_completions(args, w)
+        rows_out = [r[m].tolist() for r, m in zip(canned.completion_ids, canned.completion_mask)]
+        taken = [0]
+
+        def generate(prompt_ids, *a, **k):  # TRL's rows in turn (prompt-major, as ours)
+            idx = [(taken[0] + i) % len(rows_out) for i in range(len(prompt_ids))]
+            taken[0] += len(prompt_ids)
+            return [rows_out[i] for i in idx], None
+    elif w.median is not None:
+        force_trl_lengths(trainer, lengths, eos=tok.eos_token_id, cap=w.new_tokens)
     trainer._generate_single_turn = timed_generate
     trainer.train()
-    rows = [(args.prompt_len + w.new_tokens, w.new_tokens)] * n
-    return dict(steps=steps, rows=rows, backend="transformers generate", micro_batch=w.trl_micro)
+    rows = [(args.prompt_len + k, k) for k in lengths]
+    return dict(steps=steps, rows=rows, backend="canned" if opts.get("gen") == "canned" else "transformers generate",
+                micro_batch=w.trl_micro)
+
+
+def force_trl_lengths(trainer, lengths: list[int], eos: int, cap: int) -> None:
+    """Every `generate` of TRL's policy gets a logits processor ending row r (in TRL's prompt-major order, the
+    rows taken in turn) at lengths[r]: EOS forbidden before, forced at that step."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class ForceLengths(LogitsProcessor):
+        def __init__(self, want: torch.Tensor, prompt_len: int):
+            self.want, self.prompt_len = want, prompt_len  # [B]
+            self.stops = want < cap  # a row drawn at the cap runs out of tokens instead: truncated, as ours
+
+        def __call__(self, input_ids, scores):  # scores [B, V]
+            end = (self.want - 1 == input_ids.shape[1] - self.prompt_len) & self.stops  # [B]: EOS is next
+            scores[:, eos] = float("-inf")
+            scores[end] = float("-inf")
+            scores[end, eos] = 0.0
+            return scores
+
+    model, orig, offset = trainer.model, trainer.model.generate, [0]
+
+    def generate(*a, **k):
+        ids = k["input_ids"]
+        idx = [(offset[0] + i) % len(lengths) for i in range(ids.shape[0])]
+        offset[0] += ids.shape[0]
+        want = torch.tensor([lengths[i] for i in idx], device=ids.device)
+        k["logits_processor"] = LogitsProcessorList([ForceLengths(want, ids.shape[1])])
+        return orig(*a, **k)
+
+    model.generate = generate
 
 
 METHODS = {
@@ -363,8 +498,9 @@ def worker(args) -> None:
         return
     name, opts = parse_method(args.worker)
     w = WORKLOADS[args.workload]
-    if args.new_tokens:
-        w = Workload(w.quant, w.prompts, w.group, args.new_tokens, w.trl_micro)
+    if args.new_tokens:  # an uneven workload keeps its shape: the median scales with the cap
+        median = None if w.median is None else max(1, w.median * args.new_tokens // w.new_tokens)
+        w = Workload(w.quant, w.prompts, w.group, args.new_tokens, w.trl_micro, median)
     rec = dict(workload=args.workload, method=args.worker, **METHODS[name](args, w, opts))
     rec["update_tflop"] = update_flops(args, rec.pop("rows")) / 1e12
     print("RESULT " + json.dumps(rec), flush=True)
@@ -454,9 +590,11 @@ def main() -> None:
     if args.device.startswith("cuda"):
         import torch
 
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        print(f"device: {name}; peak dense bf16 {peak} TFLOP/s", flush=True)
+        name, peak = torch.cuda.get_device_name(), matmul_peak_tflops()
+        print(f"device: {name}; measured bf16 matmul peak (8192^3) {peak:.1f} TFLOP/s", flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"device": name, "matmul_peak_tflops": peak}) + "\n")
     rows = []
     for wl in args.workloads:
         group = []
@@ -466,9 +604,11 @@ def main() -> None:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
             group.append(summarize(rec, peak) if "steps" in rec else rec)
-        trl = next((r for r in group if r.get("method") == "trl" and r.get("step_s")), None)
+        kind = lambda r: "gen=canned" in r.get("method", "")  # noqa: E731  (canned rows compare with canned TRL)
         for r in group:
-            if trl and r.get("step_s") and r is not trl:
+            trl = next((t for t in group if t.get("method", "").split(":")[0] == "trl" and t.get("step_s")
+                        and kind(t) == kind(r)), None)
+            if trl and r.get("step_s") and r is not trl and not r["method"].startswith("trl"):
                 r["x_trl_step"] = trl["step_s"] / r["step_s"]
                 r["x_trl_update"] = trl["update_s"] / r["update_s"]
                 r["trl_mem_ratio"] = r["peak_gib"] / trl["peak_gib"] if trl["peak_gib"] else float("nan")

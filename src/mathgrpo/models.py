@@ -309,6 +309,8 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
         # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
         # backward compute a useless gradient for the embedding output).
         enable_checkpointing(model)
+    if trainable and cfg.lora and cfg.lora_fused_add:
+        fuse_lora_add(model)
     if cfg.fuse_kernels:
         fuse_kernels(model)
     model.train(trainable)
@@ -351,6 +353,43 @@ def fuse_kernels(model) -> None:
         raise ModelError("fuse_kernels needs liger-kernel: pip install liger-kernel") from None
     _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
+
+
+def fuse_lora_add(model, on: bool = True) -> int:
+    """LoRA's delta as one GEMM that accumulates into the base layer's output, y = addmm(W x, A x, s B^T),
+    instead of peft's `y + B(A x) * s` (a matmul, then a scale pass and an add pass over the whole output
+    in the forward, and the scale's pass again in the backward: on the 1.5B update these elementwise passes
+    over the 8,960-wide MLP outputs cost more than the LoRA matmuls). Same math; one adapter, plain LoRA
+    (no DoRA/variants, no LoRA bias, no mixed-adapter batches) takes this path, anything else peft's own.
+    Installed per layer (an instance `forward`); on=False removes it. Returns the number of layers."""
+    import types
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    n = 0
+    for mod in model.modules():
+        if type(mod) is LoraLinear:
+            if on:
+                mod.forward = types.MethodType(_lora_addmm_forward, mod)
+            else:
+                mod.__dict__.pop("forward", None)
+            n += 1
+    return n
+
+
+def _lora_addmm_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    names = [a for a in self.active_adapters if a in self.lora_A]
+    if (args or kwargs or self.disable_adapters or self.merged or len(names) != 1
+            or names[0] in getattr(self, "lora_variant", {}) or self.lora_B[names[0]].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    a = names[0]
+    result = self.base_layer(x)  # [..., out]
+    lora_a, lora_b, scale = self.lora_A[a], self.lora_B[a], self.scaling[a]
+    h = lora_a(self.lora_dropout[a](self._cast_input_dtype(x, lora_a.weight.dtype)))  # [..., r]
+    if not torch.is_autocast_enabled(x.device.type) and not result.dtype == h.dtype == lora_b.weight.dtype:
+        return (result + lora_b(h) * scale).to(result.dtype)  # mixed dtypes outside autocast: as peft
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(), alpha=scale)
+    return out.view(result.shape)
 
 
 # --- the pieces the loss needs ----------------------------------------------------------------------------
@@ -465,27 +504,35 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: torch.
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
-                        chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False):
+                        chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False,
+                        lengths: list[int] | None = None):
     """Log-probs [B, T] float32 of each completion token under `model`, from hidden states in chunks of
     `chunk_size` tokens (no [B, T, V] logits, forward or backward). Arguments as `completion_hidden`.
     with_entropy: (log-probs, entropy [B, T] of each position's distribution, no gradient) from the same pass.
-    A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers the
-    embeddings and lm_head around it (`fsdp.shard_model` says why); every rank must call it then."""
+    With `lengths` (real tokens per row) the rows run packed, without padding (`packing.py`; 0 after each
+    row's end). A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers
+    the embeddings and lm_head around it (`fsdp.shard_model` says why); every rank must call it then."""
     from .fsdp import is_sharded, sharded_logprobs
 
     kw = {"with_entropy": True} if with_entropy else {}
     if is_sharded(model):
         return sharded_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature,
-                                **kw)
+                                lengths=lengths, **kw)
     return unsharded_completion_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size,
-                                         temperature=temperature, **kw)
+                                         temperature=temperature, lengths=lengths, **kw)
 
 
 def unsharded_completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
-                                  chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False):
+                                  chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False,
+                                  lengths: list[int] | None = None):
     """`completion_logprobs` on parameters that are plain tensors (not sharded, or gathered by FSDP)."""
     from .loss import chunked_token_logprobs
 
+    if lengths is not None:
+        from .packing import packed_completion_logprobs
+
+        return packed_completion_logprobs(model, prompt_ids, completion_ids, lengths, chunk_size=chunk_size,
+                                          temperature=temperature, with_entropy=with_entropy)
     _, head = backbone_and_head(model)
     sel = completion_hidden(model, prompt_ids, completion_ids)  # [B, T, H]
     return chunked_token_logprobs(sel, head.weight, completion_ids.to(sel.device), chunk_size=chunk_size,

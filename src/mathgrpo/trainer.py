@@ -37,6 +37,7 @@ from .logger import NullLogger, RunLogger
 from .loss import (bnpo_row_norms, effective_mask, group_advantages, grpo_loss, token_means, unscorable_as_nan,
                    zero_std_fraction)
 from .models import Reference, completion_logprobs, load_model
+from .packing import packed_microbatches
 from .prompts import PromptBuilder
 from .rewards import RewardSet
 from .rollout import Completions, make_rollout
@@ -141,7 +142,8 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     mask = comp.completion_mask.float()  # [N, T]
     n_rows = mask.shape[0]
     lengths = comp.completion_mask.sum(1).tolist()
-    groups = microbatches([len(p) + int(n) for p, n in zip(comp.prompt_ids, lengths)], t.max_tokens_per_microbatch)
+    split = packed_microbatches if t.pack_sequences else microbatches
+    groups = split([len(p) + int(n) for p, n in zip(comp.prompt_ids, lengths)], t.max_tokens_per_microbatch)
     sharded = is_sharded(model)
     if sharded:  # every FSDP2 forward and backward is a collective: the same number of micro-batches on every rank
         groups = world.match_microbatches(groups)
@@ -155,7 +157,8 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
         width = max(1, max(lengths[i] for i in rows))
         return completion_logprobs(m, [comp.prompt_ids[i] for i in rows], comp.completion_ids[rows, :width],
                                    chunk_size=t.logprob_chunk_size, temperature=max(cfg.generation.temperature, 1e-6),
-                                   with_entropy=with_entropy)
+                                   with_entropy=with_entropy,
+                                   lengths=[int(lengths[i]) for i in rows] if t.pack_sequences else None)
 
     fixed: dict[str, dict[int, torch.Tensor]] = {"old": {}, "ref": {}}
     with torch.no_grad():

@@ -1,0 +1,272 @@
+"""Padding-free packing of an update micro-batch: its rows laid end to end as one sequence.
+
+    logp = packed_completion_logprobs(model, prompts, completion_ids, lengths)   # [B, T], 0 after each row's end
+    groups = packed_microbatches(total_lengths, budget)                          # rows per micro-batch
+
+Each row is prompt + completion (its last token dropped: nothing is predicted from it); positions restart at 0
+per row and attention stays inside each row, so every real token sees exactly what it sees in the padded
+layout (`models.completion_hidden`) and the log-probs, loss and gradient are the padded ones (tests/
+test_packing.py checks this for every loss type). What packing saves: the padding's share of every matmul,
+of the attention and of the lm_head (log-probs are computed for real completion tokens only), and micro-
+batches filled to the token budget instead of rows x longest row (fewer, larger kernels).
+
+Attention inside rows: a registered transformers attention function ("mathgrpo_packed") that behaves as
+sdpa for every ordinary call (generation, unpacked passes) and, when given the rows' cumulative offsets
+(`cu_seq_lens_q`, transformers' own keyword for packed sequences), runs PyTorch's FlashAttention varlen
+kernel (`torch.nn.attention.varlen`, CUDA) or, where that is missing or fails its one-time check against
+SDPA, a causal SDPA call per row (CPU, and the fallback). The varlen kernel was chosen over FlexAttention
+block masks because it needs no compilation and no mask, for any mix of row lengths.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ATTN_NAME = "mathgrpo_packed"
+
+
+# ----------------------------------------------------------------------------- micro-batches
+
+
+def packed_microbatches(total_lengths: list[int], budget: int) -> list[list[int]]:
+    """Row groups whose summed length stays within `budget` tokens (a longer row gets a group of its own):
+    first-fit over rows sorted longest first, so groups are few and full. Within a group rows keep the
+    order of their length (longest first)."""
+    if budget < 1:
+        raise ValueError(f"packed_microbatches: budget must be >= 1 token, got {budget}")
+    order = sorted(range(len(total_lengths)), key=lambda i: -total_lengths[i])
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = total_lengths[i]
+        k = next((j for j, r in enumerate(room) if r >= n), None)
+        if k is None:
+            groups.append([i])
+            room.append(budget - n)
+        else:
+            groups[k].append(i)
+            room[k] -= n
+    return groups
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass
+class PackedRows:
+    """One micro-batch laid out as a single sequence of S tokens, M of them predicting a completion token."""
+
+    input_ids: torch.Tensor  # [1, S]
+    position_ids: torch.Tensor  # [1, S] 0.. per row
+    cu_seqlens: torch.Tensor  # [B + 1] int32 row offsets into S
+    max_len: int  # longest row
+    predictors: torch.Tensor  # [M] positions in S whose hidden state predicts each real completion token
+    targets: torch.Tensor  # [M] those completion tokens
+    out_index: torch.Tensor  # [M] where each goes in the flattened [B, T] output
+    shape: tuple[int, int]  # (B, T)
+
+
+def pack_rows(prompt_ids: list[list[int]], completion_ids: torch.Tensor, lengths: list[int],
+              device: torch.device) -> PackedRows:
+    """Layout of rows prompt_i + completion_i[:lengths_i - 1]; completion_ids [B, T] right-padded."""
+    n_rows, width = completion_ids.shape
+    if len(prompt_ids) != n_rows or len(lengths) != n_rows:
+        raise ValueError(f"pack_rows: {len(prompt_ids)} prompts and {len(lengths)} lengths for {n_rows} rows")
+    for i, (p, n) in enumerate(zip(prompt_ids, lengths)):
+        if len(p) < 1:
+            raise ValueError(f"pack_rows: prompt {i} is empty (need >= 1 token to predict from)")
+        if not 0 <= n <= width:
+            raise ValueError(f"pack_rows: row {i} has length {n}, outside [0, {width}]")
+    comp = completion_ids.cpu()
+    ids, pos, pred, tgt, out, cu = [], [], [], [], [], [0]
+    for i, (p, n) in enumerate(zip(prompt_ids, lengths)):
+        row = torch.cat([torch.as_tensor(p, dtype=torch.long), comp[i, :max(n - 1, 0)]])  # [P + n - 1]
+        start = cu[-1]
+        ids.append(row)
+        pos.append(torch.arange(len(row)))
+        pred.append(torch.arange(n) + start + len(p) - 1)  # state at p - 1 + t predicts token t
+        tgt.append(comp[i, :n])
+        out.append(torch.arange(n) + i * width)
+        cu.append(start + len(row))
+    cat = lambda xs: torch.cat(xs).to(device, non_blocking=True)  # noqa: E731
+    return PackedRows(input_ids=cat(ids)[None], position_ids=cat(pos)[None],
+                      cu_seqlens=torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True),
+                      max_len=max(len(r) for r in ids), predictors=cat(pred), targets=cat(tgt), out_index=cat(out),
+                      shape=(n_rows, width))
+
+
+def packed_hidden(model, packed: PackedRows) -> torch.Tensor:
+    """Final hidden states [M, H] of the packed rows at the positions that predict completion tokens."""
+    from .models import backbone_and_head, compute_context
+
+    body, _ = backbone_and_head(model)
+    use_packed_attention(model)
+    cu = packed.cu_seqlens
+    _STATE["packed_pass"] = True  # no mask: transformers' packed-sequence mask would be a dense [S, S] one
+    try:
+        with compute_context(model):
+            hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                          cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_len,
+                          max_length_k=packed.max_len).last_hidden_state  # [1, S, H]
+    finally:
+        _STATE["packed_pass"] = False
+    return hidden[0].index_select(0, packed.predictors)  # [M, H]
+
+
+def packed_completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor,
+                               lengths: list[int], *, chunk_size: int = 1024, temperature: float = 1.0,
+                               with_entropy: bool = False):
+    """Log-probs [B, T] float32 as `models.completion_logprobs`, from one packed pass; 0 at t >= lengths[i].
+    with_entropy: (log-probs, entropy [B, T]) as there, entropy 0 at t >= lengths[i] too."""
+    from .loss import chunked_token_logprobs
+    from .models import backbone_and_head
+
+    _, head = backbone_and_head(model)
+    packed = pack_rows(prompt_ids, completion_ids, lengths, head.weight.device)
+    sel = packed_hidden(model, packed)  # [M, H]
+    out = chunked_token_logprobs(sel[None], head.weight, packed.targets[None], chunk_size=chunk_size,
+                                 temperature=temperature, lm_head_bias=getattr(head, "bias", None),
+                                 with_entropy=with_entropy)
+    n_rows, width = packed.shape
+
+    def unpack(x: torch.Tensor) -> torch.Tensor:  # [1, M] -> [B, T]
+        flat = torch.zeros(n_rows * width, dtype=x.dtype, device=x.device)
+        return flat.scatter(0, packed.out_index, x[0]).reshape(n_rows, width)
+
+    return (unpack(out[0]), unpack(out[1])) if with_entropy else unpack(out)
+
+
+# ----------------------------------------------------------------------------- attention within rows
+
+
+def _segment_attention(q, k, v, cu: list[int], scale: float | None) -> torch.Tensor:
+    """Causal SDPA per row: q [H, S, D], k/v [Hkv, S, D] -> [H, S, D]."""
+    outs = []
+    for a, b in zip(cu[:-1], cu[1:]):
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            q[None, :, a:b], k[None, :, a:b], v[None, :, a:b], is_causal=True, scale=scale,
+            enable_gqa=q.shape[0] != k.shape[0])[0])
+    return torch.cat(outs, dim=1)
+
+
+_VARLEN: dict = {}  # "fn": callable or None once decided, "kw": its causal/GQA keywords
+_STATE = {"packed_pass": False}  # inside `packed_hidden`'s forward (masks are built there, once per forward)
+
+
+def _varlen_kwargs(fn) -> dict | None:
+    params = inspect.signature(fn).parameters
+    kw = {}
+    if "is_causal" in params:
+        kw["is_causal"] = True
+    elif "window_size" in params:
+        kw["window_size"] = (-1, 0)  # (left unbounded, right 0): causal
+    else:
+        return None
+    if "enable_gqa" in params:
+        kw["enable_gqa"] = True
+    return kw
+
+
+def _call_varlen(fn, kw, q, k, v, cu, max_len, scale):  # q [S, H, D], k/v [S, Hkv, D] -> [S, H, D]
+    if not kw.get("enable_gqa") and k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return fn(q, k, v, cu, cu, max_len, max_len, scale=scale, **kw)
+
+
+def _varlen():
+    """PyTorch's varlen FlashAttention, checked once against per-row SDPA; None where absent or wrong."""
+    if "fn" in _VARLEN:
+        return _VARLEN["fn"], _VARLEN["kw"]
+    fn, kw = None, None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        kw = _varlen_kwargs(varlen_attn)
+        if kw is not None:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(200, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+            k, v = (torch.randn(200, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+            cu = [0, 37, 150, 200]
+            got = _call_varlen(varlen_attn, kw, q, k, v, torch.tensor(cu, device="cuda", dtype=torch.int32), 113, None)
+            want = _segment_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, None).transpose(0, 1)
+            err = (got.float() - want.float()).abs().max().item()
+            if err < 2e-2:
+                fn = varlen_attn
+            else:
+                log.warning("varlen attention differs from SDPA by %.3g: packing uses per-row SDPA", err)
+    except Exception as e:  # noqa: BLE001  (absent in this torch, or no kernel for this GPU)
+        log.warning("varlen attention unavailable (%s): packing uses per-row SDPA", str(e)[:200])
+    _VARLEN.update(fn=fn, kw=kw)
+    return fn, kw
+
+
+def set_packed_attention(mode: str) -> None:
+    """"auto": the varlen kernel where it passes its check, else per-row SDPA; "rows": per-row SDPA always."""
+    if mode not in ("auto", "rows"):
+        raise ValueError(f"set_packed_attention: {mode!r} is not one of auto, rows")
+    _VARLEN.clear()
+    if mode == "rows":
+        _VARLEN.update(fn=None, kw=None)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """transformers attention function: sdpa, unless called with `cu_seq_lens_q` (packed rows).
+    query [1, H, S, D], key/value [1, Hkv, S, D] -> ([1, S, H, D], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1 or dropout:
+        raise ValueError(f"packed attention: needs one packed sequence and no attention dropout "
+                         f"(got batch {query.shape[0]}, dropout {dropout})")
+    fn, kw = _varlen() if query.is_cuda else (None, None)
+    if fn is not None:
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [S, H, D]
+        out = _call_varlen(fn, kw, q, k, v, cu, int(kwargs["max_length_q"]), scaling)  # [S, H, D]
+    else:
+        out = _segment_attention(query[0], key[0], value[0], cu.tolist(), scaling).transpose(0, 1)  # [S, H, D]
+    return out[None], None
+
+
+def _packed_or_sdpa_mask(*args, **kwargs):
+    """transformers mask function: none for a packed pass (rows are kept apart by their offsets), else sdpa's."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _STATE["packed_pass"] else sdpa_mask(*args, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, packed_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, _packed_or_sdpa_mask)
+
+
+def use_packed_attention(model) -> None:
+    """Switch an sdpa model to the packed-aware attention function (idempotent; sdpa for ordinary calls)."""
+    from .models import ModelError, backbone_and_head
+
+    body, _ = backbone_and_head(model)
+    cfg = body.config
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl == ATTN_NAME:
+        return
+    if impl != "sdpa":
+        raise ModelError(f"trainer.pack_sequences needs model.attn_implementation=sdpa (this model uses {impl!r}); "
+                         f"set trainer.pack_sequences=false or use sdpa")
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+        raise ModelError("trainer.pack_sequences: this model has sliding-window layers, which packing does not "
+                         "implement; set trainer.pack_sequences=false")
+    _register()
+    cfg._attn_implementation = ATTN_NAME  # read at every call by the attention modules and the mask builder

@@ -1,0 +1,194 @@
+"""Padding-free packing (packing.py): the same log-probs, loss and gradient as the padded update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mathgrpo.config import Config, ModelConfig
+from mathgrpo.loss import LOSS_NORMALIZERS
+from mathgrpo.packing import ATTN_NAME, pack_rows, packed_microbatches, set_packed_attention
+
+VOCAB = 97
+
+
+def _tiny_lora_model(attn: str = "sdpa", seed: int = 0, arch: str = "qwen2"):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from mathgrpo.models import add_lora
+
+    torch.manual_seed(seed)
+    config, cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    cfg = config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False,
+                 attn_implementation=attn)
+    model = cls(cfg).double()  # fp64: differences are the layout's, not rounding
+    model = add_lora(model, ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    with torch.no_grad():  # non-zero B: the policy differs from the reference (adapters off)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return model
+
+
+def _completions(n_rows: int = 6, width: int = 11, seed: int = 1):
+    from mathgrpo.rollout import Completions
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, VOCAB, (int(k),), generator=g).tolist() for k in torch.randint(1, 6, (n_rows,), generator=g)]
+    lengths = [width, 1, 7, 3, width, 5][:n_rows]
+    ids = torch.randint(1, VOCAB, (n_rows, width), generator=g)
+    mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
+    ids = ids.masked_fill(~mask, 0)
+    truncated = torch.tensor([n == width for n in lengths])
+    return Completions(prompt_ids=prompts, completion_ids=ids, completion_mask=mask, texts=[""] * n_rows,
+                       truncated=truncated)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_packed_logprobs_equal_the_padded_ones_with_gradients(arch):
+    from mathgrpo.models import completion_logprobs
+
+    model = _tiny_lora_model(arch=arch)
+    comp = _completions()
+    lengths = comp.completion_mask.sum(1).tolist()
+    pad = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5)  # [B, T]
+    g_pad = torch.autograd.grad((pad * comp.completion_mask).sum(), [p for p in model.parameters() if p.requires_grad])
+    packed = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5, lengths=lengths)
+    g_packed = torch.autograd.grad(packed.sum(), [p for p in model.parameters() if p.requires_grad])
+    assert model.base_model.model.config._attn_implementation == ATTN_NAME
+    m = comp.completion_mask
+    torch.testing.assert_close(packed[m], pad[m], rtol=0, atol=1e-10)
+    assert (packed[~m] == 0).all()
+    for a, b in zip(g_packed, g_pad):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    set_packed_attention("rows")  # the varlen kernel is CUDA-only: the CPU always takes the per-row path
+    torch.testing.assert_close(completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5,
+                                                   lengths=lengths), packed, rtol=0, atol=0)
+    set_packed_attention("auto")
+    # the unpacked path still runs plain sdpa after the switch (same values as before it)
+    torch.testing.assert_close(completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5), pad,
+                               rtol=0, atol=1e-12)
+
+
+def _update(pack: bool, loss_type: str, iters: int, checkpointing: bool):
+    from mathgrpo.loss import group_advantages
+    from mathgrpo.models import Reference, enable_checkpointing
+    from mathgrpo.trainer import make_optimizer, policy_update
+
+    model = _tiny_lora_model()
+    if checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    cfg = Config()
+    cfg.grpo.loss_type, cfg.grpo.beta, cfg.grpo.num_iterations, cfg.grpo.num_generations = loss_type, 0.1, iters, 3
+    cfg.generation.max_new_tokens = 11
+    cfg.trainer.max_tokens_per_microbatch, cfg.trainer.logprob_chunk_size, cfg.trainer.pack_sequences = 24, 4, pack
+    cfg.trainer.learning_rate = 1e-2
+    comp = _completions()
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0, 0.3]), 3)
+    ref = Reference(model, cfg.grpo.beta, lora=True)
+    opt, sched = make_optimizer(model, cfg)
+    m = policy_update(model, opt, sched, ref, comp, adv, cfg, keep_grads=True)
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return m, grads
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_NORMALIZERS))
+def test_packed_update_equals_padded_for_every_loss_type(loss_type):
+    # grpo_loss computes in fp32 and the two layouts split the rows into different micro-batches, so the sums
+    # agree to fp32 rounding (the per-micro-batch metric means, kl or num_tokens, are weighted by the split: not compared)
+    m_pad, g_pad = _update(False, loss_type, 1, False)
+    m_pack, g_pack = _update(True, loss_type, 1, False)
+    for key in ("loss", "grad_norm"):
+        assert m_pack[key] == pytest.approx(m_pad[key], rel=1e-6, abs=5e-8), key  # terms ~0.1 cancel
+    assert m_pad["grad_norm"] > 0
+    for a, b in zip(g_pack, g_pad):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_packed_update_with_checkpointing_and_two_iterations():
+    # recomputation in the backward must see the packed attention again; the second iteration uses old log-probs
+    m_pad, g_pad = _update(False, "dapo", 2, False)
+    m_pack, g_pack = _update(True, "dapo", 2, True)
+    assert m_pack["loss"] == pytest.approx(m_pad["loss"], rel=1e-6)
+    for a, b in zip(g_pack, g_pad):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_pack_rows_layout():
+    p = pack_rows([[5, 6], [7]], torch.tensor([[1, 2, 3], [4, 0, 0]]), [3, 1], torch.device("cpu"))
+    assert p.input_ids.tolist() == [[5, 6, 1, 2, 7]]  # the last completion token predicts nothing
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 0]]
+    assert p.cu_seqlens.tolist() == [0, 4, 5] and p.max_len == 4
+    assert p.predictors.tolist() == [1, 2, 3, 4] and p.targets.tolist() == [1, 2, 3, 4]
+    assert p.out_index.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        pack_rows([[5], []], torch.zeros(2, 3, dtype=torch.long), [1, 1], torch.device("cpu"))
+
+
+def test_packed_microbatches_fill_the_budget():
+    lengths = [10, 3, 7, 2, 8, 30, 1]
+    groups = packed_microbatches(lengths, 12)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= 12 or len(g) == 1 for g in groups)
+    assert [5] in groups  # longer than the budget: alone
+    assert len(groups) == 4  # 30 | 10+2 | 8+3+1 | 7 (first fit, longest first)
+    with pytest.raises(ValueError, match="budget"):
+        packed_microbatches(lengths, 0)
+
+
+def test_packing_refuses_a_non_sdpa_model():
+    from mathgrpo.models import ModelError, completion_logprobs
+
+    model = _tiny_lora_model(attn="eager")
+    comp = _completions()
+    with pytest.raises(ModelError, match="attn_implementation=sdpa"):
+        completion_logprobs(model, comp.prompt_ids, comp.completion_ids, lengths=comp.completion_mask.sum(1).tolist())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the varlen FlashAttention kernel")
+def test_cuda_packed_bf16_matches_padded_and_uses_varlen():
+    from mathgrpo.models import completion_logprobs
+    from mathgrpo.packing import _varlen
+
+    model = _tiny_lora_model().to("cuda", torch.bfloat16)
+    comp = _completions()
+    lengths = comp.completion_mask.sum(1).tolist()
+    with torch.no_grad():
+        pad = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5)
+        packed = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5, lengths=lengths)
+    fn, _ = _varlen()
+    assert fn is not None, "torch.nn.attention.varlen unavailable or wrong: packing fell back to per-row SDPA"
+    m = comp.completion_mask.cuda()
+    torch.testing.assert_close(packed[m], pad[m], rtol=0, atol=0.05)  # bf16 kernels, different tilings
+    from mathgrpo.models import fuse_lora_add
+
+    fuse_lora_add(model)
+    with torch.no_grad():
+        fused = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5, lengths=lengths)
+    torch.testing.assert_close(fused[m], pad[m], rtol=0, atol=0.05)
+
+
+def test_fused_lora_add_equals_peft_forward_and_backward():
+    from mathgrpo.models import completion_logprobs, fuse_lora_add
+
+    model = _tiny_lora_model()
+    comp = _completions()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        logp = completion_logprobs(model, comp.prompt_ids, comp.completion_ids)
+        with torch.no_grad(), model.disable_adapter():
+            ref = completion_logprobs(model, comp.prompt_ids, comp.completion_ids)
+        return logp, ref, torch.autograd.grad((logp * comp.completion_mask).sum(), params)
+
+    want = run()
+    assert fuse_lora_add(model) == 14  # 7 projections x 2 layers
+    got = run()
+    assert fuse_lora_add(model, on=False) == 14 and "forward" not in vars(model.base_model.model.model.layers[0].mlp.up_proj)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)  # adapters off: the base layer alone
+    assert not torch.equal(got[0], got[1])
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
