@@ -253,7 +253,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-kv-gib", type=float, default=64, help="skip points whose KV cache is larger")
     ap.add_argument("--generate", nargs="*", default=[], help="also whole generate calls, e.g. 8x2048")
     ap.add_argument("--profile", help="also a kernel profile at ROWSxCONTEXT, e.g. 8x2048")
-    ap.add_argument("--variants", action="store_true", help="time the kernels alone (benchmarks/decode_variants.py)")
+    ap.add_argument("--variants", nargs="*", choices=["attention", "matmul"],
+                    help="time the kernels alone instead (benchmarks/decode_variants.py; default both)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape, few steps")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -262,10 +263,10 @@ def main(argv=None) -> None:
         args.rows, args.contexts, args.generate = [1, 8], [64, 160], ["8x16"]
     import torch
 
-    if args.variants:
+    if args.variants is not None:
         from decode_variants import run_variants
 
-        return run_variants()
+        return run_variants(args.variants or ("attention", "matmul"))
     bw = bandwidth(torch.device(args.device))
     if bw != bw:  # CPU: no meaningful floor; use a nominal 50 GB/s so the columns print
         bw = 50e9

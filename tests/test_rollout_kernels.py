@@ -40,13 +40,14 @@ def test_attend_matches_sdpa(dtype, H, KV, D):
     vc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
     q = torch.randn(B, H, D, generator=g).to(DEV, dtype)
     pad = torch.tensor([0, 3, 64, 130, 250], device=DEV)  # inside a block, on a block edge, most of the row
-    for col, splits in [(0, 1), (63, 4), (255, 2), (270, 8), (299, 1), (299, 64)]:
+    for col, splits, min_chunk in [(0, 1, 16), (63, 4, 16), (255, 2, 64), (270, 8, 32), (299, 1, 16), (299, 64, 16),
+                                   (299, 8, 64)]:  # (299, 8, 64): 4 of the 8 splits in use
         col_t = torch.tensor([col], device=DEV)
         live = (pad <= col).nonzero()[:, 0]
         ref = torch.stack([F.scaled_dot_product_attention(
             q[b].double().reshape(KV, H // KV, D), kc[b, :, pad[b]:col + 1].double(),
             vc[b, :, pad[b]:col + 1].double(), scale=D ** -0.5).reshape(-1) for b in live.tolist()])
-        out = K.attend(q, kc, vc, pad, col_t, D ** -0.5, splits)
+        out = K.attend(q, kc, vc, pad, col_t, D ** -0.5, splits, block_n=16, min_chunk=min_chunk)
         assert out.shape == (B, H * D) and out.dtype == dtype
         assert _rel(out[live], ref) < TOL[dtype], (col, splits)
         assert (out[pad > col] == 0).all()  # a row with no columns (an unused graph slot) gets zeros
@@ -82,14 +83,14 @@ def test_rope_write_matches_reference(dtype, norm):
 
 
 def test_splits_cover_the_gpu():
-    assert K.splits_for(1, 2, torch.device("cpu")) == 8
+    assert K.splits_for(1, 2, torch.device("cpu")) == 16
     assert K.splits_for(256, 2, torch.device("cpu")) == 1
     assert all(K.splits_for(r, 2, torch.device("cpu")) & (K.splits_for(r, 2, torch.device("cpu")) - 1) == 0
                for r in range(1, 300))  # powers of two (the merge kernel's arange)
 
 
 def test_path_selection(monkeypatch):
-    model, tok = tiny_model("llama"), char_tokenizer()
+    model, tok = tiny_model("llama", DEV), char_tokenizer()
     assert FastRollout(model, tok).attention == ("triton" if DEV == "cuda" and K.triton else "sdpa")
     assert FastRollout(model, tok, attention="sdpa").attention == "sdpa"
     monkeypatch.setattr(K, "triton", None)  # torch alone: the reference path, and a clear error when forced

@@ -67,11 +67,12 @@ def _project(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | No
     return y
 
 
-def _project_parts(x: torch.Tensor, ws: list, bs: list, lora: LowRank | None, sizes: list[int]):
-    """The group's outputs one per module (q, k, v): views of the fused output, or the separate matmuls' own
-    outputs (no concatenation, which only the reference path needs)."""
+def _project_parts(x: torch.Tensor, ws: list, bs: list, lora: LowRank | None, sizes: list[int] | None = None):
+    """The group's outputs one per module (q, k, v; gate, up): views of the fused output (split by `sizes`, or
+    in equal halves), or the separate matmuls' own outputs (no concatenation)."""
     if len(ws) == 1 or lora is not None:
-        return _project(x, ws, bs, lora).split(sizes, -1)
+        y = _project(x, ws, bs, lora)
+        return y.split(sizes, -1) if sizes else y.chunk(2, -1)
     return [F.linear(x, w() if isinstance(w, Dequant) else w, b) for w, b in zip(ws, bs)]
 
 
@@ -88,7 +89,7 @@ def _attention_inputs(L: LayerWeights, w: GenWeights, h: torch.Tensor, cos, sin,
 
 
 def _mlp(L: LayerWeights, w: GenWeights, h: torch.Tensor, ops) -> torch.Tensor:
-    gate, up = _project(h, L.gate_up, L.gate_up_bias, L.gate_up_lora).chunk(2, -1)
+    gate, up = _project_parts(h, L.gate_up, L.gate_up_bias, L.gate_up_lora)
     return _project(ops["glu"](gate, up, w.act), [L.down], [L.down_bias], L.down_lora)
 
 

@@ -58,8 +58,9 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def splits_for(rows: int, n_kv: int, device: torch.device, per_sm: int = 4, cap: int = 64) -> int:
-    """Number of KV-length splits: enough programs to give every multiprocessor `per_sm` of them."""
+def splits_for(rows: int, n_kv: int, device: torch.device, per_sm: int = 8, cap: int = 64) -> int:
+    """Number of KV-length splits: enough programs to give every multiprocessor `per_sm` of them at long
+    contexts (a short one uses fewer: at least `attend`'s min_chunk columns a split)."""
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     return max(1, min(cap, _pow2(-(-per_sm * n_sm // (rows * n_kv)))))
 
@@ -114,21 +115,30 @@ if triton is not None:
             tl.store(dst + D // 2 + i, y2, mask=m)
 
     @triton.jit
+    def _split_plan(n_cols, pad, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr):
+        """(first column, columns per split, splits in use) for a row: at least MIN_CHUNK columns a split,
+        so a short context fills few splits (and leaves few partial sums to merge)."""
+        start = (pad // BLOCK_N) * BLOCK_N
+        n = tl.maximum(n_cols - start, 0)
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N, MIN_CHUNK)
+        return start, chunk, tl.cdiv(n, chunk)
+
+    @triton.jit
     def _attend_split_kernel(q_ptr, kc_ptr, vc_ptr, pad_ptr, col_ptr, m_ptr, l_ptr, acc_ptr, qk_scale,
                              s_b, s_h, s_s, H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr,
                              GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NSPLIT: tl.constexpr,
-                             BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                             BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr, PREC: tl.constexpr):
         bk = tl.program_id(0)
         sp = tl.program_id(1)
         b = bk // KV
         kh = bk % KV
         n_cols = tl.load(col_ptr) + 1  # columns [pad, col] are this row's
         pad = tl.load(pad_ptr + b)
-        start = (pad // BLOCK_N) * BLOCK_N
-        n = tl.maximum(n_cols - start, 0)
-        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N
+        start, chunk, _ = _split_plan(n_cols, pad, NSPLIT, BLOCK_N, MIN_CHUNK)
         lo = start + sp * chunk
         hi = tl.minimum(lo + chunk, n_cols)
+        if lo >= hi:  # a split past the filled length: the merge does not read it
+            return
         g = tl.arange(0, GP)
         d = tl.arange(0, DP)
         gm = g < G
@@ -159,16 +169,20 @@ if triton is not None:
         tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
 
     @triton.jit
-    def _attend_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, D: tl.constexpr, DP: tl.constexpr,
-                             NSPLIT: tl.constexpr):
+    def _attend_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, pad_ptr, col_ptr, H: tl.constexpr, D: tl.constexpr,
+                             DP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                             MIN_CHUNK: tl.constexpr):
         bh = tl.program_id(0)
+        _, _, used = _split_plan(tl.load(col_ptr) + 1, tl.load(pad_ptr + bh // H), NSPLIT, BLOCK_N, MIN_CHUNK)
         sp = tl.arange(0, NSPLIT)
         d = tl.arange(0, DP)
-        m = tl.load(m_ptr + bh * NSPLIT + sp)
-        l = tl.load(l_ptr + bh * NSPLIT + sp)
+        um = sp < used
+        m = tl.load(m_ptr + bh * NSPLIT + sp, mask=um, other=float("-inf"))
+        l = tl.load(l_ptr + bh * NSPLIT + sp, mask=um, other=0.0)
         top = tl.max(m, 0)
-        w = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # empty splits weigh 0
-        acc = tl.load(acc_ptr + (bh * NSPLIT + sp)[:, None] * D + d[None, :], mask=(d < D)[None, :], other=0.0)
+        w = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # a split of padding only weighs 0
+        acc = tl.load(acc_ptr + (bh * NSPLIT + sp)[:, None] * D + d[None, :], mask=um[:, None] & (d < D)[None, :],
+                      other=0.0)
         den = tl.sum(l * w, 0)
         o = tl.sum(acc * w[:, None], 0) / tl.where(den == 0, 1.0, den)  # a row with no columns (unused slot): 0
         tl.store(out_ptr + bh * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
@@ -191,9 +205,9 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
 
 
 def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pad: torch.Tensor, col: torch.Tensor,
-           scale: float, n_splits: int, block_n: int = 64) -> torch.Tensor:
+           scale: float, n_splits: int, block_n: int = 64, min_chunk: int = 256) -> torch.Tensor:
     """Decode attention of q [B, H, D] over one layer's cache kc, vc [rows, KV, cap, D], row b seeing columns
-    [pad[b], col] -> [B, H*D]. n_splits: a power of two (see `splits_for`)."""
+    [pad[b], col] -> [B, H*D]. n_splits: a power of two (see `splits_for`); min_chunk: a multiple of block_n."""
     B, H, D = q.shape
     KV = kc.shape[1]
     G = H // KV
@@ -205,7 +219,8 @@ def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pad: torch.Tenso
     _attend_split_kernel[(B * KV, n_splits)](
         q, kc, vc, pad, col, m, l_, acc, scale * _LOG2E, kc.stride(0), kc.stride(1), kc.stride(2),
         H=H, KV=KV, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), NSPLIT=n_splits, BLOCK_N=block_n,
-        PREC=prec)
+        MIN_CHUNK=min_chunk, PREC=prec)
     out = torch.empty(B, H * D, dtype=q.dtype, device=q.device)
-    _attend_merge_kernel[(B * H,)](m, l_, acc, out, D=D, DP=_pow2(D), NSPLIT=n_splits)
+    _attend_merge_kernel[(B * H,)](m, l_, acc, out, pad, col, H=H, D=D, DP=_pow2(D), NSPLIT=n_splits,
+                                   BLOCK_N=block_n, MIN_CHUNK=min_chunk)
     return out
