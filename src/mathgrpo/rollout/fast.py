@@ -111,6 +111,11 @@ class FastRollout:
             with torch.inference_mode():
                 refill(self.w)
 
+    def describe(self) -> dict:
+        """Which path this engine takes: attention kernels, CUDA graphs, and how each weight group is read."""
+        return {"attention": self.attention, "cuda_graphs": self.graphs, "lora_merge": self.lora_merge,
+                "compiled_pointwise": self.ops is not EAGER_OPS, "weights": dict(self.w.plan)}
+
     @property
     def owned_weight_bytes(self) -> int:
         return self.w.owned_bytes

@@ -42,7 +42,8 @@ def pick(logits: torch.Tensor, temperature: float, noise: torch.Tensor | None):
     x = logits.float()
     if temperature not in (0, 1):
         x = x / temperature
-    tok = x.argmax(-1) if noise is None else (x - noise.log()).argmax(-1)
+    # the clamp lives here (not in _exponential) so the compiled pick fuses it instead of a pass over [B, V]
+    tok = x.argmax(-1) if noise is None else (x - noise.clamp(min=1e-30).log()).argmax(-1)
     return tok, x.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
 
 
@@ -55,7 +56,7 @@ def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator |
     if s.temperature == 0:
         return pick(logits, 0, None)
     if not (0 < s.top_k < logits.shape[-1]) and s.top_p >= 1:  # the usual GRPO setting: plain sampling
-        return pick(logits, s.temperature, _exponential(logits.shape, logits.device, generator))
+        return pick(logits, s.temperature, _exponential(logits.shape, logits.device, generator, clamp=False))
     x = logits.float() / s.temperature
     if 0 < s.top_k < x.shape[-1]:
         cand, idx = x.topk(s.top_k, -1)  # sorted descending
@@ -68,6 +69,7 @@ def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator |
     return tok, x.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
 
 
-def _exponential(shape, device, generator) -> torch.Tensor:
+def _exponential(shape, device, generator, clamp: bool = True) -> torch.Tensor:
     # clamp: an exact 0 would make log() -inf and win every argmax
-    return torch.empty(shape, device=device).exponential_(generator=generator).clamp_(min=1e-30)
+    e = torch.empty(shape, device=device).exponential_(generator=generator)
+    return e.clamp_(min=1e-30) if clamp else e
