@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .fast_sampling import compile_static
 from .fast_weights import Dequant, GenWeights, LayerWeights, LowRank
 
 
@@ -53,7 +54,7 @@ EAGER_OPS = {"rms": _rms, "add_rms": _add_rms, "rope": _rope, "glu": _glu}
 
 
 def compiled_ops() -> dict:
-    return {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in EAGER_OPS.items()}
+    return {name: compile_static(fn) for name, fn in EAGER_OPS.items()}
 
 
 def _project(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None],

@@ -47,8 +47,19 @@ def pick(logits: torch.Tensor, temperature: float, noise: torch.Tensor | None):
     return tok, x.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
 
 
+def compile_static(fn):
+    """torch.compile for a fixed shape. Every engine compiles the same functions, and dynamo keeps one cache per
+    function: one process with many batch sizes / dtypes (evaluation, tests) passes its default limit of 8
+    entries, which fullgraph=True turns into an error. Raise the limit (each entry is a small pointwise kernel)."""
+    cfg = torch._dynamo.config
+    for name, at_least in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096)):
+        if hasattr(cfg, name) and getattr(cfg, name) < at_least:
+            setattr(cfg, name, at_least)
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
 def compiled_pick():
-    return torch.compile(pick, dynamic=False, fullgraph=True)
+    return compile_static(pick)
 
 
 def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None, pick=pick):
