@@ -99,6 +99,14 @@ def test_path_selection(monkeypatch):
         FastRollout(model, tok, attention="triton")
     with pytest.raises(ValueError, match="attention must be"):
         FastRollout(model, tok, attention="flash")
+    from mathgrpo.config import GenerationConfig
+    from mathgrpo.rollout import make_rollout
+
+    cfg = GenerationConfig(backend="fast", decode_attention="sdpa")
+    assert make_rollout(cfg, model, tok).describe()["attention"] == "sdpa"  # the config key reaches the engine
+    cfg.decode_attention = "triton"
+    with pytest.raises(ValueError, match="attention='triton' needs Triton"):
+        make_rollout(cfg, model, tok)
 
 
 @needs_kernels
