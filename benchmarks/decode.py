@@ -141,6 +141,7 @@ def grid(args, bw: float) -> list[dict]:
         model = build(args.shape, dtype, args.device, mode)
         for attention in args.attention:
             eng = engine(model, args, mode, attention, max(args.rows))
+            print(f"# {mode}: {eng.describe()}", flush=True)
             for rows in args.rows:
                 for ctx in args.contexts:
                     kv_gib = read_bytes(eng, rows, ctx)[1] / 2**30

@@ -46,8 +46,8 @@ class FastRollout:
                  prefill_tokens: int = 16384, check_every: int = 16, attention: str = "auto"):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
-        decode steps (default: on for CUDA); kv_bucket: attention length granularity (default 256 on CUDA,
-        1 on CPU); fuse_weights: copy q/k/v and gate/up into fused buffers even for a plain model (faster
+        decode steps (default: on for CUDA); kv_bucket: attention length granularity of the sdpa path (default
+        256 on CUDA, 1 on CPU); fuse_weights: copy q/k/v and gate/up into fused buffers even for a plain model (faster
         decode, costs a copy of those weights); lora_merge: how LoRA deltas reach generation: "copy" (a merged copy
         of the adapted weights: fastest decode, +memory), "in_place" (added into the base weights for the
         duration of `generate`, restored from a host snapshot: no GPU copy) or "none" (low-rank matmuls next to

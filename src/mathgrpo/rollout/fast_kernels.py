@@ -79,7 +79,7 @@ if triton is not None:
         col = tl.load(col_ptr)
         if h >= H + KV:  # v: copied into the cache as it is
             src = v_ptr + b * sv + (h - H - KV) * D
-            dst = vc_ptr + b * s_b + (h - H - KV) * s_h + col * s_s
+            dst = vc_ptr + b.to(tl.int64) * s_b + (h - H - KV) * s_h + col * s_s
             tl.store(dst + i, tl.load(src + i, mask=m), mask=m)
             tl.store(dst + D // 2 + i, tl.load(src + D // 2 + i, mask=m), mask=m)
         else:
@@ -110,7 +110,7 @@ if triton is not None:
             if h < H:
                 dst = qo_ptr + (b * H + h) * D
             else:
-                dst = kc_ptr + b * s_b + (h - H) * s_h + col * s_s
+                dst = kc_ptr + b.to(tl.int64) * s_b + (h - H) * s_h + col * s_s
             tl.store(dst + i, y1, mask=m)
             tl.store(dst + D // 2 + i, y2, mask=m)
 
@@ -148,7 +148,7 @@ if triton is not None:
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, DP], tl.float32)
-        base = b * s_b + kh * s_h
+        base = b.to(tl.int64) * s_b + kh * s_h  # one layer of a 256-row 32k cache passes 2**31 elements
         for s0 in range(lo, hi, BLOCK_N):
             j = s0 + tl.arange(0, BLOCK_N)
             jm = j < hi
