@@ -331,3 +331,19 @@ def test_bad_input_errors():
         eng.generate([[3]], 1, SamplingConfig(top_p=0.0))
     with pytest.raises(ValueError, match="sliding window"):
         FastRollout(tiny_model("mistral", window=8), tok).generate([[3] * 4], 1, GREEDY)
+
+
+def test_describe_names_the_path_and_weight_plan():
+    tok = char_tokenizer()
+    d = FastRollout(tiny_model("qwen2"), tok).describe()
+    assert d["attention"] == "sdpa" and not d["cuda_graphs"]  # CPU: the reference path, eagerly
+    assert d["weights"]["qkv"] == "model's own tensors (separate matmuls)" and d["weights"]["o"] == "model's own tensors"
+    assert FastRollout(tiny_model("qwen2"), tok, fuse_weights=True).describe()["weights"]["gate_up"] == "owned fused copy"
+    pm = _lora(tiny_model("qwen2"), seed=0)
+    plans = {m: FastRollout(pm, tok, lora_merge=m).describe()["weights"] for m in ("copy", "in_place", "none")}
+    assert plans["copy"]["qkv"] == "owned fused copy (LoRA merged)" and plans["copy"]["down"] == "owned copy (LoRA merged)"
+    assert plans["in_place"]["qkv"] == "model's own tensors + deltas added in place while sampling"
+    assert plans["none"]["gate_up"] == "model's own tensors + low-rank LoRA matmuls"
+    assert plans["none"]["lm_head"] == "model's own tensors"
+    cast = FastRollout(tiny_model("llama"), tok, dtype=torch.float16).describe()["weights"]
+    assert cast["qkv"] == "owned fused copy (cast)" and cast["embed"] == "owned copy (cast)"

@@ -112,6 +112,8 @@ class GenerationConfig:
     lora_merge: str = "copy"
     fuse_weights: bool = False  # fast backend: also keep fused q/k/v and gate/up weight copies (+12% tok/s, +memory)
     release_memory: bool = False  # fast backend: free the KV cache before each update (lower peak, re-allocated)
+    # fast backend decode attention: auto (Triton kernels on CUDA when Triton is installed, else sdpa) | triton | sdpa
+    decode_attention: str = "auto"
 
 
 @dataclass

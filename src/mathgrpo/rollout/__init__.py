@@ -18,7 +18,7 @@ def _fast(model, tokenizer, gen_cfg):
     from .fast import FastRollout  # CUDA-graph engine; imported lazily
 
     return FastRollout(model, tokenizer, max_batch=gen_cfg.max_batch, fuse_weights=gen_cfg.fuse_weights,
-                       lora_merge=gen_cfg.lora_merge)
+                       lora_merge=gen_cfg.lora_merge, attention=gen_cfg.decode_attention)
 
 
 # name -> factory(model, tokenizer, generation config)

@@ -7,9 +7,12 @@
 Instead of transformers' generic forward it runs its own (fast_forward.py) over weights read out of
 the HF module (fast_weights.py: the model's own tensors where possible, an owned bf16 copy for LoRA
 (or, with lora_merge=in_place|none, the base tensors with the deltas added in place while sampling or
-applied as low-rank matmuls), 4-bit or cast models), a static KV cache, and on CUDA one captured CUDA
-graph per (batch, length bucket): the per-step Python, mask building and kernel launches of `generate`
-disappear and attention only reads the filled part of the cache. Prefill runs eagerly once per distinct prompt (its K/V is
+applied as low-rank matmuls), 4-bit or cast models), a static KV cache, and on CUDA captured CUDA graphs:
+the per-step Python, mask building and kernel launches of `generate` disappear. Decode attention takes one of
+two paths (`attention`, `describe()` says which): "triton" (fast_kernels.py, the default on CUDA: RoPE fused
+with the KV write, flash-decoding split over each row's filled columns, one graph per batch size for every
+length) or "sdpa" (the reference: SDPA over the first bucket of columns, one graph per (batch, length
+bucket); what runs on CPU and with torch alone). Prefill runs eagerly once per distinct prompt (its K/V is
 copied to the n samples). Sampling runs on the device after each replay (fast_sampling.py); finished
 rows emit padding; stop strings are checked on the host every `check_every` steps, and the batch ends
 early once every row has finished. On CPU the same code runs eagerly (what the CPU tests cover).
@@ -31,6 +34,7 @@ from .base import Completions, SamplingConfig
 from .common import finish_completions
 from .fast_forward import EAGER_OPS, compiled_ops, decode_step, logits_into, prefill, rope_table
 from .fast_sampling import check_sampling, compiled_pick, pick, sample
+from . import fast_kernels
 from .fast_weights import causal_lm_parts, extract, merge_in_place, param_pointers, refill, restore
 from .hf import _eos_ids
 
@@ -39,17 +43,21 @@ class FastRollout:
     def __init__(self, model, tokenizer, *, max_batch: int = 256, max_seq_len: int | None = None, device=None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
                  fuse_weights: bool = False, lora_merge: str = "copy", compile_pointwise: bool | None = None,
-                 prefill_tokens: int = 16384, check_every: int = 16):
+                 prefill_tokens: int = 16384, check_every: int = 16, attention: str = "auto"):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
-        decode steps (default: on for CUDA); kv_bucket: attention length granularity (default 256 on CUDA,
-        1 on CPU); fuse_weights: copy q/k/v and gate/up into fused buffers even for a plain model (faster
+        decode steps (default: on for CUDA); kv_bucket: attention length granularity of the sdpa path (default
+        256 on CUDA, 1 on CPU); fuse_weights: copy q/k/v and gate/up into fused buffers even for a plain model (faster
         decode, costs a copy of those weights); lora_merge: how LoRA deltas reach generation: "copy" (a merged copy
         of the adapted weights: fastest decode, +memory), "in_place" (added into the base weights for the
         duration of `generate`, restored from a host snapshot: no GPU copy) or "none" (low-rank matmuls next to
         the base weights: no copy anywhere, slower decode); compile_pointwise: torch.compile the
         norm/rope/activation pieces of the decode step and the sampler's final pick (default: with CUDA graphs);
-        prefill_tokens: prompt tokens per prefill chunk; check_every: steps between stop-string checks."""
+        prefill_tokens: prompt tokens per prefill chunk; check_every: steps between stop-string checks;
+        attention: decode attention path, "triton" (fast_kernels: fused RoPE + KV write, flash-decoding over
+        the filled columns, one CUDA graph per batch size for every length), "sdpa" (the reference: SDPA over
+        length buckets, one graph per (batch, bucket)) or "auto" (triton where it can run, else sdpa); the
+        path taken is `self.attention`."""
         if max_batch < 1:
             raise ValueError(f"FastRollout: max_batch must be >= 1, got {max_batch}")
         if tokenizer.pad_token_id is None:
@@ -64,6 +72,15 @@ class FastRollout:
             raise ValueError("FastRollout: cuda_graphs=True needs a CUDA device")
         self.bucket = kv_bucket or (256 if self.device.type == "cuda" else 1)
         self.lora_merge = lora_merge
+        if attention not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"FastRollout: attention must be auto, triton or sdpa, got {attention!r}")
+        can = fast_kernels.available(self.device)
+        if attention == "triton" and not can:
+            raise ValueError(f"FastRollout: attention='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
+                             f"on CPU); here: triton {'found' if fast_kernels.triton else 'missing'}, "
+                             f"device {self.device}")
+        self.attention = "triton" if attention == "triton" or (attention == "auto" and can
+                                                              and self.device.type == "cuda") else "sdpa"
         self._side = None  # one side stream for every graph capture (each new stream gets its own cuBLAS workspace)
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
         compile_ = self.graphs if compile_pointwise is None else compile_pointwise
@@ -96,6 +113,11 @@ class FastRollout:
         else:
             with torch.inference_mode():
                 refill(self.w)
+
+    def describe(self) -> dict:
+        """Which path this engine takes: attention kernels, CUDA graphs, and how each weight group is read."""
+        return {"attention": self.attention, "cuda_graphs": self.graphs, "lora_merge": self.lora_merge,
+                "compiled_pointwise": self.ops is not EAGER_OPS, "weights": dict(self.w.plan)}
 
     @property
     def owned_weight_bytes(self) -> int:
@@ -157,11 +179,14 @@ class FastRollout:
 
     # ----- decoding ----------------------------------------------------------------------------------------
     def _step(self, rows: int, n_cols: int) -> None:
+        splits = fast_kernels.splits_for(rows, self.w.n_kv, self.device) if self.attention == "triton" else 0
         h = decode_step(self.w, self.k_cache, self.v_cache, self._tok[:rows], self._pos[:rows], self._col,
-                        self._pad[:rows], n_cols, self.cos, self.sin, self.ops)
+                        self._pad[:rows], n_cols, self.cos, self.sin, self.ops, splits)
         logits_into(self.w, h, self._logits)
 
     def _decode(self, rows: int, n_cols: int) -> None:
+        if self.attention == "triton":
+            n_cols = 0  # the kernels read the filled length from device memory: one graph for every length
         if not self.graphs:
             return self._step(rows, n_cols)
         g = self._graph_map.get((rows, n_cols))
@@ -214,7 +239,8 @@ class FastRollout:
         self._prefill(prompts, counts)
         lens = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(
             torch.tensor(counts, device=self.device))  # [rows]
-        self._pad.zero_()
+        # Unused graph slots (rows .. slots): the Triton path gives them no columns at all, so they read no cache.
+        self._pad.fill_(self._cache_len if self.attention == "triton" else 0)
         self._pad[:rows] = width - lens
         pad_id = self.tokenizer.pad_token_id
         out_tok = torch.full((rows, s.max_new_tokens), pad_id, dtype=torch.long, device=self.device)

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .fast_sampling import compile_static
 from .fast_weights import Dequant, GenWeights, LayerWeights, LowRank
 
 
@@ -53,7 +54,7 @@ EAGER_OPS = {"rms": _rms, "add_rms": _add_rms, "rope": _rope, "glu": _glu}
 
 
 def compiled_ops() -> dict:
-    return {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in EAGER_OPS.items()}
+    return {name: compile_static(fn) for name, fn in EAGER_OPS.items()}
 
 
 def _project(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None],
@@ -65,6 +66,15 @@ def _project(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | No
     if lora is not None:
         y = y + F.linear(F.linear(x, lora.A), lora.B)
     return y
+
+
+def _project_parts(x: torch.Tensor, ws: list, bs: list, lora: LowRank | None, sizes: list[int] | None = None):
+    """The group's outputs one per module (q, k, v; gate, up): views of the fused output (split by `sizes`, or
+    in equal halves), or the separate matmuls' own outputs (no concatenation)."""
+    if len(ws) == 1 or lora is not None:
+        y = _project(x, ws, bs, lora)
+        return y.split(sizes, -1) if sizes else y.chunk(2, -1)
+    return [F.linear(x, w() if isinstance(w, Dequant) else w, b) for w, b in zip(ws, bs)]
 
 
 def _attention_inputs(L: LayerWeights, w: GenWeights, h: torch.Tensor, cos, sin, ops):
@@ -80,21 +90,26 @@ def _attention_inputs(L: LayerWeights, w: GenWeights, h: torch.Tensor, cos, sin,
 
 
 def _mlp(L: LayerWeights, w: GenWeights, h: torch.Tensor, ops) -> torch.Tensor:
-    gate, up = _project(h, L.gate_up, L.gate_up_bias, L.gate_up_lora).chunk(2, -1)
+    gate, up = _project_parts(h, L.gate_up, L.gate_up_bias, L.gate_up_lora)
     return _project(ops["glu"](gate, up, w.act), [L.down], [L.down_bias], L.down_lora)
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Attention = Callable[[int, LayerWeights, torch.Tensor], torch.Tensor]
 
 
-def run_layers(w: GenWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
-               ops: dict = EAGER_OPS) -> torch.Tensor:
-    """x [.., hidden] -> final-normed hidden [.., hidden]; `attend(layer, q, k, v) -> [.., H*D]`."""
+def reference_attention(w: GenWeights, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+                        ops: dict = EAGER_OPS) -> Attention:
+    """Layer attention in plain torch: q/k/v projection, norms, RoPE, then `attend(layer, q, k, v) -> [.., H*D]`."""
+    return lambda i, L, h: attend(i, *_attention_inputs(L, w, h, cos, sin, ops))
+
+
+def run_layers(w: GenWeights, x: torch.Tensor, attention: Attention, ops: dict = EAGER_OPS) -> torch.Tensor:
+    """x [.., hidden] -> final-normed hidden [.., hidden]; `attention(layer, weights, normed x) -> [.., H*D]`."""
     add_rms = ops["add_rms"]
     h = ops["rms"](x, w.layers[0].ln1, w.eps)
     for i, L in enumerate(w.layers):
-        q, k, v = _attention_inputs(L, w, h, cos, sin, ops)
-        x, h = add_rms(x, _project(attend(i, q, k, v), [L.o], [L.o_bias], L.o_lora), L.ln2, w.eps)
+        x, h = add_rms(x, _project(attention(i, L, h), [L.o], [L.o_bias], L.o_lora), L.ln2, w.eps)
         nxt = w.layers[i + 1].ln1 if i + 1 < len(w.layers) else w.norm  # next norm fused with this residual
         x, h = add_rms(x, _mlp(L, w, h, ops), nxt, w.eps)
     return h
@@ -134,17 +149,33 @@ def prefill(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, ids: torch.Tensor
         return o.transpose(1, 2).reshape(u, P, H * D)
 
     x = F.embedding(ids, w.embed)
-    h = run_layers(w, x, cos_t[pos][:, :, None, :], sin_t[pos][:, :, None, :], attend)
+    h = run_layers(w, x, reference_attention(w, cos_t[pos][:, :, None, :], sin_t[pos][:, :, None, :], attend))
     return h[:, -1]
 
 
 def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor,
                 col: torch.Tensor, pad: torch.Tensor, n_cols: int, cos_t: torch.Tensor,
-                sin_t: torch.Tensor, ops: dict = EAGER_OPS) -> torch.Tensor:
+                sin_t: torch.Tensor, ops: dict = EAGER_OPS, splits: int = 0) -> torch.Tensor:
     """One token per row: tokens, pos, pad [B]; col [1] the cache column to write (same for all rows).
-    Attends over cache columns [pad_b, col] within the first n_cols. Returns hidden [B, hidden]."""
+    Attends over cache columns [pad_b, col]. Returns hidden [B, hidden].
+
+    splits > 0: the Triton path (fast_kernels: RoPE + KV write in one kernel, flash-decoding over `splits`
+    slices of the filled columns, n_cols unused); splits == 0: the reference path (SDPA over the first
+    n_cols columns with a mask)."""
     B = tokens.shape[0]
     H, KV, D = w.n_heads, w.n_kv, w.head_dim
+    x = F.embedding(tokens, w.embed)  # [B, hidden]
+    if splits:
+        from . import fast_kernels as K
+
+        sizes = [H * D, KV * D, KV * D]
+
+        def attention(i, L, h):
+            q, k, v = _project_parts(h, L.qkv, L.qkv_bias, L.qkv_lora, sizes)
+            q = K.rope_write(q, k, v, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], col, H, KV)
+            return K.attend(q, kc[i], vc[i], pad, col, w.scaling, splits)
+
+        return run_layers(w, x, attention, ops)
     cols = torch.arange(n_cols, device=tokens.device)
     ok = (cols[None] >= pad[:, None]) & (cols[None] <= col)  # [B, S]
     bias = torch.zeros(ok.shape, dtype=w.dtype, device=tokens.device).masked_fill_(~ok, float("-inf"))
@@ -158,5 +189,4 @@ def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch
                                            scale=w.scaling)  # [B, KV, G, D]
         return o.reshape(B, H * D)
 
-    x = F.embedding(tokens, w.embed)  # [B, hidden]
-    return run_layers(w, x, cos_t[pos][:, None, :], sin_t[pos][:, None, :], attend, ops)
+    return run_layers(w, x, reference_attention(w, cos_t[pos][:, None, :], sin_t[pos][:, None, :], attend, ops), ops)

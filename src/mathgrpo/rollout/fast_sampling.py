@@ -42,12 +42,24 @@ def pick(logits: torch.Tensor, temperature: float, noise: torch.Tensor | None):
     x = logits.float()
     if temperature not in (0, 1):
         x = x / temperature
-    tok = x.argmax(-1) if noise is None else (x - noise.log()).argmax(-1)
+    # the clamp lives here (not in _exponential) so the compiled pick fuses it instead of a pass over [B, V]
+    tok = x.argmax(-1) if noise is None else (x - noise.clamp(min=1e-30).log()).argmax(-1)
     return tok, x.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
 
 
+def compile_static(fn):
+    """torch.compile for a fixed shape. Every engine compiles the same functions, and dynamo keeps one cache per
+    function: one process with many batch sizes / dtypes (evaluation, tests) passes its default limit of 8
+    entries, which fullgraph=True turns into an error. Raise the limit (each entry is a small pointwise kernel)."""
+    cfg = torch._dynamo.config
+    for name, at_least in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096)):
+        if hasattr(cfg, name) and getattr(cfg, name) < at_least:
+            setattr(cfg, name, at_least)
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
 def compiled_pick():
-    return torch.compile(pick, dynamic=False, fullgraph=True)
+    return compile_static(pick)
 
 
 def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None, pick=pick):
@@ -55,7 +67,7 @@ def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator |
     if s.temperature == 0:
         return pick(logits, 0, None)
     if not (0 < s.top_k < logits.shape[-1]) and s.top_p >= 1:  # the usual GRPO setting: plain sampling
-        return pick(logits, s.temperature, _exponential(logits.shape, logits.device, generator))
+        return pick(logits, s.temperature, _exponential(logits.shape, logits.device, generator, clamp=False))
     x = logits.float() / s.temperature
     if 0 < s.top_k < x.shape[-1]:
         cand, idx = x.topk(s.top_k, -1)  # sorted descending
@@ -68,6 +80,7 @@ def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator |
     return tok, x.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
 
 
-def _exponential(shape, device, generator) -> torch.Tensor:
+def _exponential(shape, device, generator, clamp: bool = True) -> torch.Tensor:
     # clamp: an exact 0 would make log() -inf and win every argmax
-    return torch.empty(shape, device=device).exponential_(generator=generator).clamp_(min=1e-30)
+    e = torch.empty(shape, device=device).exponential_(generator=generator)
+    return e.clamp_(min=1e-30) if clamp else e

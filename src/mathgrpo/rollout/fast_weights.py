@@ -88,6 +88,8 @@ class GenWeights:
     owned_bytes: int = 0
     # lora_merge=in_place: (base weight the engine reads, its LoRA module, pinned host snapshot of the weight)
     in_place: list[tuple[torch.Tensor, nn.Module, torch.Tensor]] = field(default_factory=list)
+    # projection group (qkv, gate_up, o, down, embed, lm_head) -> how generation reads its weights
+    plan: dict[str, str] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -123,17 +125,17 @@ def extract(model: nn.Module, dtype: torch.dtype | None = None, device: torch.de
     device = torch.device(device) if device is not None else _plain(dec.embed_tokens).weight.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    env = _Env(dtype, device, lora_merge, recipes := [], in_place := [])
+    env = _Env(dtype, device, lora_merge, recipes := [], in_place := [], plan := [])
     layers = []
     # Qwen2 sets a window per layer (None for full-attention layers); Mistral reads its config.
     windows = [w for w in (getattr(la.self_attn, "sliding_window", getattr(cfg, "sliding_window", None))
                            for la in dec.layers) if w]
     for layer in dec.layers:
         at, mlp = layer.self_attn, layer.mlp
-        qkv, qkv_b, qkv_l = _group([at.q_proj, at.k_proj, at.v_proj], env, fuse)
-        gu, gu_b, gu_l = _group([mlp.gate_proj, mlp.up_proj], env, fuse)
-        (o,), (o_b,), o_l = _group([at.o_proj], env, False)
-        (down,), (down_b,), down_l = _group([mlp.down_proj], env, False)
+        qkv, qkv_b, qkv_l = _group([at.q_proj, at.k_proj, at.v_proj], env, fuse, "qkv")
+        gu, gu_b, gu_l = _group([mlp.gate_proj, mlp.up_proj], env, fuse, "gate_up")
+        (o,), (o_b,), o_l = _group([at.o_proj], env, False, "o")
+        (down,), (down_b,), down_l = _group([mlp.down_proj], env, False, "down")
         layers.append(LayerWeights(
             qkv=qkv, qkv_bias=qkv_b, o=o, o_bias=o_b, gate_up=gu, gate_up_bias=gu_b, down=down, down_bias=down_b,
             qkv_lora=qkv_l, o_lora=o_l, gate_up_lora=gu_l, down_lora=down_l,
@@ -141,8 +143,8 @@ def extract(model: nn.Module, dtype: torch.dtype | None = None, device: torch.de
             q_norm=_vector(at.q_norm.weight, env) if hasattr(at, "q_norm") else None,
             k_norm=_vector(at.k_norm.weight, env) if hasattr(at, "k_norm") else None))
     merged = env._replace(mode="copy")  # a LoRA on the embedding or head (rare) is merged into a copy
-    (embed,), _, _ = _group([dec.embed_tokens], merged, False)
-    (lm_head,), (lm_b,), _ = _group([base.lm_head], merged, False)
+    (embed,), _, _ = _group([dec.embed_tokens], merged, False, "embed")
+    (lm_head,), (lm_b,), _ = _group([base.lm_head], merged, False, "lm_head")
     n_heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     ln = dec.layers[0].input_layernorm
@@ -153,7 +155,8 @@ def extract(model: nn.Module, dtype: torch.dtype | None = None, device: torch.de
                    head_dim=head_dim, eps=getattr(ln, "variance_epsilon", getattr(ln, "eps", 1e-6)),
                    scaling=getattr(dec.layers[0].self_attn, "scaling", head_dim ** -0.5),
                    act=ACT2FN[cfg.hidden_act], window=min(windows) if windows else None, recipes=recipes,
-                   in_place=in_place)
+                   in_place=in_place, plan={g: ", ".join(sorted({how for n, how in plan if n == g}))
+                                            for g in dict.fromkeys(n for n, _ in plan)})
     w.owned_bytes = sum(d.numel() * d.element_size() for d, _ in recipes)
     refill(w)
     return w
@@ -219,6 +222,7 @@ class _Env(NamedTuple):
     mode: str  # lora_merge
     recipes: list
     in_place: list
+    plan: list  # (group, how its weights are read), one entry per group and layer
 
 
 class Dequant:
@@ -275,13 +279,14 @@ def _in_features(m: nn.Module) -> int:
     return b.weight.shape[1] if not _is_quantized(b) else b.in_features
 
 
-def _group(mods: list[nn.Module], env: _Env, fuse: bool):
+def _group(mods: list[nn.Module], env: _Env, fuse: bool, name: str):
     """Weights, biases and unmerged LoRA delta (or None) of modules that read the same input. Either every module
     is read as it is (a view, or `Dequant`) with its deltas added in place or kept as a `LowRank` pair, or the
-    group gets one owned (fused) buffer with every delta merged into it."""
+    group gets one owned (fused) buffer with every delta merged into it. The choice goes into `env.plan`."""
     has_bias = [getattr(_base(m), "bias", None) is not None for m in mods]
     for m in mods:
         _check_lora(m)
+    env.plan.append((name, _how(mods, env, fuse)))
     if not fuse and not any(_needs_copy(m, env) for m in mods):
         if env.mode == "in_place":
             env.in_place.extend(_snapshot(m) for m in mods if _is_lora(_plain(m)) and not _live(m, env))
@@ -305,6 +310,21 @@ def _group(mods: list[nn.Module], env: _Env, fuse: bool):
 
     env.recipes.append((bias, fill_bias))
     return [buf], [bias], None
+
+
+def _how(mods: list[nn.Module], env: _Env, fuse: bool) -> str:
+    """The plan entry of a group: how its weights are read and how LoRA deltas reach them."""
+    lora = any(_is_lora(_plain(m)) for m in mods)
+    if fuse or any(_needs_copy(m, env) for m in mods):
+        quant = [_is_quantized(_base(m)) for m in mods]
+        cast = any(not q and (_base(m).weight.dtype, _base(m).weight.device) != env[:2] for m, q in zip(mods, quant))
+        notes = [n for n, on in (("LoRA merged", lora), ("dequantised", any(quant)), ("cast", cast)) if on]
+        return ("owned fused copy" if len(mods) > 1 else "owned copy") + (f" ({', '.join(notes)})" if notes else "")
+    read = "dequantised per use" if any(_live(m, env) for m in mods) else "model's own tensors"
+    if not lora:
+        return read + (" (separate matmuls)" if len(mods) > 1 else "")
+    in_place = env.mode == "in_place" and not any(_live(m, env) for m in mods)
+    return read + (" + deltas added in place while sampling" if in_place else " + low-rank LoRA matmuls")
 
 
 def _snapshot(m: nn.Module) -> tuple[torch.Tensor, nn.Module, torch.Tensor]:
