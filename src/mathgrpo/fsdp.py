@@ -32,6 +32,7 @@ import torch
 import torch.distributed as tdist
 
 from .distributed import World
+from .modelinfo import SHARDED_LOGPROBS
 
 
 def use_fsdp(setting: str, lora: bool, world: World) -> bool:
@@ -70,7 +71,7 @@ def shard_model(model, world: World) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from .models import backbone_and_head
+    from .modelinfo import backbone_and_head
 
     body, _ = backbone_and_head(model)
     layers = getattr(body, "layers", None)
@@ -83,6 +84,7 @@ def shard_model(model, world: World) -> None:
     fully_shard(model, mesh=mesh)
     model.fsdp_logprob_pass = functools.partial(_logprob_pass, model)
     register_fsdp_forward_method(model, "fsdp_logprob_pass")
+    setattr(model, SHARDED_LOGPROBS, functools.partial(sharded_logprobs, model))  # what completion_logprobs calls
 
 
 def _logprob_pass(model, *args, **kwargs) -> torch.Tensor:

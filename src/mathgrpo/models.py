@@ -24,15 +24,12 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .modelinfo import SHARDED_LOGPROBS, ModelError, backbone_and_head, compute_context  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIASES = ("smollm2", "default", "embedded")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelError(ValueError):
-    """A model, adapter or LoRA setting that cannot be used; the message says which and why."""
 
 
 # --- where the weights are ------------------------------------------------------------------------------
@@ -394,16 +391,6 @@ def _lora_addmm_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 # --- the pieces the loss needs ----------------------------------------------------------------------------
 
-def backbone_and_head(model):
-    """(transformer body returning hidden states, lm_head) for chunked log-probs without full logits."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(base, base.base_model_prefix, None) if hasattr(base, "base_model_prefix") else None
-    if body is None or not hasattr(base, "lm_head"):
-        raise ModelError(f"{type(base).__name__}: expected a causal LM with a `{getattr(base, 'base_model_prefix', 'model')}` "
-                         f"body and an `lm_head`")
-    return body, base.lm_head
-
-
 class Reference:
     """Log-probs under the KL reference, the policy as training starts: LoRA -> the same model with adapters off;
     an adapter that already changes the model (a trained PeftModel handed in) -> the same model with a frozen
@@ -466,17 +453,6 @@ def merge_adapter(run_or_adapter: str, cfg: ModelConfig, out_dir: str) -> str:
     return str(out)
 
 
-def compute_context(model):
-    """Autocast to the model's half dtype (bf16/fp16) for the update's forward; a no-op for fp32 models.
-    Keeps LoRA's fp32 adapters (and their Adam state) while every matmul runs on tensor cores; the
-    log-softmax runs in fp32 inside `loss.chunked_token_logprobs` regardless."""
-    _, head = backbone_and_head(model)
-    dtype = head.weight.dtype
-    if dtype not in (torch.bfloat16, torch.float16):
-        return contextlib.nullcontext()
-    return torch.autocast(head.weight.device.type, dtype=dtype)
-
-
 def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor) -> torch.Tensor:
     """Final hidden states [B, T, H] that predict each completion token (state at position p-1+t for token t).
 
@@ -511,13 +487,13 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torc
     with_entropy: (log-probs, entropy [B, T] of each position's distribution, no gradient) from the same pass.
     With `lengths` (real tokens per row) the rows run packed, without padding (`packing.py`; 0 after each
     row's end). A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers
-    the embeddings and lm_head around it (`fsdp.shard_model` says why); every rank must call it then."""
-    from .fsdp import is_sharded, sharded_logprobs
-
+    the embeddings and lm_head around it (`fsdp.shard_model` says why, and sets the pass as the model's
+    `modelinfo.SHARDED_LOGPROBS` attribute, called here); every rank must call it then."""
     kw = {"with_entropy": True} if with_entropy else {}
-    if is_sharded(model):
-        return sharded_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature,
-                                lengths=lengths, **kw)
+    sharded = getattr(model, SHARDED_LOGPROBS, None)
+    if sharded is not None:
+        return sharded(prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature,
+                       lengths=lengths, **kw)
     return unsharded_completion_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size,
                                          temperature=temperature, lengths=lengths, **kw)
 
