@@ -32,7 +32,7 @@ import torch
 import torch.distributed as tdist
 
 from .distributed import World
-from .modelinfo import SHARDED_LOGPROBS
+from .modelinfo import SHARDED_LOGPROBS, is_peft
 
 
 def use_fsdp(setting: str, lora: bool, world: World) -> bool:
@@ -75,7 +75,7 @@ def shard_model(model, world: World) -> None:
 
     body, _ = backbone_and_head(model)
     layers = getattr(body, "layers", None)
-    if layers is None or hasattr(model, "peft_config"):
+    if layers is None or is_peft(model):
         raise ValueError(f"trainer.fsdp: cannot shard {type(model).__name__}: FSDP2 sharding needs a plain causal LM "
                          f"(no peft wrapper) whose body lists its decoder layers in `.layers`; set trainer.fsdp=off")
     mesh = init_device_mesh(world.device.type, (world.size,))

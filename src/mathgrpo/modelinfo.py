@@ -18,7 +18,7 @@ class ModelError(ValueError):
 
 def backbone_and_head(model):
     """(transformer body returning hidden states, lm_head) for chunked log-probs without full logits."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     body = getattr(base, base.base_model_prefix, None) if hasattr(base, "base_model_prefix") else None
     if body is None or not hasattr(base, "lm_head"):
         raise ModelError(f"{type(base).__name__}: expected a causal LM with a `{getattr(base, 'base_model_prefix', 'model')}` "
@@ -40,3 +40,28 @@ def compute_context(model):
 # The attribute `fsdp.shard_model` sets on a sharded model: its own log-prob pass, which FSDP2 gathers the root
 # group around. `models.completion_logprobs` calls it when present, so models.py never imports fsdp.py.
 SHARDED_LOGPROBS = "sharded_logprobs"
+
+
+# --- what kind of model or layer ----------------------------------------------------------------------------
+
+def base_model(model):
+    """The transformers model under a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_peft(model) -> bool:
+    """A peft model (adapters attached): saved as an adapter folder, its reference is the adapter switched off."""
+    return hasattr(model, "peft_config")
+
+
+def is_lora_layer(module) -> bool:
+    """A peft LoRA layer wrapping a base layer (Linear, Linear4bit, ...)."""
+    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+
+
+QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' layer classes, named: bitsandbytes is optional
+
+
+def is_quantized_linear(module) -> bool:
+    """A bitsandbytes 4-bit / 8-bit linear layer (a base layer LoRA can adapt, whose weight is not a plain tensor)."""
+    return type(module).__name__ in QUANTIZED_LINEARS

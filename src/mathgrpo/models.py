@@ -16,7 +16,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +23,9 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .modelinfo import SHARDED_LOGPROBS, ModelError, backbone_and_head, compute_context  # noqa: F401 (re-exported)
+from .files import atomic_dir, step_dirs
+from .modelinfo import (SHARDED_LOGPROBS, ModelError, backbone_and_head, base_model,  # noqa: F401 (re-exported)
+                        compute_context, is_quantized_linear)
 
 log = logging.getLogger(__name__)
 
@@ -177,16 +178,11 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
 
 def _save_atomic(obj, target: Path) -> None:
     """save_pretrained into a temp folder, then rename: a half-written cache is never read."""
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
-        obj.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
+        with atomic_dir(target, replace=False) as tmp:
+            obj.save_pretrained(tmp)
     except OSError as e:  # a read-only home is fine: we just convert again next time
         log.warning("could not cache the converted GGUF model in %s: %s", target, e)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _PlainWeights:
@@ -211,7 +207,7 @@ def linear_layer_names(model) -> list[str]:
     """Short names of the model's linear layers (`q_proj`, ...), the names LoRA targets refer to."""
     names = set()
     for full, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+        if isinstance(mod, torch.nn.Linear) or is_quantized_linear(mod):
             names.add(full.rsplit(".", 1)[-1])
     return sorted(names)
 
@@ -329,8 +325,7 @@ def resolve_adapter(path: str) -> str:
     for cand in (p, p / "adapter", p / "final" / "adapter"):
         if (cand / "adapter_config.json").is_file():
             return str(cand)
-    ckpts = sorted((p / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1])) \
-        if (p / "checkpoints").is_dir() else []
+    ckpts = step_dirs(p / "checkpoints")
     if ckpts and (ckpts[-1] / "adapter" / "adapter_config.json").is_file():
         return str(ckpts[-1] / "adapter")
     raise ModelError(f"no LoRA adapter found in {p} (looked for adapter_config.json in it, in adapter/ "
@@ -341,7 +336,7 @@ def fuse_kernels(model) -> None:
     """Swap RMSNorm, SwiGLU and RoPE of a Llama/Qwen2/Qwen3/Mistral policy for liger-kernel's fused Triton
     kernels (fewer memory passes in the update's forward, recompute and backward; the same math). CUDA
     only; LoRA-wrapped projections stay as they are, and the lm_head is untouched (we never build logits)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if base.device.type != "cuda":
         raise ModelError("fuse_kernels: liger-kernel's Triton kernels need a CUDA model")
     try:
