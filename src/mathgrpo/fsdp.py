@@ -38,8 +38,6 @@ from .modelinfo import SHARDED_LOGPROBS, is_peft
 def use_fsdp(setting: str, lora: bool, world: World) -> bool:
     """trainer.fsdp -> whether to shard the policy: auto and on for full fine-tuning over several ranks (one rank
     has nothing to shard over), never with LoRA (auto keeps LoRA replicated; on says so), never with off."""
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"trainer.fsdp: {setting!r} is not one of auto, on, off")
     if setting == "on" and lora:
         raise ValueError("trainer.fsdp=on shards full fine-tuning only, and model.lora=true: LoRA keeps a replica "
                          "on every rank (its gradients and Adam state are small, and sampling needs the whole "
