@@ -78,6 +78,7 @@ def test_resume_repeats_the_straight_run(straight, tiny_model_dir, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_two_torchrun_ranks_fill_their_shares_together(tiny_model_dir, tmp_path):
     import os
     import subprocess
