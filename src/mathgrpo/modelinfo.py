@@ -65,3 +65,8 @@ QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' layer classe
 def is_quantized_linear(module) -> bool:
     """A bitsandbytes 4-bit / 8-bit linear layer (a base layer LoRA can adapt, whose weight is not a plain tensor)."""
     return type(module).__name__ in QUANTIZED_LINEARS
+
+
+def is_quantized(model) -> bool:
+    """A model loaded with bitsandbytes 4-bit or 8-bit weights (transformers' flags): no merged copy can be made."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
