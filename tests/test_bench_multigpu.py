@@ -16,8 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "multigpu.py"
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None or importlib.util.find_spec("torch.distributed.run") is None,
-                                reason="torchrun is not available")
+pytestmark = [pytest.mark.distributed,  # spawns torchrun
+              pytest.mark.skipif(shutil.which("torchrun") is None or importlib.util.find_spec("torch.distributed.run") is None,
+                                 reason="torchrun is not available")]
 
 
 def test_tiny_one_and_two_ranks_agree(tmp_path):

@@ -140,3 +140,31 @@ def test_an_override_without_equals_that_is_no_file_says_so():
     with pytest.raises(ConfigError, match=r"config file not found: trainer.max_steps \(and not an override either: "
                                           r"an override looks like section.key=value\)"):
         load_config("trainer.max_steps")
+
+
+def test_every_key_has_a_doc_and_choices_come_from_the_type():
+    """Each field is a `setting(default, doc)`; a Literal field's names are what the loader accepts."""
+    import dataclasses
+    import typing
+
+    from mathgrpo.config import Config, choices
+
+    root = Config()
+    undocumented = [f"{s.name}.{f.name}" for s in dataclasses.fields(root)
+                    for f in dataclasses.fields(getattr(root, s.name)) if not f.metadata.get("doc")]
+    assert not undocumented, f"config keys without a doc (use setting(default, doc)): {undocumented}"
+    hints = typing.get_type_hints(type(root.grpo))
+    assert choices(hints["loss_type"]) == ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+    assert choices(typing.get_type_hints(type(root.model))["quantization"]) == (None, "nf4")
+    assert choices(hints["beta"]) is None
+    assert load_config(None, ["grpo.loss_type=dapo"]).grpo.loss_type == "dapo"
+    assert load_config(None, ["trainer.fsdp=off"]).trainer.fsdp == "off"  # YAML's bare off is a boolean
+
+
+def test_a_config_changed_in_code_is_checked_against_its_literal_type():
+    from mathgrpo.config import Config, validate
+
+    cfg = Config()
+    cfg.generation.lora_merge = "sometimes"
+    with pytest.raises(ConfigError, match="generation.lora_merge: 'sometimes' is not one of copy, in_place, none"):
+        validate(cfg)

@@ -75,6 +75,7 @@ def test_resume_repeats_the_straight_run(straight, tiny_model_dir, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
 
 
+@pytest.mark.distributed
 def test_two_torchrun_ranks_fill_their_shares_together(tiny_model_dir, tmp_path):
     import os
     import subprocess

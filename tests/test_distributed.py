@@ -138,6 +138,7 @@ def two_rank_updates(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["grpo", "dapo", "dr_grpo", "full"])
 def test_two_ranks_update_like_one_rank_over_the_same_global_batch(two_rank_updates, tiny_model_dir, tmp_path, name):
     cfg = _cfg(tiny_model_dir, tmp_path, **CASES[name])
@@ -154,6 +155,7 @@ def test_two_ranks_update_like_one_rank_over_the_same_global_batch(two_rank_upda
     assert moved  # the update did something, so equal weights mean equal updates
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["grpo", "dr_grpo", "full"])
 def test_two_ranks_update_like_an_independent_naive_reference(two_rank_updates, tiny_model_dir, tmp_path, name):
     """The 2-rank gradient against tests/naive_grpo.py over the global batch: full logits from the model's own forward,
@@ -178,6 +180,7 @@ def test_two_ranks_update_like_an_independent_naive_reference(two_rank_updates, 
             assert scale > 0 and (two["grads"][k] - p.grad).abs().max().item() < 3e-6 * scale, k  # measured: 7e-7
 
 
+@pytest.mark.distributed
 def test_bnpo_averages_the_ranks_own_token_means(two_rank_updates, tiny_model_dir, tmp_path):
     """bnpo normalises by each rank's own token count (TRL): the 2-rank gradient is the mean of the two
     halves' 1-rank bnpo gradients, and not the 1-rank gradient of the whole batch (halves differ in tokens)."""
@@ -227,6 +230,7 @@ def two_rank_run(tiny_model_dir, tmp_path_factory):
     return tmp / "out" / "run", log
 
 
+@pytest.mark.distributed
 def test_torchrun_two_ranks_train_and_only_rank_0_writes(two_rank_run, tiny_model_dir, tmp_path):
     run, log = two_rank_run
     assert log.count("global step = 2 prompts x G=4 = 8 completions over 2 ranks (1 prompts / 4 completions "
@@ -249,6 +253,7 @@ def test_torchrun_two_ranks_train_and_only_rank_0_writes(two_rank_run, tiny_mode
         assert reward == pytest.approx(sum(c["reward"] for c in recs) / len(recs))  # reduced over both ranks
 
 
+@pytest.mark.distributed
 def test_end_of_training_eval_is_sharded_over_two_ranks(tiny_model_dir, tmp_path):
     over = _train_overrides(tiny_model_dir, tmp_path / "out", **{
         "trainer.max_steps": 1, "trainer.eval_at_end": True, "data.test_fraction": 0.25, "eval.max_problems": 5,
@@ -278,6 +283,7 @@ def _broken_copy(run: Path, dest: Path, final: str = "adapter") -> Path:
     return dest
 
 
+@pytest.mark.distributed
 def test_two_rank_resume_repeats_the_two_rank_run(two_rank_run, tiny_model_dir, tmp_path):
     run, _ = two_rank_run
     broken = _broken_copy(run, tmp_path / "out" / "run")
@@ -292,6 +298,7 @@ def test_two_rank_resume_repeats_the_two_rank_run(two_rank_run, tiny_model_dir, 
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_one_rank_resumes_a_two_rank_checkpoint(two_rank_run, tiny_model_dir, tmp_path):
     run, _ = two_rank_run
     broken = _broken_copy(run, tmp_path / "out" / "run")

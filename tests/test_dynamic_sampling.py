@@ -176,6 +176,7 @@ def _worker(rank: int, port: int, tmp: str, flat: list[int], out: dict):
         tdist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_two_ranks_decide_together_and_keep_equal_shares(tmp_path):
     order = Sampler(16, seed=3).next(16)
     # round 0 (4 global prompts, 2 per rank): rank 0 gets order[0:2] (both informative), rank 1 order[2:4] (one

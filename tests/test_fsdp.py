@@ -115,6 +115,7 @@ def _one_rank(cfg, comp, adv, model=None, optimizer=None, scheduler=None):
     return model, optimizer, scheduler, metrics
 
 
+@pytest.mark.distributed
 def test_sharded_update_equals_the_one_rank_update(fsdp_updates, tiny_model_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, tmp_path, **FULL)
     model, optimizer, _, metrics = _one_rank(cfg, *_rollout())
@@ -139,6 +140,7 @@ def test_sharded_update_equals_the_one_rank_update(fsdp_updates, tiny_model_dir,
         assert torch.equal(got, want), name
 
 
+@pytest.mark.distributed
 def test_sharded_checkpoint_is_the_replicated_one_and_resumes_on_two_and_one_ranks(fsdp_updates, tiny_model_dir,
                                                                                   tmp_path):
     two = fsdp_updates
@@ -198,6 +200,7 @@ def fsdp_run(tiny_model_dir, tmp_path_factory):
     return tmp / "out" / "run", log
 
 
+@pytest.mark.distributed
 def test_torchrun_fsdp_trains_evaluates_and_writes_a_plain_model(fsdp_run, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -213,6 +216,7 @@ def test_torchrun_fsdp_trains_evaluates_and_writes_a_plain_model(fsdp_run, tiny_
     assert len(_jsonl(run / "eval.jsonl")) == 5 and log.count("| pass@1 |") == 1
 
 
+@pytest.mark.distributed
 def test_torchrun_fsdp_resume_repeats_the_run_on_two_ranks_and_continues_on_one(fsdp_run, tiny_model_dir, tmp_path):
     run, _ = fsdp_run
     broken = _broken_copy(run, tmp_path / "out" / "run", final="model")

@@ -101,6 +101,7 @@ def test_resume_repeats_the_straight_run_exactly(tiny_model_dir, tmp_path, extra
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_sigterm_checkpoints_and_says_how_to_resume(tiny_model_dir, tmp_path):
     over = tiny_overrides(tiny_model_dir, tmp_path, **{"trainer.max_steps": 500, "trainer.save_steps": 1000,
                                                        "rewards.functions": f"[accuracy, '{REWARD}']"})

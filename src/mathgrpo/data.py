@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 
 from .answers import apply_answer_mod, as_int, extract_boxed, extract_gsm8k, is_aimo_integer
 from .config import DataConfig
+from .files import JsonlError, read_jsonl
 
 BUILTIN_ARITHMETIC = "arithmetic"
 log = logging.getLogger(__name__)
@@ -87,18 +88,10 @@ def _read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    try:
+        return read_jsonl(path, text=_read_text(path))
+    except JsonlError as e:
+        raise DataError(str(e)) from None
 
 
 def _read_json(path: Path) -> list[dict]:

@@ -32,13 +32,12 @@ import torch
 import torch.distributed as tdist
 
 from .distributed import World
+from .modelinfo import SHARDED_LOGPROBS, is_peft
 
 
 def use_fsdp(setting: str, lora: bool, world: World) -> bool:
     """trainer.fsdp -> whether to shard the policy: auto and on for full fine-tuning over several ranks (one rank
     has nothing to shard over), never with LoRA (auto keeps LoRA replicated; on says so), never with off."""
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"trainer.fsdp: {setting!r} is not one of auto, on, off")
     if setting == "on" and lora:
         raise ValueError("trainer.fsdp=on shards full fine-tuning only, and model.lora=true: LoRA keeps a replica "
                          "on every rank (its gradients and Adam state are small, and sampling needs the whole "
@@ -70,11 +69,11 @@ def shard_model(model, world: World) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from .models import backbone_and_head
+    from .modelinfo import backbone_and_head
 
     body, _ = backbone_and_head(model)
     layers = getattr(body, "layers", None)
-    if layers is None or hasattr(model, "peft_config"):
+    if layers is None or is_peft(model):
         raise ValueError(f"trainer.fsdp: cannot shard {type(model).__name__}: FSDP2 sharding needs a plain causal LM "
                          f"(no peft wrapper) whose body lists its decoder layers in `.layers`; set trainer.fsdp=off")
     mesh = init_device_mesh(world.device.type, (world.size,))
@@ -83,6 +82,7 @@ def shard_model(model, world: World) -> None:
     fully_shard(model, mesh=mesh)
     model.fsdp_logprob_pass = functools.partial(_logprob_pass, model)
     register_fsdp_forward_method(model, "fsdp_logprob_pass")
+    setattr(model, SHARDED_LOGPROBS, functools.partial(sharded_logprobs, model))  # what completion_logprobs calls
 
 
 def _logprob_pass(model, *args, **kwargs) -> torch.Tensor:

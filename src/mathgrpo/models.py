@@ -16,7 +16,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -24,15 +23,14 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .files import atomic_dir, step_dirs
+from .modelinfo import (SHARDED_LOGPROBS, ModelError, backbone_and_head, base_model,  # noqa: F401 (re-exported)
+                        compute_context, is_quantized_linear)
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIASES = ("smollm2", "default", "embedded")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelError(ValueError):
-    """A model, adapter or LoRA setting that cannot be used; the message says which and why."""
 
 
 # --- where the weights are ------------------------------------------------------------------------------
@@ -180,16 +178,11 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
 
 def _save_atomic(obj, target: Path) -> None:
     """save_pretrained into a temp folder, then rename: a half-written cache is never read."""
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
-        obj.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
+        with atomic_dir(target, replace=False) as tmp:
+            obj.save_pretrained(tmp)
     except OSError as e:  # a read-only home is fine: we just convert again next time
         log.warning("could not cache the converted GGUF model in %s: %s", target, e)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _PlainWeights:
@@ -214,7 +207,7 @@ def linear_layer_names(model) -> list[str]:
     """Short names of the model's linear layers (`q_proj`, ...), the names LoRA targets refer to."""
     names = set()
     for full, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+        if isinstance(mod, torch.nn.Linear) or is_quantized_linear(mod):
             names.add(full.rsplit(".", 1)[-1])
     return sorted(names)
 
@@ -332,8 +325,7 @@ def resolve_adapter(path: str) -> str:
     for cand in (p, p / "adapter", p / "final" / "adapter"):
         if (cand / "adapter_config.json").is_file():
             return str(cand)
-    ckpts = sorted((p / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1])) \
-        if (p / "checkpoints").is_dir() else []
+    ckpts = step_dirs(p / "checkpoints")
     if ckpts and (ckpts[-1] / "adapter" / "adapter_config.json").is_file():
         return str(ckpts[-1] / "adapter")
     raise ModelError(f"no LoRA adapter found in {p} (looked for adapter_config.json in it, in adapter/ "
@@ -344,7 +336,7 @@ def fuse_kernels(model) -> None:
     """Swap RMSNorm, SwiGLU and RoPE of a Llama/Qwen2/Qwen3/Mistral policy for liger-kernel's fused Triton
     kernels (fewer memory passes in the update's forward, recompute and backward; the same math). CUDA
     only; LoRA-wrapped projections stay as they are, and the lm_head is untouched (we never build logits)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if base.device.type != "cuda":
         raise ModelError("fuse_kernels: liger-kernel's Triton kernels need a CUDA model")
     try:
@@ -393,16 +385,6 @@ def _lora_addmm_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 # --- the pieces the loss needs ----------------------------------------------------------------------------
-
-def backbone_and_head(model):
-    """(transformer body returning hidden states, lm_head) for chunked log-probs without full logits."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(base, base.base_model_prefix, None) if hasattr(base, "base_model_prefix") else None
-    if body is None or not hasattr(base, "lm_head"):
-        raise ModelError(f"{type(base).__name__}: expected a causal LM with a `{getattr(base, 'base_model_prefix', 'model')}` "
-                         f"body and an `lm_head`")
-    return body, base.lm_head
-
 
 class Reference:
     """Log-probs under the KL reference, the policy as training starts: LoRA -> the same model with adapters off;
@@ -466,17 +448,6 @@ def merge_adapter(run_or_adapter: str, cfg: ModelConfig, out_dir: str) -> str:
     return str(out)
 
 
-def compute_context(model):
-    """Autocast to the model's half dtype (bf16/fp16) for the update's forward; a no-op for fp32 models.
-    Keeps LoRA's fp32 adapters (and their Adam state) while every matmul runs on tensor cores; the
-    log-softmax runs in fp32 inside `loss.chunked_token_logprobs` regardless."""
-    _, head = backbone_and_head(model)
-    dtype = head.weight.dtype
-    if dtype not in (torch.bfloat16, torch.float16):
-        return contextlib.nullcontext()
-    return torch.autocast(head.weight.device.type, dtype=dtype)
-
-
 def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor) -> torch.Tensor:
     """Final hidden states [B, T, H] that predict each completion token (state at position p-1+t for token t).
 
@@ -511,13 +482,13 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torc
     with_entropy: (log-probs, entropy [B, T] of each position's distribution, no gradient) from the same pass.
     With `lengths` (real tokens per row) the rows run packed, without padding (`packing.py`; 0 after each
     row's end). A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers
-    the embeddings and lm_head around it (`fsdp.shard_model` says why); every rank must call it then."""
-    from .fsdp import is_sharded, sharded_logprobs
-
+    the embeddings and lm_head around it (`fsdp.shard_model` says why, and sets the pass as the model's
+    `modelinfo.SHARDED_LOGPROBS` attribute, called here); every rank must call it then."""
     kw = {"with_entropy": True} if with_entropy else {}
-    if is_sharded(model):
-        return sharded_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature,
-                                lengths=lengths, **kw)
+    sharded = getattr(model, SHARDED_LOGPROBS, None)
+    if sharded is not None:
+        return sharded(prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature,
+                       lengths=lengths, **kw)
     return unsharded_completion_logprobs(model, prompt_ids, completion_ids, chunk_size=chunk_size,
                                          temperature=temperature, lengths=lengths, **kw)
 

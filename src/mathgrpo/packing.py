@@ -103,7 +103,7 @@ def pack_rows(prompt_ids: list[list[int]], completion_ids: torch.Tensor, lengths
 
 def packed_hidden(model, packed: PackedRows) -> torch.Tensor:
     """Final hidden states [M, H] of the packed rows at the positions that predict completion tokens."""
-    from .models import backbone_and_head, compute_context
+    from .modelinfo import backbone_and_head, compute_context
 
     body, _ = backbone_and_head(model)
     use_packed_attention(model)
@@ -125,7 +125,7 @@ def packed_completion_logprobs(model, prompt_ids: list[list[int]], completion_id
     """Log-probs [B, T] float32 as `models.completion_logprobs`, from one packed pass; 0 at t >= lengths[i].
     with_entropy: (log-probs, entropy [B, T]) as there, entropy 0 at t >= lengths[i] too."""
     from .loss import chunked_token_logprobs
-    from .models import backbone_and_head
+    from .modelinfo import backbone_and_head
 
     _, head = backbone_and_head(model)
     packed = pack_rows(prompt_ids, completion_ids, lengths, head.weight.device)
@@ -255,7 +255,7 @@ def _register() -> None:
 
 def use_packed_attention(model) -> None:
     """Switch an sdpa model to the packed-aware attention function (idempotent; sdpa for ordinary calls)."""
-    from .models import ModelError, backbone_and_head
+    from .modelinfo import ModelError, backbone_and_head
 
     body, _ = backbone_and_head(model)
     cfg = body.config

@@ -30,6 +30,7 @@ import yaml
 
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .data import ProblemSet
+from .files import JsonlError, append_jsonl, atomic_write_text, jsonl_rows
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +194,9 @@ def record_resume(run: Path, ckpt: Path, step: int, changes: dict[str, tuple], c
     """Append the resume to resumes.jsonl; with accepted changes, config.yaml becomes the config now in force."""
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "from": str(ckpt), "step": step,
              "changes": {k: list(v) for k, v in changes.items()}}
-    with open(run / "resumes.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    append_jsonl(run / "resumes.jsonl", entry)
     if changes:
-        (run / "config.yaml").write_text(dump_yaml(cfg))
+        atomic_write_text(run / "config.yaml", dump_yaml(cfg))
 
 
 # --- logs on resume -------------------------------------------------------------------------------------
@@ -209,17 +209,12 @@ def truncate_logs(run: Path, last_step: int) -> None:
         if not p.is_file():
             continue
         lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
-        keep = []
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                if i < len(lines):
-                    raise RunDirError(f"{p}: line {i} is not valid JSON ({e.msg}); remove or fix it") from None
-                log.warning("%s: line %d was cut short (a crash while writing it); dropped", p, i)
-                continue
-            if row.get("step", 0) <= last_step:
-                keep.append(line)
-        p.write_text("".join(line + "\n" for line in keep))
+        try:
+            rows = list(jsonl_rows(lines[:-1], p))
+        except JsonlError as e:
+            raise RunDirError(f"{p}: line {e.line} is not valid JSON lines ({e.why}); remove or fix it") from None
+        try:
+            rows += list(jsonl_rows(lines[-1:], p, first=len(lines)))
+        except JsonlError:
+            log.warning("%s: line %d was cut short (a crash while writing it); dropped", p, len(lines))
+        atomic_write_text(p, "".join(line + "\n" for _, line, row in rows if row.get("step", 0) <= last_step))

@@ -38,6 +38,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 
+from ..modelinfo import base_model, is_lora_layer
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -98,7 +100,7 @@ class GenWeights:
 
 def causal_lm_parts(model: nn.Module):
     """(base causal LM, decoder) of a HF model or a peft PeftModel, after checking the family is supported."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     mtype = getattr(getattr(base, "config", None), "model_type", None)
     if mtype not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"FastRollout: model_type '{mtype}' is not supported "
@@ -187,13 +189,9 @@ def _plain(m: nn.Module) -> nn.Module:
     return m
 
 
-def _is_lora(m: nn.Module) -> bool:
-    return hasattr(m, "lora_A") and hasattr(m, "get_base_layer")
-
-
 def _base(m: nn.Module) -> nn.Module:
     m = _plain(m)
-    return m.get_base_layer() if _is_lora(m) else m
+    return m.get_base_layer() if is_lora_layer(m) else m
 
 
 def _is_quantized(m: nn.Module) -> bool:
@@ -247,7 +245,7 @@ def _merges(m: nn.Module, env: _Env) -> bool:
     """Whether this module's LoRA deltas must go into an owned copy of its weight (else in place, or a LowRank
     pair: a quantized base cannot take a delta in place)."""
     lora = _plain(m)
-    if not _is_lora(lora):
+    if not is_lora_layer(lora):
         return False
     b = _base(m)
     if env.mode == "in_place" and not _is_quantized(b):
@@ -289,7 +287,7 @@ def _group(mods: list[nn.Module], env: _Env, fuse: bool, name: str):
     env.plan.append((name, _how(mods, env, fuse)))
     if not fuse and not any(_needs_copy(m, env) for m in mods):
         if env.mode == "in_place":
-            env.in_place.extend(_snapshot(m) for m in mods if _is_lora(_plain(m)) and not _live(m, env))
+            env.in_place.extend(_snapshot(m) for m in mods if is_lora_layer(_plain(m)) and not _live(m, env))
         return ([Dequant(_base(m), env.dtype) if _live(m, env) else _base(m).weight.detach() for m in mods],
                 [_vector(_base(m).bias, env) if hb else None for m, hb in zip(mods, has_bias)], _low_rank(mods, env))
     rows = [_out_features(m) for m in mods]
@@ -314,7 +312,7 @@ def _group(mods: list[nn.Module], env: _Env, fuse: bool, name: str):
 
 def _how(mods: list[nn.Module], env: _Env, fuse: bool) -> str:
     """The plan entry of a group: how its weights are read and how LoRA deltas reach them."""
-    lora = any(_is_lora(_plain(m)) for m in mods)
+    lora = any(is_lora_layer(_plain(m)) for m in mods)
     if fuse or any(_needs_copy(m, env) for m in mods):
         quant = [_is_quantized(_base(m)) for m in mods]
         cast = any(not q and (_base(m).weight.dtype, _base(m).weight.device) != env[:2] for m, q in zip(mods, quant))
@@ -340,7 +338,7 @@ def _low_rank(mods: list[nn.Module], env: _Env) -> LowRank | None:
     blocks = []  # (module index, lora module, adapter, rank)
     for j, m in enumerate(mods):
         lora = _plain(m)
-        if _is_lora(lora) and (env.mode == "none" or _live(m, env)):
+        if is_lora_layer(lora) and (env.mode == "none" or _live(m, env)):
             blocks += [(j, lora, a, lora.lora_A[a].out_features) for a in lora.lora_A]
     if not blocks:
         return None
@@ -387,7 +385,7 @@ def _active_adapters(m: nn.Module) -> list[str]:
 
 def _check_lora(m: nn.Module) -> None:
     m = _plain(m)
-    if not _is_lora(m):
+    if not is_lora_layer(m):
         return
     for a in _active_adapters(m):
         if getattr(m, "lora_variant", {}).get(a) is not None or getattr(m, "use_dora", {}).get(a, False):
@@ -405,7 +403,7 @@ def _effective_into(m: nn.Module, dst: torch.Tensor) -> None:
     w = dequantize_module_weight(b) if _is_quantized(b) else b.weight
     w = w.detach()
     lora = _plain(m)
-    adapters = _active_adapters(lora) if _is_lora(lora) else []
+    adapters = _active_adapters(lora) if is_lora_layer(lora) else []
     plain_linear = all(isinstance(lora.lora_A[a], nn.Linear) if a in lora.lora_A else False for a in adapters)
     if adapters and plain_linear and not getattr(lora, "fan_in_fan_out", False):
         for j, a in enumerate(adapters):

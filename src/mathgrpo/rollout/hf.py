@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from ..modelinfo import is_lora_layer, is_peft, is_quantized
 from .base import Completions, SamplingConfig
 from .common import finish_completions
 
@@ -28,7 +29,7 @@ class HFRollout:
 
     def sync_weights(self, model) -> None:
         self.policy = model
-        if not (self.merge_lora and hasattr(model, "peft_config")) or _is_quantized(model):
+        if not (self.merge_lora and is_peft(model)) or is_quantized(model):
             self.model = model  # generate() runs on the live policy: nothing to copy
             return
         if self._merged is None:
@@ -86,17 +87,13 @@ class HFRollout:
         return finish_completions(rows, gen, tok, sampling, stop_ids, time.perf_counter() - t0)
 
 
-def _is_quantized(model) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
 @torch.no_grad()
 def _copy_merged_weights(peft_model, merged) -> None:
     """merged.<layer>.weight = base weight + LoRA delta, for every LoRA layer of the live policy."""
     targets = dict(merged.named_modules())
     prefix = "base_model.model."
     for name, mod in peft_model.named_modules():
-        if not (hasattr(mod, "lora_A") and hasattr(mod, "get_base_layer")):
+        if not is_lora_layer(mod):
             continue
         dst = targets[name[len(prefix):] if name.startswith(prefix) else name]
         w = mod.get_base_layer().weight.detach().clone()

@@ -1,0 +1,72 @@
+"""Questions about a loaded model, answered in one place: where its body and head are, the autocast context of
+its update, and (for the modules above: models, packing, fsdp, rollout) what kind of model or layer it is.
+
+Below models.py and packing.py in the layering (docs/architecture.md), so both can ask without importing
+each other; imports nothing of mathgrpo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class ModelError(ValueError):
+    """A model, adapter or LoRA setting that cannot be used; the message says which and why."""
+
+
+def backbone_and_head(model):
+    """(transformer body returning hidden states, lm_head) for chunked log-probs without full logits."""
+    base = base_model(model)
+    body = getattr(base, base.base_model_prefix, None) if hasattr(base, "base_model_prefix") else None
+    if body is None or not hasattr(base, "lm_head"):
+        raise ModelError(f"{type(base).__name__}: expected a causal LM with a `{getattr(base, 'base_model_prefix', 'model')}` "
+                         f"body and an `lm_head`")
+    return body, base.lm_head
+
+
+def compute_context(model):
+    """Autocast to the model's half dtype (bf16/fp16) for the update's forward; a no-op for fp32 models.
+    Keeps LoRA's fp32 adapters (and their Adam state) while every matmul runs on tensor cores; the
+    log-softmax runs in fp32 inside `loss.chunked_token_logprobs` regardless."""
+    _, head = backbone_and_head(model)
+    dtype = head.weight.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    return torch.autocast(head.weight.device.type, dtype=dtype)
+
+
+# The attribute `fsdp.shard_model` sets on a sharded model: its own log-prob pass, which FSDP2 gathers the root
+# group around. `models.completion_logprobs` calls it when present, so models.py never imports fsdp.py.
+SHARDED_LOGPROBS = "sharded_logprobs"
+
+
+# --- what kind of model or layer ----------------------------------------------------------------------------
+
+def base_model(model):
+    """The transformers model under a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_peft(model) -> bool:
+    """A peft model (adapters attached): saved as an adapter folder, its reference is the adapter switched off."""
+    return hasattr(model, "peft_config")
+
+
+def is_lora_layer(module) -> bool:
+    """A peft LoRA layer wrapping a base layer (Linear, Linear4bit, ...)."""
+    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+
+
+QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' layer classes, named: bitsandbytes is optional
+
+
+def is_quantized_linear(module) -> bool:
+    """A bitsandbytes 4-bit / 8-bit linear layer (a base layer LoRA can adapt, whose weight is not a plain tensor)."""
+    return type(module).__name__ in QUANTIZED_LINEARS
+
+
+def is_quantized(model) -> bool:
+    """A model loaded with bitsandbytes 4-bit or 8-bit weights (transformers' flags): no merged copy can be made."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
