@@ -89,16 +89,25 @@ class RolloutBatch:
     advantages: torch.Tensor | None = None  # [N], set by the trainer's advantage stage (over every rank's rows)
 
 
+def score_rollout(rewards: RewardSet, problems: list[Problem], comp: Completions, prompts, max_completion_len: int,
+                  **settings) -> tuple[np.ndarray, np.ndarray]:
+    """Scores [N, R] and totals [N] of `comp` (len(problems) * G rows, prompt-major), the rewards receiving
+    `rewards.reward_inputs` (prompts as `prompts.text` renders them, its `.prefill`). The TRL front door's
+    evaluation can call this with its dataset prompts as `prompts`."""
+    G = len(comp.texts) // max(1, len(problems))
+    return rewards.score(comp.texts, **reward_inputs(
+        problems, G, prompts=[prompts.text(p.problem) for p in problems], prefill=prompts.prefill,
+        completion_ids=[r[m].tolist() for r, m in zip(comp.completion_ids, comp.completion_mask)],
+        truncated=comp.truncated.tolist(), max_completion_len=max_completion_len, **settings))
+
+
 def _generate_and_score(batch: list[Problem], seed: int, rollout, prompts, rewards: RewardSet, cfg: Config):
     G = cfg.grpo.num_generations
     torch.manual_seed(seed)
     comp = rollout.generate([prompts.ids(p.problem) for p in batch], G, sampling_from(
         cfg.generation, seed, max_new_tokens=cfg.generation.max_new_tokens))
-    per, total = rewards.score(comp.texts, **reward_inputs(
-        batch, G, prompts=[prompts.text(p.problem) for p in batch], prefill=prompts.prefill,
-        completion_ids=[r[m].tolist() for r, m in zip(comp.completion_ids, comp.completion_mask)],
-        truncated=comp.truncated.tolist(), max_completion_len=cfg.generation.max_new_tokens,
-        overlong_buffer=cfg.rewards.overlong_buffer))
+    per, total = score_rollout(rewards, batch, comp, prompts, cfg.generation.max_new_tokens,
+                               overlong_buffer=cfg.rewards.overlong_buffer)
     return comp, per, total
 
 
