@@ -62,7 +62,6 @@ NVSHMEM_DISABLE_NVLS=1 are forced in the environment of each torchrun.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import queue
@@ -137,7 +136,7 @@ def worker(args) -> None:
     from mathgrpo.loss import group_advantages
     from mathgrpo.models import Reference, load_model
     from mathgrpo.rollout import SamplingConfig, make_rollout
-    from mathgrpo.trainer import make_optimizer, policy_update
+    from mathgrpo.update import make_optimizer, policy_update, update_stage
 
     t_start = time.perf_counter()
     with process_group(args.device) as world:
@@ -181,8 +180,7 @@ def worker(args) -> None:
             t1, peak_gen = time.perf_counter(), _peak()
             _peak_reset()
             adv = group_advantages(random_rewards(n_global, step)[lo:hi], G)  # [k]: this rank's global rows
-            upd = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world)
-            rollout.sync_weights(model)
+            upd = update_stage(model, optimizer, scheduler, ref, comp, adv, cfg, world, rollout)  # the trainer's
             _sync()
             t2 = time.perf_counter()
             mine_tokens = float(comp.lengths.sum())
@@ -224,8 +222,7 @@ def worker(args) -> None:
             _log(world, f"check rollout: {src}")
         comp = world.broadcast_object(comp)
         adv = group_advantages(random_rewards(n_global, CHECK_REWARD_STEP), G)  # [N] global, whole groups
-        keep = {"keep_grads": True} if "keep_grads" in inspect.signature(policy_update).parameters else {}
-        upd = policy_update(model, opt2, sched2, ref, _rows_of(comp, lo, hi), adv[lo:hi], cfg, world, **keep)
+        upd = policy_update(model, opt2, sched2, ref, _rows_of(comp, lo, hi), adv[lo:hi], cfg, world)  # grads kept
         metrics = world.reduce_metrics({"loss": upd["loss"], "grad_norm": upd["grad_norm"]})
         if world.is_main:
             named = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)

@@ -261,7 +261,7 @@ def liger_update(model, optimizer, scheduler, ref, comp, adv, cfg, opts: dict) -
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     from mathgrpo.models import backbone_and_head, completion_hidden, completion_logprobs
-    from mathgrpo.trainer import microbatches
+    from mathgrpo.update import microbatches
 
     t = cfg.trainer
     mask = comp.completion_mask.float()  # [N, T]
@@ -294,7 +294,7 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
     from mathgrpo.loss import group_advantages
     from mathgrpo.models import Reference, load_model
     from mathgrpo.rollout import SamplingConfig, make_rollout
-    from mathgrpo.trainer import make_optimizer, policy_update
+    from mathgrpo.update import make_optimizer, update_stage
 
     cfg = _mathgrpo_cfg(args, w, opts)
     model, _ = load_model(cfg.model, trainable=True)
@@ -312,7 +312,6 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
     rollout = None if canned else make_rollout(cfg.generation, model, tok)
     ref = Reference(model, cfg.grpo.beta, lora=True)
     optimizer, scheduler = make_optimizer(model, cfg)
-    update = (lambda *a: liger_update(*a, opts)) if opts.get("liger") else policy_update
     prompts = prompt_ids(args, w)
     steps, rows = [], None
     for step in range(args.steps):
@@ -335,9 +334,12 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
         _peak_reset()
         t2 = time.perf_counter()
         adv = group_advantages(random_rewards(comp.completion_ids.shape[0], step), w.group)  # [N]
-        upd = update(model, optimizer, scheduler, ref, comp, adv, cfg)
-        if rollout is not None:
-            rollout.sync_weights(model)
+        if opts.get("liger"):
+            upd = liger_update(model, optimizer, scheduler, ref, comp, adv, cfg, opts)
+            if rollout is not None:
+                rollout.sync_weights(model)
+        else:  # the trainer's update stage (gradients freed, weights synced)
+            upd = update_stage(model, optimizer, scheduler, ref, comp, adv, cfg, rollout=rollout)
         _sync()
         t3 = time.perf_counter()
         rows = [(len(p) + int(n), int(n)) for p, n in zip(comp.prompt_ids, comp.lengths)]

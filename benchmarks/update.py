@@ -105,7 +105,7 @@ def run_workload(args) -> None:
 
     from mathgrpo.loss import group_advantages
     from mathgrpo.models import Reference, completion_logprobs, load_model
-    from mathgrpo.trainer import make_optimizer, microbatches, policy_update
+    from mathgrpo.update import make_optimizer, microbatches, policy_update
     from mathgrpo.packing import packed_microbatches
 
     w = WORKLOADS[args.workload]
@@ -143,6 +143,7 @@ def run_workload(args) -> None:
 
             def update():
                 policy_update(model, optimizer, scheduler, ref, comp, adv, cfg)
+                optimizer.zero_grad(set_to_none=True)  # as the trainer's update stage
 
             def ref_pass():
                 with torch.no_grad():

@@ -102,7 +102,7 @@ def _update(cfg, comp, adv, world) -> dict:
     optimizer, scheduler = make_optimizer(model, cfg)
     ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
     ref.adapter = None  # the KL to the base model, as in a run from a fresh adapter (these adapters are random)
-    metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world, keep_grads=True)
+    metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return {"metrics": metrics, "weights": {n: p.detach().clone() for n, p in named},
             "grads": {n: p.grad.clone() for n, p in named}}

@@ -82,7 +82,7 @@ def test_flat_groups_direct():
 def test_off_is_the_plain_draw(tmp_path):
     order = Sampler(8, seed=3).next(4)
     got, rollout, sampler = run(cfg(tmp_path, **{"grpo.dynamic_sampling": False}), flat=set(order))
-    assert [p.id for p in got.batch] == [str(i) for i in order] and got.metrics == {} and got.note is None
+    assert [p.id for p in got.problems] == [str(i) for i in order] and got.metrics == {} and got.note is None
     assert rollout.calls == [(order, 1000, 8)] and sampler.position == 4
 
 
@@ -92,14 +92,14 @@ def test_one_extra_round_fills_the_step_as_predicted(tmp_path):
     # min(4, ceil(2 / 0.5)) = 4 prompts, order[4:8], of which order[4] is flat: keeps order[5], order[6]; surplus 1
     flat = {order[1], order[2], order[4]}
     got, rollout, sampler = run(cfg(tmp_path), flat)
-    assert [p.id for p in got.batch] == [str(order[i]) for i in (0, 3, 5, 6)]
+    assert [p.id for p in got.problems] == [str(order[i]) for i in (0, 3, 5, 6)]
     assert got.metrics == {"groups/generated": 8.0, "groups/dropped": 3.0, "groups/kept": 4.0, "groups/surplus": 1.0,
                            "groups/rounds": 1.0}
     assert got.note is None and sampler.position == 8
     assert rollout.calls == [(order[:4], 1000, 8), (order[4:], 1000 + ROUND_SEED_STRIDE, 8)]
     # the rows are the kept groups' own completions and rewards, padded to the widest round
-    comp = got.comp
-    assert comp.completion_ids.shape[0] == 16 and got.total.tolist() == [0.0, 1.0, 2.0, 3.0] * 4
+    comp = got.completions
+    assert comp.completion_ids.shape[0] == 16 and got.totals.tolist() == [0.0, 1.0, 2.0, 3.0] * 4
     for k, i in enumerate((0, 3, 5, 6)):
         p = order[i]
         for j in range(G):
@@ -107,7 +107,7 @@ def test_one_extra_round_fills_the_step_as_predicted(tmp_path):
             n = j + 1 + p % 3
             assert comp.completion_mask[row].sum() == n and (comp.completion_ids[row, :n] == 100 + p).all()
             assert (comp.completion_ids[row, n:] == PAD).all() and comp.prompt_ids[row] == [p]
-    assert not flat_groups(got.total, G).any()
+    assert not flat_groups(got.totals, G).any()
 
 
 def test_an_extra_round_draws_what_the_informative_share_predicts(tmp_path):
@@ -115,14 +115,14 @@ def test_an_extra_round_draws_what_the_informative_share_predicts(tmp_path):
     # 3 of 4 informative: needs 1 at a share of 3/4 -> draws ceil(1 / 0.75) = 2 prompts, keeps the first informative
     got, rollout, sampler = run(cfg(tmp_path), flat={order[0]})
     assert [c[0] for c in rollout.calls] == [order[:4], order[4:6]] and sampler.position == 6
-    assert [int(p.id) for p in got.batch] == order[1:5] and got.metrics["groups/surplus"] == 1
+    assert [int(p.id) for p in got.problems] == order[1:5] and got.metrics["groups/surplus"] == 1
 
 
 def test_no_flat_group_is_the_plain_step(tmp_path):
     got, rollout, _ = run(cfg(tmp_path), flat=set())
     plain, _, _ = run(cfg(tmp_path, **{"grpo.dynamic_sampling": False}), flat=set())
-    assert len(rollout.calls) == 1 and got.comp is not None
-    assert torch.equal(got.comp.completion_ids, plain.comp.completion_ids) and got.metrics["groups/dropped"] == 0
+    assert len(rollout.calls) == 1 and got.completions is not None
+    assert torch.equal(got.completions.completion_ids, plain.completions.completion_ids) and got.metrics["groups/dropped"] == 0
 
 
 def test_out_of_rounds_trains_on_what_there_is_and_says_so(tmp_path):
@@ -132,7 +132,7 @@ def test_out_of_rounds_trains_on_what_there_is_and_says_so(tmp_path):
                                 flat=set(range(8)) - {informative})
     # round 0: 1 of 4 informative; rounds 1, 2 draw min(4, ceil(3 * 4 / 1)) = 4, then min(4, ceil(3 * 8 / n)) = 4
     assert [c[0] for c in rollout.calls] == [order[:4], order[4:8], order[8:12]]
-    kept = [int(p.id) for p in got.batch]
+    kept = [int(p.id) for p in got.problems]
     expect = [informative] + [p for p in order[8:12] if p == informative]
     assert kept == expect[:4]
     assert got.metrics["groups/kept"] == len(kept) and got.metrics["groups/rounds"] == 2
@@ -144,14 +144,14 @@ def test_out_of_rounds_trains_on_what_there_is_and_says_so(tmp_path):
 def test_nothing_informative_falls_back_to_the_first_round(tmp_path):
     order = Sampler(8, seed=3).next(4)
     got, rollout, _ = run(cfg(tmp_path, **{"grpo.dynamic_sampling_max_rounds": 1}), flat=set(range(8)))
-    assert [int(p.id) for p in got.batch] == order and len(rollout.calls) == 2
+    assert [int(p.id) for p in got.problems] == order and len(rollout.calls) == 2
     assert got.metrics["groups/kept"] == 0 and "first round as drawn" in got.note
 
 
 def test_the_cap_of_zero_rounds_never_generates_more(tmp_path):
     order = Sampler(8, seed=3).next(4)
     got, rollout, _ = run(cfg(tmp_path, **{"grpo.dynamic_sampling_max_rounds": 0}), flat={order[0]})
-    assert len(rollout.calls) == 1 and [int(p.id) for p in got.batch] == order[1:]
+    assert len(rollout.calls) == 1 and [int(p.id) for p in got.problems] == order[1:]
     assert "training on 3" in got.note
 
 
@@ -170,7 +170,7 @@ def _worker(rank: int, port: int, tmp: str, flat: list[int], out: dict):
     try:
         world = D.current()
         got, rollout, sampler = run(cfg(tmp), set(flat), n_problems=16, world=world)
-        torch.save({"ids": [p.id for p in got.batch], "metrics": got.metrics, "calls": rollout.calls,
+        torch.save({"ids": [p.id for p in got.problems], "metrics": got.metrics, "calls": rollout.calls,
                     "sampler": sampler.state(), "note": got.note}, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         tdist.destroy_process_group()

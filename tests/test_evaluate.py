@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from mathgrpo.answers import is_equivalent
 from mathgrpo.config import Config, save_config
 from mathgrpo.data import Problem
 from mathgrpo.evaluate import (bootstrap_ci, compare, eval_and_report, evaluate, format_comparison_table,
-                               maj_at_k_correct, majority_vote, pass_at_k, run_eval)
+                               majority_vote, pass_at_k, run_eval)
 from mathgrpo.rewards import RewardSet
 from mathgrpo.rollout import Completions
 
@@ -59,16 +60,15 @@ def test_pass_at_k_edge_cases():
 def test_majority_vote_groups_equivalent_answers():
     answers = ["3", "1/2", "0.5", None, "\\frac{1}{2}", "3"]
     assert majority_vote(answers) == "1/2"  # class {1/2, 0.5, \frac{1}{2}} has 3 votes, {3} has 2
-    assert maj_at_k_correct(answers, "0.5")
-    assert maj_at_k_correct(answers, "\\frac12")
-    assert not maj_at_k_correct(answers, "3")
+    assert is_equivalent(majority_vote(answers), "0.5")  # the winning class, whichever member represents it
+    assert is_equivalent(majority_vote(answers), "\\frac12")
+    assert not is_equivalent(majority_vote(answers), "3")
 
 
 def test_majority_vote_none_never_wins_and_ties_go_first():
     assert majority_vote([None, None, None, "7"]) == "7"
     assert majority_vote([None, None]) is None
     assert majority_vote([]) is None
-    assert not maj_at_k_correct([None, None], "7")
     assert majority_vote(["7", "0.5", "1/2", "7.0"]) == "7"  # 2 vs 2: the class seen first
     assert majority_vote(["1/2", "7", "7.0", "0.5"]) == "1/2"
 

@@ -73,7 +73,7 @@ def _fsdp_worker(rank: int, port: int, model_dir: str, out: str) -> None:
             rollouts[name] = F.rollout_for(model, lambda: make_rollout(gen, model, tok))  # noqa: B023
         for r in rollouts.values():  # sampled once before the update: the fast engine then holds the old weights
             r.generate(PROMPTS, 1, GREEDY)
-        first = policy_update(model, optimizer, scheduler, ref, *_rows(comp, adv, mine), cfg, world, keep_grads=True)
+        first = policy_update(model, optimizer, scheduler, ref, *_rows(comp, adv, mine), cfg, world)
         grads = _full_grads(model)
         weights, optim = copy.deepcopy(F.full_state_dicts(model, optimizer))  # (its step counts are live tensors)
         norms = world.gather_objects([first["grad_norm"]])
@@ -111,7 +111,7 @@ def _one_rank(cfg, comp, adv, model=None, optimizer=None, scheduler=None):
     if optimizer is None:
         optimizer, scheduler = make_optimizer(model, cfg)
     metrics = policy_update(model, optimizer, scheduler, Reference(model, cfg.grpo.beta, cfg.model.lora), comp, adv,
-                            cfg, D.SINGLE, keep_grads=True)
+                            cfg, D.SINGLE)
     return model, optimizer, scheduler, metrics
 
 

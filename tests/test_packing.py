@@ -89,7 +89,7 @@ def _update(pack: bool, loss_type: str, iters: int, checkpointing: bool):
     adv = group_advantages(torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0, 0.3]), 3)
     ref = Reference(model, cfg.grpo.beta, lora=True)
     opt, sched = make_optimizer(model, cfg)
-    m = policy_update(model, opt, sched, ref, comp, adv, cfg, keep_grads=True)
+    m = policy_update(model, opt, sched, ref, comp, adv, cfg)
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     return m, grads
 

@@ -147,3 +147,38 @@ def test_the_clip_plot_reads_the_key_the_trainer_logs():
     rows = [{"step": s, "clip_ratio/region": 0.01 * s} for s in range(1, 6)]
     fig, caption = plot_kl(rows, None)
     assert fig is not None and "KL" in caption
+
+
+# --- against a real run --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_run(tiny_model_dir, tmp_path_factory):
+    """A 2-step tiny training run (beta > 0, so the KL is logged): the keys the trainer really writes."""
+    from conftest import tiny_overrides
+
+    from mathgrpo.config import load_config
+    from mathgrpo.trainer import train
+
+    out = tmp_path_factory.mktemp("real")
+    cfg = load_config(None, tiny_overrides(tiny_model_dir, out, **{"trainer.max_steps": 2, "grpo.beta": 0.04,
+                                                                   "trainer.tensorboard": False}))
+    return train(cfg, quiet=True)
+
+
+def test_the_fabricated_run_uses_only_keys_a_real_run_logs(real_run, tmp_path):
+    real = set().union(*read_metrics(real_run))
+    _, rows = fabricate_run(tmp_path)
+    fabricated = set().union(*rows) - {"rewards/format/mean", "rewards/format/std"}  # a reward the tiny run lacks
+    assert fabricated <= real, sorted(fabricated - real)
+
+
+def test_a_real_run_fills_every_plot_and_the_reward_table(real_run):
+    from mathgrpo import metrics as M
+
+    md_path, _ = write_report(real_run)
+    md = md_path.read_text()
+    linked = re.findall(r"!\[[^\]]*\]\((plots/[^)]+\.png)\)", md)
+    assert sorted(linked) == sorted(f"plots/{n}.png" for n in PLOTS)  # every plot found its series
+    for name in ("boxed", "accuracy", "similarity"):  # the run's rewards, by the names report.py looks for
+        assert M.reward_mean(name) in read_metrics(real_run)[0]
+        assert f"| {name} |" in md

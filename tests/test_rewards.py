@@ -401,3 +401,22 @@ def test_all_builtins_run_on_a_realistic_batch():
     assert list(col["format"]) == [1.0, 1.0, 0.0, 0.0]
     assert np.isfinite(per).all() and np.isfinite(total).all()
     assert rewards.RewardError is RewardError
+
+
+def test_reward_inputs_one_entry_per_completion_prompt_major():
+    from mathgrpo.data import Problem
+    from mathgrpo.rewards import reward_inputs
+
+    probs = [Problem(id="a", problem="1+1", gold="2", solution="s1", extra={"level": 1, "gold": "shadow"}),
+             Problem(id="b", problem="2+2", gold="4", solution="s2", extra={"topic": "x"})]
+    kw = reward_inputs(probs, 2, prompts=["P1", "P2"], completion_ids=[[1], [2], [3], [4]],
+                       truncated=[False, True, False, False], prefill="<think>\n", max_completion_len=8,
+                       overlong_buffer=2)
+    assert kw["prompts"] == ["P1", "P1", "P2", "P2"] and kw["completion_ids"] == [[1], [2], [3], [4]]
+    assert kw["prefill"] == ["<think>\n"] * 4 and kw["truncated"] == [False, True, False, False]
+    assert kw["max_completion_len"] == 8 and kw["overlong_buffer"] == 2
+    assert kw["gold"] == ["2", "2", "4", "4"]  # a dataset column never shadows the problem's own fields
+    assert kw["level"] == [1, 1, None, None] and kw["topic"] == [None, None, "x", "x"]  # the union of extra columns
+    with pytest.raises(ValueError, match="2 problems x 2 = 4 rows, but 3 completion_ids"):
+        reward_inputs(probs, 2, prompts=["P1", "P2"], completion_ids=[[1]] * 3, truncated=[False] * 4,
+                      prefill=None, max_completion_len=8)

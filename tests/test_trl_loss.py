@@ -176,7 +176,7 @@ def test_policy_update_gradient_equals_trls(tiny_dir, smol_tokenizer, tmp_path, 
     if cfg.grpo.beta:
         reference.copy.load_state_dict(tr.ref_model.state_dict())  # the reference is the starting policy
     optimizer, scheduler = make_optimizer(model, cfg)
-    m = policy_update(model, optimizer, scheduler, reference, comp, adv, cfg, SINGLE, keep_grads=True)
+    m = policy_update(model, optimizer, scheduler, reference, comp, adv, cfg, SINGLE)
     assert m["loss"] == pytest.approx(want, rel=LOSS_RTOL, abs=1e-9)
     _assert_grads_close(_grads(model), want_grads)
 

@@ -16,6 +16,7 @@ import torch
 
 from conftest import tiny_overrides
 from mathgrpo import trainer as T
+from mathgrpo import update as U
 from mathgrpo.config import load_config
 from mathgrpo.distributed import SINGLE
 from mathgrpo.models import Reference, load_model
@@ -74,8 +75,7 @@ def test_second_iteration_equals_a_naive_clipped_update(tiny_model_dir, base_mod
     def update(cfg):
         model.load_state_dict(start)
         opt, sched = T.make_optimizer(model, cfg)
-        return T.policy_update(model, opt, sched, Reference(model, cfg.grpo.beta, True), comp, adv, cfg, SINGLE,
-                               keep_grads=True)
+        return T.policy_update(model, opt, sched, Reference(model, cfg.grpo.beta, True), comp, adv, cfg, SINGLE)
 
     update(cfg1)  # the first iteration alone: the weights the second iteration starts from
     model.zero_grad(set_to_none=True)
@@ -102,20 +102,20 @@ def test_the_loop_groups_advantages_by_prompt_and_logs_the_kl_to_the_base_model(
                                                                              monkeypatch):
     """Through `train`: each step's advantages are its rewards normalised within groups of rows that share a prompt,
     in row order; the logged KL, after some updates, equals a recomputation against the base model loaded apart."""
-    real = T.policy_update
+    real = U.policy_update  # the update stage calls it (update.update_stage)
     seen = []
 
-    def spy(model, optimizer, scheduler, ref, comp, adv, cfg, world=SINGLE, keep_grads=False):
+    def spy(model, optimizer, scheduler, ref, comp, adv, cfg, world=SINGLE):
         with torch.no_grad():
             logp = naive_logps(model, comp.prompt_ids, comp.completion_ids, TEMP)
             base = naive_logps(base_model, comp.prompt_ids, comp.completion_ids, TEMP)
         d = base - logp
         kl = (torch.exp(d) - d - 1)[comp.completion_mask.bool()].mean().item()
-        metrics = real(model, optimizer, scheduler, ref, comp, adv, cfg, world, keep_grads)
+        metrics = real(model, optimizer, scheduler, ref, comp, adv, cfg, world)
         seen.append((comp, adv.clone(), kl, metrics))
         return metrics
 
-    monkeypatch.setattr(T, "policy_update", spy)
+    monkeypatch.setattr(U, "policy_update", spy)
     cfg = _cfg(tiny_model_dir, tmp_path, **{"grpo.beta": 0.04, "trainer.learning_rate": 0.02, "trainer.max_steps": 3,
                                             "rewards.functions": f"['{REWARD}']", "trainer.log_completions_steps": 0})
     T.train(cfg, quiet=True)

@@ -506,13 +506,4 @@ def inspect_source(source: str, cfg: DataConfig, n_rows: int = 3, seed: int = 42
     return "\n".join(out)
 
 
-def reward_columns(problems: list[Problem], n: int) -> dict[str, list]:
-    """Each problem's columns repeated n times (prompt-major), as reward functions receive them (TRL style)."""
-    cols: dict[str, list] = {"problem": [], "gold": [], "solution": []}
-    for key in problems[0].extra if problems else ():
-        cols.setdefault(key, [])
-    for p in problems:
-        for key in cols:
-            value = getattr(p, key) if key in ("problem", "gold", "solution") else p.extra.get(key)
-            cols[key].extend([value] * n)
-    return cols
+from .rewards import reward_columns  # noqa: E402,F401  (moved to rewards.py, next to reward_inputs)

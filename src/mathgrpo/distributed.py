@@ -290,8 +290,3 @@ def gather_objects(items: list) -> list:
     """Every rank's picklable `items` concatenated in rank order, on every rank; `items` itself without a
     process group. `gather_objects(shard(xs, rank, world)) == xs`."""
     return current().gather_objects(items)
-
-
-def is_main() -> bool:
-    """True on rank 0 (or without a process group): the rank that writes files."""
-    return current().is_main

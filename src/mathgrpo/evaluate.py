@@ -28,7 +28,7 @@ import numpy as np
 
 from .answers import extract_boxed
 from .config import Config, load_config, max_new_tokens_at
-from .rewards import final_answer
+from .rewards import final_answer, reward_inputs
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,6 @@ def majority_vote(answers: list[str | None]) -> str | None:
     return reps[int(np.argmax(counts))]  # argmax returns the first maximum
 
 
-def maj_at_k_correct(answers: list[str | None], gold: str | None) -> bool:
-    from .answers import is_equivalent
-
-    winner = majority_vote(answers)
-    return winner is not None and gold is not None and is_equivalent(winner, gold)
-
-
 def bootstrap_ci(per_problem_diff: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean, resampling problems with replacement (NaNs dropped)."""
     x = np.asarray(per_problem_diff, dtype=np.float64)
@@ -123,18 +116,6 @@ def _reward_set(cfg: Config):
 
     weights = cfg.rewards.weights or [1.0] * len(cfg.rewards.functions)
     return RewardSet(list(zip(cfg.rewards.functions, weights)))
-
-
-def _reward_kwargs(problems, k: int, prompt_texts: list[str], prefill: str | None,
-                   completion_ids: list[list[int]], truncated: list[bool]) -> dict:
-    """TRL-style columns, one entry per completion (problem fields repeated k times)."""
-    rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
-    kw = {"prompts": rep(prompt_texts), "completion_ids": completion_ids, "gold": rep([p.gold for p in problems]),
-          "solution": rep([p.solution for p in problems]), "problem": rep([p.problem for p in problems]),
-          "prefill": [prefill or ""] * len(completion_ids), "truncated": list(truncated)}
-    for col in sorted({c for p in problems for c in (p.extra or {})}):
-        kw.setdefault(col, rep([(p.extra or {}).get(col) for p in problems]))
-    return kw
 
 
 # eval.answer -> what counts as a completion's answer for pass@k and maj@k
@@ -195,9 +176,9 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     texts, truncated, lengths, comp_ids = (list(x) for x in zip(*rows))
 
     rewards = _reward_set(cfg)
-    kwargs = _reward_kwargs(problems, k, prompt_texts, builder.prefill, comp_ids, truncated)
-    per_reward, total = rewards.score(texts, **kwargs, max_completion_len=sampling.max_new_tokens,
-                                      overlong_buffer=cfg.rewards.overlong_buffer)  # as in training (overlong, cosine)
+    per_reward, total = rewards.score(texts, **reward_inputs(  # as in training (overlong, cosine)
+        problems, k, prompts=prompt_texts, completion_ids=comp_ids, truncated=truncated, prefill=builder.prefill,
+        max_completion_len=sampling.max_new_tokens, overlong_buffer=cfg.rewards.overlong_buffer))
     P, R = len(problems), len(rewards.names)
     per_reward = np.asarray(per_reward, dtype=np.float64).reshape(P, k, R)  # [P, k, R]
     total = np.asarray(total, dtype=np.float64).reshape(P, k)  # [P, k]
@@ -480,10 +461,6 @@ def evaluate_trained_run(cfg: Config, run_dir: str | Path, model, tokenizer, pro
     """The end of training: the trained policy and its base (adapters off) on the run's test split, results
     and report in run_dir. Under torchrun every rank calls it with its `world` (sampling is sharded); rank 0
     writes."""
-    import torch
-
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
     sources = {"trained": str(Path(run_dir) / "adapter"), "base": cfg.model.name_or_path}
     return eval_and_report(model, tokenizer, problems, cfg, run_dir, rollout=rollout, baseline=True, sources=sources,
                            world=world)

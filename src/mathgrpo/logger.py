@@ -12,6 +12,8 @@ import math
 import sys
 from pathlib import Path
 
+from . import metrics as M
+
 
 class RunLogger:
     def __init__(self, run_dir: Path, tensorboard: bool, max_steps: int, first_step: int = 0, quiet: bool = False,
@@ -40,14 +42,12 @@ class RunLogger:
         self.trackers.log(step, metrics)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(reward=f"{metrics['reward']:.3f}", len=f"{metrics['completion_length_mean']:.0f}",
-                                 s=f"{metrics['step_time']:.1f}")
+            reward, length, secs = metrics[M.REWARD], metrics[M.COMPLETION_LENGTH_MEAN], metrics[M.STEP_TIME]
+            self.bar.set_postfix(reward=f"{reward:.3f}", len=f"{length:.0f}", s=f"{secs:.1f}")
             if summary_line:
-                keys = [k for k in metrics if k.startswith("rewards/") and k.endswith("/mean")]
-                parts = [f"{k.split('/')[1]} {metrics[k]:.3f}" for k in keys]
-                self.bar.write(f"step {step}: reward {metrics['reward']:.3f} ({', '.join(parts)}) "
-                               f"kl {metrics.get('kl', 0.0):.4f} len {metrics['completion_length_mean']:.0f} "
-                               f"{metrics['step_time']:.1f}s")
+                parts = [f"{k.split('/')[1]} {metrics[k]:.3f}" for k in metrics if M.is_reward_mean(k)]
+                self.bar.write(f"step {step}: reward {reward:.3f} ({', '.join(parts)}) "
+                               f"kl {metrics.get(M.KL, 0.0):.4f} len {length:.0f} {secs:.1f}s")
 
     def log_completions(self, step: int, records: list[dict]) -> None:
         for r in records:

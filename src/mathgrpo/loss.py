@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import metrics as M
+
 # ----------------------------------------------------------------------------- advantages
 
 
@@ -106,20 +108,6 @@ def zero_std_fraction(rewards: Tensor, group_size: int) -> float:
 
 
 # ----------------------------------------------------------------------------- token log-probs
-
-
-def selective_log_softmax(logits: Tensor, ids: Tensor, chunk_rows: int = 1024) -> Tensor:
-    """log softmax(logits)[ids] in fp32: [..., V], [...] -> [...]; fp32 copies exist one row chunk at a time."""
-    if logits.shape[:-1] != ids.shape:
-        raise ValueError(f"selective_log_softmax: logits {tuple(logits.shape)} vs ids {tuple(ids.shape)}")
-    flat = logits.reshape(-1, logits.shape[-1])  # [M, V]
-    flat_ids = ids.reshape(-1, 1)  # [M, 1]
-    acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 if given fp64
-    out = torch.empty(flat.shape[0], dtype=acc, device=logits.device)  # [M]
-    for s in range(0, flat.shape[0], chunk_rows):
-        z = flat[s : s + chunk_rows].to(acc)  # [c, V]
-        out[s : s + chunk_rows] = z.gather(1, flat_ids[s : s + chunk_rows]).squeeze(1) - torch.logsumexp(z, dim=1)
-    return out.reshape(ids.shape)
 
 
 def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:  # [c,H] -> [c,V]
@@ -436,16 +424,16 @@ def grpo_loss(
             low = ((ratio_t < 1 - eps_low) & (adv < 0)).float()
             high = ((ratio_t > 1 + eps_high) & (adv > 0)).float()
         stats = {
-            "clip_ratio/low_sum": (low * m).sum(),
-            "clip_ratio/high_sum": (high * m).sum(),
-            "clip_ratio/region_sum": (torch.maximum(low, high) * m).sum(),
-            "ratio/mean_sum": (ratio_t * m).sum(),
-            "num_tokens": m.sum(),
+            M.summed(M.CLIP_LOW): (low * m).sum(),
+            M.summed(M.CLIP_HIGH): (high * m).sum(),
+            M.summed(M.CLIP_REGION): (torch.maximum(low, high) * m).sum(),
+            M.summed(M.RATIO_MEAN): (ratio_t * m).sum(),
+            M.NUM_TOKENS: m.sum(),
         }
         if kl is not None:
-            stats["kl_sum"] = (kl * m).sum()
+            stats[M.summed(M.KL)] = (kl * m).sum()
         if entropy is not None:
-            stats["entropy_sum"] = (entropy.float() * m).sum()
+            stats[M.summed(M.ENTROPY)] = (entropy.float() * m).sum()
         values = torch.stack(list(stats.values())).tolist()  # one device sync for all metrics
     return loss, dict(zip(stats, values))
 

@@ -101,6 +101,3 @@ class PromptBuilder:
                         len(ids), limit, problem[:60])
             ids = ids[-limit:]
         return ids
-
-    def batch_ids(self, problems: list[str]) -> list[list[int]]:
-        return [self.ids(p) for p in problems]

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import metrics as M
 from .evaluate import markdown_table, table_cells
 
 
@@ -96,13 +97,13 @@ def reward_keys(rows: list[dict]) -> list[str]:
     names = []
     for r in rows:
         for k in r:
-            if k.startswith("rewards/") and k.endswith("/mean") and k not in names:
+            if M.is_reward_mean(k) and k not in names:
                 names.append(k)
-    return (["reward"] if any("reward" in r for r in rows) else []) + names
+    return ([M.REWARD] if any(M.REWARD in r for r in rows) else []) + names
 
 
 def _label(key: str) -> str:
-    return "total reward" if key == "reward" else key.split("/")[1]
+    return "total reward" if key == M.REWARD else key.split("/")[1]
 
 
 def first_last(rows: list[dict], window: int = 10) -> tuple[int, list[list[str]]]:
@@ -184,7 +185,7 @@ def plot_rewards(rows, ctx):
     fig, axes = _figure(cols, math.ceil(len(keys) / cols))
     for ax, key in zip(axes, keys):
         steps, v = series(rows, key)
-        std_key = "reward_std" if key == "reward" else key[: -len("mean")] + "std"
+        std_key = M.REWARD_STD if key == M.REWARD else key[: -len("mean")] + "std"
         _, sd = series(rows, std_key)
         if np.isfinite(sd).any():
             ax.fill_between(steps, v - sd, v + sd, alpha=0.12, lw=0)
@@ -197,27 +198,27 @@ def plot_rewards(rows, ctx):
 
 
 def plot_kl(rows, ctx):
-    present = [k for k in ("kl", "clip_ratio/region") if np.isfinite(series(rows, k)[1]).any()]
+    present = [k for k in (M.KL, M.CLIP_REGION) if np.isfinite(series(rows, k)[1]).any()]
     if not present:
         return None
     fig, axes = _figure(len(present))
     for ax, key in zip(axes, present):
         steps, v = series(rows, key)
         _smoothed(ax, steps, v, key)
-        ax.set_title({"kl": "KL to the reference", "clip_ratio/region": "clipped fraction of tokens"}[key])
+        ax.set_title({M.KL: "KL to the reference", M.CLIP_REGION: "clipped fraction of tokens"}[key])
         ax.set_xlabel("step")
     return fig, "KL divergence to the reference policy" + (" and clip ratio" if len(present) > 1 else "")
 
 
 def plot_lengths(rows, ctx):
-    steps, mean = series(rows, "completion_length_mean")
-    _, mx = series(rows, "completion_length_max")
+    steps, mean = series(rows, M.COMPLETION_LENGTH_MEAN)
+    _, mx = series(rows, M.COMPLETION_LENGTH_MAX)
     if not (np.isfinite(mean).any() or np.isfinite(mx).any()):
         return None
     fig, (ax,) = _figure()
     _smoothed(ax, steps, mean, "mean")
     ax.plot(steps, mx, lw=1, ls="--", label="max")
-    _, trunc = series(rows, "truncated_frac")
+    _, trunc = series(rows, M.TRUNCATED_FRAC)
     if np.isfinite(trunc).any():
         ax2 = ax.twinx()
         ax2.plot(steps, trunc, lw=1, color="tab:red", alpha=0.6, label="truncated fraction")
@@ -231,9 +232,9 @@ def plot_lengths(rows, ctx):
 
 
 def plot_step_time(rows, ctx):
-    steps, gen = series(rows, "gen_time")
-    _, upd = series(rows, "update_time")
-    _, tot = series(rows, "step_time")
+    steps, gen = series(rows, M.GEN_TIME)
+    _, upd = series(rows, M.UPDATE_TIME)
+    _, tot = series(rows, M.STEP_TIME)
     if not (np.isfinite(gen).any() or np.isfinite(tot).any()):
         return None
     fig, (ax,) = _figure()

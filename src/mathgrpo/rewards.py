@@ -447,3 +447,35 @@ class RewardSet:
             except Exception:
                 return i
         return None
+
+
+# --- what reward functions receive ----------------------------------------------------------------------------
+
+def reward_columns(problems: Sequence, n: int) -> dict[str, list]:
+    """Each problem's columns repeated n times (prompt-major): problem, gold, solution and every extra dataset column
+    (the union over the problems, in first-seen order; None where a problem lacks one; never shadowing the three)."""
+    names = dict.fromkeys(["problem", "gold", "solution", *(k for p in problems for k in (p.extra or {}))])
+    cols: dict[str, list] = {k: [] for k in names}
+    for p in problems:
+        for key in cols:
+            value = getattr(p, key) if key in ("problem", "gold", "solution") else (p.extra or {}).get(key)
+            cols[key].extend([value] * n)
+    return cols
+
+
+def reward_inputs(problems: Sequence, n: int, *, prompts: list[str], completion_ids: list[list[int]],
+                  truncated: list[bool], prefill: str | None, max_completion_len: int, **settings) -> dict[str, Any]:
+    """The keyword arguments of `RewardSet.score` for n completions per problem (rows prompt-major): one entry per
+    completion of `prompts` (one text per problem, as rendered for the model), `completion_ids` (each row's real
+    tokens), `prefill` (the text the template put before every completion, "" for none), `truncated`, then
+    `max_completion_len` (the generation cap) and `settings` (e.g. overlong_buffer) as scalars, then
+    `reward_columns`. Training (sampling.py), evaluation (evaluate.py) and the TRL front door build them here.
+    (The TRL door passes its dataset rows through an extra Problem column and adds TRL's own keys on top.)"""
+    rep = [t for t in prompts for _ in range(n)]
+    if not len(rep) == len(completion_ids) == len(truncated):
+        raise ValueError(f"reward_inputs: {len(problems)} problems x {n} = {len(rep)} rows, but "
+                         f"{len(completion_ids)} completion_ids and {len(truncated)} truncated flags")
+    columns = reward_columns(problems, n)
+    named = {"prompts": rep, "completion_ids": completion_ids, "prefill": [prefill or ""] * len(rep),
+             "truncated": [bool(t) for t in truncated], "max_completion_len": max_completion_len, **settings}
+    return {**named, **{k: v for k, v in columns.items() if k not in named}}

@@ -1,8 +1,12 @@
 """One step's rollout: draw prompts, sample G completions each, score them; DAPO's dynamic sampling.
 
     got = sample_step(step_seed, sampler, data.train, rollout, prompts, rewards, cfg, world, pad_id)
-    got.batch, got.comp, got.per, got.total     # this rank's problems, completions [N rows], rewards [N, R], [N]
-    got.metrics, got.note                       # groups/* counts (global); a log line when a step came out short
+    got.problems, got.completions       # this rank's problems [P], their completions [N = P * G rows]
+    got.scores, got.totals              # rewards [N, R], weighted totals [N]; got.advantages: the trainer's, later
+    got.metrics, got.note               # groups/* counts (global); a log line when a step came out short
+
+The problem order (`Sampler`: a seeded permutation per epoch, its position checkpointed) and the step's seed
+(`step_seed`) live here too; reward inputs are built by `rewards.reward_inputs`, as in evaluation.
 
 Plain (grpo.dynamic_sampling off): `prompts_per_step` prompts from the sampler, this rank's contiguous share,
 sampled with the step's rank seed and scored, exactly as the loop always did.
@@ -25,28 +29,76 @@ round 0 with the plain step's seed, so a step without flat groups is the plain s
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from . import metrics as M
 from .config import Config
-from .data import Problem, reward_columns
+from .data import Problem
 from .distributed import World, rank_seed
-from .rewards import RewardSet
+from .rewards import RewardSet, reward_inputs
 from .rollout import Completions, sampling_from
 
 ROUND_SEED_STRIDE = 15_485_863  # a prime: round seeds stay clear of the next steps' seeds (step_seed + 1, + 2, ...)
 
 
 @dataclass
-class StepRollout:
-    batch: list[Problem]  # this rank's prompts, one per group, in the order of comp's groups
-    comp: Completions  # [len(batch) * G rows], prompt-major
-    per: np.ndarray  # [N, R] per-reward values
-    total: np.ndarray  # [N] weighted totals
+class Sampler:
+    """Deterministic problem order: a fresh seeded permutation every epoch; its position is checkpointed."""
+
+    n: int
+    seed: int
+    epoch: int = 0
+    position: int = 0
+    order: list[int] = field(default_factory=list)
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if not self.order or self.position >= len(self.order):
+                if self.order:
+                    self.epoch += 1
+                self.order = list(range(self.n))
+                random.Random(self.seed + self.epoch).shuffle(self.order)
+                self.position = 0
+            out.append(self.order[self.position])
+            self.position += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "order": self.order}
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**31)
+
+
+@dataclass
+class RolloutBatch:
+    """One step's rollout on this rank, rows prompt-major (N = len(problems) * G)."""
+
+    problems: list[Problem]  # [P] this rank's prompts, one per group, in the order of the completions' groups
+    completions: Completions  # [N rows]: completion_ids / mask [N, T], texts / truncated [N]
+    scores: np.ndarray  # [N, R] per-reward values (None -> NaN)
+    totals: np.ndarray  # [N] weighted totals
     metrics: dict = field(default_factory=dict)  # global counts (dynamic sampling only)
     note: str | None = None  # a line for the log (dynamic sampling ran out of rounds)
+    advantages: torch.Tensor | None = None  # [N], set by the trainer's advantage stage (over every rank's rows)
+
+
+def score_rollout(rewards: RewardSet, problems: list[Problem], comp: Completions, prompts, max_completion_len: int,
+                  **settings) -> tuple[np.ndarray, np.ndarray]:
+    """Scores [N, R] and totals [N] of `comp` (len(problems) * G rows, prompt-major), the rewards receiving
+    `rewards.reward_inputs` (prompts as `prompts.text` renders them, its `.prefill`). The TRL front door's
+    evaluation can call this with its dataset prompts as `prompts`."""
+    G = len(comp.texts) // max(1, len(problems))
+    return rewards.score(comp.texts, **reward_inputs(
+        problems, G, prompts=[prompts.text(p.problem) for p in problems], prefill=prompts.prefill,
+        completion_ids=[r[m].tolist() for r, m in zip(comp.completion_ids, comp.completion_mask)],
+        truncated=comp.truncated.tolist(), max_completion_len=max_completion_len, **settings))
 
 
 def _generate_and_score(batch: list[Problem], seed: int, rollout, prompts, rewards: RewardSet, cfg: Config):
@@ -54,11 +106,8 @@ def _generate_and_score(batch: list[Problem], seed: int, rollout, prompts, rewar
     torch.manual_seed(seed)
     comp = rollout.generate([prompts.ids(p.problem) for p in batch], G, sampling_from(
         cfg.generation, seed, max_new_tokens=cfg.generation.max_new_tokens))
-    per, total = rewards.score(comp.texts, prompts=[prompts.text(p.problem) for p in batch for _ in range(G)],
-                               completion_ids=[r[m].tolist() for r, m in zip(comp.completion_ids, comp.completion_mask)],
-                               prefill=[prompts.prefill] * len(comp.texts), truncated=comp.truncated.tolist(),
-                               max_completion_len=cfg.generation.max_new_tokens,
-                               overlong_buffer=cfg.rewards.overlong_buffer, **reward_columns(batch, G))
+    per, total = score_rollout(rewards, batch, comp, prompts, cfg.generation.max_new_tokens,
+                               overlong_buffer=cfg.rewards.overlong_buffer)
     return comp, per, total
 
 
@@ -68,7 +117,7 @@ def flat_groups(total: np.ndarray, group: int) -> np.ndarray:
     return grouped.max(axis=1) == grouped.min(axis=1)
 
 
-def take_groups(parts: list[tuple], picks: list[tuple[int, int]], group: int, pad_id: int) -> StepRollout:
+def take_groups(parts: list[tuple], picks: list[tuple[int, int]], group: int, pad_id: int) -> RolloutBatch:
     """The groups `picks` = [(part, group index)] of rounds `parts` = [(batch, comp, per, total)] as one rollout:
     rows in pick order, completions right-padded with pad_id to the widest round."""
     rows = [(parts[p], g * group + j) for p, g in picks for j in range(group)]
@@ -90,11 +139,11 @@ def take_groups(parts: list[tuple], picks: list[tuple[int, int]], group: int, pa
     n_rewards = parts[0][2].shape[1]
     per = np.stack([part[2][r] for part, r in rows]) if rows else np.zeros((0, n_rewards), np.float32)
     total = np.asarray([part[3][r] for part, r in rows], dtype=np.float32)
-    return StepRollout([parts[p][0][g] for p, g in picks], comp, per, total)
+    return RolloutBatch([parts[p][0][g] for p, g in picks], comp, per, total)
 
 
 def sample_step(base_seed: int, sampler, problems: list[Problem], rollout, prompts, rewards: RewardSet, cfg: Config,
-                world: World, pad_id: int, step: int = 0) -> StepRollout:
+                world: World, pad_id: int, step: int = 0) -> RolloutBatch:
     """The step's rollout (see the module docstring). base_seed: the trainer's step_seed(seed, step);
     cfg.generation.max_new_tokens: the step's value (an int); step: only for the log line."""
     P, G = cfg.trainer.prompts_per_step, cfg.grpo.num_generations
@@ -109,7 +158,7 @@ def sample_step(base_seed: int, sampler, problems: list[Problem], rollout, promp
     batch = draw(share)
     first = (batch, *_generate_and_score(batch, seed_of(0), rollout, prompts, rewards, cfg))
     if not cfg.grpo.dynamic_sampling:
-        return StepRollout(*first)
+        return RolloutBatch(*first)
     parts, kept = [first], []
     generated = dropped = surplus = 0
     k = 0
@@ -136,8 +185,8 @@ def sample_step(base_seed: int, sampler, problems: list[Problem], rollout, promp
                      else (batch, None, None, None))  # full already: this rank's share of the round is skipped
     fewest = share - max(needs)  # groups per rank every rank can train on
     sums = np.sum([c for c in world.gather_objects([(generated, dropped, surplus + len(kept) - fewest)])], axis=0)
-    metrics = {"groups/generated": float(sums[0]), "groups/dropped": float(sums[1]),
-               "groups/kept": float(fewest * world.size), "groups/surplus": float(sums[2]), "groups/rounds": float(k)}
+    metrics = {M.GROUPS_GENERATED: float(sums[0]), M.GROUPS_DROPPED: float(sums[1]),
+               M.GROUPS_KEPT: float(fewest * world.size), M.GROUPS_SURPLUS: float(sums[2]), M.GROUPS_ROUNDS: float(k)}
     note = None
     if fewest < share:
         what = (f"training on {fewest * world.size} ({fewest} per rank)" if fewest else
@@ -146,10 +195,10 @@ def sample_step(base_seed: int, sampler, problems: list[Problem], rollout, promp
                 f"round{'s' if k != 1 else ''} (grpo.dynamic_sampling_max_rounds={cfg.grpo.dynamic_sampling_max_rounds}"
                 f"; {int(sums[0])} groups generated, {int(sums[1])} with all rewards equal); {what}")
     if fewest == 0:
-        out = StepRollout(*first)
-        metrics["groups/kept"] = 0.0
+        out = RolloutBatch(*first)
+        metrics[M.GROUPS_KEPT] = 0.0
     elif len(parts) == 1 and kept == [(0, g) for g in range(share)]:
-        out = StepRollout(*first)  # nothing dropped: the plain step as it is
+        out = RolloutBatch(*first)  # nothing dropped: the plain step as it is
     else:
         out = take_groups(parts, kept[:fewest], G, pad_id)
     out.metrics, out.note = metrics, note

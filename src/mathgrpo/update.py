@@ -1,0 +1,147 @@
+"""The update stage: num_iterations optimizer steps over one rollout, in token-budgeted micro-batches.
+
+    optimizer, scheduler = make_optimizer(model, cfg)
+    metrics = policy_update(model, optimizer, scheduler, ref, completions, advantages, cfg, world)
+    optimizer.zero_grad(set_to_none=True)     # the caller frees the last gradients (the trainer does)
+
+policy_update leaves the last iteration's gradients (averaged over ranks, clipped) on the parameters, so tests
+and benchmarks read them directly; the trainer's update stage frees them before the next generation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import metrics as M
+from .config import Config
+from .distributed import SINGLE, World
+from .fsdp import is_sharded
+from .loss import bnpo_row_norms, effective_mask, grpo_loss, token_means
+from .models import Reference, completion_logprobs
+from .packing import packed_microbatches
+from .rollout import Completions
+
+
+def make_optimizer(model, cfg: Config):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: enable model.lora or full fine-tuning")
+    t = cfg.trainer
+    opt = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                            weight_decay=t.weight_decay)
+    total = max(1, t.max_steps * cfg.grpo.num_iterations)
+
+    def factor(i: int) -> float:
+        if i < t.warmup_steps:
+            return (i + 1) / (t.warmup_steps + 1)
+        frac = (i - t.warmup_steps) / max(1, total - t.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[t.lr_scheduler]
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def microbatches(total_lengths: list[int], budget: int) -> list[list[int]]:
+    """Row groups whose padded size (rows x longest row) stays within `budget` tokens; similar lengths
+    are grouped (stable sort) so short completions are not padded to long ones."""
+    order = sorted(range(len(total_lengths)), key=lambda i: total_lengths[i])
+    groups, cur, longest = [], [], 0
+    for i in order:
+        new_longest = max(longest, total_lengths[i])
+        if cur and new_longest * (len(cur) + 1) > budget:
+            groups.append(cur)
+            cur, new_longest = [], total_lengths[i]
+        cur.append(i)
+        longest = new_longest
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor,
+                  cfg: Config, world: World = SINGLE) -> dict:
+    """num_iterations optimizer steps over one rollout (this rank's rows); returns this rank's averaged loss
+    metrics. With several ranks, gradients are averaged over ranks before each step (distributed.py).
+    The last iteration's gradients stay on the parameters: the caller frees them (generation wants the memory)."""
+    g, t = cfg.grpo, cfg.trainer
+    mask = comp.completion_mask.float()  # [N, T]
+    n_rows = mask.shape[0]
+    lengths = comp.completion_mask.sum(1).tolist()
+    split = packed_microbatches if t.pack_sequences else microbatches
+    groups = split([len(p) + int(n) for p, n in zip(comp.prompt_ids, lengths)], t.max_tokens_per_microbatch)
+    sharded = is_sharded(model)
+    if sharded:  # every FSDP2 forward and backward is a collective: the same number of micro-batches on every rank
+        groups = world.match_microbatches(groups)
+    eff = effective_mask(mask, comp.truncated, g.mask_truncated_completions)  # [N, T]
+    tokens = float(eff.sum())
+    seq_count, token_count = world.loss_counts(g.loss_type, n_rows, tokens)
+    row_norm = bnpo_row_norms(eff, g.bnpo_batch_rows) if g.loss_type == "bnpo" else None  # [N]
+    device = next(p for p in model.parameters() if p.requires_grad).device
+
+    def logp_of(m, rows: list[int], with_entropy: bool = False):  # [len(rows), T_rows] (and entropy, same shape)
+        width = max(1, max(lengths[i] for i in rows))
+        return completion_logprobs(m, [comp.prompt_ids[i] for i in rows], comp.completion_ids[rows, :width],
+                                   chunk_size=t.logprob_chunk_size, temperature=max(cfg.generation.temperature, 1e-6),
+                                   with_entropy=with_entropy,
+                                   lengths=[int(lengths[i]) for i in rows] if t.pack_sequences else None)
+
+    fixed: dict[str, dict[int, torch.Tensor]] = {"old": {}, "ref": {}}
+    with torch.no_grad():
+        for k, rows in enumerate(groups):
+            if g.beta > 0:
+                with ref.context(model) as rm:
+                    fixed["ref"][k] = logp_of(rm, rows)
+    sums: dict[str, float] = {}
+    for it in range(g.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for k, rows in enumerate(groups):
+            logp, entropy = logp_of(model, rows, with_entropy=True)  # entropy: logged, and top_entropy_quantile
+            width = logp.shape[1]
+            if it == 0 and g.num_iterations > 1:
+                # The old policy is this iteration's policy: its log-probs are taken from this very pass (same
+                # dropout mask, so the first ratio is exactly 1, and no extra forward pass).
+                fixed["old"][k] = logp.detach()
+            loss, m = grpo_loss(
+                logp, fixed["old"].get(k), fixed["ref"].get(k), adv[rows].to(device), mask[rows, :width].to(device),
+                loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
+                max_completion_length=cfg.generation.max_new_tokens, token_count=token_count, seq_count=seq_count,
+                truncated=comp.truncated[rows].to(device), mask_truncated=g.mask_truncated_completions,
+                importance_sampling_level=g.importance_sampling_level, use_bias_correction_kl=g.use_bias_correction_kl,
+                sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg,
+                row_norm=None if row_norm is None else row_norm[rows].to(device),
+                entropy=entropy, top_entropy_quantile=g.top_entropy_quantile)
+            loss.backward()
+            loss_total += float(loss.detach())
+            for key, v in m.items():  # token sums: token-weighted means over micro-batches and ranks below
+                sums[key] = sums.get(key, 0.0) + v / g.num_iterations
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not sharded:  # (FSDP2 reduce-scatters, averaging over ranks, in every backward)
+            world.all_reduce_grads(params)  # after the last micro-batch: ranks may run different numbers of them
+        # the global norm, also over FSDP2's DTensor gradients (a replicated DTensor: the same float on every rank);
+        # max_grad_norm=0 means no clipping (torch would scale every gradient to 0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
+        optimizer.step()
+        scheduler.step()
+        sums[M.LOSS] = sums.get(M.LOSS, 0.0) + loss_total / g.num_iterations
+        sums[M.GRAD_NORM] = sums.get(M.GRAD_NORM, 0.0) + grad_norm / g.num_iterations
+    # every rank returns the global token means (TRL's global_masked_mean); the mean over ranks of sums is sum / W
+    summed = world.reduce_metrics({k: v for k, v in sums.items() if k.endswith("_sum") or k == M.NUM_TOKENS})
+    means = {**token_means(summed), M.NUM_TOKENS: summed[M.NUM_TOKENS] * world.size}  # tokens in the loss, all ranks
+    return {**{k: v for k, v in sums.items() if k not in summed}, **means}
+
+
+def update_stage(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor, cfg: Config,
+                 world: World = SINGLE, rollout=None) -> dict:
+    """The trainer's update stage (after its seeding): with generation.release_memory the rollout backend's KV cache
+    is freed first (the update's activations get its memory); policy_update; the gradients freed (generation gets
+    theirs); the backend's weights synced. Returns the update's metrics and the learning rate. Benchmarks call it."""
+    if rollout is not None and cfg.generation.release_memory and hasattr(rollout, "release"):
+        rollout.release()
+    metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world)
+    optimizer.zero_grad(set_to_none=True)
+    metrics = {**metrics, M.LR: scheduler.get_last_lr()[0]}
+    if rollout is not None:
+        rollout.sync_weights(model)
+    return metrics
