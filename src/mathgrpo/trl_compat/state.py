@@ -10,16 +10,11 @@ import math
 import shutil
 from pathlib import Path
 
+from .. import metrics as M
 from .options import warn
 
-# mathgrpo metric name -> the name TRL logs it under (the rest keep their names).
-TRL_METRIC_NAMES = {
-    "frac_zero_std": "frac_reward_zero_std", "completion_length_mean": "completions/mean_length",
-    "completion_length_max": "completions/max_length", "truncated_frac": "completions/clipped_ratio",
-    "lr": "learning_rate", "clip_ratio/region": "clip_ratio/region_mean", "clip_ratio/low": "clip_ratio/low_mean",
-    "clip_ratio/high": "clip_ratio/high_mean",
-    "num_tokens": "completion_tokens",  # TRL's num_tokens is a running total of prompt + completion tokens
-}
+# mathgrpo metric name -> the name TRL logs it under (the rest keep their names): metrics.py's one table.
+TRL_METRIC_NAMES = M.TRL_NAMES
 _LAST_NOT_MEAN = ("learning_rate", "grad_norm")  # as transformers logs them: the value at the logging step
 
 
