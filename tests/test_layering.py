@@ -29,13 +29,8 @@ LAYERS: list[set[str]] = [
     {"cli", "trl_compat", "__init__", "__main__"},
 ]
 
-# Known upward imports, each a follow-up; any other upward import fails the test.
-ALLOWED_UPWARD = {
-    # report.py imports the table helpers `markdown_table` / `table_cells` from evaluate.py while evaluate.py and
-    # trainer.py call report.write_report / write_eval_report: follow-up (issue 14) is to move those two helpers
-    # into report.py (or a small tables module) and drop this entry.
-    ("report", "evaluate"),
-}
+# Known upward imports, each a follow-up (none left); any other upward import fails the test.
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 
 def _unit(path: Path) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 
 from .answers import extract_boxed
 from .config import Config, load_config, max_new_tokens_at
+from .report import markdown_table, table_cells
 from .rewards import final_answer, reward_inputs
 
 log = logging.getLogger(__name__)
@@ -277,33 +278,6 @@ def single_rows(result: EvalResult) -> list[dict]:
     rows = [{"metric": _display(m, result.k), "key": m, "value": result.metrics.get(m)}
             for m in metric_order(result) if m in result.metrics]
     return rows + [{"metric": "problems", "key": "n_problems", "value": result.metrics["n_problems"]}]
-
-
-def _fmt(x, key: str = "", signed: bool = False) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, int) and not isinstance(x, bool):
-        return str(x)
-    digits = 1 if key == "completion_length" else 3
-    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
-
-
-def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """(headers, formatted cells) of `compare` rows, or of `single_rows` rows; the report renders these too."""
-    if rows and "value" in rows[0]:
-        return ["metric", "value"], [[r["metric"], _fmt(r["value"], r["key"])] for r in rows]
-    cells = []
-    for r in rows:
-        ci = "-" if r.get("ci_low") is None else \
-            f"[{_fmt(r['ci_low'], r['key'], True)}, {_fmt(r['ci_high'], r['key'], True)}]"
-        cells.append([r["metric"], _fmt(r["base"], r["key"]), _fmt(r["trained"], r["key"]),
-                      _fmt(r["diff"], r["key"], True), ci])
-    return ["metric", "base", "trained", "diff", "95% CI"], cells
-
-
-def markdown_table(headers: list[str], cells: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells])
 
 
 def format_comparison_table(rows: list[dict]) -> str:

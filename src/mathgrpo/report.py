@@ -21,7 +21,8 @@ from typing import Callable
 import numpy as np
 
 from . import metrics as M
-from .evaluate import markdown_table, table_cells
+from .files import JsonlError
+from .files import read_jsonl as _read_jsonl
 
 
 class ReportError(ValueError):
@@ -31,20 +32,40 @@ class ReportError(ValueError):
 # --- reading ----------------------------------------------------------------------------------------------
 
 def read_jsonl(path: Path, *, what: str) -> list[dict]:
-    rows = []
-    with path.open() as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ReportError(f"{path}, line {i}: not valid JSON ({e.msg}); "
-                                  f"{what} must hold one object a line") from None
-            if not isinstance(row, dict):
-                raise ReportError(f"{path}, line {i}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    try:
+        return _read_jsonl(path)
+    except JsonlError as e:
+        raise ReportError(f"{e.path}, line {e.line}: {e.why}; {what} must hold one object a line") from None
+
+
+# --- tables (the evaluation's printed table and the report's) ----------------------------------------------
+
+def _fmt(x, key: str = "", signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return str(x)
+    digits = 1 if key == "completion_length" else 3
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(headers, formatted cells) of `compare` rows, or of `single_rows` rows; the report renders these too."""
+    if rows and "value" in rows[0]:
+        return ["metric", "value"], [[r["metric"], _fmt(r["value"], r["key"])] for r in rows]
+    cells = []
+    for r in rows:
+        ci = "-" if r.get("ci_low") is None else \
+            f"[{_fmt(r['ci_low'], r['key'], True)}, {_fmt(r['ci_high'], r['key'], True)}]"
+        cells.append([r["metric"], _fmt(r["base"], r["key"]), _fmt(r["trained"], r["key"]),
+                      _fmt(r["diff"], r["key"], True), ci])
+    return ["metric", "base", "trained", "diff", "95% CI"], cells
+
+
+def markdown_table(headers: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells])
+
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

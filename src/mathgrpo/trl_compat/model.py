@@ -10,6 +10,7 @@ models.py decides them: checkpointing is non-reentrant (`models.enable_checkpoin
 
 from __future__ import annotations
 
+from ..modelinfo import is_quantized_linear
 from .options import env, warn
 
 
@@ -144,7 +145,7 @@ def is_peft(model) -> bool:
 
 
 def is_kbit(model) -> bool:
-    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    return any(is_quantized_linear(m) for m in model.modules())
 
 
 def _unmark_gguf(model) -> None:
