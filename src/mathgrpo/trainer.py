@@ -38,6 +38,7 @@ from . import runs
 from .config import Config, dump_yaml, max_new_tokens_at
 from .data import ProblemSet, load_problems
 from .distributed import SINGLE, World, batch_line, process_group, rank_seed
+from .files import read_jsonl
 from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
 from .loss import group_advantages, unscorable_as_nan, zero_std_fraction
@@ -377,7 +378,7 @@ def _write_report(run: Path) -> None:
 
 
 def summarize(run: Path, names: list[str], window: int = 10) -> dict:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    rows = read_jsonl(run / "metrics.jsonl")
     first, last = rows[:window], rows[-window:]
     out = {"run_dir": str(run), "steps": len(rows), "window": window}
     for key in [M.REWARD] + [M.reward_mean(n) for n in names]:

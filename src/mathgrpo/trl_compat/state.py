@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from .. import metrics as M
+from ..files import atomic_dir, step_dirs
 from .options import warn
 
 # mathgrpo metric name -> the name TRL logs it under (the rest keep their names): metrics.py's one table.
@@ -139,12 +140,10 @@ def save_trl_checkpoint(trainer, step: int) -> Path:
     them; written to a temp folder and renamed, and only the last save_total_limit are kept. mathgrpo's own
     resume state (optimizer, RNG, data position) lives in output_dir/checkpoints/checkpoint-<step>/."""
     out = Path(trainer.args.output_dir)
-    final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_weights_and_tokenizer(trainer.model, trainer.processing_class, tmp)
-    trainer.state.save_to_json(str(tmp / "trainer_state.json"))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    final = out / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        save_weights_and_tokenizer(trainer.model, trainer.processing_class, tmp)
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
     keep = trainer.args.save_total_limit
     if keep:
         for old in trl_checkpoints(out)[:-keep]:
@@ -162,8 +161,7 @@ def save_weights_and_tokenizer(model, tokenizer, path: Path) -> None:
 
 def trl_checkpoints(out: Path) -> list[Path]:
     """output_dir/checkpoint-<step>/ folders (TRL's layout), oldest first."""
-    found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return step_dirs(out)
 
 
 def resume_dir(out: Path, spec) -> Path | None:
