@@ -147,7 +147,8 @@ def test_every_key_has_a_doc_and_choices_come_from_the_type():
     import dataclasses
     import typing
 
-    from mathgrpo.config import Config, choices
+    from mathgrpo.config import Config
+    from mathgrpo.settings import choices
 
     root = Config()
     undocumented = [f"{s.name}.{f.name}" for s in dataclasses.fields(root)

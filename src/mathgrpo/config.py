@@ -6,35 +6,22 @@ The dataclass defaults reproduce the notebook this tool replaces (100 problems, 
 G=4, LoRA, 1 prompt a step, 80 steps, beta 0.04, lr 1e-5, log/save every 10 steps, 90/10 split, seed 42).
 `mathgrpo train` with no arguments at all uses the embedded preset (`EMBEDDED`, preset `demo`): SmolLM2-135M on
 the built-in arithmetic set, tuned to learn visibly on a laptop CPU in minutes. Named presets: presets.py.
+The loading machinery (YAML, overrides, type and range checks, the reference table) is settings.py's.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from . import settings
+from .settings import ConfigError, parse_overrides, setting  # noqa: F401  (ConfigError, parse_overrides: the config's API)
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key at fault."""
-
-
-def setting(default: Any, doc: str) -> Any:
-    """A config field: its default (a list or dict is copied for each instance) and its one-line meaning, which
-    `config_reference()` prints (`mathgrpo config reference`, README). A choice among names is typed
-    `Literal[...]`: the loader checks it against the type (`_coerce`, `validate`)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass
@@ -255,152 +242,7 @@ EMBEDDED: dict[str, Any] = {
 }
 
 
-
-# --- loading -------------------------------------------------------------------------------------------
-
-def _type_name(tp: Any, inner: bool = False) -> str:
-    """`str`, `int | None`, `list[str] | None`, `list` (a bare list field reads as its origin); a Literal of names
-    reads as the type of its values."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return type(typing.get_args(tp)[0]).__name__
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a, inner=True) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "None"
-    if inner and not isinstance(tp, type):
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def choices(tp: Any) -> tuple | None:
-    """The allowed values of a `Literal[...]` field type (None first for an optional one); None for other types."""
-    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    literal = [a for a in args if typing.get_origin(a) is Literal]
-    if not literal:
-        return None
-    return ((None,) if type(None) in args else ()) + typing.get_args(literal[0])
-
-
-def _check_choice(value: Any, allowed: tuple, key: str) -> Any:
-    if str(value) in ("True", "False") and {"on", "off"} <= set(allowed):  # YAML 1.1 reads a bare on/off as a bool
-        value = "on" if str(value) == "True" else "off"
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
-    return value
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and gently convert) a YAML value against a dataclass field type."""
-    origin = typing.get_origin(tp)
-    allowed = choices(tp)
-    if allowed is not None:  # a Literal (or an optional one): null, or one of the names
-        if isinstance(value, str) and value.lower() in ("null", "none") and None in allowed:
-            return None
-        return _check_choice(value, allowed, key)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is dict:
-        kt, vt = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {_coerce(k, kt, f"{key} (key {k!r})"): _coerce(v, vt, f"{key}[{k!r}]") for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):  # allow `a,b,c` on the command line
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(f)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _merge(obj: Any, values: dict, prefix: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    valid = [f.name for f in dataclasses.fields(obj)]
-    for k, v in values.items():
-        key = f"{prefix}{k}"
-        if k not in valid:
-            where = f"section '{prefix[:-1]}'" if prefix else "the top level"
-            raise ConfigError(f"unknown key '{key}'; valid keys in {where}: {', '.join(valid)}")
-        current = getattr(obj, k)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(v, dict):
-                raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
-            _merge(current, v, f"{key}.")
-        else:
-            setattr(obj, k, _coerce(v, hints[k], key))
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """['grpo.beta=0.04', 'trainer.max_steps=80'] -> nested dict, values parsed as YAML scalars."""
-    tree: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. trainer.max_steps=80)")
-        path, raw = item.split("=", 1)
-        value = _parse_value(raw)
-        node = tree
-        parts = path.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with an earlier one")
-        node[parts[-1]] = value
-    return tree
-
-
-def _parse_value(raw: str) -> Any:
-    """A YAML scalar, or the raw text when YAML would read a colon inside plain text as a mapping
-    (`prompt.instruction=For example: 3 + 4 = 7`) or cannot parse it at all."""
-    if not raw.strip():
-        return ""
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-    return raw if isinstance(value, dict) and not raw.lstrip().startswith("{") else value
-
+# --- loading (the machinery: settings.py) ----------------------------------------------------------
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
@@ -410,34 +252,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is None and base is None and not overrides:
         base = EMBEDDED
     if base:
-        _merge(cfg, base, "")
+        settings.merge(cfg, base)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            hint = "" if p.suffix in (".yaml", ".yml", ".json") else \
-                " (and not an override either: an override looks like section.key=value)"
-            raise ConfigError(f"config file not found: {p}{hint}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if data is None:  # an empty file is more likely a mistake than a wish for the 1.5B notebook defaults
-            raise ConfigError(f"{p}: the file is empty; put `{{}}` in it to mean the built-in defaults "
-                              f"(mathgrpo config reference), or give the settings you want")
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-        try:
-            _merge(cfg, data, "")
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
+        settings.merge_file(cfg, path)
     if overrides:
-        _merge(cfg, parse_overrides(overrides), "")
+        settings.merge(cfg, parse_overrides(overrides))
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    _check_choices(cfg)
+    settings.check_choices(cfg)
     schedule = length_schedule(cfg.generation.max_new_tokens)
     shortest = min(v for _, v in schedule)
     if shortest < 1:
@@ -451,17 +276,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("rewards.functions is empty: name at least one reward")
     check_ranges(cfg)
     _check_report_to(cfg)
-
-
-def _check_choices(cfg: Config) -> None:
-    """Every `Literal[...]` field holds one of its names: again here for a config built or changed in code."""
-    for sec in dataclasses.fields(cfg):
-        obj = getattr(cfg, sec.name)
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            allowed = choices(hints[f.name])
-            if allowed is not None:
-                setattr(obj, f.name, _check_choice(getattr(obj, f.name), allowed, f"{sec.name}.{f.name}"))
 
 
 # Allowed ranges, checked when the config is built: (low, high, low included, high included); None = unbounded.
@@ -491,26 +305,9 @@ _RANGES: dict[str, tuple] = {
 }
 
 
-def _describe(lo, hi, lo_in: bool, hi_in: bool) -> str:
-    if hi is None:
-        return f"{'>=' if lo_in else '>'} {lo}"
-    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
-
-
 def check_ranges(cfg: Config) -> None:
     """Every float finite and every key of `_RANGES` within its range; the error names the key and the range."""
-    for sec in dataclasses.fields(cfg):
-        obj = getattr(cfg, sec.name)
-        for f in dataclasses.fields(obj):
-            key, v = f"{sec.name}.{f.name}", getattr(obj, f.name)
-            values = v if isinstance(v, list) else [v]
-            if any(isinstance(x, float) and not math.isfinite(x) for x in values):
-                raise ConfigError(f"{key} must be a finite number, got {v}")
-            if key in _RANGES and v is not None:
-                lo, hi, lo_in, hi_in = _RANGES[key]
-                ok = (v >= lo if lo_in else v > lo) and (hi is None or (v <= hi if hi_in else v < hi))
-                if not ok:
-                    raise ConfigError(f"{key} must be {_describe(lo, hi, lo_in, hi_in)}, got {v}")
+    settings.check_ranges(cfg, _RANGES)
 
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio")  # trainer.report_to names (trackers.py has their code)
@@ -557,13 +354,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def config_reference() -> str:
     """A markdown table of every key, its type, default and meaning (the `doc` of its `setting`)."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    root = Config()
-    for sec in dataclasses.fields(root):
-        obj = getattr(root, sec.name)
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            default = getattr(obj, f.name)
-            lines.append(f"| `{sec.name}.{f.name}` | {_type_name(hints[f.name]).replace(' | ', ' or ')} | `{default!r}` | "
-                         f"{f.metadata.get('doc', '').replace('|', '/')} |")
-    return "\n".join(lines)
+    return settings.reference(Config())

@@ -12,7 +12,8 @@ import math
 import typing
 from pathlib import Path
 
-from ..config import Config, ConfigError, _coerce, load_config
+from ..config import Config, ConfigError, load_config
+from ..settings import coerce
 from .options import OPTION_NAMES, SAVE_STRATEGIES, SCHEDULERS, Options, env, report_to_names, sort_others, warn
 from .rewards import reward_specs
 
@@ -26,7 +27,7 @@ class GRPOConfig(Options):
         super().__init__(output_dir=output_dir, **{k: v for k, v in options.items() if k in OPTION_NAMES})
         hints = typing.get_type_hints(Options)
         for f in dataclasses.fields(Options):  # scripts pass e.g. overwrite_output_dir='True'
-            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"GRPOConfig.{f.name}"))
+            setattr(self, f.name, coerce(getattr(self, f.name), hints[f.name], f"GRPOConfig.{f.name}"))
         self.output_dir = self.output_dir or "trainer_output"
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
         if self.bf16 is None:
