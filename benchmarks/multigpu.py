@@ -133,7 +133,7 @@ def worker(args) -> None:
     import torch
 
     from mathgrpo.distributed import process_group, rank_seed
-    from mathgrpo.loss import group_advantages
+    from mathgrpo.advantages import group_advantages
     from mathgrpo.models import Reference, load_model
     from mathgrpo.rollout import SamplingConfig, make_rollout
     from mathgrpo.update import make_optimizer, policy_update, update_stage

@@ -291,7 +291,7 @@ def liger_update(model, optimizer, scheduler, ref, comp, adv, cfg, opts: dict) -
 def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
     import torch
 
-    from mathgrpo.loss import group_advantages
+    from mathgrpo.advantages import group_advantages
     from mathgrpo.models import Reference, load_model
     from mathgrpo.rollout import SamplingConfig, make_rollout
     from mathgrpo.update import make_optimizer, update_stage

@@ -103,7 +103,7 @@ def profile_update(run, steps_out: dict) -> None:
 def run_workload(args) -> None:
     import torch
 
-    from mathgrpo.loss import group_advantages
+    from mathgrpo.advantages import group_advantages
     from mathgrpo.models import Reference, completion_logprobs, load_model
     from mathgrpo.update import make_optimizer, microbatches, policy_update
     from mathgrpo.packing import packed_microbatches

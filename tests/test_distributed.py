@@ -20,7 +20,7 @@ from conftest import tiny_overrides
 from mathgrpo import distributed as D
 from mathgrpo.config import load_config
 from mathgrpo.data import load_problems
-from mathgrpo.loss import group_advantages
+from mathgrpo.advantages import group_advantages
 from mathgrpo.models import Reference, load_model
 from mathgrpo.rollout import Completions
 from mathgrpo.trainer import Sampler, make_optimizer, policy_update, train
@@ -346,7 +346,7 @@ def test_batch_line_and_rank_seeds():
 
 def test_loss_counts_on_one_rank_are_the_local_counts():
     assert D.SINGLE.loss_counts("dapo", 8, 37.0) == (8.0, 37.0)
-    with pytest.raises(ValueError, match="unknown loss_type 'x'"):
+    with pytest.raises(ValueError, match="loss_counts: loss_type: unknown 'x'; choose from grpo, "):
         D.SINGLE.loss_counts("x", 8, 37.0)
 
 

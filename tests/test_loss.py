@@ -8,19 +8,16 @@ import statistics
 import pytest
 import torch
 
+from mathgrpo.advantages import ADVANTAGE_SCALINGS, group_advantages, unscorable_as_nan, zero_std_fraction
 from mathgrpo.loss import (
-    ADVANTAGE_SCALINGS,
     LOSS_NORMALIZERS,
     POLICY_TERMS,
     bnpo_row_norms,
     chunked_token_logprobs,
     effective_mask,
     grpo_loss,
-    group_advantages,
     kl_k3,
     token_means,
-    unscorable_as_nan,
-    zero_std_fraction,
 )
 
 LOSS_TYPES = sorted(LOSS_NORMALIZERS)

@@ -72,7 +72,7 @@ def test_packed_logprobs_equal_the_padded_ones_with_gradients(arch):
 
 
 def _update(pack: bool, loss_type: str, iters: int, checkpointing: bool):
-    from mathgrpo.loss import group_advantages
+    from mathgrpo.advantages import group_advantages
     from mathgrpo.models import Reference, enable_checkpointing
     from mathgrpo.trainer import make_optimizer, policy_update
 

@@ -323,7 +323,7 @@ def test_rewardset_all_none_row_totals_zero():
     "entries, message",
     [
         ([], "at least one"),
-        ([("no_such_reward", 1.0)], "unknown reward 'no_such_reward'"),
+        ([("no_such_reward", 1.0)], "rewards.functions: unknown 'no_such_reward'; choose from format, "),
         ([("accuracy", 1.0), ("accuracy", 2.0)], "listed twice"),
         ([("accuracy", "heavy")], "weight 'heavy'"),
         ([("accuracy", float("nan"))], "not finite"),

@@ -47,6 +47,8 @@ from typing import Iterator
 import torch
 import torch.distributed as tdist
 
+from .registry import lookup
+
 # loss type -> whether its token count is rank-local (else global / W); see the module docstring.
 LOCAL_TOKEN_COUNT: dict[str, bool] = {"grpo": False, "dr_grpo": False, "dapo": False, "bnpo": True, "cispo": False,
                                      "sapo": False}
@@ -129,15 +131,14 @@ class World:
     def loss_counts(self, loss_type: str, rows: int, tokens: float) -> tuple[float, float]:
         """(seq_count, token_count) to pass to every micro-batch's `grpo_loss` so that averaging the ranks'
         gradients gives the gradient over the global batch (see the module docstring)."""
-        if loss_type not in LOCAL_TOKEN_COUNT:
-            raise ValueError(f"loss_counts: unknown loss_type {loss_type!r}; known: {sorted(LOCAL_TOKEN_COUNT)} "
-                             f"(a new loss type must say in distributed.LOCAL_TOKEN_COUNT how its counts combine)")
+        local = lookup(LOCAL_TOKEN_COUNT, loss_type, "loss_counts: loss_type",
+                       hint=" (a new loss type must say in distributed.LOCAL_TOKEN_COUNT how its counts combine)")
         if not self.distributed:
             return float(rows), float(tokens)
         t = torch.tensor([float(rows), float(tokens)], dtype=torch.float64, device=self.device)
         tdist.all_reduce(t)
         seq_count, token_count = (t / self.size).tolist()
-        return seq_count, float(tokens) if LOCAL_TOKEN_COUNT[loss_type] else token_count
+        return seq_count, float(tokens) if local else token_count
 
     def match_microbatches(self, groups: list[list[int]]) -> list[list[int]]:
         """`groups` (row indices per micro-batch) split until this rank runs as many micro-batches as the rank

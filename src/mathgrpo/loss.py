@@ -1,9 +1,9 @@
-"""GRPO math: group advantages, token log-probs without [B, T, V] tensors, KL, clipped loss.
+"""GRPO math: token log-probs without [B, T, V] tensors, KL, clipped loss (group advantages: advantages.py).
 
-Pure functions, no model or trainer state; the trainer (trainer.py) calls them once per step
-(`group_advantages`) and once per micro-batch (`chunked_token_logprobs`, `grpo_loss`).
+Pure functions, no model or trainer state; the update (update.py) calls them once per micro-batch
+(`chunked_token_logprobs`, `grpo_loss`).
 Semantics follow TRL's GRPOTrainer (loss types, clip metrics, KL estimator, reward scaling) so
-runs are comparable; variants are registry names (`ADVANTAGE_SCALINGS`, `POLICY_TERMS`, `LOSS_NORMALIZERS`,
+runs are comparable; variants are registry names (`POLICY_TERMS`, `LOSS_NORMALIZERS`,
 `IMPORTANCE_LEVELS`). Check with `pytest tests/test_loss.py -q`; `tests/test_trl_loss.py` compares the loss and
 its gradients with TRL 1.16's own `GRPOTrainer._compute_loss` for every loss type and option.
 
@@ -27,85 +27,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
-
-# ----------------------------------------------------------------------------- advantages
-
-
-def _nanstd(x: Tensor, dim: int | None = None) -> Tensor:
-    # Unbiased (Bessel) std ignoring NaN, as TRL's `nanstd`; NaN where fewer than 2 values remain.
-    keep = ~torch.isnan(x)
-    n = keep.sum() if dim is None else keep.sum(dim=dim, keepdim=True)
-    mean = x.nanmean() if dim is None else x.nanmean(dim=dim, keepdim=True)
-    sq = torch.where(keep, (x - mean) ** 2, torch.zeros_like(x))
-    ss = sq.sum() if dim is None else sq.sum(dim=dim, keepdim=True)
-    return torch.where(n > 1, (ss / (n - 1).clamp(min=1)).sqrt(), torch.full_like(ss, float("nan")))
-
-
-def _group_std(grouped: Tensor) -> Tensor:  # [P, G] -> [P, 1]
-    # Unbiased (Bessel) std per group, as TRL's `nanstd(rewards.view(-1, G), dim=1)`.
-    return _nanstd(grouped, dim=1)
-
-
-def _batch_std(grouped: Tensor) -> Tensor:  # [P, G] -> [1, 1]
-    # One unbiased std over every reward in the batch; the mean stays per group (TRL "batch"). With several
-    # ranks the batch is the global one: the trainer gathers every rank's rewards first.
-    return _nanstd(grouped).reshape(1, 1)
-
-
-# name -> fn(grouped rewards [P, G]) -> divisor broadcastable to [P, G]; None means "don't scale".
-ADVANTAGE_SCALINGS: dict[str, Callable[[Tensor], Tensor] | None] = {
-    "group": _group_std,
-    "batch": _batch_std,
-    "none": None,
-}
-
-
-def _grouped(rewards: Tensor, group_size: int, fn: str) -> Tensor:  # [N] -> [P, G]
-    if rewards.dim() != 1:
-        raise ValueError(f"{fn}: rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"{fn}: {rewards.numel()} rewards do not split into groups of {group_size}")
-    return rewards.reshape(-1, group_size)
-
-
-def group_advantages(
-    rewards: Tensor, group_size: int, scale_rewards: str = "group", eps: float = 1e-4
-) -> Tensor:
-    """Group-relative advantages [N] from total rewards [N], rows prompt-major (G per prompt).
-
-    A = (r - mean_group) / (std + eps), std unbiased (Bessel, as TRL). A NaN reward marks a completion no
-    reward function could score (all returned None): as in TRL 1.16 it joins neither its group's mean nor
-    the std, and its advantage is 0 (so is every advantage of a group left with < 2 scored members when
-    scaling). With several ranks, pass the global batch: "batch" scaling needs every rank's rewards.
-    """
-    if scale_rewards not in ADVANTAGE_SCALINGS:
-        known = sorted(ADVANTAGE_SCALINGS)
-        raise ValueError(f"group_advantages: unknown scale_rewards {scale_rewards!r}; known: {known}")
-    if group_size < 2:
-        raise ValueError(f"group_advantages: group_size must be >= 2 (got {group_size}): no baseline")
-    grouped = _grouped(rewards, group_size, "group_advantages").float()  # [P, G]
-    if torch.isinf(grouped).any():
-        bad = torch.isinf(rewards).nonzero().flatten().tolist()
-        raise ValueError(f"group_advantages: infinite rewards at rows {bad[:10]}")
-    adv = grouped - grouped.nanmean(dim=1, keepdim=True)  # [P, G]; NaN for unscorable rows
-    scale = ADVANTAGE_SCALINGS[scale_rewards]
-    if scale is not None:
-        adv = adv / (scale(grouped) + eps)
-    return torch.nan_to_num(adv, nan=0.0).reshape(-1)  # [N]
-
-
-def unscorable_as_nan(per_reward: Tensor, total: Tensor) -> Tensor:
-    """total [N] with NaN where every reward of the row is NaN ([N, R] per_reward): `group_advantages` input."""
-    return torch.where(torch.isnan(per_reward).all(dim=1), torch.full_like(total, float("nan")), total)
-
-
-def zero_std_fraction(rewards: Tensor, group_size: int) -> float:
-    """Fraction of groups whose scored rewards are all equal (zero advantage, hence no signal); NaN rewards
-    (unscorable rows) are left out, as TRL's `frac_reward_zero_std` (per-group std, Bessel, close to 0)."""
-    grouped = _grouped(rewards, group_size, "zero_std_fraction").double()  # [P, G]
-    std = _group_std(grouped).squeeze(1)  # [P]; NaN with < 2 scored rewards
-    return torch.isclose(std, torch.zeros_like(std)).double().mean().item()
-
+from .registry import lookup
 
 # ----------------------------------------------------------------------------- token log-probs
 
@@ -362,11 +284,8 @@ def grpo_loss(
     `high_entropy_mask` keep their policy-gradient term (the KL term and the normaliser keep every token, as TRL).
     """
     fn = "grpo_loss"
-    if loss_type not in LOSS_NORMALIZERS:
-        raise ValueError(f"{fn}: unknown loss_type {loss_type!r}; known: {sorted(LOSS_NORMALIZERS)}")
-    if importance_sampling_level not in IMPORTANCE_LEVELS:
-        raise ValueError(f"{fn}: unknown importance_sampling_level {importance_sampling_level!r}; "
-                         f"known: {sorted(IMPORTANCE_LEVELS)}")
+    lookup(LOSS_NORMALIZERS, loss_type, f"{fn}: loss_type")  # both names checked before any tensor work
+    lookup(IMPORTANCE_LEVELS, importance_sampling_level, f"{fn}: importance_sampling_level")
     if logp.dim() != 2 or mask.shape != logp.shape or advantages.shape != logp.shape[:1]:
         raise ValueError(f"{fn}: need logp/mask [N, T] and advantages [N]; got {tuple(logp.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(advantages.shape)}")

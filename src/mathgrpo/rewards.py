@@ -27,6 +27,7 @@ import numpy as np
 from rapidfuzz.distance import Levenshtein
 
 from mathgrpo.answers import extract_boxed, is_equivalent
+from mathgrpo.registry import lookup
 
 __all__ = [
     "REWARDS",
@@ -336,12 +337,10 @@ def _resolve(item: str | RewardFn) -> tuple[str, RewardFn]:
         return getattr(item, "__name__", repr(item)), item
     if not isinstance(item, str):
         raise RewardError(f"reward must be a name, a 'module:function' spec or a callable, got {item!r}")
-    if item in REWARDS:
-        return item, REWARDS[item]
-    if ":" in item:
+    if ":" in item and item not in REWARDS:
         # Logged under the function's own name, as TRL does (`rewards/<name>/mean`).
         return item.rsplit(":", 1)[1].rsplit(".", 1)[-1], load_user_reward(item)
-    raise RewardError(f"unknown reward {item!r}; built-ins: {sorted(REWARDS)}; or give 'package.module:function'")
+    return item, lookup(REWARDS, item, "rewards.functions", error=RewardError, hint="; or give 'package.module:function'")
 
 
 # ------------------------------------------------------------------------------- batch scoring

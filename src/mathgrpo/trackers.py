@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .registry import lookup
+
 # name -> (module to import, the pip extra that installs it)
 LIBRARIES = {"tensorboard": ("tensorboard", None), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow"),
              "trackio": ("trackio", "trackio")}
@@ -157,10 +159,8 @@ class Trackers:
         self.open: list = []
         try:
             for name in dict.fromkeys(names):  # each once, in the order given
-                if name not in TRACKERS:
-                    raise TrackerError(f"trainer.report_to: unknown tracker {name!r}; known: {', '.join(TRACKERS)}")
-                state = states.setdefault(name, {})
-                self.open.append(TRACKERS[name](self.run_dir, run_name, config, state))
+                start = lookup(TRACKERS, name, "trainer.report_to", error=TrackerError)
+                self.open.append(start(self.run_dir, run_name, config, states.setdefault(name, {})))
         except BaseException:
             self.close()  # the ones already open must not linger
             raise

@@ -41,7 +41,7 @@ from .distributed import SINGLE, World, batch_line, process_group, rank_seed
 from .files import read_jsonl
 from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
-from .loss import group_advantages, unscorable_as_nan, zero_std_fraction
+from .advantages import group_advantages, unscorable_as_nan, zero_std_fraction
 from .models import Reference, load_model
 from .prompts import PromptBuilder
 from .rewards import RewardSet

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from ..registry import lookup
 from .base import Completions, Rollout, SamplingConfig
 from .hf import HFRollout
 
@@ -35,9 +36,7 @@ def make_rollout(gen_cfg, model, tokenizer) -> Rollout:
     if name == "auto":
         on_cuda = next(model.parameters()).device.type == "cuda"
         name = "fast" if on_cuda and _fast_available() else "hf"
-    if name not in BACKENDS:
-        raise ValueError(f"generation.backend: unknown backend '{name}'; choose from {', '.join(BACKENDS)}")
-    return BACKENDS[name](model, tokenizer, gen_cfg)
+    return lookup(BACKENDS, name, "generation.backend")(model, tokenizer, gen_cfg)
 
 
 def _fast_available() -> bool:
