@@ -28,6 +28,7 @@ import numpy as np
 
 from .answers import extract_boxed
 from .config import Config, load_config, max_new_tokens_at
+from .modelinfo import is_peft
 from .report import markdown_table, table_cells
 from .rewards import final_answer, reward_inputs
 
@@ -296,8 +297,7 @@ def eval_and_report(model, tokenizer, problems: list, cfg: Config, out_dir: str 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rollout = rollout if rollout is not None else make_rollout(cfg.generation, model, tokenizer)
-    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-    if baseline and base_model is None and not is_peft:
+    if baseline and base_model is None and not is_peft(model):
         log.warning("baseline requested but the model has no adapter to switch off and no base_model was "
                     "given; evaluating it alone")
         baseline = False

@@ -140,6 +140,9 @@ def record_lora(mcfg, model, disable_dropout: bool) -> None:
 
 
 def is_peft(model) -> bool:
+    """Deliberately peft's own class, not `modelinfo.is_peft`: TRL 1.16 asks accelerate's `is_peft_model`, an
+    isinstance of `PeftModel`, so a transformers model carrying an adapter through its PEFT integration (it has a
+    `peft_config` too) is no peft model to TRL, and the door treats it as TRL does."""
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
