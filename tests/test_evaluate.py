@@ -15,8 +15,8 @@ import torch
 from mathgrpo.answers import is_equivalent
 from mathgrpo.config import Config, save_config
 from mathgrpo.data import Problem
-from mathgrpo.evaluate import (bootstrap_ci, compare, eval_and_report, evaluate, format_comparison_table,
-                               majority_vote, pass_at_k, run_eval)
+from mathgrpo.eval_stats import bootstrap_ci, majority_vote, pass_at_k
+from mathgrpo.evaluate import compare, eval_and_report, evaluate, format_comparison_table, run_eval
 from mathgrpo.rewards import RewardSet
 from mathgrpo.rollout import Completions
 

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mathgrpo"
 LAYERS: list[set[str]] = [
     {"config", "settings", "registry", "files", "metrics"},
     {"presets", "answers"},
-    {"data", "prompts", "rewards"},
+    {"data", "prompts", "rewards", "eval_stats"},
     {"loss", "advantages"},
     {"modelinfo"},
     {"packing", "loading"},
