@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"runs", "checkpoint"},
     {"trackers", "logger"},
     {"sampling", "update"},
-    {"report"},
+    {"report", "documents"},
     {"trainer", "evaluate"},
     {"cli", "trl_compat", "__init__", "__main__"},
 ]

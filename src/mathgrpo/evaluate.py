@@ -30,7 +30,7 @@ from .answers import extract_boxed
 from .config import Config, load_config, max_new_tokens_at
 from .eval_stats import bootstrap_ci, majority_vote, pass_at_k
 from .modelinfo import is_peft
-from .report import markdown_table, table_cells
+from .documents import markdown_table, table_cells
 from .rewards import final_answer, reward_inputs
 
 log = logging.getLogger(__name__)
