@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from mathgrpo.config import DataConfig
-from mathgrpo.data import (DataError, Problem, ProblemSet, generate_arithmetic, inspect_source, load_problems,
-                           read_rows)
+from mathgrpo.data import DataError, Problem, ProblemSet, generate_arithmetic, inspect_source, load_problems
+from mathgrpo.sources import read_rows
 
 SHARED = Path("/work/shared/data")
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared data folder absent")
