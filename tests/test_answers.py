@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mathgrpo import answers
+from mathgrpo import answers, timed_verify
 from mathgrpo.answers import (
     apply_answer_mod,
     as_int,
@@ -306,8 +306,8 @@ def test_int_and_fraction_fast_paths_never_call_math_verify(monkeypatch):
     def boom(*args):
         raise AssertionError("math-verify reached")
 
-    monkeypatch.setattr(answers, "_verify_unbounded", boom)
-    monkeypatch.setattr(answers._WORKER, "verify", boom)
+    monkeypatch.setattr(timed_verify, "_verify_unbounded", boom)
+    monkeypatch.setattr(timed_verify._WORKER, "verify", boom)
     rng = random.Random(2)
     for _ in range(300):
         a, b = rng.randint(-50, 50), rng.randint(-50, 50)
@@ -322,13 +322,13 @@ def test_int_and_fraction_fast_paths_never_call_math_verify(monkeypatch):
 
 def test_results_are_cached_on_the_normalised_pair(monkeypatch):
     calls = []
-    real = answers._verify_unbounded
+    real = timed_verify._verify_unbounded
 
     def counting(pred, gold):
         calls.append((pred, gold))
         return real(pred, gold)
 
-    monkeypatch.setattr(answers, "_verify_unbounded", counting)
+    monkeypatch.setattr(timed_verify, "_verify_unbounded", counting)
     assert is_equivalent(r"\sqrt{8}", r"2\sqrt{2}")
     assert is_equivalent(r"$\sqrt{8}$", r"2\sqrt{2}.")  # same after normalisation
     assert len(calls) == 1
@@ -362,7 +362,7 @@ def _in_thread(fn):
 
 
 def test_works_from_a_worker_thread():
-    answers._WORKER.start()  # pay the helper's start-up outside the timed part
+    timed_verify._WORKER.start()  # pay the helper's start-up outside the timed part
     assert _in_thread(lambda: is_equivalent(r"\sqrt{8}", r"2\sqrt{2}")) is True
     assert _in_thread(lambda: is_equivalent(r"\sqrt{8}", "3")) is False
     t0 = time.perf_counter()
@@ -390,18 +390,18 @@ def test_foreign_sigalrm_handler_is_left_alone():
 def test_helper_that_hangs_is_killed_at_the_deadline():
     # A helper that never answers stands in for math-verify stuck inside C code.
     script = "import sys, time; print('ready', flush=True); time.sleep(120)"
-    worker = answers._VerifyWorker(command=[sys.executable, "-c", script])
+    worker = timed_verify._VerifyWorker(command=[sys.executable, "-c", script])
     try:
         t0 = time.perf_counter()
         assert worker.verify("a", "b", 0.5) is False
-        assert time.perf_counter() - t0 < 0.5 + answers._GRACE_S + 1.0
+        assert time.perf_counter() - t0 < 0.5 + timed_verify._GRACE_S + 1.0
         assert worker._proc is None  # killed; a later call starts a fresh one
     finally:
         worker.close()
 
 
 def test_helper_that_cannot_start_raises_clearly():
-    worker = answers._VerifyWorker(command=[sys.executable, "-c", "raise SystemExit(3)"])
+    worker = timed_verify._VerifyWorker(command=[sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(RuntimeError, match="helper process failed to start"):
         worker.verify("a", "b", 1.0)
 
