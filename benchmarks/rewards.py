@@ -17,7 +17,8 @@ import random
 import time
 
 from mathgrpo import answers
-from mathgrpo.rewards import REWARDS, RewardSet
+from mathgrpo.rewards import REWARDS
+from mathgrpo.scoring import RewardSet
 
 WORDS = (
     "we compute the sum of terms so that x equals twice y plus three then substitute into the "

@@ -16,7 +16,7 @@ from conftest import tiny_overrides
 from mathgrpo import distributed as D
 from mathgrpo.config import load_config
 from mathgrpo.data import Problem
-from mathgrpo.rewards import RewardSet
+from mathgrpo.scoring import RewardSet
 from mathgrpo.rollout import Completions
 from mathgrpo.sampling import ROUND_SEED_STRIDE, flat_groups, sample_step
 from mathgrpo.trainer import Sampler

@@ -17,7 +17,7 @@ from mathgrpo.config import Config, save_config
 from mathgrpo.data import Problem
 from mathgrpo.eval_stats import bootstrap_ci, majority_vote, pass_at_k
 from mathgrpo.evaluate import compare, eval_and_report, evaluate, format_comparison_table, run_eval
-from mathgrpo.rewards import RewardSet
+from mathgrpo.scoring import RewardSet
 from mathgrpo.rollout import Completions
 
 # --- pass@k ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from mathgrpo import distributed as D
 from mathgrpo.advantages import group_advantages
 from mathgrpo.loss import grpo_loss
 from mathgrpo.registry import lookup
-from mathgrpo.rewards import RewardError, RewardSet
+from mathgrpo.rewards import RewardError
+from mathgrpo.scoring import RewardSet
 from mathgrpo.trackers import TrackerError, Trackers
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mathgrpo import rewards
-from mathgrpo.rewards import REWARDS, RewardError, RewardSet, load_user_reward, make_cosine_reward, register_reward
+from mathgrpo.rewards import REWARDS, RewardError, make_cosine_reward, register_reward
+from mathgrpo.scoring import RewardSet, load_user_reward
 
 BUILTINS = {"format", "boxed", "accuracy", "similarity", "length", "cosine"}
 
@@ -405,7 +406,7 @@ def test_all_builtins_run_on_a_realistic_batch():
 
 def test_reward_inputs_one_entry_per_completion_prompt_major():
     from mathgrpo.data import Problem
-    from mathgrpo.rewards import reward_inputs
+    from mathgrpo.scoring import reward_inputs
 
     probs = [Problem(id="a", problem="1+1", gold="2", solution="s1", extra={"level": 1, "gold": "shadow"}),
              Problem(id="b", problem="2+2", gold="4", solution="s2", extra={"topic": "x"})]

@@ -22,7 +22,8 @@ from conftest import tiny_overrides
 from mathgrpo import checkpoint as ckpt
 from mathgrpo.cli import main
 from mathgrpo.config import ConfigError, load_config
-from mathgrpo.rewards import RewardError, RewardSet
+from mathgrpo.rewards import RewardError
+from mathgrpo.scoring import RewardSet
 from mathgrpo.runs import ResumeError, RunDirError, create_run_dir, truncate_logs
 from mathgrpo.trainer import train
 

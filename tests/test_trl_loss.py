@@ -185,7 +185,7 @@ def test_policy_update_gradient_equals_trls(tiny_dir, smol_tokenizer, tmp_path, 
 def test_advantages_equal_trls(tiny_dir, smol_tokenizer, tmp_path, scale):
     """Advantages of TRL's own `_generate_and_score_completions` (generation stubbed out) against the trainer's path
     (RewardSet with the front door's weights, then rank_advantages): weighted sums, None rewards, an unscorable row."""
-    from mathgrpo.rewards import RewardSet
+    from mathgrpo.scoring import RewardSet
     from mathgrpo.trainer import rank_advantages
 
     r1 = [1.0, 0.0, None, 1.0, 0.5, 2.0, 0.0, 0.3]

@@ -326,5 +326,3 @@ def inspect_source(source: str, cfg: DataConfig, n_rows: int = 3, seed: int = 42
         out += [f"[{p.id}] problem: {_clip(p.problem)}", f"     gold: {p.gold}"]
     return "\n".join(out)
 
-
-from .rewards import reward_columns  # noqa: E402,F401  (moved to rewards.py, next to reward_inputs)

@@ -31,7 +31,8 @@ from .config import Config, load_config, max_new_tokens_at
 from .eval_stats import bootstrap_ci, majority_vote, pass_at_k
 from .modelinfo import is_peft
 from .documents import markdown_table, table_cells
-from .rewards import final_answer, reward_inputs
+from .rewards import final_answer
+from .scoring import reward_inputs
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ TAIL_METRICS = ["reward", "completion_length", "truncated_frac"]
 
 
 def _reward_set(cfg: Config):
-    from .rewards import RewardSet
+    from .scoring import RewardSet
 
     weights = cfg.rewards.weights or [1.0] * len(cfg.rewards.functions)
     return RewardSet(list(zip(cfg.rewards.functions, weights)))

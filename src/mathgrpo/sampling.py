@@ -6,7 +6,7 @@
     got.metrics, got.note               # groups/* counts (global); a log line when a step came out short
 
 The problem order (`Sampler`: a seeded permutation per epoch, its position checkpointed) and the step's seed
-(`step_seed`) live here too; reward inputs are built by `rewards.reward_inputs`, as in evaluation.
+(`step_seed`) live here too; reward inputs are built by `scoring.reward_inputs`, as in evaluation.
 
 Plain (grpo.dynamic_sampling off): `prompts_per_step` prompts from the sampler, this rank's contiguous share,
 sampled with the step's rank seed and scored, exactly as the loop always did.
@@ -39,7 +39,7 @@ from . import metrics as M
 from .config import Config
 from .data import Problem
 from .distributed import World, rank_seed
-from .rewards import RewardSet, reward_inputs
+from .scoring import RewardSet, reward_inputs
 from .rollout import Completions, sampling_from
 
 ROUND_SEED_STRIDE = 15_485_863  # a prime: round seeds stay clear of the next steps' seeds (step_seed + 1, + 2, ...)
@@ -92,7 +92,7 @@ class RolloutBatch:
 def score_rollout(rewards: RewardSet, problems: list[Problem], comp: Completions, prompts, max_completion_len: int,
                   **settings) -> tuple[np.ndarray, np.ndarray]:
     """Scores [N, R] and totals [N] of `comp` (len(problems) * G rows, prompt-major), the rewards receiving
-    `rewards.reward_inputs` (prompts as `prompts.text` renders them, its `.prefill`). The TRL front door's
+    `scoring.reward_inputs` (prompts as `prompts.text` renders them, its `.prefill`). The TRL front door's
     evaluation can call this with its dataset prompts as `prompts`."""
     G = len(comp.texts) // max(1, len(problems))
     return rewards.score(comp.texts, **reward_inputs(

@@ -44,7 +44,7 @@ from .logger import NullLogger, RunLogger
 from .advantages import group_advantages, unscorable_as_nan, zero_std_fraction
 from .models import Reference, load_model
 from .prompts import PromptBuilder
-from .rewards import RewardSet
+from .scoring import RewardSet
 from .rollout import make_rollout
 from .sampling import RolloutBatch, Sampler, sample_step, step_seed
 from .update import make_optimizer, microbatches, policy_update, update_stage  # noqa: F401  (re-exported)

@@ -157,7 +157,7 @@ class GRPOTrainer(CallbackHost):
     def _eval_metrics(self, ds: DatasetPrompts) -> dict:
         import numpy as np
 
-        from ..rewards import RewardSet
+        from ..scoring import RewardSet
         from ..rollout import make_rollout, sampling_from
 
         G, cfg = self.cfg.grpo.num_generations, self.cfg
