@@ -211,7 +211,7 @@ def test_unknown_and_unsupported_options_are_named():
                    use_bias_correction_kl=True, disable_dropout=False)
     with pytest.raises(ValueError, match="grpo.loss_type: 'vespo'"):
         GRPOConfig(loss_type="vespo", max_steps=1).to_mathgrpo_config()
-    with pytest.raises(ValueError, match="lr_scheduler_type='polynomial'"):
+    with pytest.raises(ValueError, match="GRPOConfig.lr_scheduler_type: unknown 'polynomial'; choose from linear, "):
         GRPOConfig(lr_scheduler_type="polynomial", max_steps=1).to_mathgrpo_config()
     with pytest.raises(ValueError, match="save_strategy='best'"):
         GRPOConfig(save_strategy="best")

@@ -30,6 +30,7 @@ from .answers import extract_boxed
 from .config import Config, load_config, max_new_tokens_at
 from .eval_stats import bootstrap_ci, majority_vote, pass_at_k
 from .modelinfo import is_peft
+from .registry import lookup
 from .documents import markdown_table, table_cells
 from .rewards import final_answer
 from .scoring import reward_inputs
@@ -131,9 +132,10 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
 
     records = []
     per_problem: dict[str, list] = {m: [] for m in ("pass@1", "pass@k", "maj@k")}
+    extract = lookup(ANSWER_EXTRACTORS, ev.answer, "eval.answer")
     for i, p in enumerate(problems):
         rows = range(i * k, (i + 1) * k)
-        answers = [ANSWER_EXTRACTORS[ev.answer](texts[j]) for j in rows]
+        answers = [extract(texts[j]) for j in rows]
         # judged as a grader would: `10^3`, `3\times4=12`, `8\text{ cm}^2` are values (rewards stay strict)
         correct = [a is not None and p.gold is not None and is_equivalent_lenient(a, p.gold) for a in answers]
         values = [lenient_value(a) for a in answers]  # votes count `10^3` and `1000` as one answer

@@ -23,6 +23,7 @@ from . import metrics as M
 from .documents import table_cells, write_documents
 from .files import JsonlError
 from .files import read_jsonl as _read_jsonl
+from .registry import lookup
 
 
 class ReportError(ValueError):
@@ -273,7 +274,7 @@ def render_plots(rows: list[dict], ctx: dict, plot_dir: Path, names=None) -> lis
     for name in names or PLOTS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN stretches in a series
-            out = PLOTS[name](rows, ctx)
+            out = lookup(PLOTS, name, "render_plots: names")(rows, ctx)
         if out is None:
             continue
         fig, caption = out

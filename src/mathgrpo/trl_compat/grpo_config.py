@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
+from ..registry import lookup
 from ..settings import coerce
 from .options import OPTION_NAMES, SAVE_STRATEGIES, SCHEDULERS, Options, env, report_to_names, sort_others, warn
 from .rewards import reward_specs
@@ -143,12 +144,11 @@ def _save_every(args: GRPOConfig, steps: int, per_epoch: int | None) -> int:
 
 def _schedule(args: GRPOConfig, steps: int) -> tuple[str, int]:
     """(trainer.lr_scheduler, trainer.warmup_steps in optimizer steps)."""
-    if args.lr_scheduler_type not in SCHEDULERS:
-        raise ValueError(f"GRPOConfig.lr_scheduler_type={args.lr_scheduler_type!r}: mathgrpo supports "
-                         f"{', '.join(SCHEDULERS)}")
+    scheduler = lookup(SCHEDULERS, args.lr_scheduler_type, "GRPOConfig.lr_scheduler_type",
+                       hint=" (the TRL schedulers mathgrpo supports)")
     warm = args.warmup_ratio if args.warmup_ratio is not None else args.warmup_steps
     warmup = math.ceil(warm * steps * args.num_iterations) if 0 < warm < 1 else int(warm)
-    return SCHEDULERS[args.lr_scheduler_type], warmup
+    return scheduler, warmup
 
 
 def _dtype(args: GRPOConfig, on_cuda: bool) -> str:
