@@ -132,8 +132,8 @@ def _cpu(comp):
 def worker(args) -> None:
     import torch
 
-    from mathgrpo.distributed import process_group, rank_seed
     from mathgrpo.advantages import group_advantages
+    from mathgrpo.distributed import process_group, rank_seed
     from mathgrpo.models import Reference, load_model
     from mathgrpo.rollout import SamplingConfig, make_rollout
     from mathgrpo.update import make_optimizer, policy_update, update_stage
