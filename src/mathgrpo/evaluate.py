@@ -28,10 +28,10 @@ import numpy as np
 
 from .answers import extract_boxed
 from .config import Config, load_config, max_new_tokens_at
+from .documents import markdown_table, table_cells
 from .eval_stats import bootstrap_ci, majority_vote, pass_at_k
 from .modelinfo import is_peft
 from .registry import lookup
-from .documents import markdown_table, table_cells
 from .rewards import final_answer
 from .scoring import reward_inputs
 
