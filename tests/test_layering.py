@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"config", "files", "metrics"},
     {"presets", "answers"},
     {"data", "prompts", "rewards"},
-    {"loss"},
+    {"loss", "lmhead"},
     {"modelinfo"},
     {"packing"},
     {"models"},

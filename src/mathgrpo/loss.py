@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import lmhead
 from . import metrics as M
 
 # ----------------------------------------------------------------------------- advantages
@@ -177,6 +178,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
+def check_token_ids(ids: Tensor, vocab: int, fn: str) -> None:
+    """ValueError naming `fn` unless every id is in [0, vocab) (one device sync where ids live on a GPU)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{fn}: ids outside [0, {vocab}); use real token ids at padding")
+
+
 def chunked_token_logprobs(
     hidden: Tensor,
     lm_head_weight: Tensor,
@@ -185,12 +192,14 @@ def chunked_token_logprobs(
     temperature: float = 1.0,
     lm_head_bias: Tensor | None = None,
     with_entropy: bool = False,
+    check_ids: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(hidden @ W.T + b) / temperature)[ids] -> [B, T] fp32, never holding more than
     chunk_size x V logits (forward or backward). hidden [B, T, H] is the state that predicts ids [B, T]
     (i.e. already shifted by the caller); W [V, H]. Gradients flow to hidden, and to W/b if they need them.
     with_entropy: also return the entropy [B, T] of every position's tempered distribution (no gradient),
-    computed chunk by chunk in the same pass (never [B, T, V])."""
+    computed chunk by chunk in the same pass (never [B, T, V]). On CUDA the passes over each chunk's logits
+    are fused Triton kernels (`lmhead.py`; same function)."""
     if hidden.shape[:-1] != ids.shape or hidden.shape[-1] != lm_head_weight.shape[-1]:
         raise ValueError(
             f"chunked_token_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(lm_head_weight.shape)}, "
@@ -200,12 +209,10 @@ def chunked_token_logprobs(
         raise ValueError(
             f"chunked_token_logprobs: need chunk_size >= 1 and temperature > 0, got {chunk_size}, {temperature}"
         )
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= lm_head_weight.shape[0]):
-        raise ValueError(
-            f"chunked_token_logprobs: ids outside [0, {lm_head_weight.shape[0]}); use real token ids at padding"
-        )
-    logp, entropy = _ChunkedTokenLogprobs.apply(hidden, lm_head_weight, lm_head_bias, ids, chunk_size, temperature,
-                                                with_entropy)
+    if check_ids:  # callers that checked the host copy pass False: on a GPU this check is a device sync
+        check_token_ids(ids, lm_head_weight.shape[0], "chunked_token_logprobs")
+    fn = lmhead.fused_token_logprobs if lmhead.enabled(hidden, lm_head_weight) else _ChunkedTokenLogprobs.apply
+    logp, entropy = fn(hidden, lm_head_weight, lm_head_bias, ids, chunk_size, temperature, with_entropy)
     return (logp, entropy) if with_entropy else logp
 
 
