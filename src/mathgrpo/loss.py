@@ -355,6 +355,7 @@ def grpo_loss(
     row_norm: Tensor | None = None,
     entropy: Tensor | None = None,
     top_entropy_quantile: float = 1.0,
+    metrics_on_device: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """Policy term of `loss_type` + beta * k3 KL, normalised by `loss_type`. Returns (scalar loss, metrics).
 
@@ -367,6 +368,8 @@ def grpo_loss(
     token-weighted means over micro-batches and ranks (`token_means`); `ratio/mean` etc. as TRL logs them.
     entropy [N, T] (no gradient): logged as "entropy"; with top_entropy_quantile < 1 only the tokens of
     `high_entropy_mask` keep their policy-gradient term (the KL term and the normaliser keep every token, as TRL).
+    metrics_on_device: the metrics as 0-d tensors where they were computed (no device sync; the update reads
+    them once per step) instead of floats.
     """
     fn = "grpo_loss"
     if loss_type not in LOSS_NORMALIZERS:
@@ -441,6 +444,8 @@ def grpo_loss(
             stats[M.summed(M.KL)] = (kl * m).sum()
         if entropy is not None:
             stats[M.summed(M.ENTROPY)] = (entropy.float() * m).sum()
+        if metrics_on_device:
+            return loss, stats
         values = torch.stack(list(stats.values())).tolist()  # one device sync for all metrics
     return loss, dict(zip(stats, values))
 

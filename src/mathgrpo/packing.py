@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .loss import check_token_ids, chunked_token_logprobs
+
 log = logging.getLogger(__name__)
 
 ATTN_NAME = "mathgrpo_packed"
@@ -73,8 +75,9 @@ class PackedRows:
 
 
 def pack_rows(prompt_ids: list[list[int]], completion_ids: torch.Tensor, lengths: list[int],
-              device: torch.device) -> PackedRows:
-    """Layout of rows prompt_i + completion_i[:lengths_i - 1]; completion_ids [B, T] right-padded."""
+              device: torch.device, vocab: int | None = None) -> PackedRows:
+    """Layout of rows prompt_i + completion_i[:lengths_i - 1]; completion_ids [B, T] right-padded.
+    vocab: check the completion tokens against it (ValueError naming the function)."""
     n_rows, width = completion_ids.shape
     if len(prompt_ids) != n_rows or len(lengths) != n_rows:
         raise ValueError(f"pack_rows: {len(prompt_ids)} prompts and {len(lengths)} lengths for {n_rows} rows")
@@ -83,7 +86,7 @@ def pack_rows(prompt_ids: list[list[int]], completion_ids: torch.Tensor, lengths
             raise ValueError(f"pack_rows: prompt {i} is empty (need >= 1 token to predict from)")
         if not 0 <= n <= width:
             raise ValueError(f"pack_rows: row {i} has length {n}, outside [0, {width}]")
-    comp = completion_ids.cpu()
+    comp = completion_ids.cpu()  # (the update passes its host copy: no sync)
     ids, pos, pred, tgt, out, cu = [], [], [], [], [], [0]
     for i, (p, n) in enumerate(zip(prompt_ids, lengths)):
         row = torch.cat([torch.as_tensor(p, dtype=torch.long), comp[i, :max(n - 1, 0)]])  # [P + n - 1]
@@ -94,11 +97,31 @@ def pack_rows(prompt_ids: list[list[int]], completion_ids: torch.Tensor, lengths
         tgt.append(comp[i, :n])
         out.append(torch.arange(n) + i * width)
         cu.append(start + len(row))
-    cat = lambda xs: torch.cat(xs).to(device, non_blocking=True)  # noqa: E731
+    targets = torch.cat(tgt)  # [M]
+    if vocab is not None:
+        check_token_ids(targets, vocab, "pack_rows (completion_ids)")  # on the host: no device sync
+    cat = lambda xs: to_device(torch.cat(xs), device)  # noqa: E731
     return PackedRows(input_ids=cat(ids)[None], position_ids=cat(pos)[None],
-                      cu_seqlens=torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True),
-                      max_len=max(len(r) for r in ids), predictors=cat(pred), targets=cat(tgt), out_index=cat(out),
-                      shape=(n_rows, width))
+                      cu_seqlens=to_device(torch.tensor(cu, dtype=torch.int32), device),
+                      max_len=max(len(r) for r in ids), predictors=cat(pred), targets=to_device(targets, device),
+                      out_index=cat(out), shape=(n_rows, width))
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: on CUDA through pinned memory, asynchronously (PyTorch's
+    pinned-memory cache keeps the buffer until the copy is done); a copy from pageable memory can block."""
+    if torch.device(device).type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def no_mask_kwargs(body) -> dict:
+    """Keyword for a decoder body's forward that skips transformers' mask construction where every layer is
+    full causal attention: a mask dict given as `attention_mask` is used as it is, and None per layer type
+    means plain causal attention (what `create_causal_mask` returns for unpadded rows anyway). Building it
+    costs a device sync per forward (`find_packed_sequence_indices` tests its position ids on the host)."""
+    types = getattr(body.config, "layer_types", None)
+    return {"attention_mask": {"full_attention": None}} if types and set(types) == {"full_attention"} else {}
 
 
 def packed_hidden(model, packed: PackedRows) -> torch.Tensor:
@@ -112,6 +135,7 @@ def packed_hidden(model, packed: PackedRows) -> torch.Tensor:
     try:
         with compute_context(model):
             hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                          **no_mask_kwargs(body),
                           cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_len,
                           max_length_k=packed.max_len).last_hidden_state  # [1, S, H]
     finally:
@@ -124,15 +148,14 @@ def packed_completion_logprobs(model, prompt_ids: list[list[int]], completion_id
                                with_entropy: bool = False):
     """Log-probs [B, T] float32 as `models.completion_logprobs`, from one packed pass; 0 at t >= lengths[i].
     with_entropy: (log-probs, entropy [B, T]) as there, entropy 0 at t >= lengths[i] too."""
-    from .loss import chunked_token_logprobs
     from .modelinfo import backbone_and_head
 
     _, head = backbone_and_head(model)
-    packed = pack_rows(prompt_ids, completion_ids, lengths, head.weight.device)
+    packed = pack_rows(prompt_ids, completion_ids, lengths, head.weight.device, vocab=head.weight.shape[0])
     sel = packed_hidden(model, packed)  # [M, H]
     out = chunked_token_logprobs(sel[None], head.weight, packed.targets[None], chunk_size=chunk_size,
                                  temperature=temperature, lm_head_bias=getattr(head, "bias", None),
-                                 with_entropy=with_entropy)
+                                 with_entropy=with_entropy, check_ids=False)
     n_rows, width = packed.shape
 
     def unpack(x: torch.Tensor) -> torch.Tensor:  # [1, M] -> [B, T]
