@@ -71,6 +71,46 @@ def test_packed_logprobs_equal_the_padded_ones_with_gradients(arch):
                                rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("equal", [False, True])
+def test_packed_attention_layouts_agree(equal):
+    # dense batch (rows of one length), padded batch, varlen (per-row SDPA on CPU): the same values and gradients
+    from mathgrpo.models import completion_logprobs
+    from mathgrpo.packing import rows_layout
+
+    model = _tiny_lora_model()
+    comp = _completions()
+    if equal:
+        comp.prompt_ids = [p[:1] + [3] * 4 for p in comp.prompt_ids]  # 5 prompt tokens each
+        comp.completion_mask[:] = True
+    lengths = comp.completion_mask.sum(1).tolist()
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = {}
+    for mode in ("rows", "varlen", "padded", "auto"):
+        set_packed_attention(mode, pad_ratio=100.0)
+        try:
+            lp = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5, lengths=lengths)
+            got[mode] = (lp, torch.autograd.grad(lp.sum(), params))
+        finally:
+            set_packed_attention("auto")
+    for mode in ("varlen", "padded", "auto"):
+        torch.testing.assert_close(got[mode][0], got["rows"][0], rtol=0, atol=1e-12)
+        for a, b in zip(got[mode][1], got["rows"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    rows = [len(p) + n - 1 for p, n in zip(comp.prompt_ids, lengths)]
+    set_packed_attention("padded")
+    layout = rows_layout(tuple(rows), torch.device("cpu"))
+    assert layout["mathgrpo_rows"] == (len(rows), max(rows)) and (("mathgrpo_pad" in layout) != equal)
+    set_packed_attention("auto")  # pads only what costs <= PAD_RATIO x the rows' own attention FLOPs
+    assert ("mathgrpo_rows" in rows_layout(tuple(rows), torch.device("cpu"))) == equal
+    assert rows_layout((8, 8, 8), torch.device("cpu")) == {"mathgrpo_rows": (3, 8)}
+    assert "mathgrpo_pad" in rows_layout((8, 7, 8), torch.device("cpu"))
+    set_packed_attention("varlen")
+    assert rows_layout((8, 8, 8), torch.device("cpu")) == {}
+    set_packed_attention("auto")
+    with pytest.raises(ValueError, match="set_packed_attention"):
+        set_packed_attention("flex")
+
+
 def _update(pack: bool, loss_type: str, iters: int, checkpointing: bool, budget: int = 24):
     from mathgrpo.loss import group_advantages
     from mathgrpo.models import Reference, enable_checkpointing

@@ -72,6 +72,7 @@ class PackedRows:
     targets: torch.Tensor  # [M] those completion tokens
     out_index: torch.Tensor  # [M] where each goes in the flattened [B, T] output
     shape: tuple[int, int]  # (B, T)
+    row_lengths: tuple[int, ...] = ()  # [B] tokens per packed row (host)
 
 
 def pack_rows(prompt_ids: list[list[int]], completion_ids: torch.Tensor, lengths: list[int],
@@ -104,7 +105,7 @@ def pack_rows(prompt_ids: list[list[int]], completion_ids: torch.Tensor, lengths
     return PackedRows(input_ids=cat(ids)[None], position_ids=cat(pos)[None],
                       cu_seqlens=to_device(torch.tensor(cu, dtype=torch.int32), device),
                       max_len=max(len(r) for r in ids), predictors=cat(pred), targets=to_device(targets, device),
-                      out_index=cat(out), shape=(n_rows, width))
+                      out_index=cat(out), shape=(n_rows, width), row_lengths=tuple(len(r) for r in ids))
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -131,11 +132,12 @@ def packed_hidden(model, packed: PackedRows) -> torch.Tensor:
     body, _ = backbone_and_head(model)
     use_packed_attention(model)
     cu = packed.cu_seqlens
+    layout = rows_layout(packed.row_lengths, packed.input_ids.device)
     _STATE["packed_pass"] = True  # no mask: transformers' packed-sequence mask would be a dense [S, S] one
     try:
         with compute_context(model):
             hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                          **no_mask_kwargs(body),
+                          **no_mask_kwargs(body), **layout,
                           cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_len,
                           max_length_k=packed.max_len).last_hidden_state  # [1, S, H]
     finally:
@@ -230,13 +232,61 @@ def _varlen():
     return fn, kw
 
 
-def set_packed_attention(mode: str) -> None:
-    """"auto": the varlen kernel where it passes its check, else per-row SDPA; "rows": per-row SDPA always."""
-    if mode not in ("auto", "rows"):
-        raise ValueError(f"set_packed_attention: {mode!r} is not one of auto, rows")
+ATTENTION_MODES = ("auto", "varlen", "padded", "rows")
+PAD_RATIO = 1.6  # "auto" pads a micro-batch when B * L_max^2 <= this x sum(L_i^2) (see rows_layout)
+_MODE = {"mode": "auto", "pad_ratio": PAD_RATIO}
+
+
+def set_packed_attention(mode: str, pad_ratio: float | None = None) -> None:
+    """How packed rows attend. "auto": rows of one length run as a dense batch through sdpa (cuDNN's kernel on
+    Hopper: no padding, no copy), mixed rows padded to the longest when that costs at most `pad_ratio` x the
+    attention FLOPs of the rows themselves, else the varlen kernel; "varlen": the varlen kernel always (per-row
+    SDPA where it is missing or fails its check); "padded": always the padded batch; "rows": per-row SDPA."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"set_packed_attention: {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
     _VARLEN.clear()
     if mode == "rows":
         _VARLEN.update(fn=None, kw=None)
+    _MODE.update(mode=mode, pad_ratio=PAD_RATIO if pad_ratio is None else float(pad_ratio))
+
+
+def rows_layout(row_lengths: tuple[int, ...], device: torch.device) -> dict:
+    """Attention keywords for one packed micro-batch (host arithmetic, no sync): `mathgrpo_rows` (B, L_max) and
+    `mathgrpo_pad` ([B * L_max] positions in S of the padded batch; a padding slot repeats its row's first
+    token: under causal attention no real token sees it and nothing flows back through it, and [S] where each
+    real token sits in the padded batch) when the rows are to run as a padded batch; {} for the varlen kernel."""
+    mode, n, longest = _MODE["mode"], len(row_lengths), max(row_lengths, default=0)
+    if mode in ("varlen", "rows") or not n:
+        return {}
+    if n * longest == sum(row_lengths):
+        return {"mathgrpo_rows": (n, longest)}  # one length: a view of the packed tensors, nothing padded
+    if mode == "auto" and n * longest ** 2 > _MODE["pad_ratio"] * sum(k * k for k in row_lengths):
+        return {}
+    gather, place, start = [], [], 0
+    for i, k in enumerate(row_lengths):
+        gather += list(range(start, start + k)) + [start] * (longest - k)
+        place += range(i * longest, i * longest + k)
+        start += k
+    return {"mathgrpo_rows": (n, longest), "mathgrpo_pad": (to_device(torch.tensor(gather), device),
+                                                           to_device(torch.tensor(place), device))}
+
+
+def _batched_attention(module, query, key, value, rows: tuple[int, int], pad, scaling):
+    """The packed rows as a [B, h, L_max, D] batch through transformers' sdpa (causal, no mask), back to [S, H, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    n, longest = rows
+
+    def batch(x):  # [1, h, S, D] -> [B, h, L, D], the layout of an ordinary (padded) forward
+        x = x[0].transpose(0, 1)  # [S, h, D]
+        if pad is not None:
+            x = x.index_select(0, pad[0])  # [B * L, h, D]
+        return x.view(n, longest, *x.shape[1:]).transpose(1, 2)
+
+    out, _ = sdpa_attention_forward(module, batch(query), batch(key), batch(value), None, dropout=0.0,
+                                    scaling=scaling)  # [B, L, H, D]
+    out = out.reshape(n * longest, *out.shape[2:])  # [B * L, H, D]
+    return out if pad is None else out.index_select(0, pad[1])  # [S, H, D]
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -252,6 +302,9 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     if query.shape[0] != 1 or dropout:
         raise ValueError(f"packed attention: needs one packed sequence and no attention dropout "
                          f"(got batch {query.shape[0]}, dropout {dropout})")
+    if "mathgrpo_rows" in kwargs:
+        return _batched_attention(module, query, key, value, kwargs["mathgrpo_rows"], kwargs.get("mathgrpo_pad"),
+                                  scaling)[None], None
     fn, kw = _varlen() if query.is_cuda else (None, None)
     if fn is not None:
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [S, H, D]
