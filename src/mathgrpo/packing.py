@@ -12,10 +12,15 @@ batches filled to the token budget instead of rows x longest row (fewer, larger 
 
 Attention inside rows: a registered transformers attention function ("mathgrpo_packed") that behaves as
 sdpa for every ordinary call (generation, unpacked passes) and, when given the rows' cumulative offsets
-(`cu_seq_lens_q`, transformers' own keyword for packed sequences), runs PyTorch's FlashAttention varlen
-kernel (`torch.nn.attention.varlen`, CUDA) or, where that is missing or fails its one-time check against
-SDPA, a causal SDPA call per row (CPU, and the fallback). The varlen kernel was chosen over FlexAttention
-block masks because it needs no compilation and no mask, for any mix of row lengths.
+(`cu_seq_lens_q`, transformers' own keyword for packed sequences), picks a layout per micro-batch
+(`set_packed_attention`, `rows_layout`): rows of one length run as a dense [B, h, L, D] batch through sdpa (a
+view, nothing copied: cuDNN's Hopper kernel, 1.56x the varlen kernel's speed on the 1.5B shape), mixed rows
+are padded into such a batch only where that adds little attention work, and otherwise PyTorch's
+FlashAttention-2 varlen kernel (`torch.nn.attention.varlen`, CUDA) runs, or, where that is missing or fails
+its one-time check against SDPA, a causal SDPA call per row (CPU, and the fallback). Measured on the H200
+(benchmarks/update.py --attention): on the uneven workload's mixed micro-batches FlexAttention with a
+document block mask was ~15% faster than the varlen kernel (forward + backward) but needs torch.compile and
+a block mask per micro-batch (7-12 ms to build); it is not wired in. cuDNN's own varlen forward took 40-70 ms.
 """
 
 from __future__ import annotations
