@@ -1,12 +1,16 @@
 """The fused lm_head log-probs (lmhead.py) against the plain chunked path (loss._ChunkedTokenLogprobs): values,
 entropy, gradients to hidden / W / b, and the GRPO loss and its gradient for every loss type.
 
-On CPU the Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1; skipped where Triton is absent);
-the CUDA test (bf16, the 1.5B model's vocabulary) runs on a GPU machine only."""
+On CPU the Triton kernels run under Triton's interpreter: TRITON_INTERPRET=1 must be set before Triton is first
+imported (torch._dynamo imports it early), so `test_interpreted_checks_in_a_subprocess` runs this file's
+interpreted tests in a fresh process with it set (skipped where Triton is absent). The CUDA test (bf16, the 1.5B
+model's vocabulary) runs on a GPU machine only."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 
 import pytest
@@ -16,17 +20,24 @@ from mathgrpo import lmhead
 from mathgrpo.loss import LOSS_NORMALIZERS, _ChunkedTokenLogprobs, chunked_token_logprobs, grpo_loss
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
-_IMPORTED_HERE: list = []  # Triton reads TRITON_INTERPRET when imported: the first import must be under it
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_interpreted_checks_in_a_subprocess():
+    if INTERPRETED or torch.cuda.is_available():
+        pytest.skip("this process runs the interpreted checks itself (or has a GPU: the CUDA test runs instead)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "not subprocess and not cuda"], env=env, capture_output=True, text=True, timeout=900)
+    tail = run.stdout[-3000:]
+    assert run.returncode == 0, tail
+    assert "10 passed" in tail and "skipped" not in tail, tail
 
 
 @pytest.fixture
 def interpreted(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter checks are for CPU machines (the GPU runs the CUDA test)")
-    if "triton" in sys.modules and not _IMPORTED_HERE:
-        pytest.skip("Triton was imported before TRITON_INTERPRET was set (run this file on its own)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _IMPORTED_HERE.append(True)
+    if not INTERPRETED:
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_interpreted_checks_in_a_subprocess)")
     monkeypatch.setattr(lmhead, "BLOCK_FWD", 64)  # several vocab tiles (and a ragged last one) at V = 300
     monkeypatch.setattr(lmhead, "BLOCK_BWD", 32)
     lmhead._kernels.cache_clear()
