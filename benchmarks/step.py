@@ -32,7 +32,7 @@ micro-batch>, chunk=<log-prob chunk>, release=1 (free the fast engine's KV cache
 backend=fast|hf, merge=copy|in_place|none (generation.lora_merge: how LoRA reaches sampling; copy = a
 merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels), pack=1
 (trainer.pack_sequences), gc=layer|none (activation checkpointing), lora=addmm|peft (model.lora_fused_add),
-gen=canned; mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl (option gen=canned).
+lmhead=triton|torch (lmhead.py's fused log-prob kernels or the plain chunked path), gen=canned; mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl (option gen=canned).
 """
 
 from __future__ import annotations
@@ -307,6 +307,9 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
             fuse_kernels(model)
             diff = (completion_logprobs(model, *probe) - before).abs().max().item()
         print(f"[{args.worker}] fused kernels: max |logp change| on a probe = {diff:.3g}", flush=True)
+    from mathgrpo import lmhead
+
+    lmhead.set_fused(opts.get("lmhead", "triton") == "triton")
     tok = load_tokenizer(args.model_dir)
     canned = opts.get("gen") == "canned"
     rollout = None if canned else make_rollout(cfg.generation, model, tok)
@@ -331,6 +334,9 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
         t1, peak_gen = time.perf_counter(), _peak()
         if opts.get("release") and hasattr(rollout, "release"):
             rollout.release()
+        # what the rollout engine keeps through the update: its owned (merged / dequantised) weights, its KV cache
+        held = {k: getattr(rollout, a, 0) / 2**30 for k, a in (("owned_weights_gib", "owned_weight_bytes"),
+                                                                ("kv_cache_gib", "kv_cache_bytes"))}
         _peak_reset()
         t2 = time.perf_counter()
         adv = group_advantages(random_rewards(comp.completion_ids.shape[0], step), w.group)  # [N]
@@ -347,6 +353,7 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
                           peak_gen_gib=peak_gen,
                           peak_update_gib=_peak(), completion_tokens=int(comp.lengths.sum()),
                           graphs_captured=getattr(rollout, "captures", None), truncated=int(comp.truncated.sum()),
+                          **{k: round(v, 3) for k, v in held.items()},
                           **{k: round(upd[k], 6) for k in ("loss", "grad_norm", "kl") if k in upd}))
         print(f"[{args.worker}] step {step}: {json.dumps(steps[-1])}", flush=True)
     backend = "canned" if canned else type(rollout).__name__

@@ -8,15 +8,21 @@ One subprocess per workload loads step.py's random model of DeepSeek-R1-Distill-
 sdpa, LoRA r=32 on all seven projections, beta 0.04, loss "grpo") and runs the trainer's `policy_update` on
 canned completions of the workload's lengths (`step.canned_completions`: random tokens; lora-1k forced to
 1,024, uneven-8k log-normal) under each variant in turn, `--steps` updates each, the first a warm-up.
-Variant keys (':'-separated): pack=0|1 (trainer.pack_sequences), attn=auto|rows (packed attention: varlen
-kernel or one SDPA call per row), gc=layer|none (activation checkpointing), lora=addmm|peft
+Variant keys (':'-separated): pack=0|1 (trainer.pack_sequences), attn=auto|varlen|padded|rows (packed
+attention, `packing.set_packed_attention`; pad=<ratio> its auto threshold), lmhead=triton|torch (the fused
+lm_head log-prob kernels of lmhead.py, or the plain chunked path), gc=layer|none (activation checkpointing), lora=addmm|peft
 (model.lora_fused_add), budget=<tokens per micro-batch>, chunk=<log-prob chunk>, fused=1
 (liger-kernel RMSNorm/SwiGLU/RoPE), compile=1 (torch.compile of every decoder layer). fused and compile
 cannot be undone, so variants with them run after the others. Printed per variant: update seconds, the
 reference pass alone, peak memory, useful TFLOP/s (step.update_flops: real tokens only, no recompute) and
 its share of the bf16 matmul peak measured in the same process (8192^3). --profile runs one more update of
 the first variant (and of those marked prof=1) under torch.profiler: GPU time in matmuls, attention, other
-kernels and GPU idle.
+kernels and GPU idle. --sync-check runs one more update of the first variant under
+torch.cuda.set_sync_debug_mode("warn") and reports how many synchronizing calls it made, and where.
+--attention times packed attention alone (one layer's shapes, forward and forward+backward) per
+micro-batch of each workload: the varlen FlashAttention-2 kernel, the padded / dense sdpa batch (cuDNN),
+FlexAttention with a document block mask (compiled once, sequences padded to the budget) and cuDNN's own
+varlen forward.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step import (WORKLOADS, _mathgrpo_cfg, _peak, _peak_reset, _sync, canned_completions, make_model_dir,  # noqa: E402
                   matmul_peak_tflops, parse_method, random_rewards, update_flops)
 
-DEFAULT_VARIANTS = ["lora=peft", "gc=layer", "pack=1", "pack=1:attn=rows", "gc=none", "pack=1:gc=none",
-                    "pack=1:gc=none:fused=1", "gc=layer:fused=1"]
+DEFAULT_VARIANTS = ["gc=none:lmhead=torch", "gc=none", "pack=1:gc=none:attn=varlen", "pack=1:gc=none",
+                    "pack=1:gc=none:attn=padded", "gc=none:fused=1", "pack=1:gc=none:fused=1",
+                    "pack=1:gc=layer:fused=1"]
 IRREVERSIBLE = ("fused", "compile")
 
 
@@ -43,6 +50,7 @@ def parse_variant(spec: str) -> dict:
 
 def apply_variant(model, cfg, opts: dict, state: dict) -> None:
     """Set the trainer keys and the model's checkpointing / kernels for one variant (state: what was done)."""
+    from mathgrpo import lmhead
     from mathgrpo.models import backbone_and_head, enable_checkpointing, fuse_kernels, fuse_lora_add
     from mathgrpo.packing import set_packed_attention
 
@@ -57,7 +65,8 @@ def apply_variant(model, cfg, opts: dict, state: dict) -> None:
     else:
         enable_checkpointing(model)
     fuse_lora_add(model, on=opts.get("lora", "addmm") == "addmm")
-    set_packed_attention(opts.get("attn", "auto"))
+    set_packed_attention(opts.get("attn", "auto"), pad_ratio=float(opts["pad"]) if "pad" in opts else None)
+    lmhead.set_fused(opts.get("lmhead", "triton") == "triton")
     if opts.get("fused") == "1" and not state.get("fused"):
         fuse_kernels(model)
         state["fused"] = True
@@ -82,14 +91,15 @@ def profile_update(run, steps_out: dict) -> None:
         run()
         _sync()
         wall = time.perf_counter() - t0
-    kinds = {"matmul": 0.0, "attention": 0.0, "triton": 0.0, "other": 0.0}
+    kinds = {"matmul": 0.0, "attention": 0.0, "lmhead": 0.0, "triton": 0.0, "other": 0.0}
     kernels = []
     for e in prof.key_averages():
         if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
             continue
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
         n = e.key.lower()
-        kind = ("attention" if any(k in n for k in ("flash", "fmha", "attention")) else
+        kind = ("lmhead" if n.startswith(("_lse_fwd", "_dz_bwd")) else
+                "attention" if any(k in n for k in ("flash", "fmha", "attention")) else
                 "matmul" if any(k in n for k in ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "sm90_")) else
                 "triton" if "triton" in n else "other")
         kinds[kind] += us / 1e6
@@ -98,6 +108,131 @@ def profile_update(run, steps_out: dict) -> None:
     steps_out["profile"] = dict(wall_s=wall, gpu_busy_s=busy, idle_s=wall - busy,
                                 **{f"{k}_s": v for k, v in kinds.items()},
                                 top=[dict(s=round(s, 4), n=c, kernel=k) for s, c, k in sorted(kernels, reverse=True)[:15]])
+
+
+def sync_check(run, out: dict) -> None:
+    """One update under torch.cuda.set_sync_debug_mode("warn"): the synchronizing calls it made, by call site."""
+    import traceback
+    import warnings
+
+    import torch
+
+    sites: dict[str, int] = {}
+    shown = warnings.showwarning
+
+    def record(message, category, *a, **k):
+        if "synchroniz" not in str(message):
+            return shown(message, category, *a, **k)
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+        ours = [f for f in frames if "mathgrpo" in f.filename or "transformers" in f.filename or "peft" in f.filename]
+        f = (ours or frames)[-1]
+        key = f"{os.path.basename(f.filename)}:{f.lineno} {f.line}"[:140]
+        sites[key] = sites.get(key, 0) + 1
+
+    torch.cuda.set_sync_debug_mode("warn")
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            run()
+            _sync()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
+    out["syncs"] = sum(sites.values())
+    out["sync_sites"] = dict(sorted(sites.items(), key=lambda kv: -kv[1])[:12])
+
+
+def attention_bench(args, budget: int = 16384) -> None:
+    """Packed attention alone, per micro-batch of each workload (12 heads, 2 KV heads, head_dim 128, bf16)."""
+    import types
+
+    import torch
+
+    from mathgrpo.packing import _batched_attention, _call_varlen, _varlen, packed_microbatches, rows_layout, \
+        set_packed_attention
+    from step import WORKLOADS as W, drawn_lengths
+
+    def bench(fn, reps=5):
+        fn()
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync()
+        return (time.perf_counter() - t0) / reps * 1e3
+
+    heads, kv, dim, dev = 12, 2, 128, "cuda"
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=heads // kv, training=False)
+    fa2, kw = _varlen()
+    flex = None
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    except Exception as e:  # noqa: BLE001
+        print(f"flex unavailable: {e}", flush=True)
+    for name in args.workloads:
+        rows_all = [args.prompt_len + n - 1 for n in drawn_lengths(W[name])]
+        totals, seen = {}, {}
+        for group in packed_microbatches(rows_all, budget):
+            lens = tuple(sorted((rows_all[i] for i in group), reverse=True))
+            if lens in seen:  # the same shape again (lora-1k): count its time, do not re-time it
+                for vname, ms in seen[lens].items():
+                    totals[vname] = totals.get(vname, 0.0) + ms
+                continue
+            s = sum(lens)
+            q = torch.randn(1, heads, s, dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            k, v = (torch.randn(1, kv, s, dim, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+            cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=dev, dtype=torch.int32)
+            go = torch.randn(s, heads, dim, device=dev, dtype=torch.bfloat16)
+            variants = {}
+            if fa2 is not None:
+                variants["varlen_fa2"] = lambda: _call_varlen(fa2, kw, *(x[0].transpose(0, 1) for x in (q, k, v)), cu,
+                                                              lens[0], None)
+            set_packed_attention("padded")
+            lay = rows_layout(lens, torch.device(dev))
+            set_packed_attention("auto")
+            variants["padded_sdpa"] = lambda: _batched_attention(module, q, k, v, lay["mathgrpo_rows"],
+                                                                 lay.get("mathgrpo_pad"), None)
+            if flex is not None:
+                doc = torch.full((budget,), -1, device=dev, dtype=torch.int32)
+                doc[:s] = torch.repeat_interleave(torch.arange(len(lens), device=dev, dtype=torch.int32),
+                                                  torch.tensor(lens, device=dev))
+
+                def mask_mod(b, h, qi, ki, doc=doc):
+                    return (doc[qi] == doc[ki]) & (qi >= ki) & (doc[qi] >= 0)
+
+                t0 = time.perf_counter()
+                bm = create_block_mask(mask_mod, None, None, budget, budget, device=dev)
+                mask_ms = (time.perf_counter() - t0) * 1e3
+                pad = budget - s
+                qf, kf, vf = (torch.nn.functional.pad(x.detach(), (0, 0, 0, pad)).requires_grad_() for x in (q, k, v))
+                variants["flex"] = lambda: flex(qf, kf, vf, block_mask=bm, enable_gqa=True)[0, :, :s].transpose(0, 1)
+            rec = dict(workload=name, rows=len(lens), tokens=s, longest=lens[0],
+                       attn_tflop_fwd=4 * heads * dim * sum(n * n for n in lens) / 2 / 1e12)
+            for vname, fn in variants.items():
+                try:
+                    fwd = bench(lambda: fn())
+                    both = bench(lambda: torch.autograd.backward(fn(), go))
+                    rec[vname] = dict(fwd_ms=round(fwd, 3), fwd_bwd_ms=round(both, 3))
+                except Exception as e:  # noqa: BLE001
+                    rec[vname] = f"{type(e).__name__}: {str(e)[:160]}"
+            if flex is not None:
+                rec["flex_block_mask_ms"] = round(mask_ms, 2)
+            try:  # cuDNN's own varlen forward (torch's varlen_attn keeps it off; no GQA: K/V repeated)
+                kr, vr = (x[0].transpose(0, 1).repeat_interleave(heads // kv, dim=1) for x in (k, v))
+                qq = q[0].transpose(0, 1)
+                rec["cudnn_varlen_fwd_ms"] = round(bench(lambda: torch.ops.aten._cudnn_attention_forward(
+                    qq, kr, vr, None, cu, cu, lens[0], lens[0], True, 0.0, True, False)), 3)
+            except Exception as e:  # noqa: BLE001
+                rec["cudnn_varlen_fwd_ms"] = f"{type(e).__name__}: {str(e)[:160]}"
+            seen[lens] = {vname: rec[vname]["fwd_bwd_ms"] for vname in variants if isinstance(rec.get(vname), dict)}
+            for vname, ms in seen[lens].items():
+                totals[vname] = totals.get(vname, 0.0) + ms
+            print("ATTN " + json.dumps(rec), flush=True)
+        print("ATTN_TOTAL " + json.dumps(dict(workload=name, fwd_bwd_ms_per_layer=totals)), flush=True)
 
 
 def run_workload(args) -> None:
@@ -172,6 +307,8 @@ def run_workload(args) -> None:
                 rec["pct_of_peak"] = 100 * rec["tflops"] / peak
             if args.profile and (k == 0 or opts.get("prof") == "1") and torch.cuda.is_available():
                 profile_update(update, rec)
+            if args.sync_check and k == 0 and torch.cuda.is_available():
+                sync_check(update, rec)
         except Exception as e:  # noqa: BLE001  (one failing variant must not lose the others' numbers)
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print("RESULT " + json.dumps(rec), flush=True)
@@ -179,7 +316,7 @@ def run_workload(args) -> None:
 
 def table(rows: list[dict]) -> str:
     cols = ["workload", "variant", "microbatches", "padded_tokens", "update_s", "ref_pass_s", "peak_gib", "tflops",
-            "pct_of_peak", "error"]
+            "pct_of_peak", "syncs", "error"]
     cols = [c for c in cols if any(c in r for r in rows)]
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     return "\n".join([" | ".join(cols), " | ".join("---" for _ in cols)]
@@ -192,6 +329,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     ap.add_argument("--steps", type=int, default=2, help="updates per variant (the first one warms up)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of the first variant")
+    ap.add_argument("--sync-check", action="store_true", help="count the first variant's synchronizing calls")
+    ap.add_argument("--attention", action="store_true", help="time packed attention alone per micro-batch")
     ap.add_argument("--shape", default="1.5b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shape on CPU, 16 new tokens: a smoke test")
@@ -208,6 +347,8 @@ def main() -> None:
         args.variants = [v for v in args.variants if "fused" not in v and "compile" not in v]
     for v in args.variants:
         parse_variant(v)
+    if args.attention:
+        return attention_bench(args)
     if args.workload:
         return run_workload(args)
     import tempfile
@@ -221,6 +362,7 @@ def main() -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--workload", wl, "--model-dir", args.model_dir, "--shape",
                args.shape, "--device", args.device, "--steps", str(args.steps), "--new-tokens", str(args.new_tokens),
                "--prompt-len", str(args.prompt_len), "--variants", *args.variants] + (["--profile"] if args.profile else [])
+        cmd += ["--sync-check"] if args.sync_check else []
         print(f"== {wl}", flush=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -232,9 +374,10 @@ def main() -> None:
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                print(json.dumps({k: v for k, v in rec.items() if k != "profile"}), flush=True)
-                if "profile" in rec:
-                    print(json.dumps(rec["profile"], indent=1), flush=True)
+                print(json.dumps({k: v for k, v in rec.items() if k not in ("profile", "sync_sites")}), flush=True)
+                for key in ("profile", "sync_sites"):
+                    if key in rec:
+                        print(json.dumps(rec[key], indent=1), flush=True)
             else:
                 print("   " + line.rstrip()[:300], flush=True)
             if time.time() - t0 > args.timeout:

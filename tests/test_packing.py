@@ -71,7 +71,47 @@ def test_packed_logprobs_equal_the_padded_ones_with_gradients(arch):
                                rtol=0, atol=1e-12)
 
 
-def _update(pack: bool, loss_type: str, iters: int, checkpointing: bool):
+@pytest.mark.parametrize("equal", [False, True])
+def test_packed_attention_layouts_agree(equal):
+    # dense batch (rows of one length), padded batch, varlen (per-row SDPA on CPU): the same values and gradients
+    from mathgrpo.models import completion_logprobs
+    from mathgrpo.packing import rows_layout
+
+    model = _tiny_lora_model()
+    comp = _completions()
+    if equal:
+        comp.prompt_ids = [p[:1] + [3] * 4 for p in comp.prompt_ids]  # 5 prompt tokens each
+        comp.completion_mask[:] = True
+    lengths = comp.completion_mask.sum(1).tolist()
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = {}
+    for mode in ("rows", "varlen", "padded", "auto"):
+        set_packed_attention(mode, pad_ratio=100.0)
+        try:
+            lp = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5, lengths=lengths)
+            got[mode] = (lp, torch.autograd.grad(lp.sum(), params))
+        finally:
+            set_packed_attention("auto")
+    for mode in ("varlen", "padded", "auto"):
+        torch.testing.assert_close(got[mode][0], got["rows"][0], rtol=0, atol=1e-12)
+        for a, b in zip(got[mode][1], got["rows"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    rows = [len(p) + n - 1 for p, n in zip(comp.prompt_ids, lengths)]
+    set_packed_attention("padded")
+    layout = rows_layout(tuple(rows), torch.device("cpu"))
+    assert layout["mathgrpo_rows"] == (len(rows), max(rows)) and (("mathgrpo_pad" in layout) != equal)
+    set_packed_attention("auto")  # pads only what costs <= PAD_RATIO x the rows' own attention FLOPs
+    assert ("mathgrpo_rows" in rows_layout(tuple(rows), torch.device("cpu"))) == equal
+    assert rows_layout((8, 8, 8), torch.device("cpu")) == {"mathgrpo_rows": (3, 8)}
+    assert "mathgrpo_pad" in rows_layout((8, 7, 8), torch.device("cpu"))
+    set_packed_attention("varlen")
+    assert rows_layout((8, 8, 8), torch.device("cpu")) == {}
+    set_packed_attention("auto")
+    with pytest.raises(ValueError, match="set_packed_attention"):
+        set_packed_attention("flex")
+
+
+def _update(pack: bool, loss_type: str, iters: int, checkpointing: bool, budget: int = 24):
     from mathgrpo.advantages import group_advantages
     from mathgrpo.models import Reference, enable_checkpointing
     from mathgrpo.trainer import make_optimizer, policy_update
@@ -83,7 +123,7 @@ def _update(pack: bool, loss_type: str, iters: int, checkpointing: bool):
     cfg = Config()
     cfg.grpo.loss_type, cfg.grpo.beta, cfg.grpo.num_iterations, cfg.grpo.num_generations = loss_type, 0.1, iters, 3
     cfg.generation.max_new_tokens = 11
-    cfg.trainer.max_tokens_per_microbatch, cfg.trainer.logprob_chunk_size, cfg.trainer.pack_sequences = 24, 4, pack
+    cfg.trainer.max_tokens_per_microbatch, cfg.trainer.logprob_chunk_size, cfg.trainer.pack_sequences = budget, 4, pack
     cfg.trainer.learning_rate = 1e-2
     comp = _completions()
     adv = group_advantages(torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0, 0.3]), 3)
@@ -114,6 +154,33 @@ def test_packed_update_with_checkpointing_and_two_iterations():
     assert m_pack["loss"] == pytest.approx(m_pad["loss"], rel=1e-6)
     for a, b in zip(g_pack, g_pad):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_update_reads_values_to_the_host_a_fixed_number_of_times(monkeypatch, pack):
+    # Every read of a computed value (item, tolist, float, int of a float tensor; bool of any tensor) is a device
+    # sync on a GPU. The update's reads must not grow with its micro-batches: they happen once per step (host
+    # reads of int token ids, the checks of the host copy, cost no sync and are not counted).
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            if _name == "__bool__" or self.is_floating_point():
+                reads.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    per_budget = {}
+    for budget in (1000, 12):
+        reads.clear()
+        m, _ = _update(pack, "grpo", 2, False, budget=budget)
+        per_budget[budget] = len(reads)
+    lengths = [len(p) + n for p, n in zip(_completions().prompt_ids, [11, 1, 7, 3, 11, 5])]
+    split = packed_microbatches if pack else __import__("mathgrpo.update", fromlist=["x"]).microbatches
+    assert len(split(lengths, 1000)) == 1 and len(split(lengths, 12)) >= 4
+    assert per_budget[12] == per_budget[1000], per_budget
+    assert m["grad_norm"] > 0 and m["num_tokens"] > 0
 
 
 def test_pack_rows_layout():

@@ -191,7 +191,7 @@ class TrainerConfig:
     pack_sequences: bool = setting(False,
         "update micro-batches without padding: rows packed end to end (positions restart per row, attention within "
         "each row), the token budget counting real tokens; needs attn_implementation=sdpa. For uneven lengths: with "
-        "equal lengths nothing is saved and the varlen attention kernel is slower (H200: 3.40 -> 3.76 s)")
+        "equal lengths nothing is saved (H200, 1.5B update: 1.75 s packed vs 1.70 s padded)")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import lmhead
 from . import metrics as M
 from .registry import lookup
 
@@ -99,6 +100,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
+def check_token_ids(ids: Tensor, vocab: int, fn: str) -> None:
+    """ValueError naming `fn` unless every id is in [0, vocab) (one device sync where ids live on a GPU)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{fn}: ids outside [0, {vocab}); use real token ids at padding")
+
+
 def chunked_token_logprobs(
     hidden: Tensor,
     lm_head_weight: Tensor,
@@ -107,12 +114,14 @@ def chunked_token_logprobs(
     temperature: float = 1.0,
     lm_head_bias: Tensor | None = None,
     with_entropy: bool = False,
+    check_ids: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(hidden @ W.T + b) / temperature)[ids] -> [B, T] fp32, never holding more than
     chunk_size x V logits (forward or backward). hidden [B, T, H] is the state that predicts ids [B, T]
     (i.e. already shifted by the caller); W [V, H]. Gradients flow to hidden, and to W/b if they need them.
     with_entropy: also return the entropy [B, T] of every position's tempered distribution (no gradient),
-    computed chunk by chunk in the same pass (never [B, T, V])."""
+    computed chunk by chunk in the same pass (never [B, T, V]). On CUDA the passes over each chunk's logits
+    are fused Triton kernels (`lmhead.py`; same function)."""
     if hidden.shape[:-1] != ids.shape or hidden.shape[-1] != lm_head_weight.shape[-1]:
         raise ValueError(
             f"chunked_token_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(lm_head_weight.shape)}, "
@@ -122,12 +131,10 @@ def chunked_token_logprobs(
         raise ValueError(
             f"chunked_token_logprobs: need chunk_size >= 1 and temperature > 0, got {chunk_size}, {temperature}"
         )
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= lm_head_weight.shape[0]):
-        raise ValueError(
-            f"chunked_token_logprobs: ids outside [0, {lm_head_weight.shape[0]}); use real token ids at padding"
-        )
-    logp, entropy = _ChunkedTokenLogprobs.apply(hidden, lm_head_weight, lm_head_bias, ids, chunk_size, temperature,
-                                                with_entropy)
+    if check_ids:  # callers that checked the host copy pass False: on a GPU this check is a device sync
+        check_token_ids(ids, lm_head_weight.shape[0], "chunked_token_logprobs")
+    fn = lmhead.fused_token_logprobs if lmhead.enabled(hidden, lm_head_weight) else _ChunkedTokenLogprobs.apply
+    logp, entropy = fn(hidden, lm_head_weight, lm_head_bias, ids, chunk_size, temperature, with_entropy)
     return (logp, entropy) if with_entropy else logp
 
 
@@ -270,6 +277,7 @@ def grpo_loss(
     row_norm: Tensor | None = None,
     entropy: Tensor | None = None,
     top_entropy_quantile: float = 1.0,
+    metrics_on_device: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """Policy term of `loss_type` + beta * k3 KL, normalised by `loss_type`. Returns (scalar loss, metrics).
 
@@ -282,6 +290,8 @@ def grpo_loss(
     token-weighted means over micro-batches and ranks (`token_means`); `ratio/mean` etc. as TRL logs them.
     entropy [N, T] (no gradient): logged as "entropy"; with top_entropy_quantile < 1 only the tokens of
     `high_entropy_mask` keep their policy-gradient term (the KL term and the normaliser keep every token, as TRL).
+    metrics_on_device: the metrics as 0-d tensors where they were computed (no device sync; the update reads
+    them once per step) instead of floats.
     """
     fn = "grpo_loss"
     lookup(LOSS_NORMALIZERS, loss_type, f"{fn}: loss_type")  # both names checked before any tensor work
@@ -353,6 +363,8 @@ def grpo_loss(
             stats[M.summed(M.KL)] = (kl * m).sum()
         if entropy is not None:
             stats[M.summed(M.ENTROPY)] = (entropy.float() * m).sum()
+        if metrics_on_device:
+            return loss, stats
         values = torch.stack(list(stats.values())).tolist()  # one device sync for all metrics
     return loss, dict(zip(stats, values))
 

@@ -20,6 +20,7 @@ from .files import step_dirs
 from .loading import load_base, load_tokenizer, pick_device, pick_dtype, say
 from .modelinfo import (SHARDED_LOGPROBS, ModelError, backbone_and_head, base_model,  # noqa: F401 (re-exported)
                         compute_context, is_quantized_linear)
+from .packing import no_mask_kwargs, to_device
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +293,8 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: torch.
         ids[i, :lens[i]] = torch.tensor(p)
         ids[i, lens[i]:lens[i] + width] = completion_ids[i]
     with compute_context(model):
-        hidden = body(input_ids=ids.to(device), use_cache=False).last_hidden_state  # [B, L, H]
-    index = torch.tensor(lens, device=device)[:, None] - 1 + torch.arange(width, device=device)  # [B, T]
+        hidden = body(input_ids=to_device(ids, device), use_cache=False, **no_mask_kwargs(body)).last_hidden_state
+    index = to_device(torch.tensor(lens), device)[:, None] - 1 + torch.arange(width, device=device)  # [B, T]
     return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
 
 
@@ -320,7 +321,7 @@ def unsharded_completion_logprobs(model, prompt_ids: list[list[int]], completion
                                   chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False,
                                   lengths: list[int] | None = None):
     """`completion_logprobs` on parameters that are plain tensors (not sharded, or gathered by FSDP)."""
-    from .loss import chunked_token_logprobs
+    from .loss import check_token_ids, chunked_token_logprobs
 
     if lengths is not None:
         from .packing import packed_completion_logprobs
@@ -329,6 +330,7 @@ def unsharded_completion_logprobs(model, prompt_ids: list[list[int]], completion
                                           temperature=temperature, with_entropy=with_entropy)
     _, head = backbone_and_head(model)
     sel = completion_hidden(model, prompt_ids, completion_ids)  # [B, T, H]
-    return chunked_token_logprobs(sel, head.weight, completion_ids.to(sel.device), chunk_size=chunk_size,
+    check_token_ids(completion_ids, head.weight.shape[0], "completion_logprobs")  # the update's host copy: no sync
+    return chunked_token_logprobs(sel, head.weight, to_device(completion_ids, sel.device), chunk_size=chunk_size,
                                   temperature=temperature, lm_head_bias=getattr(head, "bias", None),
-                                  with_entropy=with_entropy)
+                                  with_entropy=with_entropy, check_ids=False)

@@ -12,10 +12,15 @@ batches filled to the token budget instead of rows x longest row (fewer, larger 
 
 Attention inside rows: a registered transformers attention function ("mathgrpo_packed") that behaves as
 sdpa for every ordinary call (generation, unpacked passes) and, when given the rows' cumulative offsets
-(`cu_seq_lens_q`, transformers' own keyword for packed sequences), runs PyTorch's FlashAttention varlen
-kernel (`torch.nn.attention.varlen`, CUDA) or, where that is missing or fails its one-time check against
-SDPA, a causal SDPA call per row (CPU, and the fallback). The varlen kernel was chosen over FlexAttention
-block masks because it needs no compilation and no mask, for any mix of row lengths.
+(`cu_seq_lens_q`, transformers' own keyword for packed sequences), picks a layout per micro-batch
+(`set_packed_attention`, `rows_layout`): rows of one length run as a dense [B, h, L, D] batch through sdpa (a
+view, nothing copied: cuDNN's Hopper kernel, 1.56x the varlen kernel's speed on the 1.5B shape), mixed rows
+are padded into such a batch only where that adds little attention work, and otherwise PyTorch's
+FlashAttention-2 varlen kernel (`torch.nn.attention.varlen`, CUDA) runs, or, where that is missing or fails
+its one-time check against SDPA, a causal SDPA call per row (CPU, and the fallback). Measured on the H200
+(benchmarks/update.py --attention): on the uneven workload's mixed micro-batches FlexAttention with a
+document block mask was ~15% faster than the varlen kernel (forward + backward) but needs torch.compile and
+a block mask per micro-batch (7-12 ms to build); it is not wired in. cuDNN's own varlen forward took 40-70 ms.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
+from .loss import check_token_ids, chunked_token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +77,13 @@ class PackedRows:
     targets: torch.Tensor  # [M] those completion tokens
     out_index: torch.Tensor  # [M] where each goes in the flattened [B, T] output
     shape: tuple[int, int]  # (B, T)
+    row_lengths: tuple[int, ...] = ()  # [B] tokens per packed row (host)
 
 
 def pack_rows(prompt_ids: list[list[int]], completion_ids: torch.Tensor, lengths: list[int],
-              device: torch.device) -> PackedRows:
-    """Layout of rows prompt_i + completion_i[:lengths_i - 1]; completion_ids [B, T] right-padded."""
+              device: torch.device, vocab: int | None = None) -> PackedRows:
+    """Layout of rows prompt_i + completion_i[:lengths_i - 1]; completion_ids [B, T] right-padded.
+    vocab: check the completion tokens against it (ValueError naming the function)."""
     n_rows, width = completion_ids.shape
     if len(prompt_ids) != n_rows or len(lengths) != n_rows:
         raise ValueError(f"pack_rows: {len(prompt_ids)} prompts and {len(lengths)} lengths for {n_rows} rows")
@@ -83,7 +92,7 @@ def pack_rows(prompt_ids: list[list[int]], completion_ids: torch.Tensor, lengths
             raise ValueError(f"pack_rows: prompt {i} is empty (need >= 1 token to predict from)")
         if not 0 <= n <= width:
             raise ValueError(f"pack_rows: row {i} has length {n}, outside [0, {width}]")
-    comp = completion_ids.cpu()
+    comp = completion_ids.cpu()  # (the update passes its host copy: no sync)
     ids, pos, pred, tgt, out, cu = [], [], [], [], [], [0]
     for i, (p, n) in enumerate(zip(prompt_ids, lengths)):
         row = torch.cat([torch.as_tensor(p, dtype=torch.long), comp[i, :max(n - 1, 0)]])  # [P + n - 1]
@@ -94,11 +103,31 @@ def pack_rows(prompt_ids: list[list[int]], completion_ids: torch.Tensor, lengths
         tgt.append(comp[i, :n])
         out.append(torch.arange(n) + i * width)
         cu.append(start + len(row))
-    cat = lambda xs: torch.cat(xs).to(device, non_blocking=True)  # noqa: E731
+    targets = torch.cat(tgt)  # [M]
+    if vocab is not None:
+        check_token_ids(targets, vocab, "pack_rows (completion_ids)")  # on the host: no device sync
+    cat = lambda xs: to_device(torch.cat(xs), device)  # noqa: E731
     return PackedRows(input_ids=cat(ids)[None], position_ids=cat(pos)[None],
-                      cu_seqlens=torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True),
-                      max_len=max(len(r) for r in ids), predictors=cat(pred), targets=cat(tgt), out_index=cat(out),
-                      shape=(n_rows, width))
+                      cu_seqlens=to_device(torch.tensor(cu, dtype=torch.int32), device),
+                      max_len=max(len(r) for r in ids), predictors=cat(pred), targets=to_device(targets, device),
+                      out_index=cat(out), shape=(n_rows, width), row_lengths=tuple(len(r) for r in ids))
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: on CUDA through pinned memory, asynchronously (PyTorch's
+    pinned-memory cache keeps the buffer until the copy is done); a copy from pageable memory can block."""
+    if torch.device(device).type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def no_mask_kwargs(body) -> dict:
+    """Keyword for a decoder body's forward that skips transformers' mask construction where every layer is
+    full causal attention: a mask dict given as `attention_mask` is used as it is, and None per layer type
+    means plain causal attention (what `create_causal_mask` returns for unpadded rows anyway). Building it
+    costs a device sync per forward (`find_packed_sequence_indices` tests its position ids on the host)."""
+    types = getattr(body.config, "layer_types", None)
+    return {"attention_mask": {"full_attention": None}} if types and set(types) == {"full_attention"} else {}
 
 
 def packed_hidden(model, packed: PackedRows) -> torch.Tensor:
@@ -108,10 +137,12 @@ def packed_hidden(model, packed: PackedRows) -> torch.Tensor:
     body, _ = backbone_and_head(model)
     use_packed_attention(model)
     cu = packed.cu_seqlens
+    layout = rows_layout(packed.row_lengths, packed.input_ids.device)
     _STATE["packed_pass"] = True  # no mask: transformers' packed-sequence mask would be a dense [S, S] one
     try:
         with compute_context(model):
             hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                          **no_mask_kwargs(body), **layout,
                           cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_len,
                           max_length_k=packed.max_len).last_hidden_state  # [1, S, H]
     finally:
@@ -124,15 +155,14 @@ def packed_completion_logprobs(model, prompt_ids: list[list[int]], completion_id
                                with_entropy: bool = False):
     """Log-probs [B, T] float32 as `models.completion_logprobs`, from one packed pass; 0 at t >= lengths[i].
     with_entropy: (log-probs, entropy [B, T]) as there, entropy 0 at t >= lengths[i] too."""
-    from .loss import chunked_token_logprobs
     from .modelinfo import backbone_and_head
 
     _, head = backbone_and_head(model)
-    packed = pack_rows(prompt_ids, completion_ids, lengths, head.weight.device)
+    packed = pack_rows(prompt_ids, completion_ids, lengths, head.weight.device, vocab=head.weight.shape[0])
     sel = packed_hidden(model, packed)  # [M, H]
     out = chunked_token_logprobs(sel[None], head.weight, packed.targets[None], chunk_size=chunk_size,
                                  temperature=temperature, lm_head_bias=getattr(head, "bias", None),
-                                 with_entropy=with_entropy)
+                                 with_entropy=with_entropy, check_ids=False)
     n_rows, width = packed.shape
 
     def unpack(x: torch.Tensor) -> torch.Tensor:  # [1, M] -> [B, T]
@@ -207,13 +237,64 @@ def _varlen():
     return fn, kw
 
 
-def set_packed_attention(mode: str) -> None:
-    """"auto": the varlen kernel where it passes its check, else per-row SDPA; "rows": per-row SDPA always."""
-    if mode not in ("auto", "rows"):
-        raise ValueError(f"set_packed_attention: {mode!r} is not one of auto, rows")
+ATTENTION_MODES = ("auto", "varlen", "padded", "rows")
+# "auto" pads a micro-batch when B * L_max^2 <= this x sum(L_i^2): on the H200 cuDNN's causal kernel on a dense
+# batch did a 1.5B layer's attention (forward + backward) 1.56x faster than the varlen FlashAttention-2 kernel on
+# the same rows (0.93 vs 1.45 ms, 14 x 1,151 tokens); below that margin, for the gather copies, padding pays.
+PAD_RATIO = 1.3
+_MODE = {"mode": "auto", "pad_ratio": PAD_RATIO}
+
+
+def set_packed_attention(mode: str, pad_ratio: float | None = None) -> None:
+    """How packed rows attend. "auto": rows of one length run as a dense batch through sdpa (cuDNN's kernel on
+    Hopper: no padding, no copy), mixed rows padded to the longest when that costs at most `pad_ratio` x the
+    attention FLOPs of the rows themselves, else the varlen kernel; "varlen": the varlen kernel always (per-row
+    SDPA where it is missing or fails its check); "padded": always the padded batch; "rows": per-row SDPA."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"set_packed_attention: {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
     _VARLEN.clear()
     if mode == "rows":
         _VARLEN.update(fn=None, kw=None)
+    _MODE.update(mode=mode, pad_ratio=PAD_RATIO if pad_ratio is None else float(pad_ratio))
+
+
+def rows_layout(row_lengths: tuple[int, ...], device: torch.device) -> dict:
+    """Attention keywords for one packed micro-batch (host arithmetic, no sync): `mathgrpo_rows` (B, L_max) and
+    `mathgrpo_pad` ([B * L_max] positions in S of the padded batch; a padding slot repeats its row's first
+    token: under causal attention no real token sees it and nothing flows back through it, and [S] where each
+    real token sits in the padded batch) when the rows are to run as a padded batch; {} for the varlen kernel."""
+    mode, n, longest = _MODE["mode"], len(row_lengths), max(row_lengths, default=0)
+    if mode in ("varlen", "rows") or not n:
+        return {}
+    if n * longest == sum(row_lengths):
+        return {"mathgrpo_rows": (n, longest)}  # one length: a view of the packed tensors, nothing padded
+    if mode == "auto" and n * longest ** 2 > _MODE["pad_ratio"] * sum(k * k for k in row_lengths):
+        return {}
+    gather, place, start = [], [], 0
+    for i, k in enumerate(row_lengths):
+        gather += list(range(start, start + k)) + [start] * (longest - k)
+        place += range(i * longest, i * longest + k)
+        start += k
+    return {"mathgrpo_rows": (n, longest), "mathgrpo_pad": (to_device(torch.tensor(gather), device),
+                                                           to_device(torch.tensor(place), device))}
+
+
+def _batched_attention(module, query, key, value, rows: tuple[int, int], pad, scaling):
+    """The packed rows as a [B, h, L_max, D] batch through transformers' sdpa (causal, no mask), back to [S, H, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    n, longest = rows
+
+    def batch(x):  # [1, h, S, D] -> [B, h, L, D], the layout of an ordinary (padded) forward
+        x = x[0].transpose(0, 1)  # [S, h, D]
+        if pad is not None:
+            x = x.index_select(0, pad[0])  # [B * L, h, D]
+        return x.view(n, longest, *x.shape[1:]).transpose(1, 2)
+
+    out, _ = sdpa_attention_forward(module, batch(query), batch(key), batch(value), None, dropout=0.0,
+                                    scaling=scaling)  # [B, L, H, D]
+    out = out.reshape(n * longest, *out.shape[2:])  # [B * L, H, D]
+    return out if pad is None else out.index_select(0, pad[1])  # [S, H, D]
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -229,6 +310,9 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     if query.shape[0] != 1 or dropout:
         raise ValueError(f"packed attention: needs one packed sequence and no attention dropout "
                          f"(got batch {query.shape[0]}, dropout {dropout})")
+    if "mathgrpo_rows" in kwargs:
+        return _batched_attention(module, query, key, value, kwargs["mathgrpo_rows"], kwargs.get("mathgrpo_pad"),
+                                  scaling)[None], None
     fn, kw = _varlen() if query.is_cuda else (None, None)
     if fn is not None:
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [S, H, D]

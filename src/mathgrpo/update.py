@@ -18,9 +18,10 @@ from . import metrics as M
 from .config import Config
 from .distributed import SINGLE, World
 from .fsdp import is_sharded
-from .loss import bnpo_row_norms, effective_mask, grpo_loss, token_means
+from .loss import bnpo_row_norms, check_token_ids, effective_mask, grpo_loss, token_means
+from .modelinfo import backbone_and_head
 from .models import Reference, completion_logprobs
-from .packing import packed_microbatches
+from .packing import packed_microbatches, to_device
 from .rollout import Completions
 
 
@@ -63,73 +64,85 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
                   cfg: Config, world: World = SINGLE) -> dict:
     """num_iterations optimizer steps over one rollout (this rank's rows); returns this rank's averaged loss
     metrics. With several ranks, gradients are averaged over ranks before each step (distributed.py).
-    The last iteration's gradients stay on the parameters: the caller frees them (generation wants the memory)."""
+    The last iteration's gradients stay on the parameters: the caller frees them (generation wants the memory).
+    No host sync inside the micro-batch loop: the rollout's tensors are read to the host once, token ids are
+    checked there, each micro-batch's inputs go to the GPU asynchronously (pinned), and the loss metrics and
+    the gradient norm are summed on the device and read once at the end (top_entropy_quantile < 1 still
+    syncs per micro-batch: its quantile is taken over a data-dependent selection)."""
     g, t = cfg.grpo, cfg.trainer
-    mask = comp.completion_mask.float()  # [N, T]
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    mask = comp.completion_mask.float().cpu()  # [N, T] host copies: one sync each, here
+    ids = comp.completion_ids.cpu()  # [N, T]
+    truncated, adv_host = comp.truncated.cpu(), adv.float().cpu()  # [N], [N]
     n_rows = mask.shape[0]
-    lengths = comp.completion_mask.sum(1).tolist()
+    lengths = [int(n) for n in mask.sum(1).tolist()]
+    check_token_ids(ids, backbone_and_head(model)[1].weight.shape[0], "policy_update (completion_ids)")
     split = packed_microbatches if t.pack_sequences else microbatches
     groups = split([len(p) + int(n) for p, n in zip(comp.prompt_ids, lengths)], t.max_tokens_per_microbatch)
     sharded = is_sharded(model)
     if sharded:  # every FSDP2 forward and backward is a collective: the same number of micro-batches on every rank
         groups = world.match_microbatches(groups)
-    eff = effective_mask(mask, comp.truncated, g.mask_truncated_completions)  # [N, T]
+    eff = effective_mask(mask, truncated, g.mask_truncated_completions)  # [N, T]
     tokens = float(eff.sum())
     seq_count, token_count = world.loss_counts(g.loss_type, n_rows, tokens)
     row_norm = bnpo_row_norms(eff, g.bnpo_batch_rows) if g.loss_type == "bnpo" else None  # [N]
-    device = next(p for p in model.parameters() if p.requires_grad).device
+    widths = [max(1, max(lengths[i] for i in rows)) for rows in groups]
+    inputs = [dict(advantages=to_device(adv_host[rows], device), mask=to_device(mask[rows, :w], device),
+                   truncated=to_device(truncated[rows], device),
+                   row_norm=None if row_norm is None else to_device(row_norm[rows], device))
+              for rows, w in zip(groups, widths)]
 
-    def logp_of(m, rows: list[int], with_entropy: bool = False):  # [len(rows), T_rows] (and entropy, same shape)
-        width = max(1, max(lengths[i] for i in rows))
-        return completion_logprobs(m, [comp.prompt_ids[i] for i in rows], comp.completion_ids[rows, :width],
+    def logp_of(m, k: int, with_entropy: bool = False):  # [len(rows), T_rows] (and entropy, same shape)
+        rows = groups[k]
+        return completion_logprobs(m, [comp.prompt_ids[i] for i in rows], ids[rows, :widths[k]],
                                    chunk_size=t.logprob_chunk_size, temperature=max(cfg.generation.temperature, 1e-6),
                                    with_entropy=with_entropy,
-                                   lengths=[int(lengths[i]) for i in rows] if t.pack_sequences else None)
+                                   lengths=[lengths[i] for i in rows] if t.pack_sequences else None)
 
     fixed: dict[str, dict[int, torch.Tensor]] = {"old": {}, "ref": {}}
     with torch.no_grad():
-        for k, rows in enumerate(groups):
+        for k in range(len(groups)):
             if g.beta > 0:
                 with ref.context(model) as rm:
-                    fixed["ref"][k] = logp_of(rm, rows)
-    sums: dict[str, float] = {}
+                    fixed["ref"][k] = logp_of(rm, k)
+    sums: dict[str, torch.Tensor] = {}  # on the device until the end
     for it in range(g.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        loss_total = 0.0
-        for k, rows in enumerate(groups):
-            logp, entropy = logp_of(model, rows, with_entropy=True)  # entropy: logged, and top_entropy_quantile
-            width = logp.shape[1]
+        for k in range(len(groups)):
+            logp, entropy = logp_of(model, k, with_entropy=True)  # entropy: logged, and top_entropy_quantile
             if it == 0 and g.num_iterations > 1:
                 # The old policy is this iteration's policy: its log-probs are taken from this very pass (same
                 # dropout mask, so the first ratio is exactly 1, and no extra forward pass).
                 fixed["old"][k] = logp.detach()
+            x = inputs[k]
             loss, m = grpo_loss(
-                logp, fixed["old"].get(k), fixed["ref"].get(k), adv[rows].to(device), mask[rows, :width].to(device),
+                logp, fixed["old"].get(k), fixed["ref"].get(k), x["advantages"], x["mask"],
                 loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
                 max_completion_length=cfg.generation.max_new_tokens, token_count=token_count, seq_count=seq_count,
-                truncated=comp.truncated[rows].to(device), mask_truncated=g.mask_truncated_completions,
+                truncated=x["truncated"], mask_truncated=g.mask_truncated_completions,
                 importance_sampling_level=g.importance_sampling_level, use_bias_correction_kl=g.use_bias_correction_kl,
                 sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg,
-                row_norm=None if row_norm is None else row_norm[rows].to(device),
-                entropy=entropy, top_entropy_quantile=g.top_entropy_quantile)
+                row_norm=x["row_norm"], entropy=entropy, top_entropy_quantile=g.top_entropy_quantile,
+                metrics_on_device=True)
             loss.backward()
-            loss_total += float(loss.detach())
-            for key, v in m.items():  # token sums: token-weighted means over micro-batches and ranks below
-                sums[key] = sums.get(key, 0.0) + v / g.num_iterations
+            # token sums: token-weighted means over micro-batches and ranks below
+            for key, v in {**m, M.LOSS: loss.detach()}.items():
+                sums[key] = sums[key] + v / g.num_iterations if key in sums else v / g.num_iterations
         params = [p for p in model.parameters() if p.requires_grad]
         if not sharded:  # (FSDP2 reduce-scatters, averaging over ranks, in every backward)
             world.all_reduce_grads(params)  # after the last micro-batch: ranks may run different numbers of them
         # the global norm, also over FSDP2's DTensor gradients (a replicated DTensor: the same float on every rank);
         # max_grad_norm=0 means no clipping (torch would scale every gradient to 0)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         scheduler.step()
-        sums[M.LOSS] = sums.get(M.LOSS, 0.0) + loss_total / g.num_iterations
-        sums[M.GRAD_NORM] = sums.get(M.GRAD_NORM, 0.0) + grad_norm / g.num_iterations
+        sums[M.GRAD_NORM] = sums.get(M.GRAD_NORM, 0.0) + grad_norm.detach().float() / g.num_iterations
+    host = dict(zip(sums, torch.stack([v.float().to(device) for v in sums.values()]).tolist()))  # the one read
     # every rank returns the global token means (TRL's global_masked_mean); the mean over ranks of sums is sum / W
-    summed = world.reduce_metrics({k: v for k, v in sums.items() if k.endswith("_sum") or k == M.NUM_TOKENS})
+    summed = world.reduce_metrics({k: v for k, v in host.items() if k.endswith("_sum") or k == M.NUM_TOKENS})
     means = {**token_means(summed), M.NUM_TOKENS: summed[M.NUM_TOKENS] * world.size}  # tokens in the loss, all ranks
-    return {**{k: v for k, v in sums.items() if k not in summed}, **means}
+    return {**{k: v for k, v in host.items() if k not in summed}, **means}
 
 
 def update_stage(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor, cfg: Config,
