@@ -205,7 +205,7 @@ def test_linear_residual_matches_reference(dtype, M):
             out = FL.linear_residual(a, w, bias, x, cfg)
             assert out.data_ptr() == x.data_ptr()  # in place
             assert _rel(x, want) < TOL[dtype], cfg
-    assert int(FL._COUNTERS[x.device].abs().sum()) == 0
+    assert int(K._COUNTERS[x.device].abs().sum()) == 0
 
 
 def test_fused_linear_groups():
@@ -236,3 +236,38 @@ def test_fused_linear_engine_matches_reference_path(fused_linear):
     ref = FastRollout(model, tok, attention="sdpa").generate(PROMPTS, 2, s)
     assert rows_of(out) == rows_of(ref)
     torch.testing.assert_close(out.logprobs, ref.logprobs, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,KV,D,norm", [(4, 2, 16, False), (4, 4, 32, True), pytest.param(
+    12, 2, 128, False, marks=pytest.mark.skipif(DEV == "cpu", reason="minutes in the interpreter"))])
+def test_rope_attend_matches_the_two_kernels(dtype, H, KV, D, norm):
+    """The one-launch RoPE + KV write + attention + merge against rope_write then attend (each checked against
+    the reference above): same cache writes, same output, for one and several splits and an unused row."""
+    g = torch.Generator().manual_seed(H + D)
+    rows, cap, B = 6, 300, 5
+    kc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
+    vc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
+    qkv = torch.randn(B, (H + 2 * KV) * D, generator=g).to(DEV, dtype)
+    cos, sin = (torch.randn(cap, D, generator=g).to(DEV, dtype) for _ in range(2))
+    qn, kn = ((torch.rand(D, generator=g) + 0.5).to(DEV, dtype) if norm else None for _ in range(2))
+    pos = torch.tensor([5, 17, 49, 0, 299], device=DEV)
+    for col, pad_last, splits, min_chunk in [(0, 0, 1, 16), (63, 250, 4, 16), (270, 280, 8, 32), (299, 0, 64, 16),
+                                             (299, 130, 8, 64)]:
+        pad = torch.tensor([0, 3, 64, 130, pad_last], device=DEV)  # pad_last > col: a row with no columns
+        col_t = torch.tensor([col], device=DEV)
+        kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
+        qo = K.rope_write(q, k, v, cos, sin, pos, qn, kn, 1e-6, kc1, vc1, col_t, H, KV)
+        want = K.attend(qo, kc1, vc1, pad, col_t, D ** -0.5, splits, block_n=16, min_chunk=min_chunk)
+        for _ in range(2):  # twice: the merge counters are back at zero after a launch
+            got = K.rope_attend(qkv, cos, sin, pos, qn, kn, 1e-6, kc2, vc2, pad, col_t, D ** -0.5, H, splits,
+                                block_n=16, min_chunk=min_chunk)
+            live = pad <= col
+            assert torch.equal(kc2[:B][live], kc1[:B][live]) and torch.equal(vc2[:B][live], vc1[:B][live])
+            for r in range(rows):  # rows without columns (unused graph slots) may skip the write
+                assert any(torch.equal(kc2[r], c[r]) and torch.equal(vc2[r], c2[r]) for c, c2 in ((kc1, vc1), (kc, vc)))
+            assert _rel(got[live], want[live]) < TOL[dtype], (col, splits)
+            assert (got[~live] == 0).all()
+    assert int(K._COUNTERS[qkv.device].abs().sum()) == 0

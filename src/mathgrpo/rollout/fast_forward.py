@@ -202,8 +202,9 @@ def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch
             q = K.rope_write(q, k, v, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], col, H, KV)
             return K.attend(q, kc[i], vc[i], pad, col, w.scaling, splits)
 
-        if fused:  # the projection output arrives as one [B, (H+2KV)*D] tensor
-            return fused_layers(w, x, lambda i, L, qkv: attend(i, L, *qkv.split(sizes, -1)), ops)
+        if fused:  # the projection output arrives as one [B, (H+2KV)*D] tensor: RoPE, KV write, attention in one
+            return fused_layers(w, x, lambda i, L, qkv: K.rope_attend(
+                qkv, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], pad, col, w.scaling, H, splits), ops)
         return run_layers(w, x, lambda i, L, h: attend(i, L, *_project_parts(h, L.qkv, L.qkv_bias, L.qkv_lora,
                                                                               sizes)), ops)
     cols = torch.arange(n_cols, device=tokens.device)

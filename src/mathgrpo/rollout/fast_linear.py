@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .fast_kernels import _pow2, triton
+from .fast_kernels import _pow2, counters, triton
 from .fast_weights import LayerWeights
 
 MAX_ROWS = 64  # graph batch sizes up to this take the kernels below; more rows: cuBLAS
@@ -120,19 +120,6 @@ def _prec(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Per-tile arrival counters of `linear_residual`, zero between launches (each launch resets its own)."""
-    c = _COUNTERS.get(device)
-    if c is None or c.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("fast_linear: counters must be allocated before CUDA graph capture (warm-up)")
-        c = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return c
-
-
 def norm_linear(x: torch.Tensor, ln: torch.Tensor, ws: list[torch.Tensor], bs: list, eps: float,
                 cfg: tuple | None = None) -> torch.Tensor:
     """RMSNorm(x; ln) @ [W_1; W_2; ...].T (+ biases) for x [M, K] -> [M, sum N_i] (one launch per tensor)."""
@@ -173,7 +160,7 @@ def linear_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x:
     tiles = triton.cdiv(N, bn)
     ws = torch.empty(split, BM, N, dtype=torch.float32, device=a.device) if split > 1 else x
     _linear_residual_kernel[(tiles, split)](
-        a, a.stride(0), w, w.stride(0), b if b is not None else w, x, x.stride(0), ws, _counters(a.device, tiles),
+        a, a.stride(0), w, w.stride(0), b if b is not None else w, x, x.stride(0), ws, counters(a.device, tiles),
         M, N, K, BM=BM, BN=bn, BK=bk, SPLIT=split, HAS_BIAS=b is not None, PREC=_prec(a), num_warps=warps,
         num_stages=stages)
     return x
