@@ -270,13 +270,13 @@ if triton is not None:
             l_i = tl.zeros([GP], tl.float32)
             acc = tl.zeros([GP, DP], tl.float32)
             for t in range(0, used):  # fixed order: the same sum on every replay
-                part = out_rows * NSPLIT + t
-                m_t = tl.load(m_ptr + part, mask=gm, other=float("-inf"), cache_modifier=".cg")
+                pt = out_rows * NSPLIT + t
+                m_t = tl.load(m_ptr + pt, mask=gm, other=float("-inf"), cache_modifier=".cg")
                 m_new = tl.maximum(m_i, m_t)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 a_old, a_t = tl.exp2(m_i - m_safe), tl.exp2(m_t - m_safe)
-                l_i = l_i * a_old + tl.load(l_ptr + part, mask=gm, other=0.0, cache_modifier=".cg") * a_t
-                acc = acc * a_old[:, None] + tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=out_mask,
+                l_i = l_i * a_old + tl.load(l_ptr + pt, mask=gm, other=0.0, cache_modifier=".cg") * a_t
+                acc = acc * a_old[:, None] + tl.load(acc_ptr + pt[:, None] * D + d[None, :], mask=out_mask,
                                                      other=0.0, cache_modifier=".cg") * a_t[:, None]
                 m_i = m_new
             tl.store(cnt_ptr + bk, 0)  # ready for the next launch (or graph replay)

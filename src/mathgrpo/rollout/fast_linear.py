@@ -100,8 +100,9 @@ if triton is not None:
         tl.store(x_off, (x.to(tl.float32) + acc).to(x.dtype), mask=mm[:, None] & nm[None, :])
 
 
-# (kind, N, K) -> (BN, BK, SPLIT, num_warps, num_stages); any other shape takes `_default`.
-CONFIGS: dict[tuple[str, int, int], tuple[int, int, int, int, int]] = {}
+# (kind, BM, N, K) -> (BN, BK, SPLIT, num_warps, num_stages), BM the row tile (16, 32 or 64); kind: norm
+# (norm_linear), glu (norm_glu), residual (linear_residual). Any other shape takes `_default`.
+CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int, int, int]] = {}
 
 
 def _default(kind: str, M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
@@ -113,7 +114,7 @@ def _default(kind: str, M: int, N: int, K: int) -> tuple[int, int, int, int, int
 
 
 def config(kind: str, M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
-    return CONFIGS.get((kind, N, K)) or _default(kind, M, N, K)
+    return CONFIGS.get((kind, max(16, _pow2(M)), N, K)) or _default(kind, M, N, K)
 
 
 def _prec(x: torch.Tensor) -> str:
