@@ -164,7 +164,7 @@ def test_norm_linear_matches_reference(dtype, M):
     bs = [_rand(g, 48, dtype=dtype), None, _rand(g, 16, dtype=dtype)]
     h = F.rms_norm(x.double(), (Kd,), ln.double(), 1e-6)
     want = torch.cat([F.linear(h, w.double(), None if b is None else b.double()) for w, b in zip(ws, bs)], -1)
-    for cfg in (None, (16, 64, 1, 4, 2), (32, 128, 1, 4, 3)):
+    for cfg in (None, (16, 64, 1, 4, 2), (32, 128, 1, 4, 3), (16, 32, 3, 4, 2), (16, 64, 4, 4, 3)):
         got = FL.norm_linear(x, ln, ws, bs, 1e-6, cfg)
         assert got.shape == (M, 80) and got.dtype == dtype
         assert _rel(got, want) < TOL[dtype], cfg
@@ -181,7 +181,7 @@ def test_norm_glu_matches_reference(dtype, M):
     h = F.rms_norm(x.double(), (Kd,), ln.double(), 1e-5)
     gate, up = F.linear(h, fused.double()).chunk(2, -1)
     want = F.silu(gate) * up
-    for cfg in (None, (16, 32, 1, 4, 2)):
+    for cfg in (None, (16, 32, 1, 4, 2), (16, 32, 3, 4, 2), (32, 32, 2, 4, 3)):
         got = FL.norm_glu(x, ln, *fused.chunk(2, 0), 1e-5, cfg)
         assert got.shape == (M, I) and _rel(got, want) < TOL[dtype], cfg
     sep = fused[:I].clone(), fused[I:].clone()  # the model's own separate tensors

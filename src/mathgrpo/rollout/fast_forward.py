@@ -196,17 +196,13 @@ def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch
     if splits:
         from . import fast_kernels as K
 
-        sizes = [H * D, KV * D, KV * D]
+        def attend(i, L, qkv):  # qkv [B, (H+2KV)*D]: RoPE, KV write, attention and split merge in one launch
+            return K.rope_attend(qkv, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], pad, col, w.scaling,
+                                 H, splits)
 
-        def attend(i, L, q, k, v):
-            q = K.rope_write(q, k, v, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], col, H, KV)
-            return K.attend(q, kc[i], vc[i], pad, col, w.scaling, splits)
-
-        if fused:  # the projection output arrives as one [B, (H+2KV)*D] tensor: RoPE, KV write, attention in one
-            return fused_layers(w, x, lambda i, L, qkv: K.rope_attend(
-                qkv, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], pad, col, w.scaling, H, splits), ops)
-        return run_layers(w, x, lambda i, L, h: attend(i, L, *_project_parts(h, L.qkv, L.qkv_bias, L.qkv_lora,
-                                                                              sizes)), ops)
+        if fused:
+            return fused_layers(w, x, attend, ops)
+        return run_layers(w, x, lambda i, L, h: attend(i, L, _project(h, L.qkv, L.qkv_bias, L.qkv_lora)), ops)
     cols = torch.arange(n_cols, device=tokens.device)
     ok = (cols[None] >= pad[:, None]) & (cols[None] <= col)  # [B, S]
     bias = torch.zeros(ok.shape, dtype=w.dtype, device=tokens.device).masked_fill_(~ok, float("-inf"))

@@ -35,28 +35,49 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _norm_linear_kernel(x_ptr, sx, ln_ptr, w1_ptr, w2_ptr, sw, b_ptr, y_ptr, sy, M, N, K, eps,
-                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GLU: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    def _norm_linear_kernel(x_ptr, sx, ln_ptr, w1_ptr, w2_ptr, sw, b_ptr, y_ptr, sy, ws_ptr, ss_ptr, cnt_ptr,
+                            M, N, K, eps, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                            GLU: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+        pn = tl.program_id(0)
+        pk = tl.program_id(1)
         rm = tl.arange(0, BM)
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rn = pn * BN + tl.arange(0, BN)
         mm, nm = rm < M, rn < N
+        kper = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK
         acc1 = tl.zeros([BM, BN], tl.float32)
         acc2 = tl.zeros([BM, BN], tl.float32)
         ss = tl.zeros([BM], tl.float32)
-        for k0 in range(0, K, BK):
+        for k0 in range(pk * kper, tl.minimum(pk * kper + kper, K), BK):
             rk = k0 + tl.arange(0, BK)
             km = rk < K
             x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
-            dt = x.dtype
             xf = x.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
-            xn = (xf * tl.load(ln_ptr + rk, mask=km, other=0.0).to(tl.float32)[None, :]).to(dt)
+            xn = (xf * tl.load(ln_ptr + rk, mask=km, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
             w_off = rn[:, None] * sw + rk[None, :]
             w_mask = nm[:, None] & km[None, :]
             acc1 += tl.dot(xn, tl.trans(tl.load(w1_ptr + w_off, mask=w_mask, other=0.0)), input_precision=PREC)
             if GLU:
                 acc2 += tl.dot(xn, tl.trans(tl.load(w2_ptr + w_off, mask=w_mask, other=0.0)), input_precision=PREC)
+        if SPLIT > 1:  # as linear_residual: partials, and the last split of a tile sums them (and the squares)
+            tile = rm[:, None] * N + rn[None, :]
+            tm = mm[:, None] & nm[None, :]
+            tl.store(ws_ptr + pk * BM * N + tile, acc1, mask=tm)
+            if GLU:
+                tl.store(ws_ptr + (SPLIT + pk) * BM * N + tile, acc2, mask=tm)
+            tl.store(ss_ptr + pk * BM + rm, ss)  # the same values from every tile of this split
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr + pn, 1, sem="acq_rel") != SPLIT - 1:
+                return
+            acc1 = tl.zeros([BM, BN], tl.float32)
+            acc2 = tl.zeros([BM, BN], tl.float32)
+            ss = tl.zeros([BM], tl.float32)
+            for s in tl.static_range(SPLIT):
+                acc1 += tl.load(ws_ptr + s * BM * N + tile, mask=tm, other=0.0, cache_modifier=".cg")
+                if GLU:
+                    acc2 += tl.load(ws_ptr + (SPLIT + s) * BM * N + tile, mask=tm, other=0.0, cache_modifier=".cg")
+                ss += tl.load(ss_ptr + s * BM + rm, cache_modifier=".cg")
+            tl.store(cnt_ptr + pn, 0)
         r = tl.rsqrt(ss / K + eps)[:, None]  # [BM, 1]
         y = acc1 * r
         if GLU:  # SiLU(gate) * up, in fp32
@@ -106,11 +127,12 @@ CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int, int, int]] = {}
 
 
 def _default(kind: str, M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
-    if kind == "residual":  # enough (tile, split) programs for every multiprocessor, >= 512 columns a split
-        bn = 32
-        split = max(1, min(8, _pow2(-(-264 // -(-N // bn))), K // 512))
-        return bn, 128, split, 4, 3
-    return (16 if kind == "norm" else 32), 128, 1, 4, 3
+    """The tiles: 32 output columns a program, and K split until there are about four programs per
+    multiprocessor (the K loop is latency-bound at this size: more programs in flight, more bytes in flight)."""
+    bn = 32
+    tiles = -(-N // bn)
+    split = max(1, min(16, _pow2(-(-528 // tiles)), K // 256))
+    return bn, 128, split, 4, 3
 
 
 def config(kind: str, M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
@@ -128,12 +150,23 @@ def norm_linear(x: torch.Tensor, ln: torch.Tensor, ws: list[torch.Tensor], bs: l
     sizes = [w.shape[0] for w in ws]
     y = torch.empty(M, sum(sizes), dtype=x.dtype, device=x.device)
     for w, b, part in zip(ws, bs, y.split(sizes, -1)):
-        bn, bk, _, warps, stages = cfg or config("norm", M, w.shape[0], K)
-        _norm_linear_kernel[(triton.cdiv(w.shape[0], bn),)](
-            x, x.stride(0), ln, w, w, w.stride(0), b if b is not None else w, part, y.stride(0), M, w.shape[0], K,
-            eps, BM=max(16, _pow2(M)), BN=bn, BK=bk, GLU=False, HAS_BIAS=b is not None, PREC=_prec(x),
-            num_warps=warps, num_stages=stages)
+        _launch_norm(x, ln, w, w, b, part, eps, False, cfg or config("norm", M, w.shape[0], K))
     return y
+
+
+def _launch_norm(x, ln, w1, w2, b, y, eps: float, glu: bool, cfg: tuple) -> None:
+    M, K = x.shape
+    N = w1.shape[0]
+    bn, bk, split, warps, stages = cfg
+    BM = max(16, _pow2(M))
+    tiles = triton.cdiv(N, bn)
+    f32 = torch.float32
+    ws = torch.empty((2 if glu else 1) * split, BM, N, dtype=f32, device=x.device) if split > 1 else y
+    ss = torch.empty(split, BM, dtype=f32, device=x.device) if split > 1 else y
+    _norm_linear_kernel[(tiles, split)](
+        x, x.stride(0), ln, w1, w2, w1.stride(0), b if b is not None else w1, y, y.stride(0), ws, ss,
+        counters(x.device, tiles), M, N, K, eps, BM=BM, BN=bn, BK=bk, SPLIT=split, GLU=glu, HAS_BIAS=b is not None,
+        PREC=_prec(x), num_warps=warps, num_stages=stages)
 
 
 def norm_glu(x: torch.Tensor, ln: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, eps: float,
@@ -143,10 +176,7 @@ def norm_glu(x: torch.Tensor, ln: torch.Tensor, gate: torch.Tensor, up: torch.Te
     N = gate.shape[0]
     assert up.shape == gate.shape and up.stride() == gate.stride()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    bn, bk, _, warps, stages = cfg or config("glu", M, N, K)
-    _norm_linear_kernel[(triton.cdiv(N, bn),)](
-        x, x.stride(0), ln, gate, up, gate.stride(0), gate, y, y.stride(0), M, N, K, eps, BM=max(16, _pow2(M)),
-        BN=bn, BK=bk, GLU=True, HAS_BIAS=False, PREC=_prec(x), num_warps=warps, num_stages=stages)
+    _launch_norm(x, ln, gate, up, None, y, eps, True, cfg or config("glu", M, N, K))
     return y
 
 
