@@ -227,8 +227,8 @@ def profile(args, spec: str) -> None:
 def table(results: list[dict], bw: float, measured: bool = True) -> None:
     how = "measured" if measured else "nominal (CPU: no measured floor)"
     print(f"\ncopy bandwidth {how}: {bw / 1e12:.2f} TB/s; floor = (weights + filled KV) / that")
-    print(f"{'mode':<14}{'attn':<7}{'linear':<7}{'rows':>5}{'ctx':>7}{'ms/step':>9}{'tok/s':>9}{'floor ms':>9}{'share':>7}"
-          f"{'KV GB':>7}{'graphs':>7}")
+    print(f"{'mode':<14}{'attn':<7}{'linear':<7}{'rows':>5}{'ctx':>7}{'ms/step':>9}{'tok/s':>9}{'floor ms':>9}"
+          f"{'share':>7}{'KV GB':>7}{'graphs':>7}")
     for r in results:
         if "generate" in r:
             print(f"generate {r['generate']:<12}{r['attention']:<7} first {r['first_s']:.1f} s, {r['ms']:.3f} ms/step, "
@@ -262,7 +262,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-kv-gib", type=float, default=64, help="skip points whose KV cache is larger")
     ap.add_argument("--generate", nargs="*", default=[], help="also whole generate calls, e.g. 8x2048")
     ap.add_argument("--profile", help="also a kernel profile at ROWSxCONTEXT, e.g. 8x2048")
-    ap.add_argument("--variants", nargs="*", choices=["attention", "rope_attend", "fused"],
+    ap.add_argument("--variants", nargs="*", choices=["attention", "fused"],
                     help="time the kernels alone instead (benchmarks/decode_variants.py; default both)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape, few steps")
     ap.add_argument("--json", help="also write the results here")
@@ -275,7 +275,7 @@ def main(argv=None) -> None:
     if args.variants is not None:
         from decode_variants import run_variants
 
-        return run_variants(args.variants or ("attention", "rope_attend", "fused"), args.configs_out)
+        return run_variants(args.variants or ("attention", "fused"), args.configs_out)
     if args.configs:
         from mathgrpo.rollout import fast_linear
 

@@ -1,10 +1,9 @@
 """Kernel variants of the decode step, timed alone on the GPU (`python benchmarks/decode.py --variants`).
 
 - attention: the reference (mask + SDPA over the bucketed length, what the `sdpa` path runs) against
-  fast_kernels.attend at several block sizes and split counts, per (rows, context), one layer of the
-  1.5B shape (12 heads, 2 KV heads, head_dim 128); checked against the reference first.
-- rope_attend: the one-launch RoPE + KV write + attention + merge against rope_write + attend (two kernels and
-  the merge), at a few block sizes / minimum split lengths.
+  fast_kernels.rope_attend (RoPE + KV write + attention + merge in one launch) at a few block sizes and minimum
+  split lengths, per (rows, context), one layer of the 1.5B shape (12 heads, 2 KV heads, head_dim 128);
+  checked against the reference first.
 - fused: fast_linear's skinny matmuls (RMSNorm + q/k/v, RMSNorm + gate/up + SwiGLU, o/down + residual with
   split-K) over a grid of tiles, against the reference ops (cuBLAS + the pointwise ops, eager here), per shape
   and row count; the best tile per (kind, row tile, N, K) can be written to a JSON file that
@@ -21,6 +20,7 @@ from triton.testing import do_bench
 
 from mathgrpo.rollout import fast_kernels as K
 from mathgrpo.rollout import fast_linear as FL
+from mathgrpo.rollout.fast_forward import _rope
 
 
 def bench(fn) -> float:
@@ -28,19 +28,34 @@ def bench(fn) -> float:
 
 
 def attention_variants(bw: float) -> None:
+    """The reference (mask + SDPA over the bucketed length, with the K/V already written) against rope_attend
+    (RoPE, KV write, attention and merge in one launch) at a few block sizes / minimum split lengths."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     H, KV, D = 12, 2, 128
     print(f"\nattention, one layer ({H} heads, {KV} KV heads, D {D}); us; share = KV bytes / {bw / 1e12:.2f} TB/s")
-    print(f"{'rows':>5}{'ctx':>7}{'sdpa':>9}{'share':>6}  best triton (block, per_sm: us share)   all")
+    print(f"{'rows':>5}{'ctx':>7}{'sdpa':>9}{'share':>6}  rope_attend by block_n/min_chunk: us (share)")
     for rows in (1, 8, 64, 256):
         for ctx in (2048, 8192, 16384):
+            if rows * ctx > 256 * 8192:
+                continue
             kc = torch.randn(rows, KV, ctx + 256, D, device=dev, dtype=dt)
             vc = torch.randn_like(kc)
-            q = torch.randn(rows, H, D, device=dev, dtype=dt)
+            qkv = torch.randn(rows, (H + 2 * KV) * D, device=dev, dtype=dt)
+            cos, sin = (torch.randn(ctx + 256, D, device=dev, dtype=dt) for _ in range(2))
+            pos = torch.full((rows,), ctx - 1, device=dev)
             pad = torch.zeros(rows, dtype=torch.long, device=dev)
             col = torch.tensor([ctx - 1], device=dev)
             kv_bytes = 2 * rows * KV * ctx * D * 2
             n_cols = -(-ctx // 256) * 256
+            sp = K.splits_for(rows, KV, dev)
+
+            def fused(bn=64, mc=256):
+                return K.rope_attend(qkv, cos, sin, pos, None, None, 1e-6, kc, vc, pad, col, D ** -0.5, H, sp,
+                                     block_n=bn, min_chunk=mc)
+
+            fused()  # writes this step's k/v: the reference then reads the same cache
+            q = qkv[:, :H * D].reshape(rows, H, D)
+            q = _rope(q.float(), cos[pos][:, None].float(), sin[pos][:, None].float()).to(dt)
 
             def sdpa():
                 cols = torch.arange(n_cols, device=dev)
@@ -52,19 +67,13 @@ def attention_variants(bw: float) -> None:
             ref = sdpa().reshape(rows, H * D).float()
             t_ref = bench(sdpa)
             res = []
-            for block in (32, 64, 128):
-                for per_sm in (2, 4, 8):
-                    sp = K.splits_for(rows, KV, dev, per_sm=per_sm)
-                    out = K.attend(q, kc, vc, pad, col, D ** -0.5, sp, block_n=block)
-                    err = float((out.float() - ref).norm() / ref.norm())
-                    assert err < 2e-2, (rows, ctx, block, per_sm, err)
-                    res.append((bench(lambda: K.attend(q, kc, vc, pad, col, D ** -0.5, sp, block_n=block)),
-                                block, per_sm))
-            best = min(res)
-            allv = " ".join(f"{b}/{p}:{t:.0f}" for t, b, p in res)
-            print(f"{rows:>5}{ctx:>7}{t_ref:>9.1f}{100 * kv_bytes / bw / (t_ref / 1e6):>5.0f}%  "
-                  f"{best[1]:>4},{best[2]}: {best[0]:.1f} {100 * kv_bytes / bw / (best[0] / 1e6):.0f}%   {allv}",
-                  flush=True)
+            for bn, mc in ((64, 256), (32, 128), (64, 128), (128, 256)):
+                err = float((fused(bn, mc).float() - ref).norm() / ref.norm())
+                assert err < 2e-2, (rows, ctx, bn, mc, err)
+                res.append((bench(lambda bn=bn, mc=mc: fused(bn, mc)), bn, mc))
+            share = lambda t: 100 * kv_bytes / bw / (t / 1e6)  # noqa: E731
+            print(f"{rows:>5}{ctx:>7}{t_ref:>9.1f}{share(t_ref):>5.0f}%  "
+                  + " ".join(f"{b}/{m}: {t:.1f} ({share(t):.0f}%)" for t, b, m in res), flush=True)
             del kc, vc
 
 
@@ -143,42 +152,6 @@ def fused_variants(bw: float, out_json: str | None = None) -> dict:
     return best_cfgs
 
 
-def rope_attend_variants(bw: float) -> None:
-    """rope_attend (one launch) against rope_write + attend (+ merge), one layer of the 1.5B shape."""
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    H, KV, D = 12, 2, 128
-    print(f"\nRoPE + KV write + attention, one layer, us; share = KV bytes / {bw / 1e12:.2f} TB/s")
-    print(f"{'rows':>5}{'ctx':>7}{'pair':>8}{'fused':>8}{'share':>6}  fused by block_n/min_chunk")
-    for rows in (1, 8, 64):
-        for ctx in (2048, 8192, 16384):
-            kc = torch.randn(rows, KV, ctx + 256, D, device=dev, dtype=dt)
-            vc = torch.randn_like(kc)
-            qkv = torch.randn(rows, (H + 2 * KV) * D, device=dev, dtype=dt)
-            cos, sin = torch.randn(ctx + 256, D, device=dev, dtype=dt), torch.randn(ctx + 256, D, device=dev, dtype=dt)
-            pos = torch.full((rows,), ctx - 1, device=dev)
-            pad = torch.zeros(rows, dtype=torch.long, device=dev)
-            col = torch.tensor([ctx - 1], device=dev)
-            sp = K.splits_for(rows, KV, dev)
-            kv_bytes = 2 * rows * KV * ctx * D * 2
-
-            def pair():
-                q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
-                qo = K.rope_write(q, k, v, cos, sin, pos, None, None, 1e-6, kc, vc, col, H, KV)
-                return K.attend(qo, kc, vc, pad, col, D ** -0.5, sp)
-
-            ref = pair().float()
-            res = []
-            for bn, mc in ((64, 256), (32, 128), (64, 128), (128, 256)):
-                fn = lambda bn=bn, mc=mc: K.rope_attend(qkv, cos, sin, pos, None, None, 1e-6, kc, vc, pad, col,  # noqa
-                                                      D ** -0.5, H, sp, block_n=bn, min_chunk=mc)
-                assert float((fn().float() - ref).norm() / ref.norm()) < 2e-2, (rows, ctx, bn, mc)
-                res.append((bench(fn), bn, mc))
-            t = res[0][0]
-            print(f"{rows:>5}{ctx:>7}{bench(pair):>8.1f}{t:>8.1f}{100 * kv_bytes / bw / (t / 1e6):>5.0f}%  "
-                  + " ".join(f"{b}/{m}:{x:.1f}" for x, b, m in res), flush=True)
-            del kc, vc
-
-
 def run_variants(which=("attention", "fused"), out_json: str | None = None) -> None:
     from decode import bandwidth
 
@@ -186,7 +159,5 @@ def run_variants(which=("attention", "fused"), out_json: str | None = None) -> N
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     if "attention" in which:
         attention_variants(bw)
-    if "rope_attend" in which:
-        rope_attend_variants(bw)
     if "fused" in which:
         fused_variants(bw, out_json)

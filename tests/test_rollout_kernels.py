@@ -1,4 +1,4 @@
-"""The `fast` engine's Triton decode kernels (rollout/fast_kernels.py) against the reference path.
+"""The `fast` engine's Triton decode kernels (rollout/fast_kernels.py, fast_linear.py) against the reference path.
 
 They run on a GPU, or on CPU under Triton's interpreter:
     TRITON_INTERPRET=1 PYTHONPATH=src pytest tests/test_rollout_kernels.py
@@ -30,56 +30,57 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm())
 
 
+def _reference(qkv, cos, sin, pos, qn, kn, eps, kc, vc, pad, col: int, H: int, KV: int, D: int):
+    """Torch: Qwen3 q/k norms (as HF: normalise in fp32, round, scale), RoPE, k/v written at `col` into kc, vc
+    (in place), attention over each row's columns [pad_b, col] in float64; rows without columns: None."""
+    B, dtype = qkv.shape[0], qkv.dtype
+    q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
+    qq, kk = q.unflatten(-1, (H, D)), k.unflatten(-1, (KV, D))
+    if qn is not None:
+        qq = F.rms_norm(qq.float(), (D,), None, eps).to(dtype) * qn
+        kk = F.rms_norm(kk.float(), (D,), None, eps).to(dtype) * kn
+    c, s = cos[pos][:, None].float(), sin[pos][:, None].float()
+    qr = _rope(qq.float(), c, s)
+    kc[:B, :, col] = _rope(kk.float(), c, s).to(dtype)
+    vc[:B, :, col] = v.unflatten(-1, (KV, D))
+    return [F.scaled_dot_product_attention(qr[b].double().reshape(KV, H // KV, D), kc[b, :, p:col + 1].double(),
+                                           vc[b, :, p:col + 1].double(), scale=D ** -0.5).reshape(-1)
+            if p <= col else None for b, p in enumerate(pad.tolist())]
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("H,KV,D", [(4, 2, 16), (12, 2, 128), (4, 4, 32)])
-def test_attend_matches_sdpa(dtype, H, KV, D):
-    g = torch.Generator().manual_seed(H * D)
+@pytest.mark.parametrize("H,KV,D,norm", [(4, 2, 16, False), (4, 4, 32, True), pytest.param(
+    12, 2, 128, False, marks=pytest.mark.skipif(DEV == "cpu", reason="minutes in the interpreter"))])
+def test_rope_attend_matches_reference(dtype, H, KV, D, norm):
+    """RoPE + KV write + flash-decoding + merge in one launch against torch: the cache writes and the output, for
+    one split, several (some past the filled length), a row whose padding ends inside a block, on a block edge,
+    covers most of the row, or every column (an unused graph slot: zeros)."""
+    g = torch.Generator().manual_seed(H + D)
     rows, cap, B = 6, 300, 5
     kc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
     vc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
-    q = torch.randn(B, H, D, generator=g).to(DEV, dtype)
-    pad = torch.tensor([0, 3, 64, 130, 250], device=DEV)  # inside a block, on a block edge, most of the row
-    for col, splits, min_chunk in [(0, 1, 16), (63, 4, 16), (255, 2, 64), (270, 8, 32), (299, 1, 16), (299, 64, 16),
-                                   (299, 8, 64)]:  # (299, 8, 64): 4 of the 8 splits in use
-        col_t = torch.tensor([col], device=DEV)
-        live = (pad <= col).nonzero()[:, 0]
-        ref = torch.stack([F.scaled_dot_product_attention(
-            q[b].double().reshape(KV, H // KV, D), kc[b, :, pad[b]:col + 1].double(),
-            vc[b, :, pad[b]:col + 1].double(), scale=D ** -0.5).reshape(-1) for b in live.tolist()])
-        out = K.attend(q, kc, vc, pad, col_t, D ** -0.5, splits, block_n=16, min_chunk=min_chunk)
-        assert out.shape == (B, H * D) and out.dtype == dtype
-        assert _rel(out[live], ref) < TOL[dtype], (col, splits)
-        assert (out[pad > col] == 0).all()  # a row with no columns (an unused graph slot) gets zeros
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm", [False, True])
-def test_rope_write_matches_reference(dtype, norm):
-    g = torch.Generator().manual_seed(7)
-    B, H, KV, D, cap = 3, 6, 2, 32, 20
     qkv = torch.randn(B, (H + 2 * KV) * D, generator=g).to(DEV, dtype)
-    q, k, v = qkv.split([H * D, KV * D, KV * D], -1)  # row-strided views, as the fused projection gives them
-    cos, sin = (torch.randn(50, D, generator=g).to(DEV, dtype) for _ in range(2))
+    cos, sin = (torch.randn(cap, D, generator=g).to(DEV, dtype) for _ in range(2))
     qn, kn = ((torch.rand(D, generator=g) + 0.5).to(DEV, dtype) if norm else None for _ in range(2))
-    pos, col = torch.tensor([0, 17, 49], device=DEV), torch.tensor([11], device=DEV)
-    kc = torch.randn(B + 1, KV, cap, D, generator=g).to(DEV, dtype)
-    vc = torch.randn(B + 1, KV, cap, D, generator=g).to(DEV, dtype)
-    kc0, vc0 = kc.clone(), vc.clone()
-    qo = K.rope_write(q, k, v, cos, sin, pos, qn, kn, 1e-6, kc, vc, col, H, KV)
-    qq, kk = q.unflatten(-1, (H, D)), k.unflatten(-1, (KV, D))
-    if norm:  # HF Qwen3RMSNorm: normalise in fp32, round, scale
-        qq = F.rms_norm(qq.float(), (D,), None, 1e-6).to(dtype) * qn
-        kk = F.rms_norm(kk.float(), (D,), None, 1e-6).to(dtype) * kn
-    c, s = cos[pos][:, None].float(), sin[pos][:, None].float()
-    assert _rel(qo, _rope(qq.float(), c, s)) < TOL[dtype]
-    assert _rel(kc[:B, :, 11], _rope(kk.float(), c, s)) < TOL[dtype]
-    assert torch.equal(vc[:B, :, 11], v.unflatten(-1, (KV, D)))
-    untouched = torch.ones(cap, dtype=torch.bool)
-    untouched[11] = False
-    assert torch.equal(kc[:, :, untouched], kc0[:, :, untouched]) and torch.equal(kc[B:], kc0[B:])
-    assert torch.equal(vc[:, :, untouched], vc0[:, :, untouched]) and torch.equal(vc[B:], vc0[B:])
+    pos = torch.tensor([5, 17, 49, 0, 299], device=DEV)
+    for col, pad_last, splits, min_chunk in [(0, 0, 1, 16), (63, 250, 4, 16), (255, 0, 2, 64), (270, 280, 8, 32),
+                                             (299, 0, 64, 16), (299, 130, 8, 64)]:  # (299, 8, 64): 4 of 8 in use
+        pad = torch.tensor([0, 3, 64, 130, pad_last], device=DEV)
+        kr, vr, kk, vv = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        want = _reference(qkv, cos, sin, pos, qn, kn, 1e-6, kr, vr, pad, col, H, KV, D)
+        live = torch.tensor([w is not None for w in want], device=DEV)
+        for _ in range(2):  # twice: the merge counters are back at zero after a launch
+            got = K.rope_attend(qkv, cos, sin, pos, qn, kn, 1e-6, kk, vv, pad, torch.tensor([col], device=DEV),
+                                D ** -0.5, H, splits, block_n=16, min_chunk=min_chunk)
+            assert got.shape == (B, H * D) and got.dtype == dtype
+            assert _rel(got[live], torch.stack([w for w in want if w is not None])) < TOL[dtype], (col, splits)
+            assert (got[~live] == 0).all()
+            assert _rel(kk[:B][live], kr[:B][live]) < TOL[dtype] and torch.equal(vv[:B][live], vr[:B][live])
+            other = torch.ones(cap, dtype=torch.bool)
+            other[col] = False
+            assert torch.equal(kk[:, :, other], kc[:, :, other]) and torch.equal(vv[B:], vc[B:])
+    assert int(K._COUNTERS[qkv.device].abs().sum()) == 0
 
 
 def test_splits_cover_the_gpu():
@@ -236,38 +237,3 @@ def test_fused_linear_engine_matches_reference_path(fused_linear):
     ref = FastRollout(model, tok, attention="sdpa").generate(PROMPTS, 2, s)
     assert rows_of(out) == rows_of(ref)
     torch.testing.assert_close(out.logprobs, ref.logprobs, atol=1e-4, rtol=1e-4)
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("H,KV,D,norm", [(4, 2, 16, False), (4, 4, 32, True), pytest.param(
-    12, 2, 128, False, marks=pytest.mark.skipif(DEV == "cpu", reason="minutes in the interpreter"))])
-def test_rope_attend_matches_the_two_kernels(dtype, H, KV, D, norm):
-    """The one-launch RoPE + KV write + attention + merge against rope_write then attend (each checked against
-    the reference above): same cache writes, same output, for one and several splits and an unused row."""
-    g = torch.Generator().manual_seed(H + D)
-    rows, cap, B = 6, 300, 5
-    kc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
-    vc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
-    qkv = torch.randn(B, (H + 2 * KV) * D, generator=g).to(DEV, dtype)
-    cos, sin = (torch.randn(cap, D, generator=g).to(DEV, dtype) for _ in range(2))
-    qn, kn = ((torch.rand(D, generator=g) + 0.5).to(DEV, dtype) if norm else None for _ in range(2))
-    pos = torch.tensor([5, 17, 49, 0, 299], device=DEV)
-    for col, pad_last, splits, min_chunk in [(0, 0, 1, 16), (63, 250, 4, 16), (270, 280, 8, 32), (299, 0, 64, 16),
-                                             (299, 130, 8, 64)]:
-        pad = torch.tensor([0, 3, 64, 130, pad_last], device=DEV)  # pad_last > col: a row with no columns
-        col_t = torch.tensor([col], device=DEV)
-        kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
-        q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
-        qo = K.rope_write(q, k, v, cos, sin, pos, qn, kn, 1e-6, kc1, vc1, col_t, H, KV)
-        want = K.attend(qo, kc1, vc1, pad, col_t, D ** -0.5, splits, block_n=16, min_chunk=min_chunk)
-        for _ in range(2):  # twice: the merge counters are back at zero after a launch
-            got = K.rope_attend(qkv, cos, sin, pos, qn, kn, 1e-6, kc2, vc2, pad, col_t, D ** -0.5, H, splits,
-                                block_n=16, min_chunk=min_chunk)
-            live = pad <= col
-            assert torch.equal(kc2[:B][live], kc1[:B][live]) and torch.equal(vc2[:B][live], vc1[:B][live])
-            for r in range(rows):  # rows without columns (unused graph slots) may skip the write
-                assert any(torch.equal(kc2[r], c[r]) and torch.equal(vc2[r], c2[r]) for c, c2 in ((kc1, vc1), (kc, vc)))
-            assert _rel(got[live], want[live]) < TOL[dtype], (col, splits)
-            assert (got[~live] == 0).all()
-    assert int(K._COUNTERS[qkv.device].abs().sum()) == 0
