@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python benchmarks/decode.py                 # 1.5B shape on CUDA: rows {1,8,64,256} x {2k,8k,16k}
     PYTHONPATH=src python benchmarks/decode.py --rows 8 64 --contexts 2048 --modes default lora-copy lora-none
-    PYTHONPATH=src python benchmarks/decode.py --variants      # kernels alone: attention paths, small-M matmuls
+    PYTHONPATH=src python benchmarks/decode.py --linear cublas fused --rows 8 --contexts 2048   # + fast_linear path
+    PYTHONPATH=src python benchmarks/decode.py --variants      # kernels alone: attention paths, fused matmuls
     PYTHONPATH=src python benchmarks/decode.py --tiny          # CPU smoke run of every code path, seconds
 
 Model: a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape (benchmarks/rollout.py), bf16.
@@ -14,6 +15,8 @@ every row) / the copy bandwidth measured at the start of the run; share = floor 
 `--generate` also times whole `generate` calls (prompt 128, forced length) to check the step numbers.
 Modes: default (plain model, weights read in place), fused (`fuse_weights`: owned fused q/k/v and gate/up),
 lora-copy / lora-in_place / lora-none (peft LoRA r=32 on all seven projections, `lora_merge`).
+--linear: cublas (the engine's default) or fused (`fused_linear=True`: fast_linear's skinny matmuls fused with
+RMSNorm / SwiGLU / residual and the one-launch rope_attend, at <= 64 rows).
 """
 
 from __future__ import annotations
@@ -48,12 +51,12 @@ def build(shape: str, dtype, device, mode: str):
     return model
 
 
-def engine(model, args, mode: str, attention: str, rows: int, linear: str = "fused"):
+def engine(model, args, mode: str, attention: str, rows: int, linear: str = "cublas"):
     from mathgrpo.rollout.fast import FastRollout
 
     opts = dict(fuse_weights=mode == "fused")
-    if linear == "cublas":
-        opts["fused_linear"] = False  # else the engine's default: on with the triton path
+    if linear == "fused" and attention != "sdpa":
+        opts["fused_linear"] = True  # opt-in: fast_linear's kernels + rope_attend at <= 64 rows
     if mode.startswith("lora"):
         opts["lora_merge"] = mode.split("-", 1)[1]
     return FastRollout(model, synthetic_tokenizer(SHAPES[args.shape]["vocab_size"]), max_batch=max(rows, 8),
@@ -141,7 +144,7 @@ def grid(args, bw: float) -> list[dict]:
     out = []
     for mode in args.modes:
         model = build(args.shape, dtype, args.device, mode)
-        for attention, linear in [(a, lin) for a in args.attention for lin in (args.linear if a != "sdpa" else ["-"])]:
+        for attention, linear in [(a, lin) for a in args.attention for lin in args.linear]:
             eng = engine(model, args, mode, attention, max(args.rows), linear)
             linear = "fused" if eng.fused_linear else "cublas"
             print(f"# {mode}: {eng.describe()}", flush=True)
@@ -253,8 +256,9 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", nargs="+", default=["default"],
                     choices=["default", "fused", "lora-copy", "lora-in_place", "lora-none"])
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "triton", "sdpa"])
-    ap.add_argument("--linear", nargs="+", default=["fused"], choices=["fused", "cublas"],
-                    help="triton path: fast_linear's fused matmuls (<= 64 rows) or cuBLAS + reference ops")
+    ap.add_argument("--linear", nargs="+", default=["cublas"], choices=["cublas", "fused"],
+                    help="triton path: cuBLAS + reference ops (the default) or fast_linear's fused matmuls + "
+                    "rope_attend (fused_linear=True, <= 64 rows)")
     ap.add_argument("--configs", help="JSON of fast_linear tile configs (from --variants fused --configs-out)")
     ap.add_argument("--configs-out", help="--variants fused: write the best tile per shape here")
     ap.add_argument("--steps", type=int, default=50)

@@ -30,6 +30,58 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm())
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,KV,D", [(4, 2, 16), (12, 2, 128), (4, 4, 32)])
+def test_attend_matches_sdpa(dtype, H, KV, D):
+    g = torch.Generator().manual_seed(H * D)
+    rows, cap, B = 6, 300, 5
+    kc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
+    vc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
+    q = torch.randn(B, H, D, generator=g).to(DEV, dtype)
+    pad = torch.tensor([0, 3, 64, 130, 250], device=DEV)  # inside a block, on a block edge, most of the row
+    for col, splits, min_chunk in [(0, 1, 16), (63, 4, 16), (255, 2, 64), (270, 8, 32), (299, 1, 16), (299, 64, 16),
+                                   (299, 8, 64)]:  # (299, 8, 64): 4 of the 8 splits in use
+        col_t = torch.tensor([col], device=DEV)
+        live = (pad <= col).nonzero()[:, 0]
+        ref = torch.stack([F.scaled_dot_product_attention(
+            q[b].double().reshape(KV, H // KV, D), kc[b, :, pad[b]:col + 1].double(),
+            vc[b, :, pad[b]:col + 1].double(), scale=D ** -0.5).reshape(-1) for b in live.tolist()])
+        out = K.attend(q, kc, vc, pad, col_t, D ** -0.5, splits, block_n=16, min_chunk=min_chunk)
+        assert out.shape == (B, H * D) and out.dtype == dtype
+        assert _rel(out[live], ref) < TOL[dtype], (col, splits)
+        assert (out[pad > col] == 0).all()  # a row with no columns (an unused graph slot) gets zeros
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [False, True])
+def test_rope_write_matches_reference(dtype, norm):
+    g = torch.Generator().manual_seed(7)
+    B, H, KV, D, cap = 3, 6, 2, 32, 20
+    qkv = torch.randn(B, (H + 2 * KV) * D, generator=g).to(DEV, dtype)
+    q, k, v = qkv.split([H * D, KV * D, KV * D], -1)  # row-strided views, as the fused projection gives them
+    cos, sin = (torch.randn(50, D, generator=g).to(DEV, dtype) for _ in range(2))
+    qn, kn = ((torch.rand(D, generator=g) + 0.5).to(DEV, dtype) if norm else None for _ in range(2))
+    pos, col = torch.tensor([0, 17, 49], device=DEV), torch.tensor([11], device=DEV)
+    kc = torch.randn(B + 1, KV, cap, D, generator=g).to(DEV, dtype)
+    vc = torch.randn(B + 1, KV, cap, D, generator=g).to(DEV, dtype)
+    kc0, vc0 = kc.clone(), vc.clone()
+    qo = K.rope_write(q, k, v, cos, sin, pos, qn, kn, 1e-6, kc, vc, col, H, KV)
+    qq, kk = q.unflatten(-1, (H, D)), k.unflatten(-1, (KV, D))
+    if norm:  # HF Qwen3RMSNorm: normalise in fp32, round, scale
+        qq = F.rms_norm(qq.float(), (D,), None, 1e-6).to(dtype) * qn
+        kk = F.rms_norm(kk.float(), (D,), None, 1e-6).to(dtype) * kn
+    c, s = cos[pos][:, None].float(), sin[pos][:, None].float()
+    assert _rel(qo, _rope(qq.float(), c, s)) < TOL[dtype]
+    assert _rel(kc[:B, :, 11], _rope(kk.float(), c, s)) < TOL[dtype]
+    assert torch.equal(vc[:B, :, 11], v.unflatten(-1, (KV, D)))
+    untouched = torch.ones(cap, dtype=torch.bool)
+    untouched[11] = False
+    assert torch.equal(kc[:, :, untouched], kc0[:, :, untouched]) and torch.equal(kc[B:], kc0[B:])
+    assert torch.equal(vc[:, :, untouched], vc0[:, :, untouched]) and torch.equal(vc[B:], vc0[B:])
+
+
 def _reference(qkv, cos, sin, pos, qn, kn, eps, kc, vc, pad, col: int, H: int, KV: int, D: int):
     """Torch: Qwen3 q/k norms (as HF: normalise in fp32, round, scale), RoPE, k/v written at `col` into kc, vc
     (in place), attention over each row's columns [pad_b, col] in float64; rows without columns: None."""

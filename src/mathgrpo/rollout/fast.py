@@ -44,7 +44,7 @@ class FastRollout:
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
                  fuse_weights: bool = False, lora_merge: str = "copy", compile_pointwise: bool | None = None,
                  prefill_tokens: int = 16384, check_every: int = 16, attention: str = "auto",
-                 fused_linear: bool | None = None):
+                 fused_linear: bool = False):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
         decode steps (default: on for CUDA); kv_bucket: attention length granularity of the sdpa path (default
@@ -59,7 +59,8 @@ class FastRollout:
         the filled columns, one CUDA graph per batch size for every length), "sdpa" (the reference: SDPA over
         length buckets, one graph per (batch, bucket)) or "auto" (triton where it can run, else sdpa); the
         path taken is `self.attention`; fused_linear: on the triton path, run the layers of batches of at most
-        fast_linear.MAX_ROWS rows on fast_linear's fused skinny-matmul kernels (default: on with triton)."""
+        fast_linear.MAX_ROWS rows on fast_linear's fused skinny-matmul kernels and fast_kernels.rope_attend
+        (opt-in: measured slower than cuBLAS + the attention pair on the H200, see docs/benchmarks.md)."""
         if max_batch < 1:
             raise ValueError(f"FastRollout: max_batch must be >= 1, got {max_batch}")
         if tokenizer.pad_token_id is None:
@@ -85,7 +86,7 @@ class FastRollout:
                                                               and self.device.type == "cuda") else "sdpa"
         if fused_linear and self.attention != "triton":
             raise ValueError("FastRollout: fused_linear=True needs the triton attention path")
-        self.fused_linear = self.attention == "triton" if fused_linear is None else fused_linear
+        self.fused_linear = bool(fused_linear)
         self._side = None  # one side stream for every graph capture (each new stream gets its own cuBLAS workspace)
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
         compile_ = self.graphs if compile_pointwise is None else compile_pointwise

@@ -196,13 +196,17 @@ def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch
     if splits:
         from . import fast_kernels as K
 
-        def attend(i, L, qkv):  # qkv [B, (H+2KV)*D]: RoPE, KV write, attention and split merge in one launch
-            return K.rope_attend(qkv, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], pad, col, w.scaling,
-                                 H, splits)
+        if fused:  # qkv [B, (H+2KV)*D]: RoPE, KV write, attention and split merge in one launch
+            return fused_layers(w, x, lambda i, L, qkv: K.rope_attend(
+                qkv, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], pad, col, w.scaling, H, splits), ops)
+        sizes = [H * D, KV * D, KV * D]
 
-        if fused:
-            return fused_layers(w, x, attend, ops)
-        return run_layers(w, x, lambda i, L, h: attend(i, L, _project(h, L.qkv, L.qkv_bias, L.qkv_lora)), ops)
+        def attention(i, L, h):
+            q, k, v = _project_parts(h, L.qkv, L.qkv_bias, L.qkv_lora, sizes)
+            q = K.rope_write(q, k, v, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], col, H, KV)
+            return K.attend(q, kc[i], vc[i], pad, col, w.scaling, splits)
+
+        return run_layers(w, x, attention, ops)
     cols = torch.arange(n_cols, device=tokens.device)
     ok = (cols[None] >= pad[:, None]) & (cols[None] <= col)  # [B, S]
     bias = torch.zeros(ok.shape, dtype=w.dtype, device=tokens.device).masked_fill_(~ok, float("-inf"))

@@ -1,19 +1,26 @@
-"""Triton kernel of the `fast` engine's decode attention; the SDPA path in fast_forward.py is its reference.
+"""Triton kernels of the `fast` engine's decode attention; the SDPA path in fast_forward.py is their reference.
 
-`rope_attend` replaces, per layer, the reference's RoPE (+ Qwen3 q/k norms), the two `index_copy_` KV
-writes, the attention mask built per step and SDPA, in one launch over the fused q/k/v projection output:
-flash-decoding on a grid (rows * kv_heads, splits). Each program takes one KV head with all of its `group`
-query heads (GQA: K/V are read once per KV head, not once per query head), rotates (and norms) those query
-heads itself (cos/sin read from the table at the row's position), and reads one slice of the row's filled
-columns [pad_b, col] -- the filled length is read from device memory, so the kernel reads only the filled
-part of the cache, the grid is the same at every length (one CUDA graph serves a whole generation), and a
-short batch still spreads over every multiprocessor. The program whose slice holds column `col` first
-writes this step's rotated k and v there. Partial softmax sums go to a small fp32 buffer and the last
-split of a (row, KV head) to finish (an atomic arrival counter, `counters`) merges them in a fixed order:
-no second kernel.
+The default triton path runs two per layer (and a small merge) in place of the reference's RoPE (+ Qwen3 q/k
+norms), the two `index_copy_` KV writes, the attention mask built per step and SDPA:
+
+- `rope_write`: one program per (row, head) of the q/k/v projection output: q heads are normed (Qwen3) and
+  rotated into a small q buffer, k heads normed, rotated and written into the cache at column `col`, v
+  heads copied there. cos/sin are read straight from the table at each row's position.
+- `attend`: flash-decoding. Grid (rows * kv_heads, splits): each program takes one KV head with all of its
+  `group` query heads (GQA: K/V are read once per KV head, not once per query head) and one slice of
+  the row's filled columns [pad_b, col], read from device memory; so the kernel reads only the filled
+  part of the cache, the grid is the same at every length (one CUDA graph serves a whole generation),
+  and a short batch still spreads over every multiprocessor. A second small kernel merges the splits'
+  partial softmax sums.
+
+`rope_attend` does all of it in one launch (used with `fused_linear`): each program rotates its KV head's
+query heads itself, the split holding column `col` writes this step's k/v there before reading it, and the
+last split of a (row, KV head) to finish (an atomic arrival counter, `counters`) merges the partials.
+Measured on the H200 it matches the pair at 2k columns but is slower at 16k (docs/benchmarks.md), which is
+why the default path keeps the pair.
 
 Without Triton (or on CPU outside its interpreter) `available()` is False and the engine takes the
-reference path. The tests run the kernel against the reference on the GPU, and on CPU with TRITON_INTERPRET=1."""
+reference path. The tests run these against the reference on the GPU, and on CPU with TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
@@ -86,6 +93,38 @@ if triton is not None:
         return (x1 * c1 - x2 * s1).to(dt), (x2 * c2 + x1 * s2).to(dt)  # rotate_half: [-x2, x1]
 
     @triton.jit
+    def _rope_write_kernel(q_ptr, k_ptr, v_ptr, sq, sk, sv, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr, eps,
+                           qo_ptr, kc_ptr, vc_ptr, col_ptr, s_b, s_h, s_s,
+                           H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                           NORM: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)  # [0, H) q heads, [H, H+KV) k heads, [H+KV, H+2KV) v heads
+        i = tl.arange(0, HALF)
+        m = i < D // 2
+        col = tl.load(col_ptr)
+        if h >= H + KV:  # v: copied into the cache as it is
+            src = v_ptr + b * sv + (h - H - KV) * D
+            dst = vc_ptr + b.to(tl.int64) * s_b + (h - H - KV) * s_h + col * s_s
+            tl.store(dst + i, tl.load(src + i, mask=m), mask=m)
+            tl.store(dst + D // 2 + i, tl.load(src + D // 2 + i, mask=m), mask=m)
+        else:
+            if h < H:
+                src = q_ptr + b * sq + h * D
+                nw = qn_ptr
+            else:
+                src = k_ptr + b * sk + (h - H) * D
+                nw = kn_ptr
+            p = tl.load(pos_ptr + b)
+            y1, y2 = _norm_rope(tl.load(src + i, mask=m, other=0.0), tl.load(src + D // 2 + i, mask=m, other=0.0),
+                                nw, cos_ptr + p * D, sin_ptr + p * D, i, m, eps, D, NORM, 0)
+            if h < H:
+                dst = qo_ptr + (b * H + h) * D
+            else:
+                dst = kc_ptr + b.to(tl.int64) * s_b + (h - H) * s_h + col * s_s
+            tl.store(dst + i, y1, mask=m)
+            tl.store(dst + D // 2 + i, y2, mask=m)
+
+    @triton.jit
     def _split_plan(n_cols, pad, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr):
         """(first column, columns per split, splits in use) for a row: at least MIN_CHUNK columns a split,
         so a short context fills few splits (and leaves few partial sums to merge)."""
@@ -93,6 +132,73 @@ if triton is not None:
         n = tl.maximum(n_cols - start, 0)
         chunk = tl.maximum(tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N, MIN_CHUNK)
         return start, chunk, tl.cdiv(n, chunk)
+
+    @triton.jit
+    def _attend_split_kernel(q_ptr, kc_ptr, vc_ptr, pad_ptr, col_ptr, m_ptr, l_ptr, acc_ptr, qk_scale,
+                             s_b, s_h, s_s, H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr,
+                             GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NSPLIT: tl.constexpr,
+                             BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr, PREC: tl.constexpr):
+        bk = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = bk // KV
+        kh = bk % KV
+        n_cols = tl.load(col_ptr) + 1  # columns [pad, col] are this row's
+        pad = tl.load(pad_ptr + b)
+        start, chunk, _ = _split_plan(n_cols, pad, NSPLIT, BLOCK_N, MIN_CHUNK)
+        lo = start + sp * chunk
+        hi = tl.minimum(lo + chunk, n_cols)
+        if lo >= hi:  # a split past the filled length: the merge does not read it
+            return
+        g = tl.arange(0, GP)
+        d = tl.arange(0, DP)
+        gm = g < G
+        dm = d < D
+        q = tl.load(q_ptr + (b * H + kh * G + g)[:, None] * D + d[None, :], mask=gm[:, None] & dm[None, :],
+                    other=0.0)  # [GP, DP]
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        base = b.to(tl.int64) * s_b + kh * s_h  # one layer of a 256-row 32k cache passes 2**31 elements
+        for s0 in range(lo, hi, BLOCK_N):
+            j = s0 + tl.arange(0, BLOCK_N)
+            jm = j < hi
+            k = tl.load(kc_ptr + base + j[:, None] * s_s + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [GP, BLOCK_N], log2 units
+            s = tl.where((jm & (j >= pad))[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block of padding only: nothing to add
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vc_ptr + base + j[:, None] * s_s + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        row = (b * H + kh * G + g) * NSPLIT + sp  # partials [B, H, NSPLIT(, D)]
+        tl.store(m_ptr + row, m_i, mask=gm)
+        tl.store(l_ptr + row, l_i, mask=gm)
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
+
+    @triton.jit
+    def _attend_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, pad_ptr, col_ptr, H: tl.constexpr, D: tl.constexpr,
+                             DP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                             MIN_CHUNK: tl.constexpr):
+        bh = tl.program_id(0)
+        _, _, used = _split_plan(tl.load(col_ptr) + 1, tl.load(pad_ptr + bh // H), NSPLIT, BLOCK_N, MIN_CHUNK)
+        sp = tl.arange(0, NSPLIT)
+        d = tl.arange(0, DP)
+        um = sp < used
+        m = tl.load(m_ptr + bh * NSPLIT + sp, mask=um, other=float("-inf"))
+        l = tl.load(l_ptr + bh * NSPLIT + sp, mask=um, other=0.0)
+        top = tl.max(m, 0)
+        w = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # a split of padding only weighs 0
+        acc = tl.load(acc_ptr + (bh * NSPLIT + sp)[:, None] * D + d[None, :], mask=um[:, None] & (d < D)[None, :],
+                      other=0.0)
+        den = tl.sum(l * w, 0)
+        o = tl.sum(acc * w[:, None], 0) / tl.where(den == 0, 1.0, den)  # a row with no columns (unused slot): 0
+        tl.store(out_ptr + bh * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+if triton is not None:
 
     @triton.jit
     def _rope_attend_kernel(qkv_ptr, s_qkv, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr,
@@ -201,9 +307,7 @@ def rope_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: to
                 q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float, kc: torch.Tensor,
                 vc: torch.Tensor, pad: torch.Tensor, col: torch.Tensor, scale: float, n_heads: int, n_splits: int,
                 block_n: int = 64, min_chunk: int = 256) -> torch.Tensor:
-    """Decode attention of one layer: qkv [B, (H+2KV)*D] (the q/k/v projection output) -> [B, H*D]; cos, sin
-    [len, D]; pos [B]; kc, vc that layer's cache [rows, KV, cap, D]; row b sees columns [pad[b], col] after this
-    step's k/v are written at col [1]. n_splits: a power of two (`splits_for`); min_chunk: a multiple of block_n.
+    """`rope_write` + `attend` in one launch: qkv [B, (H+2KV)*D] (the q/k/v projection output) -> [B, H*D].
     Each program rotates its KV head's query heads itself; the split that holds column `col` writes this
     step's k and v there before reading it; the last split of a (row, KV head) to finish merges the partials."""
     B = qkv.shape[0]
@@ -222,4 +326,42 @@ def rope_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: to
         H=n_heads, KV=KV, G=G, GP=max(16, _pow2(G)), D=D, HALF=max(16, _pow2(D // 2)), DP=max(16, _pow2(D)),
         NSPLIT=n_splits, BLOCK_N=block_n, MIN_CHUNK=min_chunk, NORM=norm,
         PREC="ieee" if qkv.dtype == f32 else "tf32")
+    return out
+
+
+def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               pos: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+               kc: torch.Tensor, vc: torch.Tensor, col: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+    """q [B, H*D], k, v [B, KV*D] (row-strided views are fine); cos, sin [len, D]; pos [B]; kc, vc one layer's
+    cache [rows, KV, cap, D]; col [1]. Writes rotated k and v at column col; returns rotated q [B, H, D]."""
+    B, D = q.shape[0], cos.shape[-1]
+    assert kc.stride(-1) == 1 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and cos.is_contiguous()
+    qo = torch.empty(B, n_heads, D, dtype=q.dtype, device=q.device)
+    norm = q_norm is not None
+    _rope_write_kernel[(B, n_heads + 2 * n_kv)](
+        q, k, v, q.stride(0), k.stride(0), v.stride(0), cos, sin, pos, q_norm if norm else cos,
+        k_norm if norm else cos, eps, qo, kc, vc, col, kc.stride(0), kc.stride(1), kc.stride(2),
+        H=n_heads, KV=n_kv, D=D, HALF=_pow2(D // 2), NORM=norm)
+    return qo
+
+
+def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pad: torch.Tensor, col: torch.Tensor,
+           scale: float, n_splits: int, block_n: int = 64, min_chunk: int = 256) -> torch.Tensor:
+    """Decode attention of q [B, H, D] over one layer's cache kc, vc [rows, KV, cap, D], row b seeing columns
+    [pad[b], col] -> [B, H*D]. n_splits: a power of two (see `splits_for`); min_chunk: a multiple of block_n."""
+    B, H, D = q.shape
+    KV = kc.shape[1]
+    G = H // KV
+    f32 = torch.float32
+    m = torch.empty(B, H, n_splits, dtype=f32, device=q.device)
+    l_ = torch.empty_like(m)
+    acc = torch.empty(B, H, n_splits, D, dtype=f32, device=q.device)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _attend_split_kernel[(B * KV, n_splits)](
+        q, kc, vc, pad, col, m, l_, acc, scale * _LOG2E, kc.stride(0), kc.stride(1), kc.stride(2),
+        H=H, KV=KV, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), NSPLIT=n_splits, BLOCK_N=block_n,
+        MIN_CHUNK=min_chunk, PREC=prec)
+    out = torch.empty(B, H * D, dtype=q.dtype, device=q.device)
+    _attend_merge_kernel[(B * H,)](m, l_, acc, out, pad, col, H=H, D=D, DP=_pow2(D), NSPLIT=n_splits,
+                                   BLOCK_N=block_n, MIN_CHUNK=min_chunk)
     return out
