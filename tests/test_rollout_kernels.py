@@ -152,6 +152,8 @@ def test_path_selection(monkeypatch):
         FastRollout(model, tok, attention="triton")
     with pytest.raises(ValueError, match="attention must be"):
         FastRollout(model, tok, attention="flash")
+    with pytest.raises(ValueError, match="fused_linear=True needs the triton attention path"):
+        FastRollout(model, tok, attention="sdpa", fused_linear=True)
     from mathgrpo.config import GenerationConfig
     from mathgrpo.rollout import make_rollout
 

@@ -114,9 +114,24 @@ if triton is not None:
             else:
                 src = k_ptr + b * sk + (h - H) * D
                 nw = kn_ptr
+            x1 = tl.load(src + i, mask=m, other=0.0)
+            x2 = tl.load(src + D // 2 + i, mask=m, other=0.0)
+            dt = x1.dtype
+            x1 = x1.to(tl.float32)
+            x2 = x2.to(tl.float32)
+            if NORM:  # Qwen3's per-head RMSNorm (as HF: normalise in fp32, round, then scale)
+                r = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / D + eps)
+                x1 = (x1 * r).to(dt).to(tl.float32) * tl.load(nw + i, mask=m, other=0.0).to(tl.float32)
+                x2 = (x2 * r).to(dt).to(tl.float32) * tl.load(nw + D // 2 + i, mask=m, other=0.0).to(tl.float32)
+                x1 = x1.to(dt).to(tl.float32)
+                x2 = x2.to(dt).to(tl.float32)
             p = tl.load(pos_ptr + b)
-            y1, y2 = _norm_rope(tl.load(src + i, mask=m, other=0.0), tl.load(src + D // 2 + i, mask=m, other=0.0),
-                                nw, cos_ptr + p * D, sin_ptr + p * D, i, m, eps, D, NORM, 0)
+            c1 = tl.load(cos_ptr + p * D + i, mask=m, other=0.0).to(tl.float32)
+            c2 = tl.load(cos_ptr + p * D + D // 2 + i, mask=m, other=0.0).to(tl.float32)
+            s1 = tl.load(sin_ptr + p * D + i, mask=m, other=0.0).to(tl.float32)
+            s2 = tl.load(sin_ptr + p * D + D // 2 + i, mask=m, other=0.0).to(tl.float32)
+            y1 = (x1 * c1 - x2 * s1).to(dt)  # rotate_half: [-x2, x1]
+            y2 = (x2 * c2 + x1 * s2).to(dt)
             if h < H:
                 dst = qo_ptr + (b * H + h) * D
             else:
