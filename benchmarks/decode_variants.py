@@ -1,15 +1,17 @@
 """Kernel variants of the decode step, timed alone on the GPU (`python benchmarks/decode.py --variants`).
 
-- attention: the reference (mask + SDPA over the bucketed length, what the `sdpa` path runs) against
-  fast_kernels.rope_attend (RoPE + KV write + attention + merge in one launch) at a few block sizes and minimum
-  split lengths, per (rows, context), one layer of the 1.5B shape (12 heads, 2 KV heads, head_dim 128);
-  checked against the reference first.
+- attention: the reference (mask + SDPA over the bucketed length, what the `sdpa` path runs) against the
+  default triton path's rope_write + attend pair and fast_kernels.rope_attend (RoPE + KV write + attention +
+  merge in one launch) at a few block sizes and minimum split lengths, per (rows, context), one layer of the
+  1.5B shape (12 heads, 2 KV heads, head_dim 128); checked against the reference first.
 - fused: fast_linear's skinny matmuls (RMSNorm + q/k/v, RMSNorm + gate/up + SwiGLU, o/down + residual with
   split-K) over a grid of tiles, against the reference ops (cuBLAS + the pointwise ops, eager here), per shape
   and row count; the best tile per (kind, row tile, N, K) can be written to a JSON file that
   `decode.py --configs` loads into fast_linear.CONFIGS.
 Times are medians of `triton.testing.do_bench` (which clears the L2 between runs), so small shapes include one
-launch's latency; shares are bytes (weights + activations) / measured copy bandwidth."""
+launch's latency -- and where the CPU side of a call (Triton's launcher, several eager ops) takes longer than
+the GPU side, that instead: at decode sizes, trust the engine's own step times (decode.py) over these.
+Shares are bytes (weights + activations) / measured copy bandwidth."""
 
 from __future__ import annotations
 
@@ -28,12 +30,13 @@ def bench(fn) -> float:
 
 
 def attention_variants(bw: float) -> None:
-    """The reference (mask + SDPA over the bucketed length, with the K/V already written) against rope_attend
-    (RoPE, KV write, attention and merge in one launch) at a few block sizes / minimum split lengths."""
+    """The reference (mask + SDPA over the bucketed length, with the K/V already written) against the pair
+    (rope_write + attend) and rope_attend (one launch) at a few block sizes / minimum split lengths."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     H, KV, D = 12, 2, 128
     print(f"\nattention, one layer ({H} heads, {KV} KV heads, D {D}); us; share = KV bytes / {bw / 1e12:.2f} TB/s")
-    print(f"{'rows':>5}{'ctx':>7}{'sdpa':>9}{'share':>6}  rope_attend by block_n/min_chunk: us (share)")
+    print(f"{'rows':>5}{'ctx':>7}{'sdpa':>9}{'share':>6}{'pair':>8}{'share':>6}  "
+          "rope_attend by block_n/min_chunk: us (share)")
     for rows in (1, 8, 64, 256):
         for ctx in (2048, 8192, 16384):
             if rows * ctx > 256 * 8192:
@@ -64,15 +67,21 @@ def attention_variants(bw: float) -> None:
                 return F.scaled_dot_product_attention(q.reshape(rows, KV, H // KV, D), kc[:, :, :n_cols],
                                                       vc[:, :, :n_cols], attn_mask=bias, scale=D ** -0.5)
 
+            def pair():  # the default triton path: rope_write, then attend (+ its merge kernel)
+                qs, ks, vs = qkv.split([H * D, KV * D, KV * D], -1)
+                qo = K.rope_write(qs, ks, vs, cos, sin, pos, None, None, 1e-6, kc, vc, col, H, KV)
+                return K.attend(qo, kc, vc, pad, col, D ** -0.5, sp)
+
             ref = sdpa().reshape(rows, H * D).float()
-            t_ref = bench(sdpa)
+            assert float((pair().float() - ref).norm() / ref.norm()) < 2e-2, (rows, ctx)
+            t_ref, t_pair = bench(sdpa), bench(pair)
             res = []
             for bn, mc in ((64, 256), (32, 128), (64, 128), (128, 256)):
                 err = float((fused(bn, mc).float() - ref).norm() / ref.norm())
                 assert err < 2e-2, (rows, ctx, bn, mc, err)
                 res.append((bench(lambda bn=bn, mc=mc: fused(bn, mc)), bn, mc))
             share = lambda t: 100 * kv_bytes / bw / (t / 1e6)  # noqa: E731
-            print(f"{rows:>5}{ctx:>7}{t_ref:>9.1f}{share(t_ref):>5.0f}%  "
+            print(f"{rows:>5}{ctx:>7}{t_ref:>9.1f}{share(t_ref):>5.0f}%{t_pair:>8.1f}{share(t_pair):>5.0f}%  "
                   + " ".join(f"{b}/{m}: {t:.1f} ({share(t):.0f}%)" for t, b, m in res), flush=True)
             del kc, vc
 
