@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python benchmarks/decode.py                 # 1.5B shape on CUDA: rows {1,8,64,256} x {2k,8k,16k}
     PYTHONPATH=src python benchmarks/decode.py --rows 8 64 --contexts 2048 --modes default lora-copy lora-none
-    PYTHONPATH=src python benchmarks/decode.py --variants      # kernels alone: attention paths, small-M matmuls
+    PYTHONPATH=src python benchmarks/decode.py --linear cublas fused --rows 8 --contexts 2048   # + fast_linear path
+    PYTHONPATH=src python benchmarks/decode.py --variants      # kernels alone: attention paths, fused matmuls
     PYTHONPATH=src python benchmarks/decode.py --tiny          # CPU smoke run of every code path, seconds
 
 Model: a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape (benchmarks/rollout.py), bf16.
@@ -14,6 +15,8 @@ every row) / the copy bandwidth measured at the start of the run; share = floor 
 `--generate` also times whole `generate` calls (prompt 128, forced length) to check the step numbers.
 Modes: default (plain model, weights read in place), fused (`fuse_weights`: owned fused q/k/v and gate/up),
 lora-copy / lora-in_place / lora-none (peft LoRA r=32 on all seven projections, `lora_merge`).
+--linear: cublas (the engine's default) or fused (`fused_linear=True`: fast_linear's skinny matmuls fused with
+RMSNorm / SwiGLU / residual and the one-launch rope_attend, at <= 64 rows).
 """
 
 from __future__ import annotations
@@ -48,10 +51,12 @@ def build(shape: str, dtype, device, mode: str):
     return model
 
 
-def engine(model, args, mode: str, attention: str, rows: int):
+def engine(model, args, mode: str, attention: str, rows: int, linear: str = "cublas"):
     from mathgrpo.rollout.fast import FastRollout
 
     opts = dict(fuse_weights=mode == "fused")
+    if linear == "fused" and attention != "sdpa":
+        opts["fused_linear"] = True  # opt-in: fast_linear's kernels + rope_attend at <= 64 rows
     if mode.startswith("lora"):
         opts["lora_merge"] = mode.split("-", 1)[1]
     return FastRollout(model, synthetic_tokenizer(SHAPES[args.shape]["vocab_size"]), max_batch=max(rows, 8),
@@ -139,14 +144,15 @@ def grid(args, bw: float) -> list[dict]:
     out = []
     for mode in args.modes:
         model = build(args.shape, dtype, args.device, mode)
-        for attention in args.attention:
-            eng = engine(model, args, mode, attention, max(args.rows))
+        for attention, linear in [(a, lin) for a in args.attention for lin in args.linear]:
+            eng = engine(model, args, mode, attention, max(args.rows), linear)
+            linear = "fused" if eng.fused_linear else "cublas"
             print(f"# {mode}: {eng.describe()}", flush=True)
             for rows in args.rows:
                 for ctx in args.contexts:
                     kv_gib = read_bytes(eng, rows, ctx)[1] / 2**30
                     if kv_gib > args.max_kv_gib:
-                        out.append(dict(mode=mode, attention=eng.attention, rows=rows, context=ctx,
+                        out.append(dict(mode=mode, attention=eng.attention, linear=linear, rows=rows, context=ctx,
                                         skipped=f"KV cache {kv_gib:.0f} GiB > --max-kv-gib"))
                         continue
                     eng.release(graphs=True)  # a cache of exactly this size (and fresh graphs)
@@ -154,11 +160,11 @@ def grid(args, bw: float) -> list[dict]:
                     try:
                         t = step_time(eng, rows, ctx, args.steps)
                     except Exception as e:  # noqa: BLE001 (a failing configuration is a result too)
-                        out.append(dict(mode=mode, attention=eng.attention, rows=rows, context=ctx,
+                        out.append(dict(mode=mode, attention=eng.attention, linear=linear, rows=rows, context=ctx,
                                         error=f"{type(e).__name__}: {str(e)[:200]}"))
                         continue
                     wb, kv = read_bytes(eng, rows, ctx)
-                    rec = dict(mode=mode, attention=eng.attention, rows=rows, context=ctx, ms=1e3 * t,
+                    rec = dict(mode=mode, attention=eng.attention, linear=linear, rows=rows, context=ctx, ms=1e3 * t,
                                tok_s=rows / t, weight_gb=wb / 1e9, kv_gb=kv / 1e9, floor_ms=1e3 * (wb + kv) / bw,
                                captures=eng.captures - c0)
                     rec["share"] = rec["floor_ms"] / rec["ms"]
@@ -200,15 +206,15 @@ def generate_runs(args, bw: float) -> list[dict]:
 
 
 def profile(args, spec: str) -> None:
-    """Kernel time per step by kernel name at one (rows x context) point, default mode (torch profiler)."""
+    """Kernel time per step by kernel name at one (rows x context) point, first mode (torch profiler)."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof_
 
     rows, ctx = (int(x) for x in spec.split("x"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    model = build(args.shape, dtype, args.device, "default")
-    eng = engine(model, args, "default", args.attention[0], rows)
+    model = build(args.shape, dtype, args.device, args.modes[0])
+    eng = engine(model, args, args.modes[0], args.attention[0], rows, args.linear[0])
     step_time(eng, rows, ctx, 5)
     n = 20
     with prof_(activities=[ProfilerActivity.CUDA]) as p:
@@ -224,19 +230,19 @@ def profile(args, spec: str) -> None:
 def table(results: list[dict], bw: float, measured: bool = True) -> None:
     how = "measured" if measured else "nominal (CPU: no measured floor)"
     print(f"\ncopy bandwidth {how}: {bw / 1e12:.2f} TB/s; floor = (weights + filled KV) / that")
-    print(f"{'mode':<14}{'attn':<7}{'rows':>5}{'ctx':>7}{'ms/step':>9}{'tok/s':>9}{'floor ms':>9}{'share':>7}"
-          f"{'KV GB':>7}{'graphs':>7}")
+    print(f"{'mode':<14}{'attn':<7}{'linear':<7}{'rows':>5}{'ctx':>7}{'ms/step':>9}{'tok/s':>9}{'floor ms':>9}"
+          f"{'share':>7}{'KV GB':>7}{'graphs':>7}")
     for r in results:
         if "generate" in r:
             print(f"generate {r['generate']:<12}{r['attention']:<7} first {r['first_s']:.1f} s, {r['ms']:.3f} ms/step, "
                   f"{r['tok_s']:.0f} tok/s, floor {r['floor_ms']:.3f} ms, share {100 * r['share']:.0f}%, "
                   f"graphs {r['captures']}")
         elif "ms" in r:
-            print(f"{r['mode']:<14}{r['attention']:<7}{r['rows']:>5}{r['context']:>7}{r['ms']:>9.3f}"
+            print(f"{r['mode']:<14}{r['attention']:<7}{r['linear']:<7}{r['rows']:>5}{r['context']:>7}{r['ms']:>9.3f}"
                   f"{r['tok_s']:>9.0f}{r['floor_ms']:>9.3f}{100 * r['share']:>6.0f}%{r['kv_gb']:>7.2f}"
                   f"{r['captures']:>7}")
         else:
-            print(f"{r['mode']:<14}{r['attention']:<7}{r['rows']:>5}{r['context']:>7}  "
+            print(f"{r['mode']:<14}{r['attention']:<7}{r['linear']:<7}{r['rows']:>5}{r['context']:>7}  "
                   f"{r.get('skipped') or r.get('error')}")
 
 
@@ -250,12 +256,17 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", nargs="+", default=["default"],
                     choices=["default", "fused", "lora-copy", "lora-in_place", "lora-none"])
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "triton", "sdpa"])
+    ap.add_argument("--linear", nargs="+", default=["cublas"], choices=["cublas", "fused"],
+                    help="triton path: cuBLAS + reference ops (the default) or fast_linear's fused matmuls + "
+                    "rope_attend (fused_linear=True, <= 64 rows)")
+    ap.add_argument("--configs", help="JSON of fast_linear tile configs (from --variants fused --configs-out)")
+    ap.add_argument("--configs-out", help="--variants fused: write the best tile per shape here")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-kv-gib", type=float, default=64, help="skip points whose KV cache is larger")
     ap.add_argument("--generate", nargs="*", default=[], help="also whole generate calls, e.g. 8x2048")
     ap.add_argument("--profile", help="also a kernel profile at ROWSxCONTEXT, e.g. 8x2048")
-    ap.add_argument("--variants", nargs="*", choices=["attention", "matmul"],
+    ap.add_argument("--variants", nargs="*", choices=["attention", "fused"],
                     help="time the kernels alone instead (benchmarks/decode_variants.py; default both)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape, few steps")
     ap.add_argument("--json", help="also write the results here")
@@ -268,7 +279,12 @@ def main(argv=None) -> None:
     if args.variants is not None:
         from decode_variants import run_variants
 
-        return run_variants(args.variants or ("attention", "matmul"))
+        return run_variants(args.variants or ("attention", "fused"), args.configs_out)
+    if args.configs:
+        from mathgrpo.rollout import fast_linear
+
+        with open(args.configs) as f:
+            fast_linear.CONFIGS.update({tuple(k): tuple(v) for k, v in json.load(f)})
     bw = bandwidth(torch.device(args.device))
     measured = bw == bw
     if not measured:  # CPU: no meaningful floor; a nominal 50 GB/s so the columns print

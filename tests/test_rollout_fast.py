@@ -337,6 +337,7 @@ def test_describe_names_the_path_and_weight_plan():
     tok = char_tokenizer()
     d = FastRollout(tiny_model("qwen2"), tok).describe()
     assert d["attention"] == "sdpa" and not d["cuda_graphs"]  # CPU: the reference path, eagerly
+    assert d["matmuls"] == "cuBLAS + reference ops"  # fast_linear's kernels run on the triton path only
     assert d["weights"]["qkv"] == "model's own tensors (separate matmuls)" and d["weights"]["o"] == "model's own tensors"
     assert FastRollout(tiny_model("qwen2"), tok, fuse_weights=True).describe()["weights"]["gate_up"] == "owned fused copy"
     pm = _lora(tiny_model("qwen2"), seed=0)

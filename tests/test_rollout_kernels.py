@@ -1,4 +1,4 @@
-"""The `fast` engine's Triton decode kernels (rollout/fast_kernels.py) against the reference path.
+"""The `fast` engine's Triton decode kernels (rollout/fast_kernels.py, fast_linear.py) against the reference path.
 
 They run on a GPU, or on CPU under Triton's interpreter:
     TRITON_INTERPRET=1 PYTHONPATH=src pytest tests/test_rollout_kernels.py
@@ -82,6 +82,59 @@ def test_rope_write_matches_reference(dtype, norm):
     assert torch.equal(vc[:, :, untouched], vc0[:, :, untouched]) and torch.equal(vc[B:], vc0[B:])
 
 
+def _reference(qkv, cos, sin, pos, qn, kn, eps, kc, vc, pad, col: int, H: int, KV: int, D: int):
+    """Torch: Qwen3 q/k norms (as HF: normalise in fp32, round, scale), RoPE, k/v written at `col` into kc, vc
+    (in place), attention over each row's columns [pad_b, col] in float64; rows without columns: None."""
+    B, dtype = qkv.shape[0], qkv.dtype
+    q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
+    qq, kk = q.unflatten(-1, (H, D)), k.unflatten(-1, (KV, D))
+    if qn is not None:
+        qq = F.rms_norm(qq.float(), (D,), None, eps).to(dtype) * qn
+        kk = F.rms_norm(kk.float(), (D,), None, eps).to(dtype) * kn
+    c, s = cos[pos][:, None].float(), sin[pos][:, None].float()
+    qr = _rope(qq.float(), c, s)
+    kc[:B, :, col] = _rope(kk.float(), c, s).to(dtype)
+    vc[:B, :, col] = v.unflatten(-1, (KV, D))
+    return [F.scaled_dot_product_attention(qr[b].double().reshape(KV, H // KV, D), kc[b, :, p:col + 1].double(),
+                                           vc[b, :, p:col + 1].double(), scale=D ** -0.5).reshape(-1)
+            if p <= col else None for b, p in enumerate(pad.tolist())]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,KV,D,norm", [(4, 2, 16, False), (4, 4, 32, True), pytest.param(
+    12, 2, 128, False, marks=pytest.mark.skipif(DEV == "cpu", reason="minutes in the interpreter"))])
+def test_rope_attend_matches_reference(dtype, H, KV, D, norm):
+    """RoPE + KV write + flash-decoding + merge in one launch against torch: the cache writes and the output, for
+    one split, several (some past the filled length), a row whose padding ends inside a block, on a block edge,
+    covers most of the row, or every column (an unused graph slot: zeros)."""
+    g = torch.Generator().manual_seed(H + D)
+    rows, cap, B = 6, 300, 5
+    kc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
+    vc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
+    qkv = torch.randn(B, (H + 2 * KV) * D, generator=g).to(DEV, dtype)
+    cos, sin = (torch.randn(cap, D, generator=g).to(DEV, dtype) for _ in range(2))
+    qn, kn = ((torch.rand(D, generator=g) + 0.5).to(DEV, dtype) if norm else None for _ in range(2))
+    pos = torch.tensor([5, 17, 49, 0, 299], device=DEV)
+    for col, pad_last, splits, min_chunk in [(0, 0, 1, 16), (63, 250, 4, 16), (255, 0, 2, 64), (270, 280, 8, 32),
+                                             (299, 0, 64, 16), (299, 130, 8, 64)]:  # (299, 8, 64): 4 of 8 in use
+        pad = torch.tensor([0, 3, 64, 130, pad_last], device=DEV)
+        kr, vr, kk, vv = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        want = _reference(qkv, cos, sin, pos, qn, kn, 1e-6, kr, vr, pad, col, H, KV, D)
+        live = torch.tensor([w is not None for w in want], device=DEV)
+        for _ in range(2):  # twice: the merge counters are back at zero after a launch
+            got = K.rope_attend(qkv, cos, sin, pos, qn, kn, 1e-6, kk, vv, pad, torch.tensor([col], device=DEV),
+                                D ** -0.5, H, splits, block_n=16, min_chunk=min_chunk)
+            assert got.shape == (B, H * D) and got.dtype == dtype
+            assert _rel(got[live], torch.stack([w for w in want if w is not None])) < TOL[dtype], (col, splits)
+            assert (got[~live] == 0).all()
+            assert _rel(kk[:B][live], kr[:B][live]) < TOL[dtype] and torch.equal(vv[:B][live], vr[:B][live])
+            other = torch.ones(cap, dtype=torch.bool)
+            other[col] = False
+            assert torch.equal(kk[:, :, other], kc[:, :, other]) and torch.equal(vv[B:], vc[B:])
+    assert int(K._COUNTERS[qkv.device].abs().sum()) == 0
+
+
 def test_splits_cover_the_gpu():
     assert K.splits_for(1, 2, torch.device("cpu")) == 16
     assert K.splits_for(256, 2, torch.device("cpu")) == 1
@@ -99,6 +152,8 @@ def test_path_selection(monkeypatch):
         FastRollout(model, tok, attention="triton")
     with pytest.raises(ValueError, match="attention must be"):
         FastRollout(model, tok, attention="flash")
+    with pytest.raises(ValueError, match="fused_linear=True needs the triton attention path"):
+        FastRollout(model, tok, attention="sdpa", fused_linear=True)
     from mathgrpo.config import GenerationConfig
     from mathgrpo.rollout import make_rollout
 
@@ -142,3 +197,97 @@ def test_lora_logprobs_on_kernels(merge):
             logp = torch.log_softmax(pm(ids).logits[0, len(prompt) - 1:-1].float(), -1)  # [n, V]
         want = logp.gather(1, ids[0, len(prompt):, None])[:, 0].cpu()
         torch.testing.assert_close(out.logprobs[i, :n], want, atol=2e-4, rtol=1e-4)
+
+
+# ----- fast_linear: skinny matmuls fused with RMSNorm, SwiGLU, bias and the residual add --------------------
+
+from mathgrpo.rollout import fast_linear as FL  # noqa: E402
+
+
+def _rand(g, *shape, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(DEV, dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 5, 16, 33])
+def test_norm_linear_matches_reference(dtype, M):
+    g = torch.Generator().manual_seed(M)
+    Kd = 200  # not a multiple of the K tile
+    x, ln = _rand(g, M, Kd, dtype=dtype, scale=3.0), (torch.rand(Kd, generator=g) + 0.5).to(DEV, dtype)
+    ws = [_rand(g, n, Kd, dtype=dtype, scale=0.1) for n in (48, 16, 16)]  # q, k, v as separate tensors
+    bs = [_rand(g, 48, dtype=dtype), None, _rand(g, 16, dtype=dtype)]
+    h = F.rms_norm(x.double(), (Kd,), ln.double(), 1e-6)
+    want = torch.cat([F.linear(h, w.double(), None if b is None else b.double()) for w, b in zip(ws, bs)], -1)
+    for cfg in (None, (16, 64, 1, 4, 2), (32, 128, 1, 4, 3), (16, 32, 3, 4, 2), (16, 64, 4, 4, 3)):
+        got = FL.norm_linear(x, ln, ws, bs, 1e-6, cfg)
+        assert got.shape == (M, 80) and got.dtype == dtype
+        assert _rel(got, want) < TOL[dtype], cfg
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 8, 64])
+def test_norm_glu_matches_reference(dtype, M):
+    g = torch.Generator().manual_seed(10 + M)
+    Kd, I = 96, 72
+    x, ln = _rand(g, M, Kd, dtype=dtype, scale=2.0), (torch.rand(Kd, generator=g) + 0.5).to(DEV, dtype)
+    fused = _rand(g, 2 * I, Kd, dtype=dtype, scale=0.2)  # the owned [gate; up] copy
+    h = F.rms_norm(x.double(), (Kd,), ln.double(), 1e-5)
+    gate, up = F.linear(h, fused.double()).chunk(2, -1)
+    want = F.silu(gate) * up
+    for cfg in (None, (16, 32, 1, 4, 2), (16, 32, 3, 4, 2), (32, 32, 2, 4, 3)):
+        got = FL.norm_glu(x, ln, *fused.chunk(2, 0), 1e-5, cfg)
+        assert got.shape == (M, I) and _rel(got, want) < TOL[dtype], cfg
+    sep = fused[:I].clone(), fused[I:].clone()  # the model's own separate tensors
+    assert _rel(FL.norm_glu(x, ln, *sep, 1e-5), want) < TOL[dtype]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 7, 64])
+def test_linear_residual_matches_reference(dtype, M):
+    g = torch.Generator().manual_seed(20 + M)
+    Kd, N = 300, 40
+    a, w, b = _rand(g, M, Kd, dtype=dtype), _rand(g, N, Kd, dtype=dtype, scale=0.1), _rand(g, N, dtype=dtype)
+    x0 = _rand(g, M, N, dtype=dtype, scale=4.0)
+    for bias in (None, b):
+        want = x0.double() + F.linear(a.double(), w.double(), None if bias is None else bias.double())
+        # split-K 1, 3 (uneven: the last split is short) and 5 (one split empty); twice each: the per-tile
+        # counters must be back at zero after every launch
+        for cfg in [None, (16, 64, 1, 4, 2), (16, 64, 3, 4, 2), (32, 64, 5, 4, 2), (16, 32, 4, 4, 3)] * 2:
+            x = x0.clone()
+            out = FL.linear_residual(a, w, bias, x, cfg)
+            assert out.data_ptr() == x.data_ptr()  # in place
+            assert _rel(x, want) < TOL[dtype], cfg
+    assert int(K._COUNTERS[x.device].abs().sum()) == 0
+
+
+def test_fused_linear_groups():
+    """Which groups the fused kernels take: LoRA pairs, per-use dequantisation, gate/up biases fall back."""
+    from mathgrpo.rollout.fast_weights import extract
+
+    w = extract(tiny_model("qwen2"))
+    assert all(FL.plain(L, w.act) == dict(qkv=True, o=True, gate_up=True, down=True) for L in w.layers)
+    assert FL.gate_up_of(w.layers[0])[0].shape == w.layers[0].gate_up[0].shape  # separate tensors as they are
+    wn = extract(_lora(tiny_model("qwen2"), seed=1), lora_merge="none")
+    assert FL.plain(wn.layers[0], wn.act) == dict(qkv=False, o=False, gate_up=False, down=False)
+    assert set(FL.describe(wn, wn.act).values()) == {f"reference ops (cuBLAS) at <= {FL.MAX_ROWS} rows"}
+    wf = extract(tiny_model("qwen2"), fuse=True)
+    gate, up = FL.gate_up_of(wf.layers[0])  # halves of the fused owned copy
+    assert gate.shape == up.shape and up.data_ptr() > gate.data_ptr()
+    assert FL.plain(wf.layers[0], torch.nn.GELU())["gate_up"] is False  # SwiGLU only
+
+
+@needs_kernels
+@pytest.mark.parametrize("fused_linear", [True, False])
+def test_fused_linear_engine_matches_reference_path(fused_linear):
+    """Sampled tokens and log-probs of the fused-matmul engine against the SDPA / cuBLAS reference path."""
+    model, tok = tiny_model("qwen3", DEV), char_tokenizer()
+    s = SamplingConfig(max_new_tokens=10, seed=4)
+    eng = FastRollout(model, tok, attention="triton", fused_linear=fused_linear, fuse_weights=True)
+    assert isinstance(eng.describe()["matmuls"], dict) == fused_linear
+    out = eng.generate(PROMPTS, 2, s)
+    ref = FastRollout(model, tok, attention="sdpa").generate(PROMPTS, 2, s)
+    assert rows_of(out) == rows_of(ref)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, atol=1e-4, rtol=1e-4)

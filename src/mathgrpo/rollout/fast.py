@@ -34,7 +34,7 @@ from .base import Completions, SamplingConfig
 from .common import finish_completions
 from .fast_forward import EAGER_OPS, compiled_ops, decode_step, logits_into, prefill, rope_table
 from .fast_sampling import check_sampling, compiled_pick, pick, sample
-from . import fast_kernels
+from . import fast_kernels, fast_linear
 from .fast_weights import causal_lm_parts, extract, merge_in_place, param_pointers, refill, restore
 from .hf import _eos_ids
 
@@ -43,7 +43,8 @@ class FastRollout:
     def __init__(self, model, tokenizer, *, max_batch: int = 256, max_seq_len: int | None = None, device=None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
                  fuse_weights: bool = False, lora_merge: str = "copy", compile_pointwise: bool | None = None,
-                 prefill_tokens: int = 16384, check_every: int = 16, attention: str = "auto"):
+                 prefill_tokens: int = 16384, check_every: int = 16, attention: str = "auto",
+                 fused_linear: bool = False):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
         decode steps (default: on for CUDA); kv_bucket: attention length granularity of the sdpa path (default
@@ -57,7 +58,9 @@ class FastRollout:
         attention: decode attention path, "triton" (fast_kernels: fused RoPE + KV write, flash-decoding over
         the filled columns, one CUDA graph per batch size for every length), "sdpa" (the reference: SDPA over
         length buckets, one graph per (batch, bucket)) or "auto" (triton where it can run, else sdpa); the
-        path taken is `self.attention`."""
+        path taken is `self.attention`; fused_linear: on the triton path, run the layers of batches of at most
+        fast_linear.MAX_ROWS rows on fast_linear's fused skinny-matmul kernels and fast_kernels.rope_attend
+        (opt-in: measured slower than cuBLAS + the attention pair on the H200, see docs/benchmarks.md)."""
         if max_batch < 1:
             raise ValueError(f"FastRollout: max_batch must be >= 1, got {max_batch}")
         if tokenizer.pad_token_id is None:
@@ -81,6 +84,9 @@ class FastRollout:
                              f"device {self.device}")
         self.attention = "triton" if attention == "triton" or (attention == "auto" and can
                                                               and self.device.type == "cuda") else "sdpa"
+        if fused_linear and self.attention != "triton":
+            raise ValueError("FastRollout: fused_linear=True needs the triton attention path")
+        self.fused_linear = bool(fused_linear)
         self._side = None  # one side stream for every graph capture (each new stream gets its own cuBLAS workspace)
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
         compile_ = self.graphs if compile_pointwise is None else compile_pointwise
@@ -116,8 +122,9 @@ class FastRollout:
 
     def describe(self) -> dict:
         """Which path this engine takes: attention kernels, CUDA graphs, and how each weight group is read."""
+        matmuls = fast_linear.describe(self.w, self.w.act) if self.fused_linear else "cuBLAS + reference ops"
         return {"attention": self.attention, "cuda_graphs": self.graphs, "lora_merge": self.lora_merge,
-                "compiled_pointwise": self.ops is not EAGER_OPS, "weights": dict(self.w.plan)}
+                "compiled_pointwise": self.ops is not EAGER_OPS, "weights": dict(self.w.plan), "matmuls": matmuls}
 
     @property
     def owned_weight_bytes(self) -> int:
@@ -181,7 +188,8 @@ class FastRollout:
     def _step(self, rows: int, n_cols: int) -> None:
         splits = fast_kernels.splits_for(rows, self.w.n_kv, self.device) if self.attention == "triton" else 0
         h = decode_step(self.w, self.k_cache, self.v_cache, self._tok[:rows], self._pos[:rows], self._col,
-                        self._pad[:rows], n_cols, self.cos, self.sin, self.ops, splits)
+                        self._pad[:rows], n_cols, self.cos, self.sin, self.ops, splits,
+                        fused=self.fused_linear and rows <= fast_linear.MAX_ROWS)
         logits_into(self.w, h, self._logits)
 
     def _decode(self, rows: int, n_cols: int) -> None:

@@ -115,6 +115,34 @@ def run_layers(w: GenWeights, x: torch.Tensor, attention: Attention, ops: dict =
     return h
 
 
+def fused_layers(w: GenWeights, x: torch.Tensor, attention: Attention, ops: dict = EAGER_OPS) -> torch.Tensor:
+    """The decode step's layers on fast_linear's kernels (small batches on the Triton path): RMSNorm inside the
+    q/k/v and gate/up matmuls, SwiGLU inside gate/up, bias + residual add inside o and down (x updated in
+    place). A group the kernels cannot read (`fast_linear.plain`) takes the reference ops.
+    `attention(layer, weights, q/k/v projection output [B, (H+2KV)*D]) -> [B, H*D]`."""
+    from . import fast_linear as FL
+
+    rms = ops["rms"]
+    for i, L in enumerate(w.layers):
+        ok = FL.plain(L, w.act)
+        qkv = (FL.norm_linear(x, L.ln1, L.qkv, L.qkv_bias, w.eps) if ok["qkv"]
+               else _project(rms(x, L.ln1, w.eps), L.qkv, L.qkv_bias, L.qkv_lora))
+        a = attention(i, L, qkv)
+        if ok["o"]:
+            x = FL.linear_residual(a, L.o, L.o_bias, x)
+        else:
+            x = x + _project(a, [L.o], [L.o_bias], L.o_lora)
+        if ok["gate_up"]:
+            g = FL.norm_glu(x, L.ln2, *FL.gate_up_of(L), w.eps)
+        else:
+            g = ops["glu"](*_project_parts(rms(x, L.ln2, w.eps), L.gate_up, L.gate_up_bias, L.gate_up_lora), w.act)
+        if ok["down"]:
+            x = FL.linear_residual(g, L.down, L.down_bias, x)
+        else:
+            x = x + _project(g, [L.down], [L.down_bias], L.down_lora)
+    return rms(x, w.norm, w.eps)
+
+
 def logits_into(w: GenWeights, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[:b] <- lm_head(h) for h [b, hidden] (written in place: a static buffer under CUDA graphs)."""
     out = out[:h.shape[0]]
@@ -155,19 +183,22 @@ def prefill(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, ids: torch.Tensor
 
 def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor,
                 col: torch.Tensor, pad: torch.Tensor, n_cols: int, cos_t: torch.Tensor,
-                sin_t: torch.Tensor, ops: dict = EAGER_OPS, splits: int = 0) -> torch.Tensor:
+                sin_t: torch.Tensor, ops: dict = EAGER_OPS, splits: int = 0, fused: bool = False) -> torch.Tensor:
     """One token per row: tokens, pos, pad [B]; col [1] the cache column to write (same for all rows).
     Attends over cache columns [pad_b, col]. Returns hidden [B, hidden].
 
     splits > 0: the Triton path (fast_kernels: RoPE + KV write in one kernel, flash-decoding over `splits`
     slices of the filled columns, n_cols unused); splits == 0: the reference path (SDPA over the first
-    n_cols columns with a mask)."""
+    n_cols columns with a mask). fused (Triton path only): the layers run on fast_linear's kernels."""
     B = tokens.shape[0]
     H, KV, D = w.n_heads, w.n_kv, w.head_dim
     x = F.embedding(tokens, w.embed)  # [B, hidden]
     if splits:
         from . import fast_kernels as K
 
+        if fused:  # qkv [B, (H+2KV)*D]: RoPE, KV write, attention and split merge in one launch
+            return fused_layers(w, x, lambda i, L, qkv: K.rope_attend(
+                qkv, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], pad, col, w.scaling, H, splits), ops)
         sizes = [H * D, KV * D, KV * D]
 
         def attention(i, L, h):

@@ -1,7 +1,7 @@
-"""Triton kernels of the `fast` engine's decode step; the SDPA path in fast_forward.py is their reference.
+"""Triton kernels of the `fast` engine's decode attention; the SDPA path in fast_forward.py is their reference.
 
-Two per layer replace the reference's RoPE (+ Qwen3 q/k norms), the two `index_copy_` KV writes, the
-attention mask built per step and SDPA:
+The default triton path runs two per layer (and a small merge) in place of the reference's RoPE (+ Qwen3 q/k
+norms), the two `index_copy_` KV writes, the attention mask built per step and SDPA:
 
 - `rope_write`: one program per (row, head) of the q/k/v projection output: q heads are normed (Qwen3) and
   rotated into a small q buffer, k heads normed, rotated and written into the cache at column `col`, v
@@ -13,9 +13,14 @@ attention mask built per step and SDPA:
   and a short batch still spreads over every multiprocessor. A second small kernel merges the splits'
   partial softmax sums.
 
+`rope_attend` does all of it in one launch (used with `fused_linear`): each program rotates its KV head's
+query heads itself, the split holding column `col` writes this step's k/v there before reading it, and the
+last split of a (row, KV head) to finish (an atomic arrival counter, `counters`) merges the partials.
+Measured on the H200 it matches the pair at 2k columns but is slower at 16k (docs/benchmarks.md), which is
+why the default path keeps the pair.
+
 Without Triton (or on CPU outside its interpreter) `available()` is False and the engine takes the
-reference path. The tests run these against the reference on the GPU, and on CPU with TRITON_INTERPRET=1.
-"""
+reference path. The tests run these against the reference on the GPU, and on CPU with TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
@@ -66,6 +71,26 @@ def splits_for(rows: int, n_kv: int, device: torch.device, per_sm: int = 8, cap:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _norm_rope(x1, x2, nw, cos_row, sin_row, i, m, eps, D: tl.constexpr, NORM: tl.constexpr, AXIS: tl.constexpr):
+        """Halves x1, x2 (along the last axis, `i` indexes them) of heads -> normed (Qwen3) and rotated halves."""
+        dt = x1.dtype
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
+        if NORM:  # Qwen3's per-head RMSNorm (as HF: normalise in fp32, round, then scale)
+            r = tl.rsqrt((tl.sum(x1 * x1, AXIS) + tl.sum(x2 * x2, AXIS)) / D + eps)
+            if AXIS == 1:
+                r = r[:, None]
+            x1 = (x1 * r).to(dt).to(tl.float32) * tl.load(nw + i, mask=m, other=0.0).to(tl.float32)
+            x2 = (x2 * r).to(dt).to(tl.float32) * tl.load(nw + D // 2 + i, mask=m, other=0.0).to(tl.float32)
+            x1 = x1.to(dt).to(tl.float32)
+            x2 = x2.to(dt).to(tl.float32)
+        c1 = tl.load(cos_row + i, mask=m, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_row + D // 2 + i, mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_row + i, mask=m, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_row + D // 2 + i, mask=m, other=0.0).to(tl.float32)
+        return (x1 * c1 - x2 * s1).to(dt), (x2 * c2 + x1 * s2).to(dt)  # rotate_half: [-x2, x1]
 
     @triton.jit
     def _rope_write_kernel(q_ptr, k_ptr, v_ptr, sq, sk, sv, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr, eps,
@@ -186,6 +211,137 @@ if triton is not None:
         den = tl.sum(l * w, 0)
         o = tl.sum(acc * w[:, None], 0) / tl.where(den == 0, 1.0, den)  # a row with no columns (unused slot): 0
         tl.store(out_ptr + bh * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_attend_kernel(qkv_ptr, s_qkv, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr,
+                            pad_ptr, col_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, out_ptr, qk_scale, s_b, s_h, s_s,
+                            H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                            HALF: tl.constexpr, DP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                            MIN_CHUNK: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
+        bk = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = bk // KV
+        kh = bk % KV
+        col = tl.load(col_ptr)
+        n_cols = col + 1
+        pad = tl.load(pad_ptr + b)
+        start, chunk, used = _split_plan(n_cols, pad, NSPLIT, BLOCK_N, MIN_CHUNK)
+        lo = start + sp * chunk
+        hi = tl.minimum(lo + chunk, n_cols)
+        g = tl.arange(0, GP)
+        i = tl.arange(0, HALF)
+        d = tl.arange(0, DP)
+        gm, im, dm = g < G, i < D // 2, d < D
+        out_rows = b * H + kh * G + g  # [GP]
+        out_mask = gm[:, None] & dm[None, :]
+        if (used == 0) & (sp == 0):  # a row with no columns (an unused graph slot): zeros
+            tl.store(out_ptr + out_rows[:, None] * D + d[None, :], tl.zeros([GP, DP], tl.float32).to(
+                out_ptr.dtype.element_ty), mask=out_mask)
+        if lo >= hi:  # a split past the filled length (or no columns at all)
+            return
+        p = tl.load(pos_ptr + b)
+        row = qkv_ptr + b * s_qkv
+        qh = (kh * G + g)[:, None] * D + i[None, :]  # [GP, HALF]: this KV head's query heads
+        qmask = gm[:, None] & im[None, :]
+        q1, q2 = _norm_rope(tl.load(row + qh, mask=qmask, other=0.0), tl.load(row + qh + D // 2, mask=qmask, other=0.0),
+                            qn_ptr, cos_ptr + p * D, sin_ptr + p * D, i, im, eps, D, NORM, 1)
+        base = b.to(tl.int64) * s_b + kh * s_h  # one layer of a 256-row 32k cache passes 2**31 elements
+        if hi == n_cols:  # the split holding the new column writes this step's k (normed, rotated) and v there
+            kr = row + (H + kh) * D
+            k1, k2 = _norm_rope(tl.load(kr + i, mask=im, other=0.0), tl.load(kr + D // 2 + i, mask=im, other=0.0),
+                                kn_ptr, cos_ptr + p * D, sin_ptr + p * D, i, im, eps, D, NORM, 0)
+            dst = base + col * s_s
+            tl.store(kc_ptr + dst + i, k1, mask=im)
+            tl.store(kc_ptr + dst + D // 2 + i, k2, mask=im)
+            vr = row + (H + KV + kh) * D
+            tl.store(vc_ptr + dst + d, tl.load(vr + d, mask=dm), mask=dm)
+            tl.debug_barrier()  # the block's own cache writes are read back by the loop below
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        for s0 in range(lo, hi, BLOCK_N):
+            j = s0 + tl.arange(0, BLOCK_N)
+            jm = j < hi
+            kp = kc_ptr + base + j[:, None] * s_s + i[None, :]
+            km = jm[:, None] & im[None, :]
+            s = tl.dot(q1, tl.trans(tl.load(kp, mask=km, other=0.0)), input_precision=PREC)
+            s += tl.dot(q2, tl.trans(tl.load(kp + D // 2, mask=km, other=0.0)), input_precision=PREC)
+            s = tl.where((jm & (j >= pad))[None, :], s * qk_scale, float("-inf"))  # [GP, BLOCK_N], log2 units
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block of padding only: nothing to add
+            alpha = tl.exp2(m_i - m_safe)
+            pr = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            v = tl.load(vc_ptr + base + j[:, None] * s_s + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        if used > 1:  # partials of every split; the last one to finish merges them (counter per row x KV head)
+            part = out_rows * NSPLIT + sp
+            tl.store(m_ptr + part, m_i, mask=gm)
+            tl.store(l_ptr + part, l_i, mask=gm)
+            tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=out_mask)
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel") != used - 1:
+                return
+            m_i = tl.full([GP], float("-inf"), tl.float32)
+            l_i = tl.zeros([GP], tl.float32)
+            acc = tl.zeros([GP, DP], tl.float32)
+            for t in range(0, used):  # fixed order: the same sum on every replay
+                pt = out_rows * NSPLIT + t
+                m_t = tl.load(m_ptr + pt, mask=gm, other=float("-inf"), cache_modifier=".cg")
+                m_new = tl.maximum(m_i, m_t)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                a_old, a_t = tl.exp2(m_i - m_safe), tl.exp2(m_t - m_safe)
+                l_i = l_i * a_old + tl.load(l_ptr + pt, mask=gm, other=0.0, cache_modifier=".cg") * a_t
+                acc = acc * a_old[:, None] + tl.load(acc_ptr + pt[:, None] * D + d[None, :], mask=out_mask,
+                                                     other=0.0, cache_modifier=".cg") * a_t[:, None]
+                m_i = m_new
+            tl.store(cnt_ptr + bk, 0)  # ready for the next launch (or graph replay)
+        o = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + out_rows[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """Arrival counters for kernels whose last program to finish a tile sums the others' partials: zero between
+    launches (each launch resets the ones it used), so kernels in one stream can share them."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fast_kernels: counters must be allocated before CUDA graph capture (warm-up)")
+        c = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return c
+
+
+def rope_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float, kc: torch.Tensor,
+                vc: torch.Tensor, pad: torch.Tensor, col: torch.Tensor, scale: float, n_heads: int, n_splits: int,
+                block_n: int = 64, min_chunk: int = 256) -> torch.Tensor:
+    """`rope_write` + `attend` in one launch: qkv [B, (H+2KV)*D] (the q/k/v projection output) -> [B, H*D].
+    Each program rotates its KV head's query heads itself; the split that holds column `col` writes this
+    step's k and v there before reading it; the last split of a (row, KV head) to finish merges the partials."""
+    B = qkv.shape[0]
+    KV, D = kc.shape[1], kc.shape[-1]
+    G = n_heads // KV
+    assert kc.stride(-1) == 1 and qkv.stride(-1) == 1 and cos.is_contiguous()
+    f32 = torch.float32
+    m = torch.empty(B, n_heads, n_splits, dtype=f32, device=qkv.device)
+    l_ = torch.empty_like(m)
+    acc = torch.empty(B, n_heads, n_splits, D, dtype=f32, device=qkv.device)
+    out = torch.empty(B, n_heads * D, dtype=qkv.dtype, device=qkv.device)
+    norm = q_norm is not None
+    _rope_attend_kernel[(B * KV, n_splits)](
+        qkv, qkv.stride(0), cos, sin, pos, q_norm if norm else cos, k_norm if norm else cos, eps, kc, vc, pad, col,
+        m, l_, acc, counters(qkv.device, B * KV), out, scale * _LOG2E, kc.stride(0), kc.stride(1), kc.stride(2),
+        H=n_heads, KV=KV, G=G, GP=max(16, _pow2(G)), D=D, HALF=max(16, _pow2(D // 2)), DP=max(16, _pow2(D)),
+        NSPLIT=n_splits, BLOCK_N=block_n, MIN_CHUNK=min_chunk, NORM=norm,
+        PREC="ieee" if qkv.dtype == f32 else "tf32")
+    return out
 
 
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
