@@ -333,7 +333,7 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
         _sync()
         t1, peak_gen = time.perf_counter(), _peak()
         if opts.get("release") and hasattr(rollout, "release"):
-            rollout.release()
+            rollout.release(weights=True)
         # what the rollout engine keeps through the update: its owned (merged / dequantised) weights, its KV cache
         held = {k: getattr(rollout, a, 0) / 2**30 for k, a in (("owned_weights_gib", "owned_weight_bytes"),
                                                                 ("kv_cache_gib", "kv_cache_bytes"))}

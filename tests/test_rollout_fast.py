@@ -348,3 +348,34 @@ def test_describe_names_the_path_and_weight_plan():
     assert plans["none"]["lm_head"] == "model's own tensors"
     cast = FastRollout(tiny_model("llama"), tok, dtype=torch.float16).describe()["weights"]
     assert cast["qkv"] == "owned fused copy (cast)" and cast["embed"] == "owned copy (cast)"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("merge", ["copy", "none"])
+def test_released_weights_come_back_for_the_next_rollout(device, merge):
+    """release(weights=True) frees the owned (merged) copy for an update; sync_weights, or a generate without it,
+    re-allocates and refills it: the same tokens as an engine that never released, after an adapter change too.
+    On CUDA a copy that comes back elsewhere re-captures the graphs instead of replaying stale addresses."""
+    pm, tok = _lora(tiny_model("qwen2", device), seed=1), char_tokenizer()
+    eng = FastRollout(pm, tok, lora_merge=merge)
+    held = eng.owned_weight_bytes
+    before = eng.generate(PROMPTS, 1, GREEDY)
+    eng.release(weights=True)
+    assert held > 0 and eng.owned_weight_bytes == 0
+    taken = torch.empty(held, dtype=torch.uint8, device=device)  # the "update" holds the freed blocks
+    _randomise_lora(pm, seed=2)
+    eng.sync_weights(pm)
+    assert eng.owned_weight_bytes == held
+    captures = eng.captures
+    after = eng.generate(PROMPTS, 1, GREEDY)
+    assert rows_of(after) == [hf_greedy(pm, p, 12) for p in PROMPTS] and rows_of(after) != rows_of(before)
+    if device == "cuda":
+        assert eng.captures > captures  # the copy moved (its old blocks are taken): fresh graphs
+    del taken
+    eng.release(weights=True)
+    _randomise_lora(pm, seed=3)  # no sync_weights: generate refills from the model as it is now
+    eng.sync_weights(pm)
+    assert rows_of(eng.generate(PROMPTS, 1, GREEDY)) == [hf_greedy(pm, p, 12) for p in PROMPTS]
+    eng.release(weights=True)
+    again = eng.generate(PROMPTS, 1, GREEDY)  # released, then generate without a sync: refilled before use
+    assert rows_of(again) == [hf_greedy(pm, p, 12) for p in PROMPTS]

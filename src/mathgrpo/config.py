@@ -115,7 +115,8 @@ class GenerationConfig:
     fuse_weights: bool = setting(False,
         "fast backend: also keep fused q/k/v and gate/up weight copies (+12% tok/s, +memory)")
     release_memory: bool = setting(False,
-        "fast backend: free the KV cache before each update (lower peak, re-allocated)")
+        "fast backend: free the KV cache and the owned (LoRA-merged / dequantised) weight copy before each "
+        "update (lower peak; re-allocated and refilled for the next rollout)")
     decode_attention: Literal["auto", "triton", "sdpa"] = setting("auto",
         "fast backend decode attention: auto (Triton kernels on CUDA when Triton is installed, else sdpa) | triton | "
         "sdpa")

@@ -148,10 +148,10 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
 def update_stage(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor, cfg: Config,
                  world: World = SINGLE, rollout=None) -> dict:
     """The trainer's update stage (after its seeding): with generation.release_memory the rollout backend's KV cache
-    is freed first (the update's activations get its memory); policy_update; the gradients freed (generation gets
+    and owned weight copies are freed first (the update's activations get their memory); policy_update; the gradients freed (generation gets
     theirs); the backend's weights synced. Returns the update's metrics and the learning rate. Benchmarks call it."""
     if rollout is not None and cfg.generation.release_memory and hasattr(rollout, "release"):
-        rollout.release()
+        rollout.release(weights=True)
     metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world)
     optimizer.zero_grad(set_to_none=True)
     metrics = {**metrics, M.LR: scheduler.get_last_lr()[0]}

@@ -35,7 +35,8 @@ from .common import finish_completions
 from .fast_forward import EAGER_OPS, compiled_ops, decode_step, logits_into, prefill, rope_table
 from .fast_sampling import check_sampling, compiled_pick, pick, sample
 from . import fast_kernels, fast_linear
-from .fast_weights import causal_lm_parts, extract, merge_in_place, param_pointers, refill, restore
+from .fast_weights import (causal_lm_parts, extract, merge_in_place, owned_pointers, param_pointers, reclaim_owned,
+                           refill, release_owned, restore)
 from .hf import _eos_ids
 
 
@@ -117,6 +118,7 @@ class FastRollout:
         if model is not self.model or param_pointers(model) != self._ptrs:
             self._load(model)
         else:
+            reclaim_owned(self.w)  # released for the update: back (maybe elsewhere: `_ensure` checks the graphs)
             with torch.inference_mode():
                 refill(self.w)
 
@@ -128,7 +130,8 @@ class FastRollout:
 
     @property
     def owned_weight_bytes(self) -> int:
-        return self.w.owned_bytes
+        """Bytes the owned weight copies hold now (0 while released for an update)."""
+        return sum(dst.untyped_storage().nbytes() for dst, _ in self.w.recipes)
 
     # ----- buffers ---------------------------------------------------------------------------------------
     def _ensure(self, rows: int, length: int) -> None:
@@ -150,7 +153,10 @@ class FastRollout:
             self.v_cache = torch.zeros(self._kv_shape, dtype=self.w.dtype, device=self.device)
         # Captured graphs hold the cache's addresses: they stay valid only if it came back at the same place
         # (it usually does from the second update on: the update allocates the same shapes every step).
-        ptrs = (self.k_cache.data_ptr(), self.v_cache.data_ptr())
+        if reclaim_owned(self.w):  # released and not synced since: the model's current weights
+            with torch.inference_mode():
+                refill(self.w)
+        ptrs = (self.k_cache.data_ptr(), self.v_cache.data_ptr(), *owned_pointers(self.w))
         if ptrs != self._graph_kv:
             self._drop_graphs()
             self._graph_kv = ptrs
@@ -164,10 +170,14 @@ class FastRollout:
         self._graph_map.clear()
         self._pool = None
 
-    def release(self, graphs: bool = False) -> None:
+    def release(self, graphs: bool = False, weights: bool = False) -> None:
         """Free the KV cache (the next generate allocates it again, and re-captures its CUDA graphs only if it
-        lands at another address); graphs=True also frees the graphs and the small static buffers."""
+        lands at another address); weights=True also frees the owned weight copies (LoRA-merged / dequantised;
+        `sync_weights` or the next generate re-allocates and refills them, with the same graph check);
+        graphs=True also frees the graphs and the small static buffers."""
         self.k_cache = self.v_cache = None
+        if weights:
+            release_owned(self.w)
         if graphs:
             self._drop_graphs()
             for name in ("_logits", "_tok", "_pos", "_pad", "_col"):

@@ -171,6 +171,26 @@ def refill(w: GenWeights) -> None:
         fill(dst)
 
 
+def release_owned(w: GenWeights) -> None:
+    """Free the memory of every owned buffer (the tensors stay, with empty storage) for a training update: the
+    merged / dequantised copy is recomputed from the model after the optimizer step anyway (`reclaim_owned`)."""
+    for dst, _ in w.recipes:
+        dst.untyped_storage().resize_(0)
+
+
+def reclaim_owned(w: GenWeights) -> bool:
+    """Give released owned buffers their memory back (contents undefined: refill next); True if any was released.
+    Views of a buffer stay valid; its address may change, so captured graphs must be checked (`owned_pointers`)."""
+    released = [dst for dst, _ in w.recipes if dst.untyped_storage().nbytes() == 0 and dst.numel()]
+    for dst in released:  # every owned buffer is a whole torch.empty allocation: numel * element size bytes
+        dst.untyped_storage().resize_(dst.numel() * dst.element_size())
+    return bool(released)
+
+
+def owned_pointers(w: GenWeights) -> tuple[int, ...]:
+    return tuple(dst.data_ptr() for dst, _ in w.recipes)
+
+
 def param_pointers(model: nn.Module) -> list[int]:
     """Storage addresses of all parameters: if one moves (reassigned, cast, moved), the engine must re-extract."""
     return [p.data_ptr() for p in model.parameters()]
