@@ -35,8 +35,8 @@ from .common import finish_completions
 from .fast_forward import EAGER_OPS, compiled_ops, decode_step, logits_into, prefill, rope_table
 from .fast_sampling import check_sampling, compiled_pick, pick, sample
 from . import fast_kernels, fast_linear
-from .fast_weights import (causal_lm_parts, extract, merge_in_place, owned_pointers, param_pointers, reclaim_owned,
-                           refill, release_owned, restore)
+from .fast_buffers import merge_in_place, owned_pointers, param_pointers, reclaim_owned, release_owned, restore
+from .fast_weights import causal_lm_parts, extract, refill
 from .hf import _eos_ids
 
 

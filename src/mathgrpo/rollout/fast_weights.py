@@ -13,8 +13,8 @@ LoRA has three modes (`lora_merge`), trading decode speed against GPU memory:
 - copy (default): the owned merged copy above; fastest (fused q/k/v and gate/up), costs a bf16 copy of every
   adapted weight (2.4 GiB at 1.5B with all seven projections adapted).
 - in_place: the base weights stay direct views; `merge_in_place` adds the deltas into them just before
-  sampling and `restore` copies the untouched base back from a pinned host snapshot right after (exact:
-  subtracting the delta again would not round back to the same bf16 values). No GPU copy; the host
+  sampling and `restore` copies the untouched base back from a pinned host snapshot right after
+  (fast_buffers.py; exact: subtracting the delta again would not round back to the same bf16 values). No GPU copy; the host
   holds one copy of the adapted base weights; each rollout pays one host-to-device copy of them.
 - none: the base weights stay direct views and each group of projections that read the same input gets a
   `LowRank` pair, A = [A_1; A_2; ...] ([sum r, in]) and a block-diagonal B ([sum out, sum r], scales folded
@@ -171,31 +171,6 @@ def refill(w: GenWeights) -> None:
         fill(dst)
 
 
-def release_owned(w: GenWeights) -> None:
-    """Free the memory of every owned buffer (the tensors stay, with empty storage) for a training update: the
-    merged / dequantised copy is recomputed from the model after the optimizer step anyway (`reclaim_owned`)."""
-    for dst, _ in w.recipes:
-        dst.untyped_storage().resize_(0)
-
-
-def reclaim_owned(w: GenWeights) -> bool:
-    """Give released owned buffers their memory back (contents undefined: refill next); True if any was released.
-    Views of a buffer stay valid; its address may change, so captured graphs must be checked (`owned_pointers`)."""
-    released = [dst for dst, _ in w.recipes if dst.untyped_storage().nbytes() == 0 and dst.numel()]
-    for dst in released:  # every owned buffer is a whole torch.empty allocation: numel * element size bytes
-        dst.untyped_storage().resize_(dst.numel() * dst.element_size())
-    return bool(released)
-
-
-def owned_pointers(w: GenWeights) -> tuple[int, ...]:
-    return tuple(dst.data_ptr() for dst, _ in w.recipes)
-
-
-def param_pointers(model: nn.Module) -> list[int]:
-    """Storage addresses of all parameters: if one moves (reassigned, cast, moved), the engine must re-extract."""
-    return [p.data_ptr() for p in model.parameters()]
-
-
 # ---------------------------------------------------------------------------------------------------------
 
 def _plain(m: nn.Module) -> nn.Module:
@@ -216,22 +191,6 @@ def _base(m: nn.Module) -> nn.Module:
 
 def _is_quantized(m: nn.Module) -> bool:
     return type(m.weight).__name__ in ("Params4bit", "Int8Params") or hasattr(m, "W_q")
-
-
-@torch.no_grad()
-def merge_in_place(w: GenWeights) -> None:
-    """lora_merge=in_place: add every active LoRA delta into the base weight the engine reads."""
-    for weight, lora, _ in w.in_place:
-        for a in _active_adapters(lora):
-            weight.addmm_(lora.lora_B[a].weight.to(weight.dtype), lora.lora_A[a].weight.to(weight.dtype),
-                          alpha=lora.scaling[a])
-
-
-@torch.no_grad()
-def restore(w: GenWeights) -> None:
-    """Undo `merge_in_place` exactly: copy the base weights back from their host snapshots."""
-    for weight, _, host in w.in_place:
-        weight.copy_(host, non_blocking=True)  # stream-ordered: kernels queued after it see the base
 
 
 class _Env(NamedTuple):
@@ -378,7 +337,7 @@ def _low_rank(mods: list[nn.Module], env: _Env) -> LowRank | None:
         dst.zero_()
         col = 0
         for j, lora, a, r in blocks:
-            if a in _active_adapters(lora):
+            if a in active_adapters(lora):
                 block = dst[row0[j]:row0[j] + rows[j], col:col + r]
                 block.copy_(lora.lora_B[a].weight).mul_(lora.scaling[a])
             col += r
@@ -396,7 +355,7 @@ def _vector(t: torch.Tensor, env: _Env) -> torch.Tensor:
     return buf
 
 
-def _active_adapters(m: nn.Module) -> list[str]:
+def active_adapters(m: nn.Module) -> list[str]:
     if getattr(m, "disable_adapters", False) or getattr(m, "merged", False):
         return []  # merged: the base weight already holds the deltas
     known = set(m.lora_A) | set(getattr(m, "lora_embedding_A", {}))
@@ -407,7 +366,7 @@ def _check_lora(m: nn.Module) -> None:
     m = _plain(m)
     if not is_lora_layer(m):
         return
-    for a in _active_adapters(m):
+    for a in active_adapters(m):
         if getattr(m, "lora_variant", {}).get(a) is not None or getattr(m, "use_dora", {}).get(a, False):
             raise ValueError(f"FastRollout: adapter '{a}' on {type(m).__name__} uses a LoRA variant (e.g. DoRA); "
                              "only plain LoRA can be merged into the generation weights")
@@ -423,7 +382,7 @@ def _effective_into(m: nn.Module, dst: torch.Tensor) -> None:
     w = dequantize_module_weight(b) if _is_quantized(b) else b.weight
     w = w.detach()
     lora = _plain(m)
-    adapters = _active_adapters(lora) if is_lora_layer(lora) else []
+    adapters = active_adapters(lora) if is_lora_layer(lora) else []
     plain_linear = all(isinstance(lora.lora_A[a], nn.Linear) if a in lora.lora_A else False for a in adapters)
     if adapters and plain_linear and not getattr(lora, "fan_in_fan_out", False):
         for j, a in enumerate(adapters):
