@@ -148,8 +148,9 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
 def update_stage(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor, cfg: Config,
                  world: World = SINGLE, rollout=None) -> dict:
     """The trainer's update stage (after its seeding): with generation.release_memory the rollout backend's KV cache
-    and owned weight copies are freed first (the update's activations get their memory); policy_update; the gradients freed (generation gets
-    theirs); the backend's weights synced. Returns the update's metrics and the learning rate. Benchmarks call it."""
+    and owned weight copies are freed first (the update's activations get their memory); policy_update; the
+    gradients freed (generation gets theirs); the backend's weights synced (the released copies come back).
+    Returns the update's metrics and the learning rate. Benchmarks call it."""
     if rollout is not None and cfg.generation.release_memory and hasattr(rollout, "release"):
         rollout.release(weights=True)
     metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world)
