@@ -28,7 +28,8 @@ optimizer step, weight sync), peak memory of each phase, and the update's achiev
 per row of L = prompt + completion tokens and T_c completion tokens (lm_head runs on completions only);
 gradient-checkpoint recomputation and padding are not counted (work the GPU does, not useful FLOPs).
 Methods: mathgrpo (the trainer's own `policy_update` and rollout backend), options budget=<tokens per
-micro-batch>, chunk=<log-prob chunk>, release=1 (free the fast engine's KV cache before the update),
+micro-batch>, chunk=<log-prob chunk>, release=1 (free the fast engine's KV cache and owned weight copy before the update;
+the trainer's default does it for the NF4 workload anyway),
 backend=fast|hf, merge=copy|in_place|none (generation.lora_merge: how LoRA reaches sampling; copy = a
 merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels), pack=1
 (trainer.pack_sequences), gc=layer|none (activation checkpointing), lora=addmm|peft (model.lora_fused_add),

@@ -114,9 +114,10 @@ class GenerationConfig:
         "low-rank deltas; the hf backend samples through peft's unmerged layers with in_place or none)")
     fuse_weights: bool = setting(False,
         "fast backend: also keep fused q/k/v and gate/up weight copies (+12% tok/s, +memory)")
-    release_memory: bool = setting(False,
+    release_memory: bool | None = setting(None,
         "fast backend: free the KV cache and the owned (LoRA-merged / dequantised) weight copy before each "
-        "update (lower peak; re-allocated and refilled for the next rollout)")
+        "update (lower peak; re-allocated and refilled for the next rollout); null = on for a 4/8-bit base, "
+        "whose owned copy is a dequantised one larger than the base, off otherwise")
     decode_attention: Literal["auto", "triton", "sdpa"] = setting("auto",
         "fast backend decode attention: auto (Triton kernels on CUDA when Triton is installed, else sdpa) | triton | "
         "sdpa")
