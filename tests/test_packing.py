@@ -259,3 +259,17 @@ def test_fused_lora_add_equals_peft_forward_and_backward():
     assert not torch.equal(got[0], got[1])
     for a, b in zip(got[2], want[2]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_update_names_an_out_of_vocabulary_id_before_any_forward(pack):
+    # the log-prob passes check the ids on the host copy first: a clear error, not an embedding index failure
+    from mathgrpo.models import Reference
+    from mathgrpo.trainer import make_optimizer, policy_update
+
+    model, comp, cfg = _tiny_lora_model(), _completions(), Config()
+    cfg.grpo.beta, cfg.trainer.pack_sequences = 0.1, pack
+    comp.completion_ids[2, 0] = VOCAB
+    opt, sched = make_optimizer(model, cfg)
+    with pytest.raises(ValueError, match=r"ids outside \[0, 97\)"):
+        policy_update(model, opt, sched, Reference(model, 0.1, lora=True), comp, torch.zeros(6), cfg)

@@ -329,8 +329,9 @@ def unsharded_completion_logprobs(model, prompt_ids: list[list[int]], completion
         return packed_completion_logprobs(model, prompt_ids, completion_ids, lengths, chunk_size=chunk_size,
                                           temperature=temperature, with_entropy=with_entropy)
     _, head = backbone_and_head(model)
+    # before the forward (an id past the embedding fails there unclearly); the update passes its host copy: no sync
+    check_token_ids(completion_ids, head.weight.shape[0], "completion_logprobs")
     sel = completion_hidden(model, prompt_ids, completion_ids)  # [B, T, H]
-    check_token_ids(completion_ids, head.weight.shape[0], "completion_logprobs")  # the update's host copy: no sync
     return chunked_token_logprobs(sel, head.weight, to_device(completion_ids, sel.device), chunk_size=chunk_size,
                                   temperature=temperature, lm_head_bias=getattr(head, "bias", None),
                                   with_entropy=with_entropy, check_ids=False)

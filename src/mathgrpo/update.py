@@ -18,8 +18,8 @@ from . import metrics as M
 from .config import Config
 from .distributed import SINGLE, World
 from .fsdp import is_sharded
-from .loss import bnpo_row_norms, check_token_ids, effective_mask, grpo_loss, token_means
-from .modelinfo import backbone_and_head, is_quantized
+from .loss import bnpo_row_norms, effective_mask, grpo_loss, token_means
+from .modelinfo import is_quantized
 from .models import Reference, completion_logprobs
 from .packing import packed_microbatches, to_device
 from .rollout import Completions
@@ -65,8 +65,8 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     """num_iterations optimizer steps over one rollout (this rank's rows); returns this rank's averaged loss
     metrics. With several ranks, gradients are averaged over ranks before each step (distributed.py).
     The last iteration's gradients stay on the parameters: the caller frees them (generation wants the memory).
-    No host sync inside the micro-batch loop: the rollout's tensors are read to the host once, token ids are
-    checked there, each micro-batch's inputs go to the GPU asynchronously (pinned), and the loss metrics and
+    No host sync inside the micro-batch loop: the rollout's tensors are read to the host once (the log-prob passes
+    check each micro-batch's token ids on that copy), each micro-batch's inputs go to the GPU asynchronously (pinned), and the loss metrics and
     the gradient norm are summed on the device and read once at the end (top_entropy_quantile < 1 still
     syncs per micro-batch: its quantile is taken over a data-dependent selection)."""
     g, t = cfg.grpo, cfg.trainer
@@ -76,7 +76,6 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     truncated, adv_host = comp.truncated.cpu(), adv.float().cpu()  # [N], [N]
     n_rows = mask.shape[0]
     lengths = [int(n) for n in mask.sum(1).tolist()]
-    check_token_ids(ids, backbone_and_head(model)[1].weight.shape[0], "policy_update (completion_ids)")
     split = packed_microbatches if t.pack_sequences else microbatches
     groups = split([len(p) + int(n) for p, n in zip(comp.prompt_ids, lengths)], t.max_tokens_per_microbatch)
     sharded = is_sharded(model)
