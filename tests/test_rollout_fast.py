@@ -379,3 +379,48 @@ def test_released_weights_come_back_for_the_next_rollout(device, merge):
     eng.release(weights=True)
     again = eng.generate(PROMPTS, 1, GREEDY)  # released, then generate without a sync: refilled before use
     assert rows_of(again) == [hf_greedy(pm, p, 12) for p in PROMPTS]
+
+
+def _stop_token_for(model, prompts, n_new: int) -> int:
+    """A token that ends the greedy continuations at the most different steps (or never): rows finish unevenly."""
+    free = [hf_greedy(model, p, n_new, eos=None) for p in prompts]
+    ends = lambda t: {row.index(t) if t in row else n_new for row in free}  # noqa: E731
+    return max({t for row in free for t in row}, key=lambda t: len(ends(t)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_finished_rows_leave_the_batch(device):
+    """compact=True drops finished rows mid-batch (their K/V moved to the front): greedy output equals HF
+    generate row for row and equals the engine that keeps every row to the end; the batch did shrink."""
+    model, tok = tiny_model("llama", device), char_tokenizer()
+    prompts = PROMPTS + [[3, 4, 5], [40, 41], [9, 8, 7, 6, 5, 4], [20, 21, 22]]
+    stop = _stop_token_for(model, prompts, 20)
+    model.generation_config.eos_token_id = stop
+    s = SamplingConfig(max_new_tokens=20, temperature=0)
+    want = [hf_greedy(model, p, 20, eos=[stop, EOS]) for p in prompts for _ in range(3)]
+    assert len({len(w) for w in want}) > 2  # rows finish at several different steps
+    eng = FastRollout(model, tok, check_every=1)
+    out = eng.generate(prompts, n=3, sampling=s)
+    assert eng.compactions > 0
+    assert rows_of(out) == want
+    keep_all = FastRollout(model, tok, check_every=1, compact=False)
+    ref = keep_all.generate(prompts, n=3, sampling=s)
+    assert keep_all.compactions == 0
+    assert torch.equal(out.completion_ids, ref.completion_ids) and torch.equal(out.completion_mask, ref.completion_mask)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=0, atol=1e-5)
+
+
+def test_compacted_sampling_logprobs_match_the_forward():
+    """Sampled rows that survive several compactions still get the log-probs of their own context."""
+    model, tok = tiny_model("llama"), char_tokenizer()
+    model.generation_config.eos_token_id = _stop_token_for(model, PROMPTS, 16)
+    eng = FastRollout(model, tok, check_every=1)
+    out = eng.generate(PROMPTS, n=4, sampling=SamplingConfig(max_new_tokens=16, temperature=1.0, seed=3))
+    assert eng.compactions > 0 and len(set(out.lengths.tolist())) > 1
+    for r, (p, ids, m) in enumerate(zip(out.prompt_ids, out.completion_ids, out.completion_mask)):
+        c = ids[m.bool()]
+        full = torch.tensor([p + c.tolist()])
+        with torch.no_grad():
+            logits = model(full).logits[0, len(p) - 1:-1].float()
+        want = logits.log_softmax(-1).gather(-1, c[:, None])[:, 0]
+        torch.testing.assert_close(out.logprobs[r, :len(c)], want, rtol=0, atol=1e-4)

@@ -14,8 +14,9 @@ with the KV write, flash-decoding split over each row's filled columns, one grap
 length) or "sdpa" (the reference: SDPA over the first bucket of columns, one graph per (batch, length
 bucket); what runs on CPU and with torch alone). Prefill runs eagerly once per distinct prompt (its K/V is
 copied to the n samples). Sampling runs on the device after each replay (fast_sampling.py); finished
-rows emit padding; stop strings are checked on the host every `check_every` steps, and the batch ends
-early once every row has finished. On CPU the same code runs eagerly (what the CPU tests cover).
+rows emit padding; stop strings are checked on the host every `check_every` steps, where finished rows also
+leave the batch (`compact`: the live rows' K/V move to the front and the step runs at the smaller batch
+size once they fit one), and the batch ends once every row has finished. On CPU the same code runs eagerly (what the CPU tests cover).
 
 Memory: the KV cache (2 * layers * rows * kv_heads * capacity * head_dim elements) stays allocated
 between calls so graphs stay valid; `release()` frees it for the training step, and the next call keeps the
@@ -45,7 +46,7 @@ class FastRollout:
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
                  fuse_weights: bool = False, lora_merge: str = "copy", compile_pointwise: bool | None = None,
                  prefill_tokens: int = 16384, check_every: int = 16, attention: str = "auto",
-                 fused_linear: bool = False):
+                 fused_linear: bool = False, compact: bool = True):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
         decode steps (default: on for CUDA); kv_bucket: attention length granularity of the sdpa path (default
@@ -61,7 +62,10 @@ class FastRollout:
         length buckets, one graph per (batch, bucket)) or "auto" (triton where it can run, else sdpa); the
         path taken is `self.attention`; fused_linear: on the triton path, run the layers of batches of at most
         fast_linear.MAX_ROWS rows on fast_linear's fused skinny-matmul kernels and fast_kernels.rope_attend
-        (opt-in: measured slower than cuBLAS + the attention pair on the H200, see docs/benchmarks.md)."""
+        (opt-in: measured slower than cuBLAS + the attention pair on the H200, see docs/benchmarks.md);
+        compact: drop finished rows from the decode batch at each stop check (the live rows move to the front,
+        and the step runs at the smaller batch size once they fit one: real completions are uneven, and a
+        batch would otherwise run every row to the longest one's length)."""
         if max_batch < 1:
             raise ValueError(f"FastRollout: max_batch must be >= 1, got {max_batch}")
         if tokenizer.pad_token_id is None:
@@ -88,6 +92,9 @@ class FastRollout:
         if fused_linear and self.attention != "triton":
             raise ValueError("FastRollout: fused_linear=True needs the triton attention path")
         self.fused_linear = bool(fused_linear)
+        # The sdpa path captures one graph per (batch, length bucket): shrinking batches would multiply them.
+        self.compact = compact and (not self.graphs or self.attention == "triton")
+        self.compactions = 0  # times a batch shrank (finished rows dropped)
         self._side = None  # one side stream for every graph capture (each new stream gets its own cuBLAS workspace)
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
         compile_ = self.graphs if compile_pointwise is None else compile_pointwise
@@ -247,44 +254,68 @@ class FastRollout:
             self._logits[row:row + rows] = logits.repeat_interleave(cnt_t, 0)
             row += rows
 
+    def _slots(self, rows: int) -> int:
+        return -(-rows // 8) * 8 if self.graphs else rows  # graph batch sizes in steps of 8
+
     def _run_batch(self, prompts: list[list[int]], counts: list[int], s: SamplingConfig, eos: torch.Tensor,
                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode sum(counts) rows (prompt j repeated counts[j] times) -> tokens, logprobs [rows, steps]."""
+        """Decode sum(counts) rows (prompt j repeated counts[j] times) -> tokens, logprobs [rows, steps].
+        Slot j of the decode batch holds row live[j]; with `compact`, finished rows leave at the stop checks."""
         rows = sum(counts)
-        slots = -(-rows // 8) * 8 if self.graphs else rows  # graph batch sizes in steps of 8
+        slots = self._slots(rows)
         width = max(len(p) for p in prompts)
         self._ensure(slots, width + s.max_new_tokens - 1)
         self._prefill(prompts, counts)
         lens = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(
-            torch.tensor(counts, device=self.device))  # [rows]
+            torch.tensor(counts, device=self.device))  # [slots in use]: prompt length of each slot's row
         # Unused graph slots (rows .. slots): the Triton path gives them no columns at all, so they read no cache.
-        self._pad.fill_(self._cache_len if self.attention == "triton" else 0)
+        self._pad.fill_(self._unused_pad())
         self._pad[:rows] = width - lens
         pad_id = self.tokenizer.pad_token_id
         out_tok = torch.full((rows, s.max_new_tokens), pad_id, dtype=torch.long, device=self.device)
         out_lp = torch.zeros((rows, s.max_new_tokens), dtype=torch.float32, device=self.device)
-        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        checked = 0
+        done = torch.zeros(rows, dtype=torch.bool, device=self.device)  # [rows], by row
+        live, n, checked = slice(None), rows, 0  # live: the row of each slot (all rows, in order, until compacted)
         for i in range(s.max_new_tokens):
-            tok, lp = sample(self._logits[:rows], s, gen, self._pick)
+            tok, lp = sample(self._logits[:n], s, gen, self._pick)
             if eos.numel():
-                tok = tok.masked_fill(done, pad_id)
-                done |= torch.isin(tok, eos)
-            out_tok[:, i] = tok
-            out_lp[:, i] = lp
+                tok = tok.masked_fill(done[live], pad_id)
+                done[live] |= torch.isin(tok, eos)
+            out_tok[live, i] = tok
+            out_lp[live, i] = lp
             if i + 1 == s.max_new_tokens:
                 break
             if (i + 1) % self.check_every == 0:
                 if s.stop_strings:
                     self._check_stops(out_tok, done, checked, i + 1, s.stop_strings)
                     checked = i + 1
-                if bool(done.all()):
+                keep = (~done[live]).nonzero()[:, 0]  # [k] slots still decoding (one host sync, as all() was)
+                if keep.numel() == 0:
                     break
-            self._tok[:rows] = tok
-            torch.add(lens, i, out=self._pos[:rows])  # token i sits at position len + i
+                if self.compact and self._slots(keep.numel()) < slots:
+                    n, slots = keep.numel(), self._compact(keep, width + i)
+                    live = (torch.arange(rows, device=self.device) if isinstance(live, slice) else live)[keep]
+                    tok, lens = tok[keep], lens[keep]
+            self._tok[:n] = tok
+            torch.add(lens, i, out=self._pos[:n])  # token i sits at position len + i
             self._col.fill_(width + i)
             self._decode(slots, self._cols(width + i + 1))
         return out_tok[:, :i + 1], out_lp[:, :i + 1]
+
+    def _unused_pad(self) -> int:
+        return self._cache_len if self.attention == "triton" else 0
+
+    def _compact(self, keep: torch.Tensor, filled: int) -> int:
+        """Move the slots `keep` [k] to the front of the batch (their K/V over the `filled` columns written so
+        far, and their padding) and return the new graph batch size; the slots after them go unused. (The logits
+        need no move: the step that follows writes them.)"""
+        k, slots = keep.numel(), self._slots(keep.numel())
+        for cache in (self.k_cache, self.v_cache):  # [layers, rows, kv_heads, length, head_dim]
+            cache[:, :k, :, :filled] = cache[:, keep, :, :filled]
+        self._pad[:k] = self._pad[keep]
+        self._pad[k:slots] = self._unused_pad()
+        self.compactions += 1
+        return slots
 
     def _check_stops(self, out_tok, done, lo: int, hi: int, stops: list[str]) -> None:
         """Mark rows whose new tokens [lo, hi) complete a stop string (decoding a short tail window)."""
