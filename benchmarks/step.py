@@ -12,9 +12,13 @@ gradient checkpointing, random rewards. Completions are forced to full length (m
 TRL: generation_kwargs min_new_tokens), except on the uneven workload (`uneven-8k`): there every
 completion's length is drawn once from a seeded log-normal (median 1,536 tokens, sigma 1.615, cut at the
 8,192 cap: ~15% truncated) and imposed on both (TRL: a logits processor forcing EOS at the drawn length;
-mathgrpo: sampled with ignore_eos to the longest drawn length, then each row cut there and ended by EOS,
-which is the same decode work since the engine runs every batch to its longest row). Method option
-gen=canned skips sampling altogether (random tokens of the drawn lengths) to time the update alone.
+mathgrpo's fast engine: its sampler forbids EOS before the drawn length and forces it there, so rows
+really finish and leave the decode batch; the HF backend: sampled with ignore_eos to the longest drawn
+length, then each row cut there). Method option gen=canned skips sampling altogether (random tokens of the
+drawn lengths) to time the update alone; mathgrpo option compact=0 keeps finished rows in the batch (the
+engine before compaction); trl option gen_steps=<n> stops TRL's generation after n steps (the drawn lengths
+cut at n): HF generate runs every row to the batch's longest, and a step costs no less as the cache grows,
+so (cap / n) x that generation time is a lower bound on TRL's whole generation at the cap.
 Every (workload, method) runs in its own subprocess, so peak memory (torch.cuda.max_memory_allocated) is
 clean, and a stuck run is stopped at --timeout. The GPU's bf16 matmul peak (8192^3, mean of 10) is
 measured at the start of the run and every update's TFLOP/s is reported as a share of it.
@@ -105,6 +109,33 @@ def canned_completions(args, w: Workload, eos: int = 0):
     prompts = [p for p in prompt_ids(args, w) for _ in range(w.group)]
     return Completions(prompt_ids=prompts, completion_ids=ids.masked_fill(~mask, eos), completion_mask=mask,
                        texts=[""] * n, truncated=truncated)
+
+
+def force_fast_lengths(rollout, lengths: list[int], eos: int, cap: int) -> None:
+    """The fast engine's sampler gets EOS forbidden before each row's drawn length and forced at it (rows in
+    prompt-major order, one batch), as force_trl_lengths does for TRL: rows really finish, and leave the batch."""
+    import torch
+
+    from mathgrpo.rollout import fast
+
+    want = torch.tensor(lengths, device=rollout.device)  # [N]
+    stops = want < cap  # a row drawn at the cap runs out of tokens instead: truncated
+    orig_run, orig_sample, step = rollout._run_batch, fast.sample, [0]
+
+    def sample(logits, *a, **k):  # logits [n, V]: the decode slots in use, slot j holding row slot_rows[j]
+        rows = torch.arange(len(lengths), device=logits.device)[rollout.slot_rows]
+        end = (want[rows] - 1 == step[0]) & stops[rows]  # [n]: EOS is next
+        logits[:, eos] = float("-inf")
+        logits[end] = float("-inf")
+        logits[end, eos] = 0.0
+        step[0] += 1
+        return orig_sample(logits, *a, **k)
+
+    def run_batch(*a, **k):
+        step[0] = 0
+        return orig_run(*a, **k)
+
+    fast.sample, rollout._run_batch = sample, run_batch
 
 
 def impose_lengths(comp, lengths: list[int], cap: int, eos: int = 0):
@@ -314,9 +345,14 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
     tok = load_tokenizer(args.model_dir)
     canned = opts.get("gen") == "canned"
     rollout = None if canned else make_rollout(cfg.generation, model, tok)
+    if opts.get("compact") == "0" and rollout is not None:
+        rollout.compact = False  # finished rows stay in the batch to the longest row's end (the engine before)
     ref = Reference(model, cfg.grpo.beta, lora=True)
     optimizer, scheduler = make_optimizer(model, cfg)
     prompts = prompt_ids(args, w)
+    forced = w.median is not None and hasattr(rollout, "slot_rows")  # uneven, fast engine: EOS at the lengths
+    if forced:
+        force_fast_lengths(rollout, drawn_lengths(w), tok.eos_token_id, w.new_tokens)
     steps, rows = [], None
     for step in range(args.steps):
         _peak_reset()
@@ -328,8 +364,8 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
             comp = canned_completions(args, w)
         else:
             comp = rollout.generate(prompts, w.group, SamplingConfig(max_new_tokens=max(lengths), temperature=1.0,
-                                                                     ignore_eos=True, seed=step))
-            if w.median is not None:
+                                                                     ignore_eos=not forced, seed=step))
+            if w.median is not None and not forced:
                 comp = impose_lengths(comp, lengths, w.new_tokens)
         _sync()
         t1, peak_gen = time.perf_counter(), _peak()
@@ -354,6 +390,7 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
                           peak_gen_gib=peak_gen,
                           peak_update_gib=_peak(), completion_tokens=int(comp.lengths.sum()),
                           graphs_captured=getattr(rollout, "captures", None), truncated=int(comp.truncated.sum()),
+                          compactions=getattr(rollout, "compactions", None),
                           **{k: round(v, 3) for k, v in held.items()},
                           **{k: round(upd[k], 6) for k in ("loss", "grad_norm", "kl") if k in upd}))
         print(f"[{args.worker}] step {step}: {json.dumps(steps[-1])}", flush=True)
@@ -391,9 +428,11 @@ def run_trl(args, w: Workload, opts: dict) -> dict:
         return random_rewards(len(completions), 0).tolist()
 
     lengths = drawn_lengths(w)
+    cap = int(opts.get("gen_steps", w.new_tokens))  # gen_steps: a prefix of the generation (see the docstring)
+    lengths = [min(k, cap) for k in lengths]
     conf = GRPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=w.trl_micro,
-        gradient_accumulation_steps=n // w.trl_micro, num_generations=w.group, max_completion_length=w.new_tokens,
+        gradient_accumulation_steps=n // w.trl_micro, num_generations=w.group, max_completion_length=cap,
         generation_kwargs={} if w.median else {"min_new_tokens": w.new_tokens}, temperature=1.0, beta=BETA, loss_type="grpo",
         learning_rate=1e-6, max_steps=args.trl_steps, bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=True,
         logging_steps=1, report_to="none", save_strategy="no", use_vllm=False, shuffle_dataset=False, seed=0)
@@ -440,7 +479,7 @@ def run_trl(args, w: Workload, opts: dict) -> dict:
             taken[0] += len(prompt_ids)
             return [rows_out[i] for i in idx], None
     elif w.median is not None:
-        force_trl_lengths(trainer, lengths, eos=tok.eos_token_id, cap=w.new_tokens)
+        force_trl_lengths(trainer, lengths, eos=tok.eos_token_id, cap=cap)
     trainer._generate_single_turn = timed_generate
     trainer.train()
     rows = [(args.prompt_len + k, k) for k in lengths]

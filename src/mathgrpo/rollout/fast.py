@@ -95,6 +95,7 @@ class FastRollout:
         # The sdpa path captures one graph per (batch, length bucket): shrinking batches would multiply them.
         self.compact = compact and (not self.graphs or self.attention == "triton")
         self.compactions = 0  # times a batch shrank (finished rows dropped)
+        self.slot_rows = slice(None)  # the row each decode slot holds in the batch being decoded
         self._side = None  # one side stream for every graph capture (each new stream gets its own cuBLAS workspace)
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
         compile_ = self.graphs if compile_pointwise is None else compile_pointwise
@@ -276,6 +277,7 @@ class FastRollout:
         out_lp = torch.zeros((rows, s.max_new_tokens), dtype=torch.float32, device=self.device)
         done = torch.zeros(rows, dtype=torch.bool, device=self.device)  # [rows], by row
         live, n, checked = slice(None), rows, 0  # live: the row of each slot (all rows, in order, until compacted)
+        self.slot_rows = live  # benchmarks/step.py forces lengths per row with it
         for i in range(s.max_new_tokens):
             tok, lp = sample(self._logits[:n], s, gen, self._pick)
             if eos.numel():
@@ -294,7 +296,8 @@ class FastRollout:
                     break
                 if self.compact and self._slots(keep.numel()) < slots:
                     n, slots = keep.numel(), self._compact(keep, width + i)
-                    live = (torch.arange(rows, device=self.device) if isinstance(live, slice) else live)[keep]
+                    live = self.slot_rows = (torch.arange(rows, device=self.device) if isinstance(live, slice)
+                                             else live)[keep]
                     tok, lens = tok[keep], lens[keep]
             self._tok[:n] = tok
             torch.add(lens, i, out=self._pos[:n])  # token i sits at position len + i
