@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .files import step_dirs
 from .loading import load_base, load_tokenizer, pick_device, pick_dtype, say
 from .modelinfo import (SHARDED_LOGPROBS, ModelError, backbone_and_head, base_model,  # noqa: F401 (re-exported)
-                        compute_context, is_quantized_linear)
+                        compute_context, fusable_lora_classes, is_quantized_linear)
 from .packing import no_mask_kwargs, to_device
 
 log = logging.getLogger(__name__)
@@ -177,14 +177,14 @@ def fuse_lora_add(model, on: bool = True) -> int:
     in the forward, and the scale's pass again in the backward: on the 1.5B update these elementwise passes
     over the 8,960-wide MLP outputs cost more than the LoRA matmuls). Same math; one adapter, plain LoRA
     (no DoRA/variants, no LoRA bias, no mixed-adapter batches) takes this path, anything else peft's own.
-    Installed per layer (an instance `forward`); on=False removes it. Returns the number of layers."""
+    Installed per layer (an instance `forward`); on=False removes it. Returns the number of layers. Also on
+    peft's LoRA over a bitsandbytes 4-bit base (`Linear4bit`), whose forward adds a defensive copy of the base
+    output besides those passes (addmm writes a new tensor: nothing is modified in place)."""
     import types
 
-    from peft.tuners.lora import Linear as LoraLinear
-
-    n = 0
+    n, classes = 0, fusable_lora_classes()
     for mod in model.modules():
-        if type(mod) is LoraLinear:
+        if type(mod) in classes:
             if on:
                 mod.forward = types.MethodType(_lora_addmm_forward, mod)
             else:

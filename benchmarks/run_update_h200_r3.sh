@@ -1,0 +1,51 @@
+#!/bin/bash
+# Issue 17, third round: the notebook shape's update (qlora-2k) against TRL's, on the H200 device tool.
+#   bash benchmarks/run_update_h200_r3.sh profile   # call 1: profiles + variants, ours and TRL's; release cost
+#   bash benchmarks/run_update_h200_r3.sh final     # call 2: the fix measured; lora-1k / uneven-8k re-measured
+# (from the repo root, wheels in $WHEELS, default .wheels). Each part runs under a share of BUDGET seconds;
+# logs and JSON lines under $OUT; a summary (benchmarks/summarize_r3.py) last.
+set -u
+cd "$(dirname "$0")/.."
+MODE=${1:-profile}
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ${WHEELS:-.wheels}/*.whl
+export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
+O=${OUT:-/tmp/out}; mkdir -p "$O"; M=/tmp/model15
+T0=$(date +%s)
+left() { echo $(( ${BUDGET:-400} - ($(date +%s) - T0) )); }
+part() {  # part <seconds> <log> <command...>: run under min(seconds, what is left)
+    local t=$1 log=$2; shift 2; local l; l=$(left)
+    if (( l < 20 )); then echo "SKIPPED (no time): $*" | tee -a "$O/summary.txt"; return; fi
+    (( t > l )) && t=$l
+    timeout "$t" "$@" > "$O/$log" 2>&1; echo "rc=$? after $(( $(date +%s) - T0 )) s: $log" | tee -a "$O/summary.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$O/summary.txt"
+python3 -c "import torch, transformers, triton, peft, bitsandbytes as b; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'bnb', b.__version__)" | tee -a "$O/summary.txt"
+python3 - <<'PY' | tee -a "$O/summary.txt"
+import time, torch
+x = torch.randn(2**29, device="cuda", dtype=torch.bfloat16); y = torch.empty_like(x)  # 1 GiB each
+for _ in range(3): y.copy_(x)
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(20): y.copy_(x)
+torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 20
+print(f"copy ceiling: {2 * x.numel() * 2 / dt / 1e12:.2f} TB/s (read + write)")
+PY
+if [ "$MODE" = profile ]; then
+    part 100 update-qlora.log python3 benchmarks/update.py --workloads qlora-2k --profile --steps 5 --model-dir $M \
+        --out "$O/update.jsonl" --variants lora=peft gc=layer:prof=1 gc=none:lora=peft gc=none lmhead=torch \
+        fused=1:prof=1 gc=none:fused=1
+    part 110 step-qlora.log python3 benchmarks/step.py --workloads qlora-2k --model-dir $M --steps 5 --trl-steps 3 \
+        --out "$O/step.jsonl" --methods mathgrpo:gen=canned trl:gen=canned:prof=1
+    part 80 release.log python3 benchmarks/update.py --workloads qlora-2k --release-check --steps 3 --model-dir $M \
+        --out "$O/update.jsonl"
+else
+    part 80 tests.log python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_lora_4bit.py tests/test_update.py}
+    tail -1 "$O/tests.log" | tee -a "$O/summary.txt"
+    part 110 step-qlora.log python3 benchmarks/step.py --workloads qlora-2k --model-dir $M --steps 6 --trl-steps 3 \
+        --out "$O/step.jsonl" --methods ${QLORA_METHODS:-mathgrpo:gen=canned mathgrpo trl:gen=canned}
+    part 150 update-lora.log python3 benchmarks/update.py --workloads lora-1k --steps 3 --model-dir $M \
+        --out "$O/update.jsonl" --variants ${LORA_VARIANTS:-gc=none:fused=1 gc=layer:fused=1}
+    part 90 step-uneven.log python3 benchmarks/step.py --workloads uneven-8k --model-dir $M --steps 3 \
+        --out "$O/step.jsonl" --methods mathgrpo:gen=canned:pack=1:gc=none:fused=1
+fi
+echo "== summary"; cat "$O/summary.txt"
+python3 benchmarks/summarize_r3.py "$O"
