@@ -37,15 +37,18 @@ if [ "$MODE" = profile ]; then
         --out "$O/step.jsonl" --methods mathgrpo:gen=canned trl:gen=canned:prof=1
     part 80 release.log python3 benchmarks/update.py --workloads qlora-2k --release-check --steps 3 --model-dir $M \
         --out "$O/update.jsonl"
-else
-    part 80 tests.log python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_lora_4bit.py tests/test_update.py}
+else  # tests first, then qlora-2k ours (variants) and TRL's, then lora-1k and uneven-8k (ours only)
+    part 25 make.log python3 benchmarks/step.py --worker make --model-dir $M --shape 1.5b --device cuda
+    part 20 tests.log python3 -m pytest -q -p no:cacheprovider tests/test_packing.py -k cuda
     tail -1 "$O/tests.log" | tee -a "$O/summary.txt"
-    part 110 step-qlora.log python3 benchmarks/step.py --workloads qlora-2k --model-dir $M --steps 6 --trl-steps 3 \
-        --out "$O/step.jsonl" --methods ${QLORA_METHODS:-mathgrpo:gen=canned mathgrpo trl:gen=canned}
-    part 150 update-lora.log python3 benchmarks/update.py --workloads lora-1k --steps 3 --model-dir $M \
-        --out "$O/update.jsonl" --variants ${LORA_VARIANTS:-gc=none:fused=1 gc=layer:fused=1}
-    part 90 step-uneven.log python3 benchmarks/step.py --workloads uneven-8k --model-dir $M --steps 3 \
-        --out "$O/step.jsonl" --methods mathgrpo:gen=canned:pack=1:gc=none:fused=1
+    part 40 update-qlora.log python3 benchmarks/update.py --workloads qlora-2k --steps 5 --sync-check --model-dir $M \
+        --out "$O/update.jsonl" --variants gc=layer lora=peft fused=1
+    part 35 step-qlora.log python3 benchmarks/step.py --workloads qlora-2k --model-dir $M --trl-steps 4 \
+        --out "$O/step.jsonl" --methods trl:gen=canned
+    part 30 update-lora.log python3 benchmarks/update.py --workloads lora-1k --steps 2 --model-dir $M \
+        --out "$O/update.jsonl" --variants gc=layer:fused=1 gc=layer:fused=1:gckeep=14 gc=none:fused=1
+    part 25 update-uneven.log python3 benchmarks/update.py --workloads uneven-8k --steps 2 --model-dir $M \
+        --out "$O/update.jsonl" --variants pack=1:gc=none:fused=1
 fi
 echo "== summary"; cat "$O/summary.txt"
 python3 benchmarks/summarize_r3.py "$O"

@@ -12,7 +12,8 @@ Variant keys (':'-separated): pack=0|1 (trainer.pack_sequences), attn=auto|varle
 attention, `packing.set_packed_attention`; pad=<ratio> its auto threshold), lmhead=triton|torch (the fused
 lm_head log-prob kernels of lmhead.py, or the plain chunked path), gc=layer|none (activation checkpointing), lora=addmm|peft
 (model.lora_fused_add), budget=<tokens per micro-batch>, chunk=<log-prob chunk>, fused=1
-(liger-kernel RMSNorm/SwiGLU/RoPE), compile=1 (torch.compile of every decoder layer). fused and compile
+(liger-kernel RMSNorm/SwiGLU/RoPE), gckeep=<N> (with gc=layer: N evenly spaced layers not checkpointed),
+compile=1 (torch.compile of every decoder layer). fused and compile
 cannot be undone, so variants with them run after the others. Printed per variant: update seconds, the
 reference pass alone, peak memory, useful TFLOP/s (step.update_flops: real tokens only, no recompute) and
 its share of the bf16 matmul peak measured in the same process (8192^3). --profile runs one more update of
@@ -63,7 +64,7 @@ def apply_variant(model, cfg, opts: dict, state: dict) -> None:
     if gc == "none":
         (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
     else:
-        enable_checkpointing(model)
+        enable_checkpointing(model, keep_layers=int(opts.get("gckeep", 0)))
     fuse_lora_add(model, on=opts.get("lora", "addmm") == "addmm")
     set_packed_attention(opts.get("attn", "auto"), pad_ratio=float(opts["pad"]) if "pad" in opts else None)
     lmhead.set_fused(opts.get("lmhead", "triton") == "triton")

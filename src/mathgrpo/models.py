@@ -125,7 +125,7 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
     if trainable and cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
         # backward compute a useless gradient for the embedding output).
-        enable_checkpointing(model)
+        enable_checkpointing(model, keep_layers=cfg.gradient_checkpointing_keep_layers)
     if trainable and cfg.lora and cfg.lora_fused_add:
         fuse_lora_add(model)
     if cfg.fuse_kernels:
@@ -136,11 +136,21 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
     return model, tok
 
 
-def enable_checkpointing(model) -> None:
+def enable_checkpointing(model, keep_layers: int = 0) -> None:
     """Non-reentrant activation checkpointing under either name: transformers 5 renamed the method (and its
-    keyword, hence the positional argument); older releases only have `gradient_checkpointing_enable`."""
+    keyword, hence the positional argument); older releases only have `gradient_checkpointing_enable`.
+    keep_layers: that many decoder layers, evenly spaced, keep their activations instead (no recompute)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable({"use_reentrant": False})
+    layers = backbone_and_head(model)[0].layers
+    for i in spread(len(layers), keep_layers):
+        layers[i].gradient_checkpointing = False  # transformers reads this flag per layer, at every forward
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k of the indices 0..n-1, evenly spaced (k <= 0: none, k >= n: all)."""
+    k = max(0, min(k, n))
+    return [i * n // k for i in range(k)] if k else []
 
 
 def resolve_adapter(path: str) -> str:
