@@ -65,8 +65,8 @@ def kernel_breakdown(prof, wall_s: float, lora_rank: int | None = None, top: int
     launches = 0
     kernels = []
     for e in prof.key_averages():
-        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
-            continue
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA or "#" in e.key:
+            continue  # "Optimizer.step#AdamW.step": a user annotation's GPU range over kernels counted already
         s = _device_us(e) / 1e6
         kinds[kernel_kind(e.key)] += s
         launches += e.count

@@ -2,6 +2,7 @@
 # Issue 17, third round: the notebook shape's update (qlora-2k) against TRL's, on the H200 device tool.
 #   bash benchmarks/run_update_h200_r3.sh profile   # call 1: profiles + variants, ours and TRL's; release cost
 #   bash benchmarks/run_update_h200_r3.sh final     # call 2: the fix measured; lora-1k / uneven-8k re-measured
+#   BUDGET=220 bash benchmarks/run_update_h200_r3.sh rest   # what call 2 did not reach (lora-1k gckeep, uneven-8k)
 # (from the repo root, wheels in $WHEELS, default .wheels). Each part runs under a share of BUDGET seconds;
 # logs and JSON lines under $OUT; a summary (benchmarks/summarize_r3.py) last.
 set -u
@@ -29,7 +30,14 @@ for _ in range(20): y.copy_(x)
 torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 20
 print(f"copy ceiling: {2 * x.numel() * 2 / dt / 1e12:.2f} TB/s (read + write)")
 PY
-if [ "$MODE" = profile ]; then
+if [ "$MODE" = rest ]; then  # what the final call did not reach: lora-1k partial checkpointing, uneven-8k
+    part 30 make.log python3 benchmarks/step.py --worker make --model-dir $M --shape 1.5b --device cuda
+    part 100 update-lora.log python3 benchmarks/update.py --workloads lora-1k --steps 3 --model-dir $M \
+        --out "$O/update.jsonl" --variants gc=none:fused=1 gc=layer:fused=1 gc=layer:fused=1:gckeep=7 \
+        gc=layer:fused=1:gckeep=14
+    part 60 update-uneven.log python3 benchmarks/update.py --workloads uneven-8k --steps 3 --model-dir $M \
+        --out "$O/update.jsonl" --variants pack=1:gc=none:fused=1
+elif [ "$MODE" = profile ]; then
     part 100 update-qlora.log python3 benchmarks/update.py --workloads qlora-2k --profile --steps 5 --model-dir $M \
         --out "$O/update.jsonl" --variants lora=peft gc=layer:prof=1 gc=none:lora=peft gc=none lmhead=torch \
         fused=1:prof=1 gc=none:fused=1
