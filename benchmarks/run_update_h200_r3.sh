@@ -8,28 +8,7 @@
 set -u
 cd "$(dirname "$0")/.."
 MODE=${1:-profile}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ${WHEELS:-.wheels}/*.whl
-export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
-O=${OUT:-/tmp/out}; mkdir -p "$O"; M=/tmp/model15
-T0=$(date +%s)
-left() { echo $(( ${BUDGET:-400} - ($(date +%s) - T0) )); }
-part() {  # part <seconds> <log> <command...>: run under min(seconds, what is left)
-    local t=$1 log=$2; shift 2; local l; l=$(left)
-    if (( l < 20 )); then echo "SKIPPED (no time): $*" | tee -a "$O/summary.txt"; return; fi
-    (( t > l )) && t=$l
-    timeout "$t" "$@" > "$O/$log" 2>&1; echo "rc=$? after $(( $(date +%s) - T0 )) s: $log" | tee -a "$O/summary.txt"
-}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$O/summary.txt"
-python3 -c "import torch, transformers, triton, peft, bitsandbytes as b; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'bnb', b.__version__)" | tee -a "$O/summary.txt"
-python3 - <<'PY' | tee -a "$O/summary.txt"
-import time, torch
-x = torch.randn(2**29, device="cuda", dtype=torch.bfloat16); y = torch.empty_like(x)  # 1 GiB each
-for _ in range(3): y.copy_(x)
-torch.cuda.synchronize(); t = time.perf_counter()
-for _ in range(20): y.copy_(x)
-torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 20
-print(f"copy ceiling: {2 * x.numel() * 2 / dt / 1e12:.2f} TB/s (read + write)")
-PY
+source benchmarks/device_lib.sh
 if [ "$MODE" = rest ]; then  # what the final call did not reach: lora-1k partial checkpointing, uneven-8k
     part 30 make.log python3 benchmarks/step.py --worker make --model-dir $M --shape 1.5b --device cuda
     part 100 update-lora.log python3 benchmarks/update.py --workloads lora-1k --steps 3 --model-dir $M \

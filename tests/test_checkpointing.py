@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_lora_b
 
 from mathgrpo.config import ModelConfig
 
@@ -22,11 +23,7 @@ def _tiny_lora_model(layers: int = 4):
                       intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128, tie_word_embeddings=False,
                       attn_implementation="sdpa")
     model = add_lora(Qwen2ForCausalLM(cfg).double(), ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    return model.train()
+    return random_lora_b(model).train()
 
 
 def _mlp_calls(model) -> list[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_lora_b
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -36,12 +37,7 @@ def _tiny_nf4_lora_model(seed: int = 0):
                         q.bias = lin.bias
                     setattr(parent, name, q)
     model.is_loaded_in_4bit = True  # what transformers sets on a 4-bit model; peft picks its 4-bit LoRA layers by it
-    model = add_lora(model, ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0))
-    with torch.no_grad():  # non-zero B: the policy differs from the reference (adapters off)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    return model
+    return random_lora_b(add_lora(model, ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0)))
 
 
 def _completions(n_rows: int = 4, width: int = 9, seed: int = 1):
