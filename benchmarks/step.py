@@ -29,11 +29,13 @@ per row of L = prompt + completion tokens and T_c completion tokens (lm_head run
 gradient-checkpoint recomputation and padding are not counted (work the GPU does, not useful FLOPs).
 Methods: mathgrpo (the trainer's own `policy_update` and rollout backend), options budget=<tokens per
 micro-batch>, chunk=<log-prob chunk>, release=1 (free the fast engine's KV cache and owned weight copy before the update;
-the trainer's default does it for the NF4 workload anyway),
+the trainer's default does it for the NF4 workload anyway; release=0 turns that default off),
 backend=fast|hf, merge=copy|in_place|none (generation.lora_merge: how LoRA reaches sampling; copy = a
 merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels), pack=1
 (trainer.pack_sequences), gc=layer|none (activation checkpointing), lora=addmm|peft (model.lora_fused_add),
 lmhead=triton|torch (lmhead.py's fused log-prob kernels or the plain chunked path), gen=canned; mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl (option gen=canned).
+prof=1 (mathgrpo and trl, CUDA): one more update (TRL: one more step) after the timed ones, under torch.profiler,
+not counted in the times: its kernel time by kind and the passes it ran (profiling.py), printed and in --out.
 """
 
 from __future__ import annotations
