@@ -5,28 +5,8 @@
 #   bash benchmarks/run_update_h200.sh          (from the repo root, wheels in $WHEELS, default .wheels)
 set -u
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ${WHEELS:-.wheels}/*.whl
-export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
-O=${OUT:-/tmp/out}; mkdir -p "$O"; M=/tmp/model15
-T0=$(date +%s)
-left() { echo $(( ${BUDGET:-570} - ($(date +%s) - T0) )); }
-part() {  # part <seconds> <log> <command...>: run under min(seconds, what is left)
-    local t=$1 log=$2; shift 2; local l; l=$(left)
-    if (( l < 25 )); then echo "SKIPPED (no time): $*" | tee -a "$O/summary.txt"; return; fi
-    (( t > l )) && t=$l
-    timeout "$t" "$@" > "$O/$log" 2>&1; echo "rc=$? after $(( $(date +%s) - T0 )) s: $log" | tee -a "$O/summary.txt"
-}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$O/summary.txt"
-python3 -c "import torch, transformers, triton, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__, 'peft', peft.__version__)" | tee -a "$O/summary.txt"
-python3 - <<'PY' | tee -a "$O/summary.txt"
-import time, torch
-x = torch.randn(2**29, device="cuda", dtype=torch.bfloat16); y = torch.empty_like(x)  # 1 GiB each
-for _ in range(3): y.copy_(x)
-torch.cuda.synchronize(); t = time.perf_counter()
-for _ in range(20): y.copy_(x)
-torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 20
-print(f"copy ceiling: {2 * x.numel() * 2 / dt / 1e12:.2f} TB/s (read + write)")
-PY
+BUDGET=${BUDGET:-570}
+source benchmarks/device_lib.sh
 part 90 tests.log python3 -m pytest -q -p no:cacheprovider tests/test_lmhead.py tests/test_packing.py -k "cuda or layouts"
 tail -1 "$O/tests.log" | tee -a "$O/summary.txt"
 LM=""; grep -q "failed" "$O/tests.log" && LM=":lmhead=torch"

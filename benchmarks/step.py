@@ -33,11 +33,13 @@ per row of L = prompt + completion tokens and T_c completion tokens (lm_head run
 gradient-checkpoint recomputation and padding are not counted (work the GPU does, not useful FLOPs).
 Methods: mathgrpo (the trainer's own `policy_update` and rollout backend), options budget=<tokens per
 micro-batch>, chunk=<log-prob chunk>, release=1 (free the fast engine's KV cache and owned weight copy before the update;
-the trainer's default does it for the NF4 workload anyway),
+the trainer's default does it for the NF4 workload anyway; release=0 turns that default off),
 backend=fast|hf, merge=copy|in_place|none (generation.lora_merge: how LoRA reaches sampling; copy = a
 merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels), pack=1
 (trainer.pack_sequences), gc=layer|none (activation checkpointing), lora=addmm|peft (model.lora_fused_add),
 lmhead=triton|torch (lmhead.py's fused log-prob kernels or the plain chunked path), gen=canned; mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl (option gen=canned).
+prof=1 (mathgrpo and trl, CUDA): one more update (TRL: one more step) after the timed ones, under torch.profiler,
+not counted in the times: its kernel time by kind and the passes it ran (profiling.py), printed and in --out.
 """
 
 from __future__ import annotations
@@ -283,6 +285,8 @@ def _mathgrpo_cfg(args, w: Workload, opts: dict):
     m.gradient_checkpointing = opts.get("gc", "layer") != "none"
     m.lora_fused_add = opts.get("lora", "addmm") == "addmm"
     t.learning_rate, t.max_steps, t.lr_scheduler = 1e-6, args.steps, "constant"
+    if opts.get("release") == "0":  # release=1 frees before the update in run_mathgrpo; 0 turns the default off
+        cfg.generation.release_memory = False
     return cfg
 
 
@@ -369,7 +373,7 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
                 comp = impose_lengths(comp, lengths, w.new_tokens)
         _sync()
         t1, peak_gen = time.perf_counter(), _peak()
-        if opts.get("release") and hasattr(rollout, "release"):
+        if opts.get("release") == "1" and hasattr(rollout, "release"):
             rollout.release(weights=True)
         # what the rollout engine keeps through the update: its owned (merged / dequantised) weights, its KV cache
         held = {k: getattr(rollout, a, 0) / 2**30 for k, a in (("owned_weights_gib", "owned_weight_bytes"),
@@ -395,7 +399,16 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
                           **{k: round(upd[k], 6) for k in ("loss", "grad_norm", "kl") if k in upd}))
         print(f"[{args.worker}] step {step}: {json.dumps(steps[-1])}", flush=True)
     backend = "canned" if canned else type(rollout).__name__
-    return dict(steps=steps, rows=rows, backend=backend, budget=cfg.trainer.max_tokens_per_microbatch,
+    extra = {}
+    if opts.get("prof") == "1" and torch.cuda.is_available():  # one more update (the last rows) under the profiler
+        from profiling import PassCounter, profile_call
+
+        adv = group_advantages(random_rewards(comp.completion_ids.shape[0], args.steps), w.group)
+        with PassCounter(model) as passes:
+            extra["profile"] = profile_call(lambda: update_stage(model, optimizer, scheduler, ref, comp, adv, cfg,
+                                                                 rollout=rollout), lora_rank=LORA["r"])
+        extra["profile"].update(passes.summary())
+    return dict(steps=steps, rows=rows, backend=backend, **extra, budget=cfg.trainer.max_tokens_per_microbatch,
                 chunk=cfg.trainer.logprob_chunk_size)
 
 
@@ -422,7 +435,7 @@ def run_trl(args, w: Workload, opts: dict) -> dict:
     tok = load_tokenizer(args.model_dir)
     n = w.prompts * w.group
     texts = [" ".join(f"w{i}" for i in p) for p in prompt_ids(args, w)]
-    ds = Dataset.from_dict({"prompt": texts * args.trl_steps})
+    ds = Dataset.from_dict({"prompt": texts * (args.trl_steps + 1)})
 
     def reward(completions, **_):
         return random_rewards(len(completions), 0).tolist()
@@ -434,21 +447,34 @@ def run_trl(args, w: Workload, opts: dict) -> dict:
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=w.trl_micro,
         gradient_accumulation_steps=n // w.trl_micro, num_generations=w.group, max_completion_length=cap,
         generation_kwargs={} if w.median else {"min_new_tokens": w.new_tokens}, temperature=1.0, beta=BETA, loss_type="grpo",
-        learning_rate=1e-6, max_steps=args.trl_steps, bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=True,
+        learning_rate=1e-6, max_steps=args.trl_steps + (opts.get("prof") == "1" and on_gpu), bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=True,
         logging_steps=1, report_to="none", save_strategy="no", use_vllm=False, shuffle_dataset=False, seed=0)
     peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                           target_modules=PROJECTIONS, task_type="CAUSAL_LM")
     steps: list[dict] = []
     cur: dict = {}
+    extra: dict = {}
+    # prof=1: one more step, after the timed ones, under the profiler (profiling.py), not counted in the times
+    profiled_step = args.trl_steps if opts.get("prof") == "1" and on_gpu else None
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            if len(steps) == profiled_step:
+                from profiling import Recording
+
+                cur["rec"] = Recording(trainer.model, lora_rank=LORA["r"])
+                cur["rec"].start()
+                return
             _sync()
             _peak_reset()
             cur.clear()
             cur.update(t0=time.perf_counter(), gen_s=0.0, peak_gen_gib=_peak())
 
         def on_step_end(self, *a, **k):
+            if len(steps) == profiled_step:
+                extra["profile"] = cur.pop("rec").stop()
+                steps.append(None)  # the profiled step: dropped below
+                return
             _sync()
             total = time.perf_counter() - cur["t0"]
             steps.append(dict(gen_s=cur["gen_s"], update_s=total - cur["gen_s"], step_s=total,
@@ -483,7 +509,7 @@ def run_trl(args, w: Workload, opts: dict) -> dict:
     trainer._generate_single_turn = timed_generate
     trainer.train()
     rows = [(args.prompt_len + k, k) for k in lengths]
-    return dict(steps=steps, rows=rows, backend="canned" if opts.get("gen") == "canned" else "transformers generate",
+    return dict(steps=[s for s in steps if s is not None], rows=rows, **extra, backend="canned" if opts.get("gen") == "canned" else "transformers generate",
                 micro_batch=w.trl_micro)
 
 
@@ -552,6 +578,8 @@ def worker(args) -> None:
         w = Workload(w.quant, w.prompts, w.group, args.new_tokens, w.trl_micro, median)
     rec = dict(workload=args.workload, method=args.worker, **METHODS[name](args, w, opts))
     rec["update_tflop"] = update_flops(args, rec.pop("rows")) / 1e12
+    if "profile" in rec:
+        print(f"profile {args.worker} {args.workload}: {json.dumps(rec['profile'])}", flush=True)
     print("RESULT " + json.dumps(rec), flush=True)
 
 

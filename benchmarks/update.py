@@ -12,7 +12,8 @@ Variant keys (':'-separated): pack=0|1 (trainer.pack_sequences), attn=auto|varle
 attention, `packing.set_packed_attention`; pad=<ratio> its auto threshold), lmhead=triton|torch (the fused
 lm_head log-prob kernels of lmhead.py, or the plain chunked path), gc=layer|none (activation checkpointing), lora=addmm|peft
 (model.lora_fused_add), budget=<tokens per micro-batch>, chunk=<log-prob chunk>, fused=1
-(liger-kernel RMSNorm/SwiGLU/RoPE), compile=1 (torch.compile of every decoder layer). fused and compile
+(liger-kernel RMSNorm/SwiGLU/RoPE), gckeep=<N> (with gc=layer: N evenly spaced layers not checkpointed),
+compile=1 (torch.compile of every decoder layer). fused and compile
 cannot be undone, so variants with them run after the others. Printed per variant: update seconds, the
 reference pass alone, peak memory, useful TFLOP/s (step.update_flops: real tokens only, no recompute) and
 its share of the bf16 matmul peak measured in the same process (8192^3). --profile runs one more update of
@@ -35,7 +36,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step import (WORKLOADS, _mathgrpo_cfg, _peak, _peak_reset, _sync, canned_completions, make_model_dir,  # noqa: E402
+from step import (LORA, WORKLOADS, _mathgrpo_cfg, _peak, _peak_reset, _sync, canned_completions, make_model_dir,  # noqa: E402
                   matmul_peak_tflops, parse_method, random_rewards, update_flops)
 
 DEFAULT_VARIANTS = ["gc=none:lmhead=torch", "gc=none", "pack=1:gc=none:attn=varlen", "pack=1:gc=none",
@@ -63,7 +64,7 @@ def apply_variant(model, cfg, opts: dict, state: dict) -> None:
     if gc == "none":
         (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
     else:
-        enable_checkpointing(model)
+        enable_checkpointing(model, keep_layers=int(opts.get("gckeep", 0)))
     fuse_lora_add(model, on=opts.get("lora", "addmm") == "addmm")
     set_packed_attention(opts.get("attn", "auto"), pad_ratio=float(opts["pad"]) if "pad" in opts else None)
     lmhead.set_fused(opts.get("lmhead", "triton") == "triton")
@@ -81,33 +82,14 @@ def apply_variant(model, cfg, opts: dict, state: dict) -> None:
         state["compiled"] = True
 
 
-def profile_update(run, steps_out: dict) -> None:
-    """GPU time of one update by kernel kind (name patterns), and the GPU's idle share of the wall time."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+def profile_update(run, model, steps_out: dict) -> None:
+    """GPU time of one update by kernel kind (profiling.py: dequantisation, matmuls, LoRA's, attention, lm_head,
+    optimizer, copies, ...), the GPU's idle share of the wall time, and the passes the update ran."""
+    from profiling import PassCounter, profile_call
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        run()
-        _sync()
-        wall = time.perf_counter() - t0
-    kinds = {"matmul": 0.0, "attention": 0.0, "lmhead": 0.0, "triton": 0.0, "other": 0.0}
-    kernels = []
-    for e in prof.key_averages():
-        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
-            continue
-        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-        n = e.key.lower()
-        kind = ("lmhead" if n.startswith(("_lse_fwd", "_dz_bwd")) else
-                "attention" if any(k in n for k in ("flash", "fmha", "attention")) else
-                "matmul" if any(k in n for k in ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "sm90_")) else
-                "triton" if "triton" in n else "other")
-        kinds[kind] += us / 1e6
-        kernels.append((us / 1e6, e.count, e.key[:90]))
-    busy = sum(kinds.values())
-    steps_out["profile"] = dict(wall_s=wall, gpu_busy_s=busy, idle_s=wall - busy,
-                                **{f"{k}_s": v for k, v in kinds.items()},
-                                top=[dict(s=round(s, 4), n=c, kernel=k) for s, c, k in sorted(kernels, reverse=True)[:15]])
+    with PassCounter(model) as passes:
+        steps_out["profile"] = profile_call(run, lora_rank=LORA["r"])
+    steps_out["profile"].update(passes.summary())
 
 
 def sync_check(run, out: dict) -> None:
@@ -235,6 +217,64 @@ def attention_bench(args, budget: int = 16384) -> None:
         print("ATTN_TOTAL " + json.dumps(dict(workload=name, fwd_bwd_ms_per_layer=totals)), flush=True)
 
 
+def release_check(args) -> None:
+    """generation.release_memory's cost, on the workload's canned rows with the fast engine attached: rounds of
+    [update_stage, a 32-token generate] alternating release on / off (update seconds, generate seconds, graphs
+    re-captured, whether the owned copy came back elsewhere), then a CUDA-graph re-capture alone (a 32-token
+    generate after dropping the graphs, against one that replays them)."""
+    import torch
+
+    from mathgrpo.advantages import group_advantages
+    from mathgrpo.models import Reference, load_model
+    from mathgrpo.rollout import SamplingConfig, make_rollout
+    from mathgrpo.rollout.fast_buffers import owned_pointers
+    from mathgrpo.update import make_optimizer, update_stage
+    from step import load_tokenizer, prompt_ids
+
+    w = WORKLOADS[args.workload]
+    cfg = _mathgrpo_cfg(args, w, {})
+    model, _ = load_model(cfg.model, trainable=True)
+    rollout = make_rollout(cfg.generation, model, load_tokenizer(args.model_dir))
+    ref = Reference(model, cfg.grpo.beta, lora=True)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    comp = canned_completions(args, w)
+    adv = group_advantages(random_rewards(comp.completion_ids.shape[0], 0), w.group)
+    prompts, short = prompt_ids(args, w), SamplingConfig(max_new_tokens=32, temperature=1.0, ignore_eos=True, seed=0)
+
+    def timed(fn):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        return time.perf_counter() - t0
+
+    timed(lambda: rollout.generate(prompts, w.group, short))
+    rounds = []
+    for r in range(2 * args.steps):
+        cfg.generation.release_memory = r % 2 == 0
+        ptrs, caps = owned_pointers(rollout.w), rollout.captures
+        upd = timed(lambda: update_stage(model, optimizer, scheduler, ref, comp, adv, cfg, rollout=rollout))
+        gen = timed(lambda: rollout.generate(prompts, w.group, short))
+        rounds.append(dict(release=cfg.generation.release_memory, update_s=upd, gen32_s=gen,
+                           recaptures=rollout.captures - caps, owned_moved=owned_pointers(rollout.w) != ptrs))
+        print(f"[{args.workload}] release round {json.dumps(rounds[-1])}", flush=True)
+    replay = [timed(lambda: rollout.generate(prompts, w.group, short)) for _ in range(3)]
+    recapture = []
+    for _ in range(3):
+        rollout._drop_graphs()
+        recapture.append(timed(lambda: rollout.generate(prompts, w.group, short)))
+    later = rounds[2:]  # the first pair warms up
+    mean = lambda rs, k: sum(x[k] for x in rs) / max(1, len(rs))  # noqa: E731
+    rec = dict(workload=args.workload, variant="release-check", rounds=rounds,
+               update_s_release=mean([x for x in later if x["release"]], "update_s"),
+               update_s_keep=mean([x for x in later if not x["release"]], "update_s"),
+               gen32_s_release=mean([x for x in later if x["release"]], "gen32_s"),
+               gen32_s_keep=mean([x for x in later if not x["release"]], "gen32_s"),
+               gen32_replay_s=sorted(replay)[1], gen32_recapture_s=sorted(recapture)[1])
+    rec["recapture_cost_s"] = rec["gen32_recapture_s"] - rec["gen32_replay_s"]
+    print("RESULT " + json.dumps(rec), flush=True)
+
+
 def run_workload(args) -> None:
     import torch
 
@@ -306,7 +346,7 @@ def run_workload(args) -> None:
             if peak:
                 rec["pct_of_peak"] = 100 * rec["tflops"] / peak
             if args.profile and (k == 0 or opts.get("prof") == "1") and torch.cuda.is_available():
-                profile_update(update, rec)
+                profile_update(update, model, rec)
             if args.sync_check and k == 0 and torch.cuda.is_available():
                 sync_check(update, rec)
         except Exception as e:  # noqa: BLE001  (one failing variant must not lose the others' numbers)
@@ -331,6 +371,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of the first variant")
     ap.add_argument("--sync-check", action="store_true", help="count the first variant's synchronizing calls")
     ap.add_argument("--attention", action="store_true", help="time packed attention alone per micro-batch")
+    ap.add_argument("--release-check", action="store_true",
+                    help="generation.release_memory's cost in the update and a graph re-capture's (fast engine, CUDA)")
     ap.add_argument("--shape", default="1.5b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shape on CPU, 16 new tokens: a smoke test")
@@ -350,7 +392,7 @@ def main() -> None:
     if args.attention:
         return attention_bench(args)
     if args.workload:
-        return run_workload(args)
+        return release_check(args) if args.release_check else run_workload(args)
     import tempfile
 
     if args.model_dir is None:
@@ -363,6 +405,7 @@ def main() -> None:
                args.shape, "--device", args.device, "--steps", str(args.steps), "--new-tokens", str(args.new_tokens),
                "--prompt-len", str(args.prompt_len), "--variants", *args.variants] + (["--profile"] if args.profile else [])
         cmd += ["--sync-check"] if args.sync_check else []
+        cmd += ["--release-check"] if args.release_check else []
         print(f"== {wl}", flush=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -374,8 +417,8 @@ def main() -> None:
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                print(json.dumps({k: v for k, v in rec.items() if k not in ("profile", "sync_sites")}), flush=True)
-                for key in ("profile", "sync_sites"):
+                print(json.dumps({k: v for k, v in rec.items() if k not in ("profile", "sync_sites", "rounds")}), flush=True)
+                for key in ("profile", "sync_sites", "rounds"):
                     if key in rec:
                         print(json.dumps(rec[key], indent=1), flush=True)
             else:

@@ -73,3 +73,15 @@ def tiny_overrides(model_dir: str, out_dir, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def random_lora_b(model, std: float = 0.3):
+    """Non-zero LoRA B matrices (peft starts them at zero): the policy then differs from the reference
+    (adapters off), so a test comparing the two paths means something."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, std)
+    return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_lora_b
 
 from mathgrpo.config import Config, ModelConfig
 from mathgrpo.loss import LOSS_NORMALIZERS
@@ -23,12 +24,7 @@ def _tiny_lora_model(attn: str = "sdpa", seed: int = 0, arch: str = "qwen2"):
                  intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False,
                  attn_implementation=attn)
     model = cls(cfg).double()  # fp64: differences are the layout's, not rounding
-    model = add_lora(model, ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0))
-    with torch.no_grad():  # non-zero B: the policy differs from the reference (adapters off)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    return model
+    return random_lora_b(add_lora(model, ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0)))
 
 
 def _completions(n_rows: int = 6, width: int = 11, seed: int = 1):

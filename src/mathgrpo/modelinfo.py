@@ -59,6 +59,19 @@ def is_lora_layer(module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
 
 
+def fusable_lora_classes() -> tuple[type, ...]:
+    """peft's LoRA layer classes that `models.fuse_lora_add` may give its one-GEMM forward: both compute
+    base_layer(x) + lora_B(lora_A(dropout(x))) * scaling for plain LoRA, over an nn.Linear (`Linear`) or a
+    bitsandbytes 4-bit base (`Linear4bit`, which also clones the base output first). 8-bit: not measured, left out."""
+    from peft.tuners.lora import Linear
+
+    try:  # peft defines its bitsandbytes layers only where bitsandbytes imports
+        from peft.tuners.lora.bnb import Linear4bit
+    except (ImportError, AttributeError):
+        return (Linear,)
+    return Linear, Linear4bit
+
+
 QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' layer classes, named: bitsandbytes is optional
 
 

@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .files import step_dirs
 from .loading import load_base, load_tokenizer, pick_device, pick_dtype, say
 from .modelinfo import (SHARDED_LOGPROBS, ModelError, backbone_and_head, base_model,  # noqa: F401 (re-exported)
-                        compute_context, is_quantized_linear)
+                        compute_context, fusable_lora_classes, is_quantized_linear)
 from .packing import no_mask_kwargs, to_device
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
     if trainable and cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
         # backward compute a useless gradient for the embedding output).
-        enable_checkpointing(model)
+        enable_checkpointing(model, keep_layers=cfg.gradient_checkpointing_keep_layers)
     if trainable and cfg.lora and cfg.lora_fused_add:
         fuse_lora_add(model)
     if cfg.fuse_kernels:
@@ -136,11 +136,21 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
     return model, tok
 
 
-def enable_checkpointing(model) -> None:
+def enable_checkpointing(model, keep_layers: int = 0) -> None:
     """Non-reentrant activation checkpointing under either name: transformers 5 renamed the method (and its
-    keyword, hence the positional argument); older releases only have `gradient_checkpointing_enable`."""
+    keyword, hence the positional argument); older releases only have `gradient_checkpointing_enable`.
+    keep_layers: that many decoder layers, evenly spaced, keep their activations instead (no recompute)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable({"use_reentrant": False})
+    layers = backbone_and_head(model)[0].layers
+    for i in spread(len(layers), keep_layers):
+        layers[i].gradient_checkpointing = False  # transformers reads this flag per layer, at every forward
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k of the indices 0..n-1, evenly spaced (k <= 0: none, k >= n: all)."""
+    k = max(0, min(k, n))
+    return [i * n // k for i in range(k)] if k else []
 
 
 def resolve_adapter(path: str) -> str:
@@ -177,14 +187,14 @@ def fuse_lora_add(model, on: bool = True) -> int:
     in the forward, and the scale's pass again in the backward: on the 1.5B update these elementwise passes
     over the 8,960-wide MLP outputs cost more than the LoRA matmuls). Same math; one adapter, plain LoRA
     (no DoRA/variants, no LoRA bias, no mixed-adapter batches) takes this path, anything else peft's own.
-    Installed per layer (an instance `forward`); on=False removes it. Returns the number of layers."""
+    Installed per layer (an instance `forward`); on=False removes it. Returns the number of layers. Also on
+    peft's LoRA over a bitsandbytes 4-bit base (`Linear4bit`), whose forward adds a defensive copy of the base
+    output besides those passes (addmm writes a new tensor: nothing is modified in place)."""
     import types
 
-    from peft.tuners.lora import Linear as LoraLinear
-
-    n = 0
+    n, classes = 0, fusable_lora_classes()
     for mod in model.modules():
-        if type(mod) is LoraLinear:
+        if type(mod) in classes:
             if on:
                 mod.forward = types.MethodType(_lora_addmm_forward, mod)
             else:

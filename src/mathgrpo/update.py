@@ -147,7 +147,8 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
 def release_memory(cfg: Config, model) -> bool:
     """generation.release_memory, its null resolved: on for a 4/8-bit base (the notebook's NF4 + LoRA: the fast
     engine's dequantised copy, 2.4 GiB at 1.5B, would otherwise sit through the update: peak 6.78 -> 4.98 GiB
-    on the H200 for +0.13 s per update, docs/benchmarks.md), off otherwise."""
+    on the H200 for ~0.1 s per step: 35 ms in the update, 60 ms in the next generate, a graph re-capture included,
+    docs/benchmarks.md), off otherwise."""
     on = cfg.generation.release_memory
     return is_quantized(model) if on is None else on
 
