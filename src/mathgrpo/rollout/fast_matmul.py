@@ -1,8 +1,9 @@
 """Skinny matmuls of the `fast` engine's decode step: y = x @ W.T (+ b) for x [M <= 64, K], W [N, K] row-major.
 
 At decode time every projection has 1-64 rows, so it is bound by streaming W (3 GB a step at the 1.5B shape)
-through the memory system, not by arithmetic. cuBLAS picks kernels for these shapes that reach 12-55% of the
-copy bandwidth on the H200 (docs/benchmarks.md); this kernel is written for the streaming case:
+through the memory system, not by arithmetic. This kernel is written for that case (hand-written because it
+also carries the decode step's neighbours: SwiGLU, RMSNorm, the residual add, which no library fuses into a
+skinny matmul):
 
 - one program per BN output columns (x split-K over SPLIT slices of K where N alone cannot fill the GPU), its
   K loop a `tl.range(..., num_stages=STAGES)` software pipeline: the loads of the next STAGES-1 chunks of W are
@@ -13,16 +14,19 @@ copy bandwidth on the H200 (docs/benchmarks.md); this kernel is written for the 
   rows); x is tiny and re-read from L2 by every program;
 - split-K partials are fp32, and the last split of an output tile to arrive (an atomic counter per tile,
   fast_kernels.counters, reset by that program) sums them in a fixed order: deterministic, one launch;
-- optional epilogues: bias, and GLU (act(x @ Wg.T) * (x @ Wu.T) from two weight pointers, SiLU only).
+- optional prologue / epilogues: RMSNorm of x (fast_linear's fused forms), bias, GLU (SiLU(x @ Wg.T) *
+  (x @ Wu.T) from two weight pointers), an in-place residual add.
 
 (Compiled offline for sm_90 without the 16-byte divisibility hints that the JIT adds at run time, such a loop
 shows plain `ld.global` loads and no pipeline: check PTX with those hints, benchmarks/skinny.py --ptx.)
 
-Which matmul runs is decided in one place, `TABLE`: (N, K, row bucket) -> Config, filled from the sweep of
-`benchmarks/skinny.py` on the H200 (the kernel where it beat cuBLAS inside a CUDA graph over 28 distinct weight
-copies, i.e. with the weights streamed from HBM as in the engine). Any other shape, bucket, dtype (fp32 takes
-cuBLAS: the table is measured in bf16 and holds for fp16's same bytes), strided operand, a missing Triton or a
-CPU device outside Triton's interpreter takes cuBLAS (`F.linear`), which stays the reference.
+Measured inside CUDA graphs over streamed weights (benchmarks/skinny.py, docs/benchmarks.md) it is level with
+cuBLAS where bytes dominate (gate/up, down: 55-80% of the copy bandwidth either way), slower on the small,
+latency-bound shapes and at 32-64 rows, and faster where it removes a kernel (SwiGLU in gate/up's epilogue).
+Which matmul runs is decided in one place, `TABLE`: (kind, N, K, row bucket) -> Config, the sweep's winners. Any
+other shape, bucket, dtype (fp32 takes cuBLAS: the table is measured in bf16 and holds for fp16's same bytes),
+strided operand, a missing Triton or a CPU device outside Triton's interpreter takes cuBLAS (`F.linear`), which
+stays the reference.
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ from .fast_kernels import available, counters, triton
 
 if triton is not None:
     import triton.language as tl
+
+    @triton.jit
+    def _tile_dot(acc, w_ptrs, w_mask, x, EVEN: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr):
+        """acc += this K chunk's product: W tile [BN, BK] (loaded here) with x tile [BM, BK], in acc's orientation."""
+        if EVEN:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+        return acc
 
     @triton.jit(do_not_specialize=["M", "K"])
     def _skinny_kernel(x_ptr, sx, w_ptr, w2_ptr, sw, b_ptr, ln_ptr, y_ptr, sy, ws_ptr, cnt_ptr, M, N, K, eps,
@@ -75,23 +92,9 @@ if triton is not None:
                 lnk = tl.load(ln_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
                 x = (xf * lnk[None, :]).to(x_ptr.dtype.element_ty)
             w_off = rn[:, None] * sw + rk[None, :]
-            if EVEN_N and EVEN_K:
-                w = tl.load(w_ptr + w_off)
-            else:
-                w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
-            if SWAP:
-                acc = tl.dot(w, tl.trans(x), acc, input_precision=PREC)
-            else:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+            acc = _tile_dot(acc, w_ptr + w_off, w_mask, x, EVEN_N and EVEN_K, SWAP, PREC)
             if GLU:
-                if EVEN_N and EVEN_K:
-                    w2 = tl.load(w2_ptr + w_off)
-                else:
-                    w2 = tl.load(w2_ptr + w_off, mask=w_mask, other=0.0)
-                if SWAP:
-                    acc2 = tl.dot(w2, tl.trans(x), acc2, input_precision=PREC)
-                else:
-                    acc2 = tl.dot(x, tl.trans(w2), acc2, input_precision=PREC)
+                acc2 = _tile_dot(acc2, w2_ptr + w_off, w_mask, x, EVEN_N and EVEN_K, SWAP, PREC)
         tm = (m2 < M) & (n2 < N)
         if SPLIT > 1:  # partials [SPLIT (x2 with GLU), BM, N] (+ squares [SPLIT, BM]); the last split sums them
             tile = m2 * N + n2
