@@ -1,15 +1,17 @@
 """The decode step's projections with their neighbours fused in, on fast_matmul's skinny-matmul kernel.
 
-At decode time a layer's matmuls have 1-64 rows; inside a CUDA graph each kernel of the step costs about 4 us
-even when it reads next to nothing (measured on the H200, docs/benchmarks.md), so the pointwise kernels between
-the matmuls cost about as much as a small matmul. Three fused forms replace RMSNorm, SwiGLU, the bias and the
-residual adds of a layer (10 kernels a layer with the attention pair become 7):
+At decode time a layer's matmuls have 1-64 rows and each pointwise kernel between them costs 1.3-2 us inside a
+CUDA graph (measured on the H200, docs/benchmarks.md). Three fused forms replace RMSNorm, SwiGLU, the bias and
+the residual adds of a layer (10 kernels a layer with the attention pair become 7):
 
 - `norm_linear`: RMSNorm(x) @ W.T (+ b) (q/k/v), the norm as the kernel's prologue (kind "norm");
 - `norm_glu`: SiLU(RMSNorm(x) @ Wg.T) * (RMSNorm(x) @ Wu.T) (gate/up + SwiGLU; kind "norm_glu"): gate and up
   read through two pointers, so the owned fused copy ([gate; up]) and the model's separate tensors both work;
 - `linear_residual`: x += a @ W.T (+ b), in place (o and down; kind "res").
 
+Measured on the H200, the RMSNorm prologue makes the kernel slower than cuBLAS plus the kernels it saves, so
+fast_matmul.TABLE has no "norm", "norm_glu" or "res" rows and the default decode path takes none of these
+(it takes fast_matmul's plain kernel and its SwiGLU epilogue, through the reference layers in fast_forward).
 Whether a group takes its fused kernel is fast_matmul.TABLE's call per (kind, N, K, row bucket) (`config`);
 with `force` (FastRollout(fused_linear=True)) a shape the table lacks takes `fast_matmul.default_config`. A group
 that `plain` rejects (low-rank LoRA pairs, weights dequantised per use, a bias on gate/up, a non-SiLU
