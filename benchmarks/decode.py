@@ -2,8 +2,8 @@
 
     PYTHONPATH=src python benchmarks/decode.py                 # 1.5B shape on CUDA: rows {1,8,64,256} x {2k,8k,16k}
     PYTHONPATH=src python benchmarks/decode.py --rows 8 64 --contexts 2048 --modes default lora-copy lora-none
-    PYTHONPATH=src python benchmarks/decode.py --linear cublas fused --rows 8 --contexts 2048   # + fast_linear path
-    PYTHONPATH=src python benchmarks/decode.py --variants      # kernels alone: attention paths, fused matmuls
+    PYTHONPATH=src python benchmarks/decode.py --linear table cublas --rows 8 --contexts 2048   # + cuBLAS path
+    PYTHONPATH=src python benchmarks/decode.py --variants      # attention kernels alone (matmuls: skinny.py)
     PYTHONPATH=src python benchmarks/decode.py --tiny          # CPU smoke run of every code path, seconds
 
 Model: a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape (benchmarks/rollout.py), bf16.
@@ -15,8 +15,10 @@ every row) / the copy bandwidth measured at the start of the run; share = floor 
 `--generate` also times whole `generate` calls (prompt 128, forced length) to check the step numbers.
 Modes: default (plain model, weights read in place), fused (`fuse_weights`: owned fused q/k/v and gate/up),
 lora-copy / lora-in_place / lora-none (peft LoRA r=32 on all seven projections, `lora_merge`).
---linear: cublas (the engine's default) or fused (`fused_linear=True`: fast_linear's skinny matmuls fused with
-RMSNorm / SwiGLU / residual and the one-launch rope_attend, at <= 64 rows).
+--linear: table (the engine's default: fast_matmul's kernels, fused with RMSNorm / SwiGLU / the residual add,
+where its table says they beat cuBLAS), cublas (`fused_linear=False`: cuBLAS + the reference pointwise ops) or
+fused (`fused_linear=True`: the fused kernels for every group at <= 64 rows). --table FILE: a skinny.py JSON
+whose winners replace fast_matmul.TABLE for this run.
 """
 
 from __future__ import annotations
@@ -51,12 +53,12 @@ def build(shape: str, dtype, device, mode: str):
     return model
 
 
-def engine(model, args, mode: str, attention: str, rows: int, linear: str = "cublas"):
+def engine(model, args, mode: str, attention: str, rows: int, linear: str = "table"):
     from mathgrpo.rollout.fast import FastRollout
 
     opts = dict(fuse_weights=mode == "fused")
-    if linear == "fused" and attention != "sdpa":
-        opts["fused_linear"] = True  # opt-in: fast_linear's kernels + rope_attend at <= 64 rows
+    if attention != "sdpa":
+        opts["fused_linear"] = {"table": None, "cublas": False, "fused": True}[linear]
     if mode.startswith("lora"):
         opts["lora_merge"] = mode.split("-", 1)[1]
     return FastRollout(model, synthetic_tokenizer(SHAPES[args.shape]["vocab_size"]), max_batch=max(rows, 8),
@@ -146,7 +148,7 @@ def grid(args, bw: float) -> list[dict]:
         model = build(args.shape, dtype, args.device, mode)
         for attention, linear in [(a, lin) for a in args.attention for lin in args.linear]:
             eng = engine(model, args, mode, attention, max(args.rows), linear)
-            linear = "fused" if eng.fused_linear else "cublas"
+            linear = eng.matmul
             print(f"# {mode}: {eng.describe()}", flush=True)
             for rows in args.rows:
                 for ctx in args.contexts:
@@ -256,18 +258,17 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", nargs="+", default=["default"],
                     choices=["default", "fused", "lora-copy", "lora-in_place", "lora-none"])
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "triton", "sdpa"])
-    ap.add_argument("--linear", nargs="+", default=["cublas"], choices=["cublas", "fused"],
-                    help="triton path: cuBLAS + reference ops (the default) or fast_linear's fused matmuls + "
-                    "rope_attend (fused_linear=True, <= 64 rows)")
-    ap.add_argument("--configs", help="JSON of fast_linear tile configs (from --variants fused --configs-out)")
-    ap.add_argument("--configs-out", help="--variants fused: write the best tile per shape here")
+    ap.add_argument("--linear", nargs="+", default=["table"], choices=["table", "cublas", "fused"],
+                    help="triton path: fast_matmul's table (the default), cuBLAS + reference ops, or the fused "
+                    "kernels everywhere at <= 64 rows")
+    ap.add_argument("--table", help="a benchmarks/skinny.py JSON: its winners replace fast_matmul.TABLE")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-kv-gib", type=float, default=64, help="skip points whose KV cache is larger")
     ap.add_argument("--generate", nargs="*", default=[], help="also whole generate calls, e.g. 8x2048")
     ap.add_argument("--profile", help="also a kernel profile at ROWSxCONTEXT, e.g. 8x2048")
-    ap.add_argument("--variants", nargs="*", choices=["attention", "fused"],
-                    help="time the kernels alone instead (benchmarks/decode_variants.py; default both)")
+    ap.add_argument("--variants", action="store_true",
+                    help="time the attention kernels alone instead (benchmarks/decode_variants.py)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape, few steps")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -276,15 +277,18 @@ def main(argv=None) -> None:
         args.rows, args.contexts, args.generate = [1, 8], [64, 160], ["8x16"]
     import torch
 
-    if args.variants is not None:
+    if args.variants:
         from decode_variants import run_variants
 
-        return run_variants(args.variants or ("attention", "fused"), args.configs_out)
-    if args.configs:
-        from mathgrpo.rollout import fast_linear
+        return run_variants()
+    if args.table:
+        from skinny import table_from
 
-        with open(args.configs) as f:
-            fast_linear.CONFIGS.update({tuple(k): tuple(v) for k, v in json.load(f)})
+        from mathgrpo.rollout import fast_matmul
+
+        with open(args.table) as f:
+            fast_matmul.TABLE = table_from(json.load(f)["results"])
+        print(f"# fast_matmul.TABLE from {args.table}: {len(fast_matmul.TABLE)} entries", flush=True)
     bw = bandwidth(torch.device(args.device))
     measured = bw == bw
     if not measured:  # CPU: no meaningful floor; a nominal 50 GB/s so the columns print

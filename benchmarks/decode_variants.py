@@ -4,10 +4,7 @@
   default triton path's rope_write + attend pair and fast_kernels.rope_attend (RoPE + KV write + attention +
   merge in one launch) at a few block sizes and minimum split lengths, per (rows, context), one layer of the
   1.5B shape (12 heads, 2 KV heads, head_dim 128); checked against the reference first.
-- fused: fast_linear's skinny matmuls (RMSNorm + q/k/v, RMSNorm + gate/up + SwiGLU, o/down + residual with
-  split-K) over a grid of tiles, against the reference ops (cuBLAS + the pointwise ops, eager here), per shape
-  and row count; the best tile per (kind, row tile, N, K) can be written to a JSON file that
-  `decode.py --configs` loads into fast_linear.CONFIGS.
+(The skinny matmuls, plain and fused, are swept inside CUDA graphs by benchmarks/skinny.py.)
 Times are medians of `triton.testing.do_bench` (which clears the L2 between runs), so small shapes include one
 launch's latency -- and where the CPU side of a call (Triton's launcher, several eager ops) takes longer than
 the GPU side, that instead: at decode sizes, trust the engine's own step times (decode.py) over these.
@@ -17,11 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench
 
 from mathgrpo.rollout import fast_kernels as K
-from mathgrpo.rollout import fast_linear as FL
 from mathgrpo.rollout.fast_forward import _rope
 
 
@@ -86,87 +81,9 @@ def attention_variants(bw: float) -> None:
             del kc, vc
 
 
-# kind -> (N, K) shapes of the 1.5B model: q/k/v fused and separate, gate/up, o and down
-FUSED_SHAPES = {"norm": [(2048, 1536)], "glu": [(8960, 1536)], "residual": [(1536, 1536), (1536, 8960)]}
-
-
-def _fused_call(kind, x, w, ln, cfg):
-    if kind == "norm":
-        return lambda: FL.norm_linear(x, ln, [w], [None], 1e-6, cfg)
-    if kind == "glu":
-        return lambda: FL.norm_glu(x, ln, *w.chunk(2, 0), 1e-6, cfg)
-    res = torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    return lambda: FL.linear_residual(x, w, None, res, cfg)
-
-
-def _reference_call(kind, x, w, ln):
-    """What the engine runs without the fused kernels (eager here; the engine compiles the pointwise ops)."""
-    if kind == "norm":
-        return lambda: F.linear(F.rms_norm(x, (x.shape[1],), ln, 1e-6), w)
-    if kind == "glu":
-        def glu():
-            g, u = F.linear(F.rms_norm(x, (x.shape[1],), ln, 1e-6), w).chunk(2, -1)
-            return F.silu(g) * u
-        return glu
-    res = torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    return lambda: res + F.linear(x, w)
-
-
-def fused_variants(bw: float, out_json: str | None = None) -> dict:
-    """fast_linear's kernels over a grid of tiles against the reference ops, per shape and row tile; the best
-    config per (kind, BM, N, K) is returned (and written to `out_json`: decode.py --configs reads it)."""
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    grid = {"norm": [(bn, bk, 1, 4, 3) for bn in (16, 32, 64) for bk in (128, 256)],
-            "residual": [(bn, 128, sp, 4, 3) for bn in (16, 32) for sp in (1, 2, 4, 8)] + [(32, 256, 4, 4, 3)]}
-    grid["glu"] = grid["norm"]
-    best_cfgs = {}
-    print(f"\nfused skinny matmuls (bf16), us; share = (weight + x + y bytes) / {bw / 1e12:.2f} TB/s")
-    print(f"{'kind':<9}{'N':>6}{'K':>6}{'rows':>5}{'reference':>10}{'share':>6}{'default':>9}{'best':>8}{'share':>6}"
-          "  config (BN, BK, SPLIT, warps, stages)")
-    for kind, shapes in FUSED_SHAPES.items():
-        for N, Kd in shapes:
-            rows_w = 2 * N if kind == "glu" else N
-            w = torch.randn(rows_w, Kd, device=dev, dtype=dt) * 0.02
-            ln = torch.rand(Kd, device=dev, dtype=dt) + 0.5
-            for M in (1, 8, 64):
-                x = torch.randn(M, Kd, device=dev, dtype=dt)
-                nbytes = 2 * (rows_w * Kd + M * Kd + M * N)
-                ref_fn = _reference_call(kind, x, w, ln)
-                ref = ref_fn().float()
-                t_ref = bench(ref_fn)
-                t_def = bench(_fused_call(kind, x, w, ln, None))
-                res = []
-                for cfg in grid[kind] if M != 1 else []:  # M = 1 shares the 16-row tile with M = 8
-                    fn = _fused_call(kind, x, w, ln, cfg)
-                    try:
-                        got = fn().float()
-                    except triton.runtime.errors.OutOfResources:
-                        continue
-                    err = float((got - ref).norm() / ref.norm())
-                    assert err < 2e-2, (kind, N, Kd, M, cfg, err)
-                    res.append((bench(fn), cfg))
-                key = (kind, max(16, K._pow2(M)), N, Kd)
-                if res:
-                    best_cfgs[key] = min(res)[1]
-                cfg = best_cfgs.get(key)
-                t_best = bench(_fused_call(kind, x, w, ln, cfg)) if cfg else t_def
-                share = lambda t: 100 * nbytes / bw / (t / 1e6)  # noqa: E731
-                print(f"{kind:<9}{N:>6}{Kd:>6}{M:>5}{t_ref:>10.1f}{share(t_ref):>5.0f}%{t_def:>9.1f}{t_best:>8.1f}"
-                      f"{share(t_best):>5.0f}%  {cfg}", flush=True)
-    if out_json:
-        import json
-
-        with open(out_json, "w") as f:
-            json.dump([[list(k), list(v)] for k, v in best_cfgs.items()], f)
-    return best_cfgs
-
-
-def run_variants(which=("attention", "fused"), out_json: str | None = None) -> None:
+def run_variants() -> None:
     from decode import bandwidth
 
     bw = bandwidth(torch.device("cuda"))
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    if "attention" in which:
-        attention_variants(bw)
-    if "fused" in which:
-        fused_variants(bw, out_json)
+    attention_variants(bw)

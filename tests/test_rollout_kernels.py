@@ -199,9 +199,14 @@ def test_lora_logprobs_on_kernels(merge):
         torch.testing.assert_close(out.logprobs[i, :n], want, atol=2e-4, rtol=1e-4)
 
 
-# ----- fast_linear: skinny matmuls fused with RMSNorm, SwiGLU, bias and the residual add --------------------
+# ----- fast_matmul: the skinny-matmul kernel; fast_linear: its fused forms; the engine's table ---------------
 
 from mathgrpo.rollout import fast_linear as FL  # noqa: E402
+from mathgrpo.rollout import fast_matmul as FM  # noqa: E402
+
+C = FM.Config
+# W as the left operand or x; split-K 1, 3 and 4 (uneven slices and an empty one when K is not a multiple)
+CONFIGS = [C(True, 32, 64, 1, 4, 2), C(False, 32, 64, 3, 4, 3), C(True, 16, 32, 4, 4, 2), C(False, 64, 32, 1, 4, 2)]
 
 
 def _rand(g, *shape, dtype, scale=1.0):
@@ -210,57 +215,49 @@ def _rand(g, *shape, dtype, scale=1.0):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 5, 16, 33])
-def test_norm_linear_matches_reference(dtype, M):
-    g = torch.Generator().manual_seed(M)
-    Kd = 200  # not a multiple of the K tile
-    x, ln = _rand(g, M, Kd, dtype=dtype, scale=3.0), (torch.rand(Kd, generator=g) + 0.5).to(DEV, dtype)
-    ws = [_rand(g, n, Kd, dtype=dtype, scale=0.1) for n in (48, 16, 16)]  # q, k, v as separate tensors
-    bs = [_rand(g, 48, dtype=dtype), None, _rand(g, 16, dtype=dtype)]
-    h = F.rms_norm(x.double(), (Kd,), ln.double(), 1e-6)
-    want = torch.cat([F.linear(h, w.double(), None if b is None else b.double()) for w, b in zip(ws, bs)], -1)
-    for cfg in (None, (16, 64, 1, 4, 2), (32, 128, 1, 4, 3), (16, 32, 3, 4, 2), (16, 64, 4, 4, 3)):
-        got = FL.norm_linear(x, ln, ws, bs, 1e-6, cfg)
-        assert got.shape == (M, 80) and got.dtype == dtype
-        assert _rel(got, want) < TOL[dtype], cfg
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 8, 64])
-def test_norm_glu_matches_reference(dtype, M):
-    g = torch.Generator().manual_seed(10 + M)
-    Kd, I = 96, 72
-    x, ln = _rand(g, M, Kd, dtype=dtype, scale=2.0), (torch.rand(Kd, generator=g) + 0.5).to(DEV, dtype)
-    fused = _rand(g, 2 * I, Kd, dtype=dtype, scale=0.2)  # the owned [gate; up] copy
-    h = F.rms_norm(x.double(), (Kd,), ln.double(), 1e-5)
-    gate, up = F.linear(h, fused.double()).chunk(2, -1)
-    want = F.silu(gate) * up
-    for cfg in (None, (16, 32, 1, 4, 2), (16, 32, 3, 4, 2), (32, 32, 2, 4, 3)):
-        got = FL.norm_glu(x, ln, *fused.chunk(2, 0), 1e-5, cfg)
-        assert got.shape == (M, I) and _rel(got, want) < TOL[dtype], cfg
-    sep = fused[:I].clone(), fused[I:].clone()  # the model's own separate tensors
-    assert _rel(FL.norm_glu(x, ln, *sep, 1e-5), want) < TOL[dtype]
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 7, 64])
-def test_linear_residual_matches_reference(dtype, M):
-    g = torch.Generator().manual_seed(20 + M)
-    Kd, N = 300, 40
-    a, w, b = _rand(g, M, Kd, dtype=dtype), _rand(g, N, Kd, dtype=dtype, scale=0.1), _rand(g, N, dtype=dtype)
-    x0 = _rand(g, M, N, dtype=dtype, scale=4.0)
-    for bias in (None, b):
-        want = x0.double() + F.linear(a.double(), w.double(), None if bias is None else bias.double())
-        # split-K 1, 3 (uneven: the last split is short) and 5 (one split empty); twice each: the per-tile
-        # counters must be back at zero after every launch
-        for cfg in [None, (16, 64, 1, 4, 2), (16, 64, 3, 4, 2), (32, 64, 5, 4, 2), (16, 32, 4, 4, 3)] * 2:
-            x = x0.clone()
-            out = FL.linear_residual(a, w, bias, x, cfg)
-            assert out.data_ptr() == x.data_ptr()  # in place
-            assert _rel(x, want) < TOL[dtype], cfg
+@pytest.mark.parametrize("M,N,Kd", [(1, 64, 256), (5, 40, 200), (16, 96, 128), (33, 64, 192)])
+def test_skinny_matmul_matches_reference(dtype, M, N, Kd):
+    """Every form of the kernel against float64 torch: plain + bias, RMSNorm prologue, SwiGLU, residual add."""
+    g = torch.Generator().manual_seed(M * N)
+    x, w, w2 = _rand(g, M, Kd, dtype=dtype, scale=3.0), _rand(g, N, Kd, dtype=dtype, scale=0.1), _rand(
+        g, N, Kd, dtype=dtype, scale=0.1)
+    b, ln, r0 = _rand(g, N, dtype=dtype), (torch.rand(Kd, generator=g) + 0.5).to(DEV, dtype), _rand(g, M, N, dtype=dtype)
+    xd, wd, w2d = x.double(), w.double(), w2.double()
+    h = F.rms_norm(xd, (Kd,), ln.double(), 1e-6)
+    cases = {
+        "plain": (lambda c: FM.launch(x, w, b, c), F.linear(xd, wd, b.double())),
+        "norm": (lambda c: FM.launch(x, w, b, c, ln=ln, eps=1e-6), F.linear(h, wd, b.double())),
+        "norm_glu": (lambda c: FM.launch(x, w, None, c, w2=w2, ln=ln, eps=1e-6),
+                     F.silu(F.linear(h, wd)) * F.linear(h, w2d)),
+        "glu": (lambda c: FM.launch(x, w, None, c, w2=w2), F.silu(F.linear(xd, wd)) * F.linear(xd, w2d)),
+    }
+    for cfg in CONFIGS * 2:  # twice: the split-K arrival counters must be back at zero after every launch
+        for name, (run, want) in cases.items():
+            got = run(cfg)
+            assert got.shape == (M, N) and got.dtype == dtype
+            assert _rel(got, want) < TOL[dtype], (name, cfg)
+        r = r0.clone()
+        out = FM.launch(x, w, b, cfg, residual=r)
+        assert out.data_ptr() == r.data_ptr()  # in place
+        assert _rel(r, r0.double() + F.linear(xd, wd, b.double())) < TOL[dtype], ("residual", cfg)
     assert int(K._COUNTERS[x.device].abs().sum()) == 0
+    with pytest.raises(ValueError, match="residual must be"):
+        FM.launch(x, w, None, CONFIGS[0], residual=r0.t())
+
+
+def test_table_lookup_and_fallbacks(monkeypatch):
+    """One table decides: exact (kind, N, K, row bucket) entries, cuBLAS for anything else (and for fp32)."""
+    assert [FM.bucket(m) for m in (1, 2, 8, 9, 16, 17, 33, 64, 65)] == [1, 8, 8, 16, 16, 32, 64, 64, 0]
+    cfg = C(True, 64, 128, 1, 4, 4)
+    monkeypatch.setattr(FM, "TABLE", {("mm", 96, 128, 8): cfg})
+    assert FM.choose("mm", 5, 96, 128) == cfg and FM.choose("mm", 9, 96, 128) is None
+    assert FM.choose("mm", 5, 96, 256) is None and FM.choose("glu", 5, 96, 128) is None
+    x, w = torch.randn(5, 128), torch.randn(96, 128)
+    assert not FM.usable(x, w)  # fp32 takes cuBLAS (and on CPU without the interpreter nothing runs)
+    torch.testing.assert_close(FM.linear(x, w), F.linear(x, w))
+    assert FM.glu(x, w, w) is None
+    c = FM.default_config(2048, 1536)
+    assert 1536 % (c.bk * c.split) == 0 and c.split * -(-2048 // c.bn) >= 128
 
 
 def test_fused_linear_groups():
@@ -272,22 +269,69 @@ def test_fused_linear_groups():
     assert FL.gate_up_of(w.layers[0])[0].shape == w.layers[0].gate_up[0].shape  # separate tensors as they are
     wn = extract(_lora(tiny_model("qwen2"), seed=1), lora_merge="none")
     assert FL.plain(wn.layers[0], wn.act) == dict(qkv=False, o=False, gate_up=False, down=False)
-    assert set(FL.describe(wn, wn.act).values()) == {f"reference ops (cuBLAS) at <= {FL.MAX_ROWS} rows"}
+    d = FL.describe(wn, torch.device("cpu"), force=True)
+    assert {v for row in d.values() for v in row.values()} == {"cuBLAS"}
     wf = extract(tiny_model("qwen2"), fuse=True)
     gate, up = FL.gate_up_of(wf.layers[0])  # halves of the fused owned copy
     assert gate.shape == up.shape and up.data_ptr() > gate.data_ptr()
     assert FL.plain(wf.layers[0], torch.nn.GELU())["gate_up"] is False  # SwiGLU only
 
 
+def _tiny_table(w) -> dict:
+    """fast_matmul.TABLE entries for the tiny model's shapes at <= 16 rows (the fused forms) and 32 (plain)."""
+    L, t = w.layers[0], {}
+    gate = FL.gate_up_of(L)[0]
+    for b in (1, 8, 16):
+        t.update({("norm", *q.shape, b): CONFIGS[b % 3] for q in L.qkv})
+        t[("norm_glu", *gate.shape, b)] = CONFIGS[1]
+        t.update({("res", *m.shape, b): CONFIGS[(b + 1) % 3] for m in (L.o, L.down)})
+    t.update({("mm", *m.shape, 32): CONFIGS[2] for m in (*L.qkv, L.o, L.down)})
+    t[("glu", *gate.shape, 32)] = CONFIGS[3]
+    return t
+
+
+def test_matmul_path_selection():
+    model, tok = tiny_model("qwen3"), char_tokenizer()
+    assert FastRollout(model, tok, attention="sdpa").describe()["matmuls"] == "cuBLAS + reference ops"
+    if K.triton is not None:
+        assert FastRollout(model, tok, attention="sdpa").matmul == "cublas"
+    with pytest.raises(ValueError, match="fused_linear=True needs the triton attention path"):
+        FastRollout(model, tok, attention="sdpa", fused_linear=True)
+
+
 @needs_kernels
-@pytest.mark.parametrize("fused_linear", [True, False])
-def test_fused_linear_engine_matches_reference_path(fused_linear):
-    """Sampled tokens and log-probs of the fused-matmul engine against the SDPA / cuBLAS reference path."""
+@pytest.mark.parametrize("fused_linear,rows", [(None, (2, 6)), (True, (2,)), (False, (2,))])
+def test_engine_matmul_paths_match_reference_path(monkeypatch, fused_linear, rows):
+    """Sampled tokens and log-probs of the engine on each matmul path (the table's kernels: fused at <= 16 rows,
+    plain at 32; every group forced onto the fused kernels; cuBLAS) against the SDPA / cuBLAS reference path,
+    and which kernel forms actually ran."""
     model, tok = tiny_model("qwen3", DEV), char_tokenizer()
-    s = SamplingConfig(max_new_tokens=10, seed=4)
-    eng = FastRollout(model, tok, attention="triton", fused_linear=fused_linear, fuse_weights=True)
-    assert isinstance(eng.describe()["matmuls"], dict) == fused_linear
-    out = eng.generate(PROMPTS, 2, s)
-    ref = FastRollout(model, tok, attention="sdpa").generate(PROMPTS, 2, s)
-    assert rows_of(out) == rows_of(ref)
-    torch.testing.assert_close(out.logprobs, ref.logprobs, atol=1e-4, rtol=1e-4)
+    s = SamplingConfig(max_new_tokens=6, seed=4)
+    eng = FastRollout(model, tok, attention="triton", fused_linear=fused_linear, fuse_weights=True, max_batch=24)
+    monkeypatch.setattr(FM, "TABLE", _tiny_table(eng.w))
+    monkeypatch.setattr(FM, "DTYPES", (torch.float32, torch.float16, torch.bfloat16))  # the tiny model is fp32
+    ran, launch = [], FM.launch
+
+    def counted(x, w, b, cfg, w2=None, out=None, ln=None, eps=0.0, residual=None):
+        ran.append(("norm" if ln is not None else "") + ("glu" if w2 is not None else "")
+                   + ("res" if residual is not None else "") or "mm")
+        return launch(x, w, b, cfg, w2, out, ln, eps, residual)
+
+    monkeypatch.setattr(FM, "launch", counted)
+    d = eng.describe()["matmuls"]
+    if fused_linear is False:
+        assert d == "cuBLAS + reference ops"
+    else:
+        assert d["qkv"]["<=8 rows"].startswith("RMSNorm + matmul, triton")
+        assert d["gate_up"]["<=16 rows"].startswith("RMSNorm + matmul + SwiGLU, triton")
+        assert d["down"]["<=8 rows"].startswith("matmul + residual, triton") and d["o"][">64 rows"] == "cuBLAS"
+    ref = FastRollout(model, tok, attention="sdpa")
+    for n in rows:  # 8 rows: the fused layers; 24 (the table): its plain kernels at 32 rows
+        ran.clear()
+        out, want = eng.generate(PROMPTS, n, s), ref.generate(PROMPTS, n, s)
+        assert rows_of(out) == rows_of(want)
+        torch.testing.assert_close(out.logprobs, want.logprobs, atol=1e-4, rtol=1e-4)
+        expect = (set() if fused_linear is False else {"norm", "normglu", "res"} if n == 2 or fused_linear
+                  else {"mm", "glu"})
+        assert set(ran) == expect, (n, set(ran))
+    assert all(int(c.abs().sum()) == 0 for c in K._COUNTERS.values())  # every arrival counter reset

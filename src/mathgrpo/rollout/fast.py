@@ -46,7 +46,7 @@ class FastRollout:
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
                  fuse_weights: bool = False, lora_merge: str = "copy", compile_pointwise: bool | None = None,
                  prefill_tokens: int = 16384, check_every: int = 16, attention: str = "auto",
-                 fused_linear: bool = False, compact: bool = True):
+                 fused_linear: bool | None = None, compact: bool = True):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
         decode steps (default: on for CUDA); kv_bucket: attention length granularity of the sdpa path (default
@@ -60,9 +60,12 @@ class FastRollout:
         attention: decode attention path, "triton" (fast_kernels: fused RoPE + KV write, flash-decoding over
         the filled columns, one CUDA graph per batch size for every length), "sdpa" (the reference: SDPA over
         length buckets, one graph per (batch, bucket)) or "auto" (triton where it can run, else sdpa); the
-        path taken is `self.attention`; fused_linear: on the triton path, run the layers of batches of at most
-        fast_linear.MAX_ROWS rows on fast_linear's fused skinny-matmul kernels and fast_kernels.rope_attend
-        (opt-in: measured slower than cuBLAS + the attention pair on the H200, see docs/benchmarks.md);
+        path taken is `self.attention`; fused_linear: the decode step's matmuls on the triton path: None (the
+        default) takes fast_matmul's skinny-matmul kernel, fused with RMSNorm / SwiGLU / the residual add
+        (fast_linear), for each (shape, row bucket) where its table (measured on the H200) says it beats cuBLAS,
+        and cuBLAS elsewhere; True takes the fused kernels for every group they can read at <= 64 rows (also
+        shapes the table lacks, and fp32); False takes cuBLAS + the reference pointwise ops everywhere (the
+        reference). `describe()["matmuls"]` says which matmul each group takes per row bucket;
         compact: drop finished rows from the decode batch at each stop check (the live rows move to the front,
         and the step runs at the smaller batch size once they fit one: real completions are uneven, and a
         batch would otherwise run every row to the longest one's length)."""
@@ -91,7 +94,9 @@ class FastRollout:
                                                               and self.device.type == "cuda") else "sdpa"
         if fused_linear and self.attention != "triton":
             raise ValueError("FastRollout: fused_linear=True needs the triton attention path")
-        self.fused_linear = bool(fused_linear)
+        self.fused_linear = fused_linear
+        self.matmul = ("cublas" if self.attention != "triton" or fused_linear is False
+                       else "force" if fused_linear else "table")
         # The sdpa path captures one graph per (batch, length bucket): shrinking batches would multiply them.
         self.compact = compact and (not self.graphs or self.attention == "triton")
         self.compactions = 0  # times a batch shrank (finished rows dropped)
@@ -132,7 +137,8 @@ class FastRollout:
 
     def describe(self) -> dict:
         """Which path this engine takes: attention kernels, CUDA graphs, and how each weight group is read."""
-        matmuls = fast_linear.describe(self.w, self.w.act) if self.fused_linear else "cuBLAS + reference ops"
+        matmuls = (fast_linear.describe(self.w, self.device, self.matmul == "force") if self.matmul != "cublas"
+                   else "cuBLAS + reference ops")
         return {"attention": self.attention, "cuda_graphs": self.graphs, "lora_merge": self.lora_merge,
                 "compiled_pointwise": self.ops is not EAGER_OPS, "weights": dict(self.w.plan), "matmuls": matmuls}
 
@@ -206,8 +212,7 @@ class FastRollout:
     def _step(self, rows: int, n_cols: int) -> None:
         splits = fast_kernels.splits_for(rows, self.w.n_kv, self.device) if self.attention == "triton" else 0
         h = decode_step(self.w, self.k_cache, self.v_cache, self._tok[:rows], self._pos[:rows], self._col,
-                        self._pad[:rows], n_cols, self.cos, self.sin, self.ops, splits,
-                        fused=self.fused_linear and rows <= fast_linear.MAX_ROWS)
+                        self._pad[:rows], n_cols, self.cos, self.sin, self.ops, splits, self.matmul)
         logits_into(self.w, h, self._logits)
 
     def _decode(self, rows: int, n_cols: int) -> None:

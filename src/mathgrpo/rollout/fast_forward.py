@@ -58,29 +58,31 @@ def compiled_ops() -> dict:
 
 
 def _project(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None],
-             lora: LowRank | None = None) -> torch.Tensor:
+             lora: LowRank | None = None, lin=F.linear) -> torch.Tensor:
     """Output of a projection group, concatenated ([q; k; v], [gate; up]): one matmul when fused, plus the
-    unmerged LoRA delta (two small matmuls for the whole group) when there is one."""
-    outs = [F.linear(x, w() if isinstance(w, Dequant) else w, b) for w, b in zip(ws, bs)]
+    unmerged LoRA delta (two small matmuls for the whole group) when there is one. lin: the matmul
+    (F.linear, or fast_matmul.linear on the decode step's table-driven path)."""
+    outs = [lin(x, w() if isinstance(w, Dequant) else w, b) for w, b in zip(ws, bs)]
     y = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
     if lora is not None:
         y = y + F.linear(F.linear(x, lora.A), lora.B)
     return y
 
 
-def _project_parts(x: torch.Tensor, ws: list, bs: list, lora: LowRank | None, sizes: list[int] | None = None):
+def _project_parts(x: torch.Tensor, ws: list, bs: list, lora: LowRank | None, sizes: list[int] | None = None,
+                   lin=F.linear):
     """The group's outputs one per module (q, k, v; gate, up): views of the fused output (split by `sizes`, or
     in equal halves), or the separate matmuls' own outputs (no concatenation)."""
     if len(ws) == 1 or lora is not None:
-        y = _project(x, ws, bs, lora)
+        y = _project(x, ws, bs, lora, lin)
         return y.split(sizes, -1) if sizes else y.chunk(2, -1)
-    return [F.linear(x, w() if isinstance(w, Dequant) else w, b) for w, b in zip(ws, bs)]
+    return [lin(x, w() if isinstance(w, Dequant) else w, b) for w, b in zip(ws, bs)]
 
 
 def _attention_inputs(L: LayerWeights, w: GenWeights, h: torch.Tensor, cos, sin, ops):
     """q [.., H, D] and k, v [.., KV, D] after the q/k norms (Qwen3) and RoPE."""
     H, KV, D = w.n_heads, w.n_kv, w.head_dim
-    qkv = _project(h, L.qkv, L.qkv_bias, L.qkv_lora).unflatten(-1, (H + 2 * KV, D))  # [.., H+2KV, D]
+    qkv = _project(h, L.qkv, L.qkv_bias, L.qkv_lora, ops.get("linear", F.linear)).unflatten(-1, (H + 2 * KV, D))
     qk, v = qkv[..., :H + KV, :], qkv[..., H + KV:, :]
     if L.q_norm is not None:
         rms = ops["rms"]
@@ -90,8 +92,11 @@ def _attention_inputs(L: LayerWeights, w: GenWeights, h: torch.Tensor, cos, sin,
 
 
 def _mlp(L: LayerWeights, w: GenWeights, h: torch.Tensor, ops) -> torch.Tensor:
-    gate, up = _project_parts(h, L.gate_up, L.gate_up_bias, L.gate_up_lora)
-    return _project(ops["glu"](gate, up, w.act), [L.down], [L.down_bias], L.down_lora)
+    lin = ops.get("linear", F.linear)
+    g = ops["glu_mm"](L, w.act, h) if "glu_mm" in ops else None  # fast_matmul's matmul + SwiGLU, where it has one
+    if g is None:
+        g = ops["glu"](*_project_parts(h, L.gate_up, L.gate_up_bias, L.gate_up_lora, lin=lin), w.act)
+    return _project(g, [L.down], [L.down_bias], L.down_lora, lin)
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -106,41 +111,48 @@ def reference_attention(w: GenWeights, cos: torch.Tensor, sin: torch.Tensor, att
 
 def run_layers(w: GenWeights, x: torch.Tensor, attention: Attention, ops: dict = EAGER_OPS) -> torch.Tensor:
     """x [.., hidden] -> final-normed hidden [.., hidden]; `attention(layer, weights, normed x) -> [.., H*D]`."""
-    add_rms = ops["add_rms"]
+    add_rms, lin = ops["add_rms"], ops.get("linear", F.linear)
     h = ops["rms"](x, w.layers[0].ln1, w.eps)
     for i, L in enumerate(w.layers):
-        x, h = add_rms(x, _project(attention(i, L, h), [L.o], [L.o_bias], L.o_lora), L.ln2, w.eps)
+        x, h = add_rms(x, _project(attention(i, L, h), [L.o], [L.o_bias], L.o_lora, lin), L.ln2, w.eps)
         nxt = w.layers[i + 1].ln1 if i + 1 < len(w.layers) else w.norm  # next norm fused with this residual
         x, h = add_rms(x, _mlp(L, w, h, ops), nxt, w.eps)
     return h
 
 
-def fused_layers(w: GenWeights, x: torch.Tensor, attention: Attention, ops: dict = EAGER_OPS) -> torch.Tensor:
-    """The decode step's layers on fast_linear's kernels (small batches on the Triton path): RMSNorm inside the
-    q/k/v and gate/up matmuls, SwiGLU inside gate/up, bias + residual add inside o and down (x updated in
-    place). A group the kernels cannot read (`fast_linear.plain`) takes the reference ops.
+def fused_layers(w: GenWeights, x: torch.Tensor, attention: Attention, ops: dict = EAGER_OPS,
+                 force: bool = False) -> torch.Tensor:
+    """The decode step's layers with fast_linear's fused kernels where fast_matmul.TABLE (or `force`) gives one:
+    RMSNorm inside the q/k/v and gate/up matmuls, SwiGLU inside gate/up, bias + residual add inside o and down
+    (x updated in place). Any other group takes the reference ops (ops["linear"] for its matmul).
     `attention(layer, weights, q/k/v projection output [B, (H+2KV)*D]) -> [B, H*D]`."""
     from . import fast_linear as FL
 
-    rms = ops["rms"]
+    rms, lin = ops["rms"], ops.get("linear", F.linear)
     for i, L in enumerate(w.layers):
-        ok = FL.plain(L, w.act)
-        qkv = (FL.norm_linear(x, L.ln1, L.qkv, L.qkv_bias, w.eps) if ok["qkv"]
-               else _project(rms(x, L.ln1, w.eps), L.qkv, L.qkv_bias, L.qkv_lora))
+        c = FL.layer_configs(L, w.act, x, force)
+        qkv = (FL.norm_linear(x, L.ln1, L.qkv, L.qkv_bias, w.eps, c["qkv"]) if c["qkv"]
+               else _project(rms(x, L.ln1, w.eps), L.qkv, L.qkv_bias, L.qkv_lora, lin))
         a = attention(i, L, qkv)
-        if ok["o"]:
-            x = FL.linear_residual(a, L.o, L.o_bias, x)
-        else:
-            x = x + _project(a, [L.o], [L.o_bias], L.o_lora)
-        if ok["gate_up"]:
-            g = FL.norm_glu(x, L.ln2, *FL.gate_up_of(L), w.eps)
-        else:
-            g = ops["glu"](*_project_parts(rms(x, L.ln2, w.eps), L.gate_up, L.gate_up_bias, L.gate_up_lora), w.act)
-        if ok["down"]:
-            x = FL.linear_residual(g, L.down, L.down_bias, x)
-        else:
-            x = x + _project(g, [L.down], [L.down_bias], L.down_lora)
+        x = (FL.linear_residual(a, L.o, L.o_bias, x, c["o"]) if c["o"]
+             else x + _project(a, [L.o], [L.o_bias], L.o_lora, lin))
+        g = (FL.norm_glu(x, L.ln2, *FL.gate_up_of(L), w.eps, c["gate_up"]) if c["gate_up"] else
+             ops["glu"](*_project_parts(rms(x, L.ln2, w.eps), L.gate_up, L.gate_up_bias, L.gate_up_lora, lin=lin),
+                        w.act))
+        x = (FL.linear_residual(g, L.down, L.down_bias, x, c["down"]) if c["down"]
+             else x + _project(g, [L.down], [L.down_bias], L.down_lora, lin))
     return rms(x, w.norm, w.eps)
+
+
+def table_ops(ops: dict) -> dict:
+    """`ops` with fast_matmul's plain kernels as the matmuls (and matmul + SwiGLU) where its TABLE has them."""
+    from . import fast_linear as FL
+    from . import fast_matmul as FM
+
+    def glu_mm(L: LayerWeights, act, h: torch.Tensor):
+        return FM.glu(h, *FL.gate_up_of(L)) if FL.plain(L, act)["gate_up"] else None
+
+    return {**ops, "linear": FM.linear, "glu_mm": glu_mm}
 
 
 def logits_into(w: GenWeights, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -183,28 +195,39 @@ def prefill(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, ids: torch.Tensor
 
 def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor,
                 col: torch.Tensor, pad: torch.Tensor, n_cols: int, cos_t: torch.Tensor,
-                sin_t: torch.Tensor, ops: dict = EAGER_OPS, splits: int = 0, fused: bool = False) -> torch.Tensor:
+                sin_t: torch.Tensor, ops: dict = EAGER_OPS, splits: int = 0, matmul: str = "cublas") -> torch.Tensor:
     """One token per row: tokens, pos, pad [B]; col [1] the cache column to write (same for all rows).
     Attends over cache columns [pad_b, col]. Returns hidden [B, hidden].
 
     splits > 0: the Triton path (fast_kernels: RoPE + KV write in one kernel, flash-decoding over `splits`
     slices of the filled columns, n_cols unused); splits == 0: the reference path (SDPA over the first
-    n_cols columns with a mask). fused (Triton path only): the layers run on fast_linear's kernels."""
+    n_cols columns with a mask). matmul (Triton path only): "cublas" (cuBLAS + the reference pointwise ops),
+    "table" (fast_matmul.TABLE's kernels, fused with their neighbours where it has the fused forms, cuBLAS
+    elsewhere) or "force" (the fused kernels for every group they can read, at <= fast_matmul.MAX_ROWS rows)."""
     B = tokens.shape[0]
     H, KV, D = w.n_heads, w.n_kv, w.head_dim
     x = F.embedding(tokens, w.embed)  # [B, hidden]
     if splits:
         from . import fast_kernels as K
 
-        if fused:  # qkv [B, (H+2KV)*D]: RoPE, KV write, attention and split merge in one launch
-            return fused_layers(w, x, lambda i, L, qkv: K.rope_attend(
-                qkv, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], pad, col, w.scaling, H, splits), ops)
         sizes = [H * D, KV * D, KV * D]
 
-        def attention(i, L, h):
-            q, k, v = _project_parts(h, L.qkv, L.qkv_bias, L.qkv_lora, sizes)
+        def attend_parts(i, L, q, k, v):
             q = K.rope_write(q, k, v, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], col, H, KV)
             return K.attend(q, kc[i], vc[i], pad, col, w.scaling, splits)
+
+        if matmul != "cublas":
+            from . import fast_linear as FL
+
+            force = matmul == "force"
+            if FL.any_fused(w, x, force):  # qkv [B, (H+2KV)*D] from the fused q/k/v kernel
+                return fused_layers(w, x, lambda i, L, qkv: attend_parts(i, L, *qkv.split(sizes, -1)),
+                                    table_ops(ops), force)
+            ops = table_ops(ops)
+
+        def attention(i, L, h):
+            return attend_parts(i, L, *_project_parts(h, L.qkv, L.qkv_bias, L.qkv_lora, sizes,
+                                                       ops.get("linear", F.linear)))
 
         return run_layers(w, x, attention, ops)
     cols = torch.arange(n_cols, device=tokens.device)

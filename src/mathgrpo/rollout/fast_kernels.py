@@ -13,9 +13,10 @@ norms), the two `index_copy_` KV writes, the attention mask built per step and S
   and a short batch still spreads over every multiprocessor. A second small kernel merges the splits'
   partial softmax sums.
 
-`rope_attend` does all of it in one launch (used with `fused_linear`): each program rotates its KV head's
-query heads itself, the split holding column `col` writes this step's k/v there before reading it, and the
-last split of a (row, KV head) to finish (an atomic arrival counter, `counters`) merges the partials.
+`rope_attend` does all of it in one launch (not used by the engine; benchmarks/decode_variants.py times it):
+each program rotates its KV head's query heads itself, the split holding column `col` writes this step's k/v
+there before reading it, and the last split of a (row, KV head) to finish (an atomic arrival counter,
+`counters`) merges the partials.
 Measured on the H200 it matches the pair at 2k columns but is slower at 16k (docs/benchmarks.md), which is
 why the default path keeps the pair.
 

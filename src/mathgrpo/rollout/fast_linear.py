@@ -1,24 +1,21 @@
-"""Skinny-matmul Triton kernels of the `fast` engine's decode step (rows <= MAX_ROWS), fused with their neighbours.
+"""The decode step's projections with their neighbours fused in, on fast_matmul's skinny-matmul kernel.
 
-At decode time a layer's matmuls have 1-64 rows: they are bound by reading the weights and, at this size, by
-launch latency, so each pointwise kernel between them costs about as much as its bytes are worth. Three
-kernels replace the reference's RMSNorm, the projections, SwiGLU, the bias and the residual adds of a layer:
+At decode time a layer's matmuls have 1-64 rows and each pointwise kernel between them costs 1.3-2 us inside a
+CUDA graph (measured on the H200, docs/benchmarks.md). Three fused forms replace RMSNorm, SwiGLU, the bias and
+the residual adds of a layer (10 kernels a layer with the attention pair become 7):
 
-- `norm_linear`: y = RMSNorm(x) @ W.T (+ b) (q/k/v). The norm is a prologue: each program multiplies the
-  x chunks it loads by the norm weight and sums their squares on the way, and scales its accumulator by
-  the row's 1/rms at the end (the same x chunks serve both: no extra read, no normed copy of x).
-- `norm_glu`: act(RMSNorm(x) @ Wg.T) * (RMSNorm(x) @ Wu.T) (gate/up + SwiGLU): each program holds a gate and
-  an up accumulator for the same output columns; the fused owned copy ([gate; up]) and the model's own
-  separate tensors are read alike (two pointers), so nothing has to be interleaved.
-- `linear_residual`: x += a @ W.T (+ b), in place (o and down). Split over K so that a 1,536-column output
-  still spreads over every multiprocessor: each split stores its fp32 partial, and the last split of an
-  output tile to finish (an atomic counter per tile, reset by that program) sums the partials in a fixed
-  order and adds bias and residual: one launch, deterministic, no separate reduction kernel.
+- `norm_linear`: RMSNorm(x) @ W.T (+ b) (q/k/v), the norm as the kernel's prologue (kind "norm");
+- `norm_glu`: SiLU(RMSNorm(x) @ Wg.T) * (RMSNorm(x) @ Wu.T) (gate/up + SwiGLU; kind "norm_glu"): gate and up
+  read through two pointers, so the owned fused copy ([gate; up]) and the model's separate tensors both work;
+- `linear_residual`: x += a @ W.T (+ b), in place (o and down; kind "res").
 
-The tile shapes come from `config` (measured per shape on the H200 with `benchmarks/decode.py --variants`).
-Without Triton, with more rows (cuBLAS wins once the weights are reused across many rows), or for a group
+Measured on the H200, the RMSNorm prologue makes the kernel slower than cuBLAS plus the kernels it saves, so
+fast_matmul.TABLE has no "norm", "norm_glu" or "res" rows and the default decode path takes none of these
+(it takes fast_matmul's plain kernel and its SwiGLU epilogue, through the reference layers in fast_forward).
+Whether a group takes its fused kernel is fast_matmul.TABLE's call per (kind, N, K, row bucket) (`config`);
+with `force` (FastRollout(fused_linear=True)) a shape the table lacks takes `fast_matmul.default_config`. A group
 that `plain` rejects (low-rank LoRA pairs, weights dequantised per use, a bias on gate/up, a non-SiLU
-activation), the engine keeps the reference ops for that group (`describe` says which).
+activation) or the table does not cover takes the reference ops (cuBLAS and the pointwise kernels).
 """
 
 from __future__ import annotations
@@ -26,175 +23,40 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .fast_kernels import _pow2, counters, triton
+from . import fast_matmul as FM
 from .fast_weights import LayerWeights
 
-MAX_ROWS = 64  # graph batch sizes up to this take the kernels below; more rows: cuBLAS
-
-if triton is not None:
-    import triton.language as tl
-
-    @triton.jit
-    def _norm_linear_kernel(x_ptr, sx, ln_ptr, w1_ptr, w2_ptr, sw, b_ptr, y_ptr, sy, ws_ptr, ss_ptr, cnt_ptr,
-                            M, N, K, eps, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                            GLU: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
-        pn = tl.program_id(0)
-        pk = tl.program_id(1)
-        rm = tl.arange(0, BM)
-        rn = pn * BN + tl.arange(0, BN)
-        mm, nm = rm < M, rn < N
-        kper = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK
-        acc1 = tl.zeros([BM, BN], tl.float32)
-        acc2 = tl.zeros([BM, BN], tl.float32)
-        ss = tl.zeros([BM], tl.float32)
-        for k0 in range(pk * kper, tl.minimum(pk * kper + kper, K), BK):
-            rk = k0 + tl.arange(0, BK)
-            km = rk < K
-            x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
-            xf = x.to(tl.float32)
-            ss += tl.sum(xf * xf, 1)
-            xn = (xf * tl.load(ln_ptr + rk, mask=km, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
-            w_off = rn[:, None] * sw + rk[None, :]
-            w_mask = nm[:, None] & km[None, :]
-            acc1 += tl.dot(xn, tl.trans(tl.load(w1_ptr + w_off, mask=w_mask, other=0.0)), input_precision=PREC)
-            if GLU:
-                acc2 += tl.dot(xn, tl.trans(tl.load(w2_ptr + w_off, mask=w_mask, other=0.0)), input_precision=PREC)
-        if SPLIT > 1:  # as linear_residual: partials, and the last split of a tile sums them (and the squares)
-            tile = rm[:, None] * N + rn[None, :]
-            tm = mm[:, None] & nm[None, :]
-            tl.store(ws_ptr + pk * BM * N + tile, acc1, mask=tm)
-            if GLU:
-                tl.store(ws_ptr + (SPLIT + pk) * BM * N + tile, acc2, mask=tm)
-            tl.store(ss_ptr + pk * BM + rm, ss)  # the same values from every tile of this split
-            tl.debug_barrier()
-            if tl.atomic_add(cnt_ptr + pn, 1, sem="acq_rel") != SPLIT - 1:
-                return
-            acc1 = tl.zeros([BM, BN], tl.float32)
-            acc2 = tl.zeros([BM, BN], tl.float32)
-            ss = tl.zeros([BM], tl.float32)
-            for s in tl.static_range(SPLIT):
-                acc1 += tl.load(ws_ptr + s * BM * N + tile, mask=tm, other=0.0, cache_modifier=".cg")
-                if GLU:
-                    acc2 += tl.load(ws_ptr + (SPLIT + s) * BM * N + tile, mask=tm, other=0.0, cache_modifier=".cg")
-                ss += tl.load(ss_ptr + s * BM + rm, cache_modifier=".cg")
-            tl.store(cnt_ptr + pn, 0)
-        r = tl.rsqrt(ss / K + eps)[:, None]  # [BM, 1]
-        y = acc1 * r
-        if GLU:  # SiLU(gate) * up, in fp32
-            y = y * tl.sigmoid(y) * (acc2 * r)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
-
-    @triton.jit
-    def _linear_residual_kernel(a_ptr, sa, w_ptr, sw, b_ptr, x_ptr, sx, ws_ptr, cnt_ptr, M, N, K,
-                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                                HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
-        pn = tl.program_id(0)
-        pk = tl.program_id(1)
-        rm = tl.arange(0, BM)
-        rn = pn * BN + tl.arange(0, BN)
-        mm, nm = rm < M, rn < N
-        kper = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK
-        acc = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(pk * kper, tl.minimum(pk * kper + kper, K), BK):
-            rk = k0 + tl.arange(0, BK)
-            km = rk < K
-            a = tl.load(a_ptr + rm[:, None] * sa + rk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
-            w = tl.load(w_ptr + rn[:, None] * sw + rk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-            acc += tl.dot(a, tl.trans(w), input_precision=PREC)
-        tile = rm[:, None] * N + rn[None, :]
-        if SPLIT > 1:
-            tl.store(ws_ptr + pk * BM * N + tile, acc, mask=mm[:, None] & nm[None, :])
-            tl.debug_barrier()  # every thread's partial is stored before the counter moves
-            if tl.atomic_add(cnt_ptr + pn, 1, sem="acq_rel") != SPLIT - 1:
-                return  # not the last split of this tile: that one finishes it
-            acc = tl.zeros([BM, BN], tl.float32)
-            for s in tl.static_range(SPLIT):  # fixed order: the same sum on every replay
-                acc += tl.load(ws_ptr + s * BM * N + tile, mask=mm[:, None] & nm[None, :], other=0.0,
-                               cache_modifier=".cg")
-            tl.store(cnt_ptr + pn, 0)  # ready for the next launch (or graph replay)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
-        x_off = x_ptr + rm[:, None] * sx + rn[None, :]
-        x = tl.load(x_off, mask=mm[:, None] & nm[None, :], other=0.0)
-        tl.store(x_off, (x.to(tl.float32) + acc).to(x.dtype), mask=mm[:, None] & nm[None, :])
+MAX_ROWS = FM.MAX_ROWS
 
 
-# (kind, BM, N, K) -> (BN, BK, SPLIT, num_warps, num_stages), BM the row tile (16, 32 or 64); kind: norm
-# (norm_linear), glu (norm_glu), residual (linear_residual). Any other shape takes `_default`.
-CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int, int, int]] = {}
-
-
-def _default(kind: str, M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
-    """The tiles: 32 output columns a program, and K split until there are about four programs per
-    multiprocessor (the K loop is latency-bound at this size: more programs in flight, more bytes in flight)."""
-    bn = 32
-    tiles = -(-N // bn)
-    split = max(1, min(16, _pow2(-(-528 // tiles)), K // 256))
-    return bn, 128, split, 4, 3
-
-
-def config(kind: str, M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
-    return CONFIGS.get((kind, max(16, _pow2(M)), N, K)) or _default(kind, M, N, K)
-
-
-def _prec(x: torch.Tensor) -> str:
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+def config(kind: str, x: torch.Tensor, w: torch.Tensor, force: bool = False) -> FM.Config | None:
+    """The kernel configuration of a fused `kind` for x [M, K] @ w [N, K].T, None for the reference ops."""
+    if not FM.usable(x, w, any_dtype=force):
+        return None
+    cfg = FM.choose(kind, x.shape[0], *w.shape)
+    return cfg or (FM.default_config(*w.shape) if force and FM.bucket(x.shape[0]) else None)
 
 
 def norm_linear(x: torch.Tensor, ln: torch.Tensor, ws: list[torch.Tensor], bs: list, eps: float,
-                cfg: tuple | None = None) -> torch.Tensor:
+                cfgs: list[FM.Config]) -> torch.Tensor:
     """RMSNorm(x; ln) @ [W_1; W_2; ...].T (+ biases) for x [M, K] -> [M, sum N_i] (one launch per tensor)."""
-    M, K = x.shape
     sizes = [w.shape[0] for w in ws]
-    y = torch.empty(M, sum(sizes), dtype=x.dtype, device=x.device)
-    for w, b, part in zip(ws, bs, y.split(sizes, -1)):
-        _launch_norm(x, ln, w, w, b, part, eps, False, cfg or config("norm", M, w.shape[0], K))
+    y = torch.empty(x.shape[0], sum(sizes), dtype=x.dtype, device=x.device)
+    for w, b, cfg, part in zip(ws, bs, cfgs, y.split(sizes, -1)):
+        FM.launch(x, w, b, cfg, out=part, ln=ln, eps=eps)
     return y
-
-
-def _launch_norm(x, ln, w1, w2, b, y, eps: float, glu: bool, cfg: tuple) -> None:
-    M, K = x.shape
-    N = w1.shape[0]
-    bn, bk, split, warps, stages = cfg
-    BM = max(16, _pow2(M))
-    tiles = triton.cdiv(N, bn)
-    f32 = torch.float32
-    ws = torch.empty((2 if glu else 1) * split, BM, N, dtype=f32, device=x.device) if split > 1 else y
-    ss = torch.empty(split, BM, dtype=f32, device=x.device) if split > 1 else y
-    _norm_linear_kernel[(tiles, split)](
-        x, x.stride(0), ln, w1, w2, w1.stride(0), b if b is not None else w1, y, y.stride(0), ws, ss,
-        counters(x.device, tiles), M, N, K, eps, BM=BM, BN=bn, BK=bk, SPLIT=split, GLU=glu, HAS_BIAS=b is not None,
-        PREC=_prec(x), num_warps=warps, num_stages=stages)
 
 
 def norm_glu(x: torch.Tensor, ln: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, eps: float,
-             cfg: tuple | None = None) -> torch.Tensor:
-    """SiLU(RMSNorm(x) @ gate.T) * (RMSNorm(x) @ up.T) for x [M, K], gate/up [I, K] (same row stride) -> [M, I]."""
-    M, K = x.shape
-    N = gate.shape[0]
-    assert up.shape == gate.shape and up.stride() == gate.stride()
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _launch_norm(x, ln, gate, up, None, y, eps, True, cfg or config("glu", M, N, K))
-    return y
+             cfg: FM.Config) -> torch.Tensor:
+    """SiLU(RMSNorm(x) @ gate.T) * (RMSNorm(x) @ up.T) for x [M, K], gate/up [I, K] (same strides) -> [M, I]."""
+    return FM.launch(x, gate, None, cfg, w2=up, ln=ln, eps=eps)
 
 
 def linear_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor,
-                    cfg: tuple | None = None) -> torch.Tensor:
+                    cfg: FM.Config) -> torch.Tensor:
     """x += a @ w.T (+ b), in place, for a [M, K], w [N, K], x [M, N]; returns x."""
-    M, K = a.shape
-    N = w.shape[0]
-    assert x.shape == (M, N) and x.stride(-1) == 1
-    bn, bk, split, warps, stages = cfg or config("residual", M, N, K)
-    BM = max(16, _pow2(M))
-    tiles = triton.cdiv(N, bn)
-    ws = torch.empty(split, BM, N, dtype=torch.float32, device=a.device) if split > 1 else x
-    _linear_residual_kernel[(tiles, split)](
-        a, a.stride(0), w, w.stride(0), b if b is not None else w, x, x.stride(0), ws, counters(a.device, tiles),
-        M, N, K, BM=BM, BN=bn, BK=bk, SPLIT=split, HAS_BIAS=b is not None, PREC=_prec(a), num_warps=warps,
-        num_stages=stages)
-    return x
+    return FM.launch(a, w, b, cfg, residual=x)
 
 
 # ----- which groups take the kernels ----------------------------------------------------------------------
@@ -222,10 +84,49 @@ def gate_up_of(L: LayerWeights) -> tuple[torch.Tensor, torch.Tensor]:
     return (gu[0], gu[1]) if len(gu) == 2 else tuple(gu[0].chunk(2, 0))
 
 
-def describe(w, act) -> dict[str, str]:
-    """Which kernels each group's decode matmuls take on the Triton path (rows <= MAX_ROWS)."""
-    kern = {"qkv": "triton RMSNorm+matmul", "o": "triton matmul+residual (split-K)",
-            "gate_up": "triton RMSNorm+matmul+SwiGLU", "down": "triton matmul+residual (split-K)"}
-    ok = [plain(L, act) for L in w.layers]
-    return {g: (kern[g] if all(o[g] for o in ok) else "reference ops (cuBLAS)" if not any(o[g] for o in ok)
-                else "mixed") + f" at <= {MAX_ROWS} rows" for g in kern}
+def layer_configs(L: LayerWeights, act, x: torch.Tensor, force: bool = False) -> dict:
+    """Per group of one layer at x's rows: the fused kernel's configuration(s), or None (reference ops)."""
+    ok = plain(L, act)
+    q = [config("norm", x, w, force) for w in L.qkv] if ok["qkv"] else [None]
+    gate = gate_up_of(L)[0] if ok["gate_up"] else None
+    return {"qkv": q if all(c is not None for c in q) else None,
+            "o": config("res", x, L.o, force) if ok["o"] else None,
+            "gate_up": config("norm_glu", x, gate, force) if gate is not None else None,
+            "down": config("res", x, L.down, force) if ok["down"] else None}
+
+
+def any_fused(w, x: torch.Tensor, force: bool = False) -> bool:
+    """Whether a batch of x's rows takes any fused kernel (else the reference layers, fast_matmul's plain
+    table inside)."""
+    return any(c is not None for c in layer_configs(w.layers[0], w.act, x, force).values())
+
+
+_KERNEL = {"qkv": "RMSNorm + matmul", "o": "matmul + residual", "gate_up": "RMSNorm + matmul + SwiGLU",
+           "down": "matmul + residual"}
+
+
+def describe(w, device: torch.device, force: bool = False) -> dict[str, dict[str, str]]:
+    """Which matmul each projection group of the decode step takes, per row bucket (CUDA-graph batches are
+    multiples of 8 rows): a fused kernel (its config), fast_matmul's plain kernel, or cuBLAS."""
+    L = w.layers[0]
+    gu = gate_up_of(L)
+    plain_shapes = {"qkv": [t.shape for t in L.qkv], "o": [L.o.shape], "gate_up": [t.shape for t in L.gate_up],
+                    "down": [L.down.shape]}
+    out: dict[str, dict[str, str]] = {g: {} for g in _KERNEL}
+    for b in FM.BUCKETS[1:]:
+        x = torch.empty(b, w.embed.shape[1], dtype=w.dtype, device=device)
+        cfgs = layer_configs(L, w.act, x, force)
+        for g in _KERNEL:
+            c = cfgs[g]
+            if c is not None:
+                out[g][f"<={b} rows"] = f"{_KERNEL[g]}, {c[0] if isinstance(c, list) else c}"
+                continue
+            if g == "gate_up" and FM.usable(x, *gu) and FM.choose("glu", b, *gu[0].shape):
+                out[g][f"<={b} rows"] = f"matmul + SwiGLU, {FM.choose('glu', b, *gu[0].shape)}"
+                continue
+            kinds = [str(FM.choose("mm", b, *s)) if FM.usable(x, x) and FM.choose("mm", b, *s) else "cuBLAS"
+                     for s in plain_shapes[g]]
+            out[g][f"<={b} rows"] = " | ".join(kinds) if set(kinds) != {"cuBLAS"} else "cuBLAS"
+    for g in _KERNEL:
+        out[g][f">{MAX_ROWS} rows"] = "cuBLAS"
+    return out
