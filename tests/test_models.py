@@ -143,3 +143,21 @@ def test_lora_inputs_stay_bf16_under_autocast(tiny_qwen_dir):
 def test_fused_kernels_on_a_cpu_model_are_a_clear_error(tiny_model_dir):
     with pytest.raises(ModelError, match="fuse_kernels: liger-kernel's Triton kernels need a CUDA model"):
         load_model(ModelConfig(name_or_path=tiny_model_dir, device="cpu", fuse_kernels=True), trainable=True)
+
+
+def test_loading_leaves_the_random_state_alone(tiny_model_dir, tmp_path):
+    """load_base draws no numbers from the global generators: transformers does for a tied weight missing from the
+    file (the GGUF's cached copy is written that way by _PlainWeights; the first conversion draws none), and the
+    LoRA init and sampling after loading must be the same whichever path ran."""
+    from transformers import AutoModelForCausalLM
+
+    from mathgrpo.loading import _PlainWeights, load_base
+
+    _PlainWeights(AutoModelForCausalLM.from_pretrained(tiny_model_dir)).save_pretrained(tmp_path / "cached")
+    for folder in (tiny_model_dir, tmp_path / "cached"):
+        torch.manual_seed(0)
+        want = torch.rand(4)
+        torch.manual_seed(0)
+        model = load_base(ModelConfig(name_or_path=str(folder), lora=False), torch.device("cpu"), torch.float32)
+        assert torch.equal(torch.rand(4), want), folder
+        assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)

@@ -126,6 +126,16 @@ def say(text: str) -> None:
 
 
 def load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """The base model of `cfg` on `device` in `dtype` (hub id, folder, GGUF via its converted cache, NF4).
+    Loading leaves the global random state as it found it: transformers draws random numbers for weights it then
+    overwrites on some paths (the GGUF's cached copy does, the first conversion does not), and the LoRA init and
+    sampling after it must not depend on which path ran (a fresh clone converts, every later run reads the cache)."""
+    cuda = [device] if device.type == "cuda" and torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        return _load_base(cfg, device, dtype)
+
+
+def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     folder, gguf = resolve_source(cfg)
