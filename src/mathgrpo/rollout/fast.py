@@ -318,8 +318,11 @@ class FastRollout:
         far, and their padding) and return the new graph batch size; the slots after them go unused. (The logits
         need no move: the step that follows writes them.)"""
         k, slots = keep.numel(), self._slots(keep.numel())
+        # Row by row, in place: a gathered copy of the live rows' cache would need up to the whole cache again.
+        moves = [(j, src) for j, src in enumerate(keep.tolist()) if j != src]
         for cache in (self.k_cache, self.v_cache):  # [layers, rows, kv_heads, length, head_dim]
-            cache[:, :k, :, :filled] = cache[:, keep, :, :filled]
+            for j, src in moves:  # ascending, src > j: every source is read before a later move writes over it
+                cache[:, j, :, :filled].copy_(cache[:, src, :, :filled])
         self._pad[:k] = self._pad[keep]
         self._pad[k:slots] = self._unused_pad()
         self.compactions += 1
