@@ -125,7 +125,7 @@ def force_fast_lengths(rollout, lengths: list[int], eos: int, cap: int) -> None:
     orig_run, orig_sample, step = rollout._run_batch, fast.sample, [0]
 
     def sample(logits, *a, **k):  # logits [n, V]: the decode slots in use, slot j holding row slot_rows[j]
-        rows = torch.arange(len(lengths), device=logits.device)[rollout.slot_rows]
+        rows = rollout.slot_rows  # a slice (all rows) or the row index of each slot
         end = (want[rows] - 1 == step[0]) & stops[rows]  # [n]: EOS is next
         logits[:, eos] = float("-inf")
         logits[end] = float("-inf")

@@ -286,8 +286,9 @@ class FastRollout:
         for i in range(s.max_new_tokens):
             tok, lp = sample(self._logits[:n], s, gen, self._pick)
             if eos.numel():
-                tok = tok.masked_fill(done[live], pad_id)
-                done[live] |= torch.isin(tok, eos)
+                fin = done[live]  # [n]: finished rows still in a slot emit padding
+                tok = tok.masked_fill(fin, pad_id)
+                done[live] = fin | torch.isin(tok, eos)
             out_tok[live, i] = tok
             out_lp[live, i] = lp
             if i + 1 == s.max_new_tokens:
