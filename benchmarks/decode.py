@@ -18,7 +18,9 @@ lora-copy / lora-in_place / lora-none (peft LoRA r=32 on all seven projections, 
 --linear: table (the engine's default: fast_matmul's kernels, fused with RMSNorm / SwiGLU / the residual add,
 where its table says they beat cuBLAS), cublas (`fused_linear=False`: cuBLAS + the reference pointwise ops) or
 fused (`fused_linear=True`: the fused kernels for every group at <= 64 rows). --table FILE: a skinny.py JSON
-whose winners replace fast_matmul.TABLE for this run.
+whose winners replace fast_matmul.TABLE for this run. --set: engine variants, each ':'-separated keys: pdl=0|1
+(programmatic dependent launch; default: where supported), block_n=, min_chunk= (attend's tiling), one=0|1
+(rope_attend: RoPE, KV write, attention and merge in one launch), e.g. `--set pdl=0 "" min_chunk=128:one=1`.
 """
 
 from __future__ import annotations
@@ -53,10 +55,26 @@ def build(shape: str, dtype, device, mode: str):
     return model
 
 
-def engine(model, args, mode: str, attention: str, rows: int, linear: str = "table"):
+VARIANT_KEYS = ("pdl", "block_n", "min_chunk", "one")
+
+
+def apply_variant(spec: str) -> dict:
+    """Set fast_kernels.ATTEND from a --set spec (defaults first); returns the engine options it gives (pdl)."""
+    from mathgrpo.rollout import fast_kernels
+
+    opts = dict(kv.split("=", 1) for kv in spec.split(":") if kv)
+    bad = set(opts) - set(VARIANT_KEYS)
+    if bad:
+        raise SystemExit(f"decode.py --set {spec!r}: unknown keys {sorted(bad)}; valid: {', '.join(VARIANT_KEYS)}")
+    fast_kernels.ATTEND.update(block_n=int(opts.get("block_n", 64)), min_chunk=int(opts.get("min_chunk", 256)),
+                               one_launch=opts.get("one", "0") == "1")
+    return {"pdl": opts["pdl"] == "1"} if "pdl" in opts else {}
+
+
+def engine(model, args, mode: str, attention: str, rows: int, linear: str = "table", extra: dict | None = None):
     from mathgrpo.rollout.fast import FastRollout
 
-    opts = dict(fuse_weights=mode == "fused")
+    opts = dict(fuse_weights=mode == "fused", **(extra or {}))
     if attention != "sdpa":
         opts["fused_linear"] = {"table": None, "cublas": False, "fused": True}[linear]
     if mode.startswith("lora"):
@@ -146,10 +164,10 @@ def grid(args, bw: float) -> list[dict]:
     out = []
     for mode in args.modes:
         model = build(args.shape, dtype, args.device, mode)
-        for attention, linear in [(a, lin) for a in args.attention for lin in args.linear]:
-            eng = engine(model, args, mode, attention, max(args.rows), linear)
-            linear = eng.matmul
-            print(f"# {mode}: {eng.describe()}", flush=True)
+        for attention, linear, spec in [(a, lin, v) for a in args.attention for lin in args.linear for v in args.set]:
+            eng = engine(model, args, mode, attention, max(args.rows), linear, apply_variant(spec))
+            linear = eng.matmul if not spec else f"{eng.matmul}[{spec}]"
+            print(f"# {mode} {spec}: {eng.describe()}", flush=True)
             for rows in args.rows:
                 for ctx in args.contexts:
                     kv_gib = read_bytes(eng, rows, ctx)[1] / 2**30
@@ -216,14 +234,14 @@ def profile(args, spec: str) -> None:
     rows, ctx = (int(x) for x in spec.split("x"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     model = build(args.shape, dtype, args.device, args.modes[0])
-    eng = engine(model, args, args.modes[0], args.attention[0], rows, args.linear[0])
+    eng = engine(model, args, args.modes[0], args.attention[0], rows, args.linear[0], apply_variant(args.set[-1]))
     step_time(eng, rows, ctx, 5)
     n = 20
     with prof_(activities=[ProfilerActivity.CUDA]) as p:
         wall = step_time(eng, rows, ctx, n)
     ev = [e for e in p.key_averages() if e.device_time_total > 0]
     total = sum(e.self_device_time_total for e in ev) / (n + 2)
-    print(f"\nprofile {spec} ({eng.attention}): wall {1e3 * wall:.3f} ms/step, kernel time {total / 1e3:.3f} ms/step, "
+    print(f"\nprofile {spec} ({eng.attention}, set {args.set[-1]!r}): wall {1e3 * wall:.3f} ms/step, kernel time {total / 1e3:.3f} ms/step, "
           f"{sum(e.count for e in ev) / (n + 2):.0f} kernels/step")
     for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:25]:
         print(f"{e.self_device_time_total / (n + 2):9.1f} us {e.count / (n + 2):6.1f}x  {e.key[:90]}")
@@ -232,7 +250,7 @@ def profile(args, spec: str) -> None:
 def table(results: list[dict], bw: float, measured: bool = True) -> None:
     how = "measured" if measured else "nominal (CPU: no measured floor)"
     print(f"\ncopy bandwidth {how}: {bw / 1e12:.2f} TB/s; floor = (weights + filled KV) / that")
-    print(f"{'mode':<14}{'attn':<7}{'linear':<7}{'rows':>5}{'ctx':>7}{'ms/step':>9}{'tok/s':>9}{'floor ms':>9}"
+    print(f"{'mode':<14}{'attn':<7}{'linear':<26}{'rows':>5}{'ctx':>7}{'ms/step':>9}{'tok/s':>9}{'floor ms':>9}"
           f"{'share':>7}{'KV GB':>7}{'graphs':>7}")
     for r in results:
         if "generate" in r:
@@ -240,11 +258,11 @@ def table(results: list[dict], bw: float, measured: bool = True) -> None:
                   f"{r['tok_s']:.0f} tok/s, floor {r['floor_ms']:.3f} ms, share {100 * r['share']:.0f}%, "
                   f"graphs {r['captures']}")
         elif "ms" in r:
-            print(f"{r['mode']:<14}{r['attention']:<7}{r['linear']:<7}{r['rows']:>5}{r['context']:>7}{r['ms']:>9.3f}"
+            print(f"{r['mode']:<14}{r['attention']:<7}{r['linear']:<26}{r['rows']:>5}{r['context']:>7}{r['ms']:>9.3f}"
                   f"{r['tok_s']:>9.0f}{r['floor_ms']:>9.3f}{100 * r['share']:>6.0f}%{r['kv_gb']:>7.2f}"
                   f"{r['captures']:>7}")
         else:
-            print(f"{r['mode']:<14}{r['attention']:<7}{r['linear']:<7}{r['rows']:>5}{r['context']:>7}  "
+            print(f"{r['mode']:<14}{r['attention']:<7}{r['linear']:<26}{r['rows']:>5}{r['context']:>7}  "
                   f"{r.get('skipped') or r.get('error')}")
 
 
@@ -262,6 +280,7 @@ def main(argv=None) -> None:
                     help="triton path: fast_matmul's table (the default), cuBLAS + reference ops, or the fused "
                     "kernels everywhere at <= 64 rows")
     ap.add_argument("--table", help="a benchmarks/skinny.py JSON: its winners replace fast_matmul.TABLE")
+    ap.add_argument("--set", nargs="+", default=[""], help="engine variants (see the docstring); '' = defaults")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-kv-gib", type=float, default=64, help="skip points whose KV cache is larger")

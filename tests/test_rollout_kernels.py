@@ -335,3 +335,48 @@ def test_engine_matmul_paths_match_reference_path(monkeypatch, fused_linear, row
                   else {"mm", "glu"})
         assert set(ran) == expect, (n, set(ran))
     assert all(int(c.abs().sum()) == 0 for c in K._COUNTERS.values())  # every arrival counter reset
+
+
+# ----- launch variants: one-launch attention (fast_kernels.ATTEND), programmatic dependent launch -----------
+
+@needs_kernels
+@pytest.mark.parametrize("kind,opts", [("qwen3", {"fuse_weights": True}), ("qwen2", {"lora": True})])
+def test_one_launch_attention_matches_the_pair(monkeypatch, kind, opts):
+    """ATTEND["one_launch"]: the engine takes rope_attend (RoPE, KV write, attention, merge in one kernel) where the
+    q/k/v projection is one output (fused weights; LoRA's sum): same tokens and log-probs as rope_write + attend."""
+    model, tok = tiny_model(kind, DEV), char_tokenizer()
+    if opts.pop("lora", False):
+        model = _lora(model, seed=5)
+    s = SamplingConfig(max_new_tokens=10, seed=2)
+    want = FastRollout(model, tok, attention="triton", **opts).generate(PROMPTS, 2, s)
+    calls, fused = [], K.rope_attend
+    monkeypatch.setattr(K, "rope_attend", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    monkeypatch.setitem(K.ATTEND, "one_launch", True)
+    got = FastRollout(model, tok, attention="triton", **opts).generate(PROMPTS, 2, s)
+    assert calls, "rope_attend was not called"
+    assert rows_of(got) == rows_of(want)
+    torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_pdl_selection():
+    model, tok = tiny_model("qwen2", DEV), char_tokenizer()
+    can = K.supports_pdl(torch.device(DEV))
+    assert FastRollout(model, tok).describe()["pdl"] == (can and FastRollout(model, tok).attention == "triton")
+    assert FastRollout(model, tok, attention="sdpa").pdl is False
+    if not can:
+        with pytest.raises(ValueError, match="pdl=True needs"):
+            FastRollout(model, tok, pdl=True)
+
+
+@pytest.mark.skipif(not (DEV == "cuda" and K.supports_pdl(torch.device(DEV))), reason="needs a Hopper-class GPU")
+@pytest.mark.parametrize("one", [False, True])
+def test_pdl_matches_serial_launches(monkeypatch, one):
+    """Under CUDA graphs, kernels launched with PDL (each waiting on griddepcontrol before touching memory) give
+    the very tokens and log-probs of plain serial launches, on the table's kernels and on one-launch attention."""
+    monkeypatch.setitem(K.ATTEND, "one_launch", one)
+    model, tok = tiny_model("qwen2", DEV), char_tokenizer()
+    s = SamplingConfig(max_new_tokens=24, seed=7)
+    outs = [FastRollout(model.to(torch.bfloat16), tok, pdl=p, fuse_weights=True).generate(PROMPTS, 4, s)
+            for p in (False, True)]
+    assert rows_of(outs[0]) == rows_of(outs[1])
+    torch.testing.assert_close(outs[0].logprobs, outs[1].logprobs, atol=0, rtol=0)

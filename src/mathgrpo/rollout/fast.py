@@ -46,7 +46,7 @@ class FastRollout:
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
                  fuse_weights: bool = False, lora_merge: str = "copy", compile_pointwise: bool | None = None,
                  prefill_tokens: int = 16384, check_every: int = 16, attention: str = "auto",
-                 fused_linear: bool | None = None, compact: bool = True):
+                 fused_linear: bool | None = None, compact: bool = True, pdl: bool | None = None):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
         decode steps (default: on for CUDA); kv_bucket: attention length granularity of the sdpa path (default
@@ -68,7 +68,9 @@ class FastRollout:
         reference). `describe()["matmuls"]` says which matmul each group takes per row bucket;
         compact: drop finished rows from the decode batch at each stop check (the live rows move to the front,
         and the step runs at the smaller batch size once they fit one: real completions are uneven, and a
-        batch would otherwise run every row to the longest one's length)."""
+        batch would otherwise run every row to the longest one's length); pdl: programmatic dependent launch
+        for the decode step's Triton kernels (fast_kernels' and the compiled pointwise ones: each starts while
+        the one before drains), None = on where the GPU supports it (Hopper and later, triton path)."""
         if max_batch < 1:
             raise ValueError(f"FastRollout: max_batch must be >= 1, got {max_batch}")
         if tokenizer.pad_token_id is None:
@@ -95,6 +97,11 @@ class FastRollout:
         if fused_linear and self.attention != "triton":
             raise ValueError("FastRollout: fused_linear=True needs the triton attention path")
         self.fused_linear = fused_linear
+        can_pdl = self.attention == "triton" and fast_kernels.supports_pdl(self.device)
+        if pdl and not can_pdl:
+            raise ValueError("FastRollout: pdl=True needs the triton attention path on a GPU of compute capability "
+                             ">= 9 (Hopper) with a Triton that has grid dependency control")
+        self.pdl = can_pdl if pdl is None else bool(pdl)
         self.matmul = ("cublas" if self.attention != "triton" or fused_linear is False
                        else "force" if fused_linear else "table")
         # The sdpa path captures one graph per (batch, length bucket): shrinking batches would multiply them.
@@ -104,7 +111,7 @@ class FastRollout:
         self._side = None  # one side stream for every graph capture (each new stream gets its own cuBLAS workspace)
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
         compile_ = self.graphs if compile_pointwise is None else compile_pointwise
-        self.ops = compiled_ops() if compile_ else EAGER_OPS
+        self.ops = compiled_ops(self.pdl) if compile_ else EAGER_OPS
         self._pick = compiled_pick() if compile_ else pick
         self._cache_rows = self._cache_len = 0
         self.k_cache = self.v_cache = None
@@ -139,7 +146,7 @@ class FastRollout:
         """Which path this engine takes: attention kernels, CUDA graphs, and how each weight group is read."""
         matmuls = (fast_linear.describe(self.w, self.device, self.matmul == "force") if self.matmul != "cublas"
                    else "cuBLAS + reference ops")
-        return {"attention": self.attention, "cuda_graphs": self.graphs, "lora_merge": self.lora_merge,
+        return {"attention": self.attention, "cuda_graphs": self.graphs, "pdl": self.pdl, "lora_merge": self.lora_merge,
                 "compiled_pointwise": self.ops is not EAGER_OPS, "weights": dict(self.w.plan), "matmuls": matmuls}
 
     @property
@@ -211,8 +218,9 @@ class FastRollout:
     # ----- decoding ----------------------------------------------------------------------------------------
     def _step(self, rows: int, n_cols: int) -> None:
         splits = fast_kernels.splits_for(rows, self.w.n_kv, self.device) if self.attention == "triton" else 0
-        h = decode_step(self.w, self.k_cache, self.v_cache, self._tok[:rows], self._pos[:rows], self._col,
-                        self._pad[:rows], n_cols, self.cos, self.sin, self.ops, splits, self.matmul)
+        with fast_kernels.dependent_launch(self.pdl):
+            h = decode_step(self.w, self.k_cache, self.v_cache, self._tok[:rows], self._pos[:rows], self._col,
+                            self._pad[:rows], n_cols, self.cos, self.sin, self.ops, splits, self.matmul)
         logits_into(self.w, h, self._logits)
 
     def _decode(self, rows: int, n_cols: int) -> None:

@@ -53,8 +53,9 @@ def _glu(gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
 EAGER_OPS = {"rms": _rms, "add_rms": _add_rms, "rope": _rope, "glu": _glu}
 
 
-def compiled_ops() -> dict:
-    return {name: compile_static(fn) for name, fn in EAGER_OPS.items()}
+def compiled_ops(pdl: bool = False) -> dict:
+    """pdl: the compiled kernels take programmatic dependent launch (fast_kernels' module docstring)."""
+    return {name: compile_static(fn, pdl) for name, fn in EAGER_OPS.items()}
 
 
 def _project(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None],
@@ -216,18 +217,25 @@ def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch
             q = K.rope_write(q, k, v, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], col, H, KV)
             return K.attend(q, kc[i], vc[i], pad, col, w.scaling, splits)
 
+        def attend_qkv(i, L, qkv):  # qkv [B, (H+2KV)*D]: one launch (rope_attend) if fast_kernels.ATTEND says so
+            if K.ATTEND["one_launch"]:
+                return K.rope_attend(qkv, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], pad, col,
+                                     w.scaling, H, splits)
+            return attend_parts(i, L, *qkv.split(sizes, -1))
+
         if matmul != "cublas":
             from . import fast_linear as FL
 
             force = matmul == "force"
             if FL.any_fused(w, x, force):  # qkv [B, (H+2KV)*D] from the fused q/k/v kernel
-                return fused_layers(w, x, lambda i, L, qkv: attend_parts(i, L, *qkv.split(sizes, -1)),
-                                    table_ops(ops), force)
+                return fused_layers(w, x, attend_qkv, table_ops(ops), force)
             ops = table_ops(ops)
 
         def attention(i, L, h):
-            return attend_parts(i, L, *_project_parts(h, L.qkv, L.qkv_bias, L.qkv_lora, sizes,
-                                                       ops.get("linear", F.linear)))
+            lin = ops.get("linear", F.linear)
+            if len(L.qkv) == 1 or L.qkv_lora is not None:  # one q/k/v output (fused weights, or LoRA's sum)
+                return attend_qkv(i, L, _project(h, L.qkv, L.qkv_bias, L.qkv_lora, lin))
+            return attend_parts(i, L, *_project_parts(h, L.qkv, L.qkv_bias, L.qkv_lora, sizes, lin))
 
         return run_layers(w, x, attention, ops)
     cols = torch.arange(n_cols, device=tokens.device)

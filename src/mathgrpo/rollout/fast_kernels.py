@@ -20,11 +20,20 @@ there before reading it, and the last split of a (row, KV head) to finish (an at
 Measured on the H200 it matches the pair at 2k columns but is slower at 16k (docs/benchmarks.md), which is
 why the default path keeps the pair.
 
+Programmatic dependent launch (PDL, Hopper and later): inside `dependent_launch(True)` every kernel here (and
+fast_matmul's) launches with CUDA's programmatic-serialization attribute, so the GPU starts it while the kernel
+before it drains; its first instruction (`griddepcontrol.wait`) holds it until that kernel's memory is visible,
+and its second lets the next one launch in turn. At decode sizes a kernel is a few microseconds, and each
+boundary otherwise costs the drain, the launch and the ramp-up of the next grid. The engine turns it on where the
+GPU supports it (`supports_pdl`); CUDA graphs keep the launch attribute.
+
 Without Triton (or on CPU outside its interpreter) `available()` is False and the engine takes the
 reference path. The tests run these against the reference on the GPU, and on CPU with TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -60,6 +69,30 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_PDL = contextvars.ContextVar("fast_kernels_pdl", default=False)
+
+
+@contextlib.contextmanager
+def dependent_launch(on: bool):
+    """Kernels launched inside take programmatic dependent launch (see the module docstring) when `on`."""
+    token = _PDL.set(bool(on))
+    try:
+        yield
+    finally:
+        _PDL.reset(token)
+
+
+def pdl() -> bool:
+    """Whether kernels launched now take programmatic dependent launch (`dependent_launch`)."""
+    return _PDL.get()
+
+
+def supports_pdl(device: torch.device) -> bool:
+    """PDL needs a CUDA GPU of compute capability >= 9 (Hopper) and a Triton with grid dependency control."""
+    return (triton is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait"))
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -72,6 +105,13 @@ def splits_for(rows: int, n_kv: int, device: torch.device, per_sm: int = 8, cap:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _dependent(PDL: tl.constexpr):
+        """Under PDL: wait until the previous kernel's writes are visible, then let the next kernel launch."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _norm_rope(x1, x2, nw, cos_row, sin_row, i, m, eps, D: tl.constexpr, NORM: tl.constexpr, AXIS: tl.constexpr):
@@ -97,7 +137,8 @@ if triton is not None:
     def _rope_write_kernel(q_ptr, k_ptr, v_ptr, sq, sk, sv, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr, eps,
                            qo_ptr, kc_ptr, vc_ptr, col_ptr, s_b, s_h, s_s,
                            H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                           NORM: tl.constexpr):
+                           NORM: tl.constexpr, PDL: tl.constexpr):
+        _dependent(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)  # [0, H) q heads, [H, H+KV) k heads, [H+KV, H+2KV) v heads
         i = tl.arange(0, HALF)
@@ -153,7 +194,9 @@ if triton is not None:
     def _attend_split_kernel(q_ptr, kc_ptr, vc_ptr, pad_ptr, col_ptr, m_ptr, l_ptr, acc_ptr, qk_scale,
                              s_b, s_h, s_s, H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr,
                              GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NSPLIT: tl.constexpr,
-                             BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr, PREC: tl.constexpr):
+                             BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr, PREC: tl.constexpr,
+                             PDL: tl.constexpr):
+        _dependent(PDL)
         bk = tl.program_id(0)
         sp = tl.program_id(1)
         b = bk // KV
@@ -197,7 +240,8 @@ if triton is not None:
     @triton.jit
     def _attend_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, pad_ptr, col_ptr, H: tl.constexpr, D: tl.constexpr,
                              DP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                             MIN_CHUNK: tl.constexpr):
+                             MIN_CHUNK: tl.constexpr, PDL: tl.constexpr):
+        _dependent(PDL)
         bh = tl.program_id(0)
         _, _, used = _split_plan(tl.load(col_ptr) + 1, tl.load(pad_ptr + bh // H), NSPLIT, BLOCK_N, MIN_CHUNK)
         sp = tl.arange(0, NSPLIT)
@@ -221,7 +265,8 @@ if triton is not None:
                             pad_ptr, col_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, out_ptr, qk_scale, s_b, s_h, s_s,
                             H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                             HALF: tl.constexpr, DP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                            MIN_CHUNK: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
+                            MIN_CHUNK: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+        _dependent(PDL)
         bk = tl.program_id(0)
         sp = tl.program_id(1)
         b = bk // KV
@@ -305,6 +350,18 @@ if triton is not None:
         tl.store(out_ptr + out_rows[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+# attend's tiling: columns per block step and at least per split; one_launch: the engine takes rope_attend where
+# its q/k/v projection is one output. Read when a decode step is traced (captured graphs keep what they saw);
+# benchmarks/decode.py --set varies them.
+ATTEND = {"block_n": 64, "min_chunk": 256, "one_launch": False}
+
+
+def launch_options() -> dict:
+    """The PDL constexpr and launch option of a kernel launched now (`dependent_launch`)."""
+    on = pdl()
+    return dict(PDL=on, launch_pdl=True) if on else dict(PDL=False)
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -322,10 +379,11 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
 def rope_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                 q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float, kc: torch.Tensor,
                 vc: torch.Tensor, pad: torch.Tensor, col: torch.Tensor, scale: float, n_heads: int, n_splits: int,
-                block_n: int = 64, min_chunk: int = 256) -> torch.Tensor:
+                block_n: int | None = None, min_chunk: int | None = None) -> torch.Tensor:
     """`rope_write` + `attend` in one launch: qkv [B, (H+2KV)*D] (the q/k/v projection output) -> [B, H*D].
     Each program rotates its KV head's query heads itself; the split that holds column `col` writes this
     step's k and v there before reading it; the last split of a (row, KV head) to finish merges the partials."""
+    block_n, min_chunk = block_n or ATTEND["block_n"], min_chunk or ATTEND["min_chunk"]
     B = qkv.shape[0]
     KV, D = kc.shape[1], kc.shape[-1]
     G = n_heads // KV
@@ -341,7 +399,7 @@ def rope_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: to
         m, l_, acc, counters(qkv.device, B * KV), out, scale * _LOG2E, kc.stride(0), kc.stride(1), kc.stride(2),
         H=n_heads, KV=KV, G=G, GP=max(16, _pow2(G)), D=D, HALF=max(16, _pow2(D // 2)), DP=max(16, _pow2(D)),
         NSPLIT=n_splits, BLOCK_N=block_n, MIN_CHUNK=min_chunk, NORM=norm,
-        PREC="ieee" if qkv.dtype == f32 else "tf32")
+        PREC="ieee" if qkv.dtype == f32 else "tf32", **launch_options())
     return out
 
 
@@ -357,14 +415,15 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     _rope_write_kernel[(B, n_heads + 2 * n_kv)](
         q, k, v, q.stride(0), k.stride(0), v.stride(0), cos, sin, pos, q_norm if norm else cos,
         k_norm if norm else cos, eps, qo, kc, vc, col, kc.stride(0), kc.stride(1), kc.stride(2),
-        H=n_heads, KV=n_kv, D=D, HALF=_pow2(D // 2), NORM=norm)
+        H=n_heads, KV=n_kv, D=D, HALF=_pow2(D // 2), NORM=norm, **launch_options())
     return qo
 
 
 def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pad: torch.Tensor, col: torch.Tensor,
-           scale: float, n_splits: int, block_n: int = 64, min_chunk: int = 256) -> torch.Tensor:
+           scale: float, n_splits: int, block_n: int | None = None, min_chunk: int | None = None) -> torch.Tensor:
     """Decode attention of q [B, H, D] over one layer's cache kc, vc [rows, KV, cap, D], row b seeing columns
     [pad[b], col] -> [B, H*D]. n_splits: a power of two (see `splits_for`); min_chunk: a multiple of block_n."""
+    block_n, min_chunk = block_n or ATTEND["block_n"], min_chunk or ATTEND["min_chunk"]
     B, H, D = q.shape
     KV = kc.shape[1]
     G = H // KV
@@ -376,8 +435,8 @@ def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pad: torch.Tenso
     _attend_split_kernel[(B * KV, n_splits)](
         q, kc, vc, pad, col, m, l_, acc, scale * _LOG2E, kc.stride(0), kc.stride(1), kc.stride(2),
         H=H, KV=KV, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), NSPLIT=n_splits, BLOCK_N=block_n,
-        MIN_CHUNK=min_chunk, PREC=prec)
+        MIN_CHUNK=min_chunk, PREC=prec, **launch_options())
     out = torch.empty(B, H * D, dtype=q.dtype, device=q.device)
     _attend_merge_kernel[(B * H,)](m, l_, acc, out, pad, col, H=H, D=D, DP=_pow2(D), NSPLIT=n_splits,
-                                   BLOCK_N=block_n, MIN_CHUNK=min_chunk)
+                                   BLOCK_N=block_n, MIN_CHUNK=min_chunk, **launch_options())
     return out

@@ -36,10 +36,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .fast_kernels import available, counters, triton
+from .fast_kernels import available, counters, launch_options, triton
 
 if triton is not None:
     import triton.language as tl
+
+    from .fast_kernels import _dependent
 
     @triton.jit
     def _tile_dot(acc, w_ptrs, w_mask, x, EVEN: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr):
@@ -59,7 +61,8 @@ if triton is not None:
                        KPER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        SPLIT: tl.constexpr, SWAP: tl.constexpr, STAGES: tl.constexpr, EVEN_N: tl.constexpr,
                        EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
-                       RESID: tl.constexpr, PREC: tl.constexpr):
+                       RESID: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+        _dependent(PDL)
         pn = tl.program_id(0)
         pk = tl.program_id(1)
         rm = tl.arange(0, BM)
@@ -229,7 +232,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: Config
         KPER=kper, BM=bm, BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, SWAP=cfg.swap, STAGES=cfg.stages,
         EVEN_N=N % cfg.bn == 0, EVEN_K=K == kper * cfg.split, HAS_BIAS=b is not None, GLU=w2 is not None,
         NORM=ln is not None, RESID=residual is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        num_warps=cfg.warps, num_stages=cfg.stages, **launch_options())
     return y
 
 

@@ -47,15 +47,19 @@ def pick(logits: torch.Tensor, temperature: float, noise: torch.Tensor | None):
     return tok, x.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
 
 
-def compile_static(fn):
+def compile_static(fn, pdl: bool = False):
     """torch.compile for a fixed shape. Every engine compiles the same functions, and dynamo keeps one cache per
     function: one process with many batch sizes / dtypes (evaluation, tests) passes its default limit of 8
-    entries, which fullgraph=True turns into an error. Raise the limit (each entry is a small pointwise kernel)."""
+    entries, which fullgraph=True turns into an error. Raise the limit (each entry is a small pointwise kernel).
+    pdl: inductor generates programmatic-dependent-launch kernels (Hopper+; fast_kernels' module docstring)."""
     cfg = torch._dynamo.config
     for name, at_least in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096)):
         if hasattr(cfg, name) and getattr(cfg, name) < at_least:
             setattr(cfg, name, at_least)
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    import torch._inductor.config as inductor
+
+    options = {"triton.enable_pdl": True} if pdl and hasattr(inductor.triton, "enable_pdl") else None
+    return torch.compile(fn, dynamic=False, fullgraph=True, options=options)
 
 
 def compiled_pick():
