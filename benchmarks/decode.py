@@ -20,7 +20,8 @@ where its table says they beat cuBLAS), cublas (`fused_linear=False`: cuBLAS + t
 fused (`fused_linear=True`: the fused kernels for every group at <= 64 rows). --table FILE: a skinny.py JSON
 whose winners replace fast_matmul.TABLE for this run. --set: engine variants, each ':'-separated keys: pdl=0|1
 (programmatic dependent launch; default: where supported), block_n=, min_chunk= (attend's tiling), one=0|1
-(rope_attend: RoPE, KV write, attention and merge in one launch), e.g. `--set pdl=0 "" min_chunk=128:one=1`.
+(rope_attend: RoPE, KV write, attention and merge in one launch), pre=N (under PDL, the skinny matmul
+prefetches its first N W chunks toward L2 before waiting on the kernel before it), e.g. `--set pdl=0 "" min_chunk=128:one=1`.
 """
 
 from __future__ import annotations
@@ -55,12 +56,12 @@ def build(shape: str, dtype, device, mode: str):
     return model
 
 
-VARIANT_KEYS = ("pdl", "block_n", "min_chunk", "one")
+VARIANT_KEYS = ("pdl", "block_n", "min_chunk", "one", "pre")
 
 
 def apply_variant(spec: str) -> dict:
     """Set fast_kernels.ATTEND from a --set spec (defaults first); returns the engine options it gives (pdl)."""
-    from mathgrpo.rollout import fast_kernels
+    from mathgrpo.rollout import fast_kernels, fast_matmul
 
     opts = dict(kv.split("=", 1) for kv in spec.split(":") if kv)
     bad = set(opts) - set(VARIANT_KEYS)
@@ -68,6 +69,7 @@ def apply_variant(spec: str) -> dict:
         raise SystemExit(f"decode.py --set {spec!r}: unknown keys {sorted(bad)}; valid: {', '.join(VARIANT_KEYS)}")
     fast_kernels.ATTEND.update(block_n=int(opts.get("block_n", 64)), min_chunk=int(opts.get("min_chunk", 256)),
                                one_launch=opts.get("one", "0") == "1")
+    fast_matmul.PREFETCH = int(opts.get("pre", 0))
     return {"pdl": opts["pdl"] == "1"} if "pdl" in opts else {}
 
 

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .fast_kernels import available, counters, launch_options, triton
+from .fast_kernels import available, counters, launch_options, pdl, triton
 
 if triton is not None:
     import triton.language as tl
@@ -56,17 +56,33 @@ if triton is not None:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
         return acc
 
+    @triton.jit
+    def _prefetch_l2(ptrs):
+        """A hint to pull the lines at `ptrs` into L2 (no registers, no fault; PTX `prefetch`)."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+    @triton.jit
+    def _prefetch_w(w_ptr, rn, sw, k0, N, K, BK: tl.constexpr):
+        """This program's W tile [BN, BK] at column k0 toward L2: one address per 128-byte line (16-bit weights)."""
+        rk = k0 + tl.arange(0, BK // 64) * 64
+        _prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None] * sw + tl.minimum(rk, K - 1)[None, :])
+
     @triton.jit(do_not_specialize=["M", "K"])
     def _skinny_kernel(x_ptr, sx, w_ptr, w2_ptr, sw, b_ptr, ln_ptr, y_ptr, sy, ws_ptr, cnt_ptr, M, N, K, eps,
                        KPER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        SPLIT: tl.constexpr, SWAP: tl.constexpr, STAGES: tl.constexpr, EVEN_N: tl.constexpr,
                        EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
-                       RESID: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
-        _dependent(PDL)
+                       RESID: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr):
         pn = tl.program_id(0)
         pk = tl.program_id(1)
         rm = tl.arange(0, BM)
         rn = pn * BN + tl.arange(0, BN)
+        for c in tl.static_range(PRE):  # under PDL: W does not depend on the kernel before, stream it meanwhile
+            _prefetch_w(w_ptr, rn, sw, pk * KPER + c * BK, N, K, BK)
+            if GLU:
+                _prefetch_w(w2_ptr, rn, sw, pk * KPER + c * BK, N, K, BK)
+        _dependent(PDL)
         if SWAP:  # the tile is [BN, BM] (W rows x x rows)
             m2 = rm[None, :]
             n2 = rn[:, None]
@@ -177,6 +193,11 @@ TABLE: dict[tuple[str, int, int, int], Config] = {
 }
 
 
+# Under PDL, W chunks (BK columns of each program's rows) prefetched toward L2 before the kernel waits on the one
+# before it (0: none). benchmarks/decode.py --set pre=N varies it.
+PREFETCH = 0
+
+
 def bucket(m: int) -> int:
     """Row bucket of an M-row matmul: 1, 8, 16, 32 or 64 (0: more rows than MAX_ROWS)."""
     return next((b for b in BUCKETS if m <= b), 0)
@@ -232,7 +253,8 @@ def launch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: Config
         KPER=kper, BM=bm, BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, SWAP=cfg.swap, STAGES=cfg.stages,
         EVEN_N=N % cfg.bn == 0, EVEN_K=K == kper * cfg.split, HAS_BIAS=b is not None, GLU=w2 is not None,
         NORM=ln is not None, RESID=residual is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.warps, num_stages=cfg.stages, **launch_options())
+        PRE=PREFETCH if pdl() and w.element_size() == 2 else 0, num_warps=cfg.warps, num_stages=cfg.stages,
+        **launch_options())
     return y
 
 
