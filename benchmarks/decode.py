@@ -67,7 +67,7 @@ def apply_variant(spec: str) -> dict:
     bad = set(opts) - set(VARIANT_KEYS)
     if bad:
         raise SystemExit(f"decode.py --set {spec!r}: unknown keys {sorted(bad)}; valid: {', '.join(VARIANT_KEYS)}")
-    fast_kernels.ATTEND.update(block_n=int(opts.get("block_n", 64)), min_chunk=int(opts.get("min_chunk", 256)),
+    fast_kernels.ATTEND.update(block_n=int(opts.get("block_n", 64)), min_chunk=int(opts["min_chunk"]) if "min_chunk" in opts else None,
                                one_launch=opts.get("one", "0") == "1")
     fast_matmul.PREFETCH = int(opts.get("pre", 0))
     return {"pdl": opts["pdl"] == "1"} if "pdl" in opts else {}

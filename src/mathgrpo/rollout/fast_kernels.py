@@ -350,10 +350,19 @@ if triton is not None:
         tl.store(out_ptr + out_rows[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-# attend's tiling: columns per block step and at least per split; one_launch: the engine takes rope_attend where
-# its q/k/v projection is one output. Read when a decode step is traced (captured graphs keep what they saw);
-# benchmarks/decode.py --set varies them.
-ATTEND = {"block_n": 64, "min_chunk": 256, "one_launch": False}
+# attend's tiling: columns per block step and at least per split (None: by batch, `_min_chunk`); one_launch: the
+# engine takes rope_attend where its q/k/v projection is one output (measured on the H200, fused 1.5B shape, ms
+# per step: 8 x 2k 1.826 against the pair's 1.856, but 8 x 16k 3.33 against 2.61, so off). Read when a decode
+# step is traced (captured graphs keep what they saw); benchmarks/decode.py --set varies them.
+ATTEND = {"block_n": 64, "min_chunk": None, "one_launch": False}
+
+
+def _min_chunk(rows: int, n_kv: int) -> int:
+    """Columns a split takes at least: 128 for a few (row, KV head) pairs, whose splits are then twice as many
+    (more blocks reading the cache at once), 256 otherwise (fewer partial sums to merge). Measured on the H200
+    (ms per step, 128 against 256): 1 x 2k 1.670 / 1.716, 8 x 2k 1.832 / 1.856, 8 x 16k 2.616 / 2.613,
+    64 x 2k 2.992 / 2.962."""
+    return ATTEND["min_chunk"] or (128 if rows * n_kv <= 16 else 256)
 
 
 def launch_options() -> dict:
@@ -383,9 +392,9 @@ def rope_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: to
     """`rope_write` + `attend` in one launch: qkv [B, (H+2KV)*D] (the q/k/v projection output) -> [B, H*D].
     Each program rotates its KV head's query heads itself; the split that holds column `col` writes this
     step's k and v there before reading it; the last split of a (row, KV head) to finish merges the partials."""
-    block_n, min_chunk = block_n or ATTEND["block_n"], min_chunk or ATTEND["min_chunk"]
     B = qkv.shape[0]
     KV, D = kc.shape[1], kc.shape[-1]
+    block_n, min_chunk = block_n or ATTEND["block_n"], min_chunk or _min_chunk(B, KV)
     G = n_heads // KV
     assert kc.stride(-1) == 1 and qkv.stride(-1) == 1 and cos.is_contiguous()
     f32 = torch.float32
@@ -423,9 +432,9 @@ def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pad: torch.Tenso
            scale: float, n_splits: int, block_n: int | None = None, min_chunk: int | None = None) -> torch.Tensor:
     """Decode attention of q [B, H, D] over one layer's cache kc, vc [rows, KV, cap, D], row b seeing columns
     [pad[b], col] -> [B, H*D]. n_splits: a power of two (see `splits_for`); min_chunk: a multiple of block_n."""
-    block_n, min_chunk = block_n or ATTEND["block_n"], min_chunk or ATTEND["min_chunk"]
     B, H, D = q.shape
     KV = kc.shape[1]
+    block_n, min_chunk = block_n or ATTEND["block_n"], min_chunk or _min_chunk(B, KV)
     G = H // KV
     f32 = torch.float32
     m = torch.empty(B, H, n_splits, dtype=f32, device=q.device)
