@@ -21,7 +21,7 @@ fused (`fused_linear=True`: the fused kernels for every group at <= 64 rows). --
 whose winners replace fast_matmul.TABLE for this run. --set: engine variants, each ':'-separated keys: pdl=0|1
 (programmatic dependent launch; default: where supported), block_n=, min_chunk= (attend's tiling), one=0|1
 (rope_attend: RoPE, KV write, attention and merge in one launch), pre=N (under PDL, the skinny matmul
-prefetches its first N W chunks toward L2 before waiting on the kernel before it), e.g. `--set pdl=0 "" min_chunk=128:one=1`.
+prefetches its first N W chunks toward L2 before waiting on the kernel before it), sampler=triton|torch, e.g. `--set pdl=0 "" min_chunk=128:one=1`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def build(shape: str, dtype, device, mode: str):
     return model
 
 
-VARIANT_KEYS = ("pdl", "block_n", "min_chunk", "one", "pre")
+VARIANT_KEYS = ("pdl", "block_n", "min_chunk", "one", "pre", "sampler")
 
 
 def apply_variant(spec: str) -> dict:
@@ -70,7 +70,8 @@ def apply_variant(spec: str) -> dict:
     fast_kernels.ATTEND.update(block_n=int(opts.get("block_n", 64)), min_chunk=int(opts["min_chunk"]) if "min_chunk" in opts else None,
                                one_launch=opts.get("one", "0") == "1")
     fast_matmul.PREFETCH = int(opts.get("pre", 0))
-    return {"pdl": opts["pdl"] == "1"} if "pdl" in opts else {}
+    return {**({"pdl": opts["pdl"] == "1"} if "pdl" in opts else {}),
+            **({"sampler": opts["sampler"]} if "sampler" in opts else {})}
 
 
 def engine(model, args, mode: str, attention: str, rows: int, linear: str = "table", extra: dict | None = None):
@@ -119,7 +120,7 @@ def step_time(eng, rows: int, context: int, steps: int) -> float:
     n_cols = eng._cols(context)
 
     def one():
-        tok, _ = sample(eng._logits[:rows], s, gen, eng._pick)
+        tok, _ = sample(eng._logits[:rows], s, gen, eng._pick, eng._draw)
         eng._tok[:rows] = tok
         eng._decode(slots, n_cols)
 

@@ -380,3 +380,57 @@ def test_pdl_matches_serial_launches(monkeypatch, one):
             for p in (False, True)]
     assert rows_of(outs[0]) == rows_of(outs[1])
     torch.testing.assert_close(outs[0].logprobs, outs[1].logprobs, atol=0, rtol=0)
+
+
+# ----- fast_draw: the one-launch token draw -----------------------------------------------------------------
+
+from mathgrpo.rollout import fast_draw  # noqa: E402
+
+
+@needs_kernels
+def test_draw_follows_the_softmax_and_returns_its_logprobs():
+    """Many rows of the same logits, drawn at temperature 0.7 over 3 vocabulary chunks (the last one partial, one
+    all -inf): token frequencies match softmax(x / T), each log-prob is log_softmax(x / T) at the token, a seed
+    reproduces the draws; greedy gives the first argmax (a tie) and the raw logits' log-prob."""
+    g = torch.Generator().manual_seed(0)
+    V, n, T = 40, 3000 if DEV == "cuda" else 800, 0.7  # the interpreter runs 3 programs a row, one at a time
+    x = torch.randn(V, generator=g) * 2
+    x[16:32] = float("-inf")  # the second chunk holds no candidate at all
+    logits = x.expand(n, V).contiguous().to(DEV)
+    gen = torch.Generator(DEV).manual_seed(3)
+    tok, lp = fast_draw.draw(logits, T, gen, chunk=16)
+    want = torch.log_softmax(x / T, -1)
+    freq = torch.bincount(tok.cpu(), minlength=V).float() / n
+    p = want.exp()
+    assert bool(((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-3).all())  # within 4 sigma, every token
+    assert not bool(freq[16:32].any())
+    torch.testing.assert_close(lp.cpu(), want[tok.cpu()], atol=1e-5, rtol=1e-5)
+    again, _ = fast_draw.draw(logits, T, torch.Generator(DEV).manual_seed(3), chunk=16)
+    assert torch.equal(tok, again)
+    y = torch.randn(4, V, generator=g)
+    y[:, 5] = y[:, 37] = y.max() + 1  # a tie across chunks: the first index wins, as torch.argmax
+    gt, glp = fast_draw.draw(y.to(DEV), 0, None, chunk=16)
+    assert gt.tolist() == [5] * 4
+    torch.testing.assert_close(glp.cpu(), torch.log_softmax(y, -1)[:, 5], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_engine_draws_with_the_kernel():
+    """sampler='triton': greedy equals HF generate; sampled tokens' log-probs equal the model's forward."""
+    model, tok = tiny_model("qwen2", DEV), char_tokenizer()
+    calls, real = [], fast_draw.draw
+    eng = FastRollout(model, tok, attention="triton", sampler="triton")
+    eng._draw = lambda *a, **k: calls.append(1) or real(*a, **k)
+    assert eng.describe()["sampler"] == "triton"
+    out = eng.generate(PROMPTS, n=1, sampling=GREEDY)
+    assert calls and rows_of(out) == [hf_greedy(model, p, 12) for p in PROMPTS]
+    out = eng.generate(PROMPTS[:2], 2, SamplingConfig(max_new_tokens=8, seed=0, temperature=0.8))
+    for i, prompt in enumerate(out.prompt_ids):
+        n = int(out.lengths[i])
+        ids = torch.tensor([prompt + out.completion_ids[i, :n].tolist()], device=DEV)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].float() / 0.8, -1)  # [n, V]
+        torch.testing.assert_close(out.logprobs[i, :n], logp.gather(1, ids[0, len(prompt):, None])[:, 0].cpu(),
+                                   atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="sampler must be"):
+        FastRollout(model, tok, sampler="gumbel")

@@ -35,7 +35,7 @@ from .base import Completions, SamplingConfig
 from .common import finish_completions
 from .fast_forward import EAGER_OPS, compiled_ops, decode_step, logits_into, prefill, rope_table
 from .fast_sampling import check_sampling, compiled_pick, pick, sample
-from . import fast_kernels, fast_linear
+from . import fast_draw, fast_kernels, fast_linear
 from .fast_buffers import merge_in_place, owned_pointers, param_pointers, reclaim_owned, release_owned, restore
 from .fast_weights import causal_lm_parts, extract, refill
 from .hf import _eos_ids
@@ -46,7 +46,8 @@ class FastRollout:
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
                  fuse_weights: bool = False, lora_merge: str = "copy", compile_pointwise: bool | None = None,
                  prefill_tokens: int = 16384, check_every: int = 16, attention: str = "auto",
-                 fused_linear: bool | None = None, compact: bool = True, pdl: bool | None = None):
+                 fused_linear: bool | None = None, compact: bool = True, pdl: bool | None = None,
+                 sampler: str = "auto"):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
         device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
         decode steps (default: on for CUDA); kv_bucket: attention length granularity of the sdpa path (default
@@ -70,7 +71,10 @@ class FastRollout:
         and the step runs at the smaller batch size once they fit one: real completions are uneven, and a
         batch would otherwise run every row to the longest one's length); pdl: programmatic dependent launch
         for the decode step's Triton kernels (fast_kernels' and the compiled pointwise ones: each starts while
-        the one before drains), None = on where the GPU supports it (Hopper and later, triton path)."""
+        the one before drains), None = on where the GPU supports it (Hopper and later, triton path); sampler: how
+        greedy / plain-temperature tokens are drawn: "triton" (fast_draw: one kernel over (rows, vocabulary
+        chunks)), "torch" (noise tensor + compiled argmax / logsumexp) or "auto" (triton on CUDA); top-k / top-p
+        always take the torch ops."""
         if max_batch < 1:
             raise ValueError(f"FastRollout: max_batch must be >= 1, got {max_batch}")
         if tokenizer.pad_token_id is None:
@@ -102,6 +106,13 @@ class FastRollout:
             raise ValueError("FastRollout: pdl=True needs the triton attention path on a GPU of compute capability "
                              ">= 9 (Hopper) with a Triton that has grid dependency control")
         self.pdl = can_pdl if pdl is None else bool(pdl)
+        if sampler not in ("auto", "triton", "torch"):
+            raise ValueError(f"FastRollout: sampler must be auto, triton or torch, got {sampler!r}")
+        if sampler == "triton" and not can:
+            raise ValueError("FastRollout: sampler='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+        self.sampler = "triton" if sampler == "triton" or (sampler == "auto" and can and self.device.type == "cuda") \
+            else "torch"
+        self._draw = fast_draw.draw if self.sampler == "triton" else None
         self.matmul = ("cublas" if self.attention != "triton" or fused_linear is False
                        else "force" if fused_linear else "table")
         # The sdpa path captures one graph per (batch, length bucket): shrinking batches would multiply them.
@@ -146,7 +157,8 @@ class FastRollout:
         """Which path this engine takes: attention kernels, CUDA graphs, and how each weight group is read."""
         matmuls = (fast_linear.describe(self.w, self.device, self.matmul == "force") if self.matmul != "cublas"
                    else "cuBLAS + reference ops")
-        return {"attention": self.attention, "cuda_graphs": self.graphs, "pdl": self.pdl, "lora_merge": self.lora_merge,
+        return {"attention": self.attention, "cuda_graphs": self.graphs, "pdl": self.pdl, "sampler": self.sampler,
+                "lora_merge": self.lora_merge,
                 "compiled_pointwise": self.ops is not EAGER_OPS, "weights": dict(self.w.plan), "matmuls": matmuls}
 
     @property
@@ -292,7 +304,7 @@ class FastRollout:
         live, n, checked = slice(None), rows, 0  # live: the row of each slot (all rows, in order, until compacted)
         self.slot_rows = live  # benchmarks/step.py forces lengths per row with it
         for i in range(s.max_new_tokens):
-            tok, lp = sample(self._logits[:n], s, gen, self._pick)
+            tok, lp = sample(self._logits[:n], s, gen, self._pick, self._draw)
             if eos.numel():
                 fin = done[live]  # [n]: finished rows still in a slot emit padding
                 tok = tok.masked_fill(fin, pad_id)

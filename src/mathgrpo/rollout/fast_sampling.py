@@ -66,11 +66,15 @@ def compiled_pick():
     return compile_static(pick)
 
 
-def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None, pick=pick):
-    """logits [B, V] -> (tokens [B] int64, logprobs [B] float32)."""
+def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None, pick=pick, draw=None):
+    """logits [B, V] -> (tokens [B] int64, logprobs [B] float32). draw: fast_draw.draw (one kernel) for the
+    greedy and plain-sampling cases, or None for the torch ops (`pick`)."""
+    plain = not (0 < s.top_k < logits.shape[-1]) and s.top_p >= 1  # the usual GRPO setting: no truncation
+    if draw is not None and (plain or s.temperature == 0):
+        return draw(logits, s.temperature, generator)
     if s.temperature == 0:
         return pick(logits, 0, None)
-    if not (0 < s.top_k < logits.shape[-1]) and s.top_p >= 1:  # the usual GRPO setting: plain sampling
+    if plain:
         return pick(logits, s.temperature, _exponential(logits.shape, logits.device, generator, clamp=False))
     x = logits.float() / s.temperature
     if 0 < s.top_k < x.shape[-1]:
