@@ -5,12 +5,12 @@ set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels-nobnb/*.whl 2>&1 | tail -1
 export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
 O=${OUT:-/tmp/out}; mkdir -p "$O"
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_rollout_kernels.py tests/test_rollout_fast.py \
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_rollout_kernels.py tests/test_rollout_fast.py \
   -k "draw or pdl or one_launch or greedy or lora_logprobs or matmul_paths or leave or compacted or eos" \
   > $O/tests.log 2>&1; echo "tests rc=$?"; tail -3 $O/tests.log
 timeout 80 python3 benchmarks/decode.py --steps 30 --modes fused --rows 1 8 64 256 --contexts 2048 \
   --set sampler=torch "" --json $O/draw.json > $O/draw.log 2>&1; echo "draw rc=$?"
-timeout 200 python3 benchmarks/step.py --workloads lora-4k --new-tokens 16384 --methods mathgrpo --steps 2 \
+timeout 170 python3 benchmarks/step.py --workloads lora-4k --new-tokens 16384 --methods mathgrpo --steps 2 \
   --out $O/step16k.jsonl > $O/step16k.log 2>&1; echo "step16k rc=$?"
 grep -A 12 "^copy bandwidth" $O/draw.log | grep -v "^$"
 grep -E "step [0-9]|Error" $O/step16k.log | cut -c1-250
