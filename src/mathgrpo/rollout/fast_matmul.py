@@ -194,7 +194,8 @@ TABLE: dict[tuple[str, int, int, int], Config] = {
 
 
 # Under PDL, W chunks (BK columns of each program's rows) prefetched toward L2 before the kernel waits on the one
-# before it (0: none). benchmarks/decode.py --set pre=N varies it.
+# before it (0: none). benchmarks/decode.py --set pre=N varies it; on the H200 2 and 4 chunks measured slower
+# (8 x 2k: 1.886 and 1.919 ms against 1.856), so it is off.
 PREFETCH = 0
 
 
