@@ -14,8 +14,10 @@ bnb = pytest.importorskip("bitsandbytes")
 VOCAB = 97
 
 
-def _tiny_nf4_lora_model(seed: int = 0, layers: int = 2, dropout: float = 0.0):
-    """Tiny Qwen2 (fp32) whose seven projections are bitsandbytes NF4 layers, then peft LoRA as the trainer adds it."""
+def _tiny_nf4_lora_model(seed: int = 0, layers: int = 2, dropout: float = 0.0, device: str = "cpu",
+                         dtype: torch.dtype = torch.float32):
+    """Tiny Qwen2 whose seven projections are bitsandbytes NF4 layers, then peft LoRA as the trainer adds it
+    (fp32 on CPU; on CUDA in dtype, the notebook's bf16, its compute dtype too)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mathgrpo.config import ModelConfig
@@ -25,15 +27,15 @@ def _tiny_nf4_lora_model(seed: int = 0, layers: int = 2, dropout: float = 0.0):
     cfg = Qwen2Config(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False,
                       attn_implementation="sdpa")
-    model = Qwen2ForCausalLM(cfg)
+    model = Qwen2ForCausalLM(cfg).to(device, dtype)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, lin in list(parent.named_children()):
                 if isinstance(lin, torch.nn.Linear):
                     q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                          compute_dtype=torch.float32, quant_type="nf4")
+                                          compute_dtype=dtype, quant_type="nf4", device=device)
                     q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=True)._quantize("cpu")
+                                                 compress_statistics=True)._quantize(device)
                     if lin.bias is not None:
                         q.bias = lin.bias
                     setattr(parent, name, q)
@@ -115,9 +117,9 @@ def _layer_grads(layer, x, params, autocast: bool = False):
     import contextlib
 
     x = x.detach().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+    with torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
         y = layer(x)
-    g = torch.linspace(-1, 1, y.numel()).view(y.shape)  # a non-uniform upstream gradient
+    g = torch.linspace(-1, 1, y.numel(), device=x.device).view(y.shape)  # a non-uniform upstream gradient
     return (y, *torch.autograd.grad((y.float() * g).sum(), [x, *params]))
 
 
@@ -199,3 +201,32 @@ def test_kept_absmax_equals_bitsandbytes_dequantization():
     torch.testing.assert_close(dequantize(w.data, w.quant_state, torch.float32), dequantize_4bit(w.data, w.quant_state),
                                rtol=0, atol=0)
     assert absmax_fp32(w.quant_state) is absmax_fp32(w.quant_state)  # computed once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nf4_function_on_cuda_bf16_matches_peft():
+    # the GPU's own path: bf16 model and compute dtype, bf16 autocast, fp32 adapters (as the update runs);
+    # a no-grad call of decode size keeps bitsandbytes' fused kernel (None), a larger one takes the function
+    from mathgrpo.models import fuse_lora_add
+    from mathgrpo.qlora import BNB_FUSED_MAX_ROWS, nf4_lora_forward
+
+    model = _tiny_nf4_lora_model(device="cuda", dtype=torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    x = torch.randn(4, 600, layer.in_features, device="cuda", dtype=torch.bfloat16)
+    fuse_lora_add(model, on=False)
+    want = _layer_grads(layer, x, params, autocast=True)
+    fuse_lora_add(model)
+    got = _layer_grads(layer, x, params, autocast=True)
+    assert got[0].grad_fn.name() == "NF4LoRABackward"
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert nf4_lora_forward(layer, x[:1, :BNB_FUSED_MAX_ROWS]) is None
+        assert nf4_lora_forward(layer, x) is not None
+
