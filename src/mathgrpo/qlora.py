@@ -2,17 +2,21 @@
 
 Why hand-written: on the notebook's shape (NF4 + LoRA, 1 x 4 x 2,048) the update is host-bound. The GPU work is
 small (~0.35 s of kernels on an H200) and Python/dispatcher time per projection sets the pace: peft's
-`Linear4bit.forward` -> bitsandbytes' `Linear4bit.forward` -> `matmul_4bit` -> its `MatMul4Bit` function, then
+`Linear4bit.forward` -> bitsandbytes' `Linear4bit.forward` -> `matmul_4bit` -> its `MatMul4Bit` function -> its
+gemm op (past 1,536 rows: dequantise the double-quantised scales, add their offset, dequantise W, `F.linear`), then
 peft's `lora_A` / `lora_B` modules with autocast's weight casts, each step its own frames and autograd nodes
 (about ten nodes per projection, 196 projections, forward + checkpoint recompute + backward). Here one
-`torch.autograd.Function` does the forward (bitsandbytes' own `matmul_4bit`, then the LoRA delta accumulated in
-place with `addmm_`) and the backward by hand (dequantise again with `bitsandbytes.functional.dequantize_4bit`,
-grad_x = g W + s (g B) A, grad_A = s (g B)^T x, grad_B = s g^T h). It saves the LoRA input and h = A x (as
-bitsandbytes + peft do: no dequantised W is kept), and casts the fp32 adapters once per call, as autocast would.
+`torch.autograd.Function` does the forward (bitsandbytes' `dequantize_4bit` op, one kernel, with the fp32 scales
+dequantised once per weight and kept; `F.linear`; the LoRA delta accumulated in place with `addmm_`) and the
+backward by hand (dequantise again, grad_x = g W + s (g B) A, grad_A = s (g B)^T x, grad_B = s g^T h). It saves
+the LoRA input and h = A x (as bitsandbytes + peft do: no dequantised W is kept), and casts the fp32 adapters once
+per call, as autocast would. H200, qlora-2k update with checkpointing: 0.393 s against 0.694 s for the addmm path
+(docs/benchmarks.md, fourth round).
 
-`nf4_lora_forward(layer, x)` runs it for one peft 4-bit LoRA layer and returns None where it does not apply
-(adapters off or merged, several adapters, DoRA/variants, LoRA bias, a trainable base bias or weight, mixed
-dtypes outside autocast, bitsandbytes' packed CPU inference format); `models.fuse_lora_add` installs it behind
+`nf4_lora_forward(layer, x)` runs it for one peft 4-bit LoRA layer (adapters off and no grad: the base alone) and
+returns None where it does not apply (adapters off with grad, merged or several adapters, DoRA/variants, LoRA
+bias, a trainable base bias or weight, mixed dtypes outside autocast, bitsandbytes' packed CPU inference format,
+no-grad calls small enough for bitsandbytes' fused CUDA kernel); `models.fuse_lora_add` installs it behind
 `model.lora_fused_add` and falls back to its addmm path (then peft's) for those. Imports nothing of mathgrpo.
 """
 
