@@ -3,8 +3,7 @@
 #   bash benchmarks/run_update_h200_r3.sh profile   # call 1: profiles + variants, ours and TRL's; release cost
 #   bash benchmarks/run_update_h200_r3.sh final     # call 2: the fix measured; lora-1k / uneven-8k re-measured
 #   BUDGET=220 bash benchmarks/run_update_h200_r3.sh rest   # what call 2 did not reach (lora-1k gckeep, uneven-8k)
-#   BUDGET=330 bash benchmarks/run_update_h200_r3.sh uneven # TRL's steady 512-step prefix of uneven-8k (2 steps) and
-#                                                           # ours without row compaction (2 steps)
+#   BUDGET=230 bash benchmarks/run_update_h200_r3.sh uneven # TRL's steady 512-step prefix of uneven-8k (2 steps)
 # (from the repo root, wheels in $WHEELS, default .wheels). Each part runs under a share of BUDGET seconds;
 # logs and JSON lines under $OUT; a summary (benchmarks/summarize_r3.py) last.
 set -u
@@ -20,10 +19,8 @@ if [ "$MODE" = rest ]; then  # what the final call did not reach: lora-1k partia
         --out "$O/update.jsonl" --variants pack=1:gc=none:fused=1
 elif [ "$MODE" = uneven ]; then  # the uneven step's TRL estimate from a steady (second) step, not a first one
     part 30 make.log python3 benchmarks/step.py --worker make --model-dir $M --shape 1.5b --device cuda
-    part 170 step-uneven-trl.log python3 benchmarks/step.py --workloads uneven-8k --model-dir $M --trl-steps 2 \
+    part 190 step-uneven-trl.log python3 benchmarks/step.py --workloads uneven-8k --model-dir $M --trl-steps 2 \
         --out "$O/step.jsonl" --methods trl:gen_steps=512
-    part 130 step-uneven-ours.log python3 benchmarks/step.py --workloads uneven-8k --model-dir $M --steps 2 \
-        --out "$O/step.jsonl" --methods mathgrpo:compact=0
 elif [ "$MODE" = profile ]; then
     part 100 update-qlora.log python3 benchmarks/update.py --workloads qlora-2k --profile --steps 5 --model-dir $M \
         --out "$O/update.jsonl" --variants lora=peft gc=layer:prof=1 gc=none:lora=peft gc=none lmhead=torch \

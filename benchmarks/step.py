@@ -36,7 +36,8 @@ micro-batch>, chunk=<log-prob chunk>, release=1 (free the fast engine's KV cache
 the trainer's default does it for the NF4 workload anyway; release=0 turns that default off),
 backend=fast|hf, merge=copy|in_place|none (generation.lora_merge: how LoRA reaches sampling; copy = a
 merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels), pack=1
-(trainer.pack_sequences), gc=layer|none (activation checkpointing), lora=addmm|peft (model.lora_fused_add),
+(trainer.pack_sequences), gc=layer|none (activation checkpointing), lora=nf4|addmm|peft (model.lora_fused_add; nf4, the default:
+qlora.NF4LoRA on 4-bit layers; addmm: the one-GEMM add there too; peft: off),
 lmhead=triton|torch (lmhead.py's fused log-prob kernels or the plain chunked path), gen=canned; mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl (option gen=canned).
 prof=1 (mathgrpo and trl, CUDA): one more update (TRL: one more step) after the timed ones, under torch.profiler,
 not counted in the times: its kernel time by kind and the passes it ran (profiling.py), printed and in --out.
@@ -283,7 +284,7 @@ def _mathgrpo_cfg(args, w: Workload, opts: dict):
     t.logprob_chunk_size = int(opts.get("chunk", t.logprob_chunk_size))
     t.pack_sequences = opts.get("pack", "0") == "1"
     m.gradient_checkpointing = opts.get("gc", "layer") != "none"
-    m.lora_fused_add = opts.get("lora", "addmm") == "addmm"
+    m.lora_fused_add = opts.get("lora", "nf4") != "peft"
     t.learning_rate, t.max_steps, t.lr_scheduler = 1e-6, args.steps, "constant"
     if opts.get("release") == "0":  # release=1 frees before the update in run_mathgrpo; 0 turns the default off
         cfg.generation.release_memory = False
@@ -334,6 +335,10 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
 
     cfg = _mathgrpo_cfg(args, w, opts)
     model, _ = load_model(cfg.model, trainable=True)
+    if opts.get("lora") == "addmm":  # the addmm path on 4-bit layers too, not qlora.NF4LoRA
+        from mathgrpo.models import fuse_lora_add
+
+        fuse_lora_add(model, qlora=False)
     if opts.get("fused"):
         from mathgrpo.models import completion_logprobs, fuse_kernels
 

@@ -10,8 +10,9 @@ canned completions of the workload's lengths (`step.canned_completions`: random 
 1,024, uneven-8k log-normal) under each variant in turn, `--steps` updates each, the first a warm-up.
 Variant keys (':'-separated): pack=0|1 (trainer.pack_sequences), attn=auto|varlen|padded|rows (packed
 attention, `packing.set_packed_attention`; pad=<ratio> its auto threshold), lmhead=triton|torch (the fused
-lm_head log-prob kernels of lmhead.py, or the plain chunked path), gc=layer|none (activation checkpointing), lora=addmm|peft
-(model.lora_fused_add), budget=<tokens per micro-batch>, chunk=<log-prob chunk>, fused=1
+lm_head log-prob kernels of lmhead.py, or the plain chunked path), gc=layer|none (activation checkpointing), lora=nf4|addmm|peft
+(model.lora_fused_add: nf4 = the default, qlora.NF4LoRA on 4-bit layers and addmm on the others; addmm = addmm
+on all; peft = off), budget=<tokens per micro-batch>, chunk=<log-prob chunk>, fused=1
 (liger-kernel RMSNorm/SwiGLU/RoPE), gckeep=<N> (with gc=layer: N evenly spaced layers not checkpointed),
 compile=1 (torch.compile of every decoder layer). fused and compile
 cannot be undone, so variants with them run after the others. Printed per variant: update seconds, the
@@ -65,7 +66,8 @@ def apply_variant(model, cfg, opts: dict, state: dict) -> None:
         (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
     else:
         enable_checkpointing(model, keep_layers=int(opts.get("gckeep", 0)))
-    fuse_lora_add(model, on=opts.get("lora", "addmm") == "addmm")
+    lora = opts.get("lora", "nf4")
+    fuse_lora_add(model, on=lora != "peft", qlora=lora == "nf4")
     set_packed_attention(opts.get("attn", "auto"), pad_ratio=float(opts["pad"]) if "pad" in opts else None)
     lmhead.set_fused(opts.get("lmhead", "triton") == "triton")
     if opts.get("fused") == "1" and not state.get("fused"):

@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"presets", "answers", "sources", "timed_verify"},
     {"data", "prompts", "rewards", "eval_stats", "scoring"},
     {"loss", "advantages", "lmhead"},
-    {"modelinfo"},
+    {"modelinfo", "qlora"},
     {"packing", "loading"},
     {"models"},
     {"rollout"},

@@ -51,7 +51,8 @@ class ModelConfig:
     lora_fused_add: bool = setting(True,
         "LoRA delta as one GEMM accumulating into the base output (addmm), not peft's matmul + scale + add passes "
         "(1.5B update on an H200: 3.46 -> 3.30 s, same peak memory; NF4 base, no checkpointing: 0.51 -> 0.40 s); "
-        "plain LoRA layers over bf16/fp16 or NF4 bases (not 8-bit)")
+        "plain LoRA layers over bf16/fp16 or NF4 bases (not 8-bit); on NF4 the whole projection is one autograd node "
+        "(qlora.py)")
     gradient_checkpointing_keep_layers: int = setting(0,
         "with gradient_checkpointing: this many decoder layers, evenly spaced, keep their activations instead of "
         "recomputing them (faster, more memory)")

@@ -21,6 +21,7 @@ from .loading import load_base, load_tokenizer, pick_device, pick_dtype, say
 from .modelinfo import (SHARDED_LOGPROBS, ModelError, backbone_and_head, base_model,  # noqa: F401 (re-exported)
                         compute_context, fusable_lora_classes, is_quantized_linear)
 from .packing import no_mask_kwargs, to_device
+from .qlora import nf4_lora_forward
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def fuse_kernels(model) -> None:
                                     fused_linear_cross_entropy=False)
 
 
-def fuse_lora_add(model, on: bool = True) -> int:
+def fuse_lora_add(model, on: bool = True, qlora: bool = True) -> int:
     """LoRA's delta as one GEMM that accumulates into the base layer's output, y = addmm(W x, A x, s B^T),
     instead of peft's `y + B(A x) * s` (a matmul, then a scale pass and an add pass over the whole output
     in the forward, and the scale's pass again in the backward: on the 1.5B update these elementwise passes
@@ -189,14 +190,17 @@ def fuse_lora_add(model, on: bool = True) -> int:
     (no DoRA/variants, no LoRA bias, no mixed-adapter batches) takes this path, anything else peft's own.
     Installed per layer (an instance `forward`); on=False removes it. Returns the number of layers. Also on
     peft's LoRA over a bitsandbytes 4-bit base (`Linear4bit`), whose forward adds a defensive copy of the base
-    output besides those passes (addmm writes a new tensor: nothing is modified in place)."""
+    output besides those passes (addmm writes a new tensor: nothing is modified in place). There, with qlora
+    (the default), the whole projection runs as one autograd node instead (`qlora.NF4LoRA`: fewer Python frames
+    and nodes on a host-bound update), this addmm path then peft's covering what it does not."""
     import types
 
     n, classes = 0, fusable_lora_classes()
     for mod in model.modules():
         if type(mod) in classes:
             if on:
-                mod.forward = types.MethodType(_lora_addmm_forward, mod)
+                nf4 = qlora and type(mod) is classes[-1] and len(classes) > 1
+                mod.forward = types.MethodType(_qlora_forward if nf4 else _lora_addmm_forward, mod)
             else:
                 mod.__dict__.pop("forward", None)
             n += 1
@@ -216,6 +220,11 @@ def _lora_addmm_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return (result + lora_b(h) * scale).to(result.dtype)  # mixed dtypes outside autocast: as peft
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(), alpha=scale)
     return out.view(result.shape)
+
+
+def _qlora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    out = None if args or kwargs else nf4_lora_forward(self, x)
+    return _lora_addmm_forward(self, x, *args, **kwargs) if out is None else out
 
 
 # --- the pieces the loss needs ----------------------------------------------------------------------------
