@@ -424,3 +424,27 @@ def test_compacted_sampling_logprobs_match_the_forward():
             logits = model(full).logits[0, len(p) - 1:-1].float()
         want = logits.log_softmax(-1).gather(-1, c[:, None])[:, 0]
         torch.testing.assert_close(out.logprobs[r, :len(c)], want, rtol=0, atol=1e-4)
+
+
+def test_auto_backend_takes_the_fast_engine_where_it_can_read_the_model(capsys):
+    """generation.backend=auto: the fast engine on CPU too (a supported family), hf with a reason for one it
+    cannot read (GPT-2), and the same tokens as fast named explicitly."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mathgrpo.config import GenerationConfig
+    from mathgrpo.rollout import make_rollout
+    from mathgrpo.rollout.hf import HFRollout
+
+    tok = char_tokenizer()
+    model = tiny_model("qwen2")
+    auto = make_rollout(GenerationConfig(backend="auto"), model, tok)
+    assert isinstance(auto, FastRollout)
+    fast = make_rollout(GenerationConfig(backend="fast"), model, tok)
+    assert rows_of(auto.generate(PROMPTS, 2, GREEDY)) == rows_of(fast.generate(PROMPTS, 2, GREEDY))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    capsys.readouterr()
+    assert isinstance(make_rollout(GenerationConfig(backend="auto"), gpt2, tok), HFRollout)
+    out = capsys.readouterr()
+    assert "model_type 'gpt2' is not supported" in out.out + out.err
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        make_rollout(GenerationConfig(backend="fast"), gpt2, tok)

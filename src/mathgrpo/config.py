@@ -103,8 +103,8 @@ class RewardsConfig:
 @dataclass
 class GenerationConfig:
     backend: Literal["auto", "hf", "hf_unmerged", "fast"] = setting("auto",
-        "auto (fast on CUDA, hf elsewhere) | hf (transformers generate; LoRA as lora_merge says) | hf_unmerged | "
-        "fast")
+        "auto (fast wherever it can read the model, CPU included; else hf) | hf (transformers generate; LoRA as "
+        "lora_merge says) | hf_unmerged | fast")
     max_new_tokens: int | dict[int, int] = setting(2048,
         "completion length cap; longer completions are cut and marked truncated. A length curriculum is a mapping "
         "{step: tokens}, each value from that step on, e.g. {0: 8192, 100: 16384}")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 from ..registry import lookup
 from .base import Completions, Rollout, SamplingConfig
 from .hf import HFRollout
@@ -32,19 +30,22 @@ BACKENDS: dict[str, Callable] = {
 
 
 def make_rollout(gen_cfg, model, tokenizer) -> Rollout:
+    """The rollout backend generation.backend names; auto = the fast engine wherever it can read the model (on CUDA
+    with CUDA graphs, on CPU eagerly: 2-2.6x the hf backend's speed on the embedded default), else hf, saying why."""
     name = gen_cfg.backend
-    if name == "auto":
-        on_cuda = next(model.parameters()).device.type == "cuda"
-        name = "fast" if on_cuda and _fast_available() else "hf"
-    return lookup(BACKENDS, name, "generation.backend")(model, tokenizer, gen_cfg)
-
-
-def _fast_available() -> bool:
+    if name != "auto":
+        return lookup(BACKENDS, name, "generation.backend")(model, tokenizer, gen_cfg)
     try:
-        from . import fast  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+        from .fast_weights import UnsupportedModel
+    except ImportError:  # a torch too old for the engine's imports
+        return BACKENDS["hf"](model, tokenizer, gen_cfg)
+    try:
+        return _fast(model, tokenizer, gen_cfg)
+    except UnsupportedModel as e:
+        from ..loading import say
+
+        say(f"generation.backend=auto: the fast engine cannot take this model ({e}); sampling with hf")
+        return BACKENDS["hf"](model, tokenizer, gen_cfg)
 
 
 def sampling_from(gen_cfg, seed: int | None = None, **changes) -> SamplingConfig:

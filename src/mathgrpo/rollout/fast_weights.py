@@ -98,17 +98,21 @@ class GenWeights:
         return self.lm_head.dtype
 
 
+class UnsupportedModel(ValueError):
+    """The engine cannot read this model (its family, layout or adapter kind): generation.backend=auto takes hf."""
+
+
 def causal_lm_parts(model: nn.Module):
     """(base causal LM, decoder) of a HF model or a peft PeftModel, after checking the family is supported."""
     base = base_model(model)
     mtype = getattr(getattr(base, "config", None), "model_type", None)
     if mtype not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"FastRollout: model_type '{mtype}' is not supported "
+        raise UnsupportedModel(f"FastRollout: model_type '{mtype}' is not supported "
                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); use generation.backend: hf")
     decoder = getattr(base, "model", None)
     for name in ("layers", "embed_tokens", "norm", "rotary_emb"):
         if not hasattr(decoder, name):
-            raise ValueError(f"FastRollout: {type(base).__name__}.model has no '{name}'; unsupported layout")
+            raise UnsupportedModel(f"FastRollout: {type(base).__name__}.model has no '{name}'; unsupported layout")
     return base, decoder
 
 
@@ -368,10 +372,10 @@ def _check_lora(m: nn.Module) -> None:
         return
     for a in active_adapters(m):
         if getattr(m, "lora_variant", {}).get(a) is not None or getattr(m, "use_dora", {}).get(a, False):
-            raise ValueError(f"FastRollout: adapter '{a}' on {type(m).__name__} uses a LoRA variant (e.g. DoRA); "
+            raise UnsupportedModel(f"FastRollout: adapter '{a}' on {type(m).__name__} uses a LoRA variant (e.g. DoRA); "
                              "only plain LoRA can be merged into the generation weights")
         if getattr(m, "lora_bias", {}).get(a, False):
-            raise ValueError(f"FastRollout: adapter '{a}' trains a LoRA bias, which is not supported")
+            raise UnsupportedModel(f"FastRollout: adapter '{a}' trains a LoRA bias, which is not supported")
 
 
 def _effective_into(m: nn.Module, dst: torch.Tensor) -> None:
