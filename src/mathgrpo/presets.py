@@ -67,7 +67,7 @@ DEEPSCALER_8K: dict[str, Any] = {
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("demo", "SmolLM2-135M-Instruct on the built-in arithmetic set, tuned to learn visibly on a laptop CPU: "
-                   "12-15 minutes from start to report on 2 cores", EMBEDDED),
+                   "8-10 minutes from start to report on 2 cores", EMBEDDED),
     Preset("notebook", "the documented defaults, which reproduce the notebook mathgrpo replaces "
                        "(DeepSeek-R1-Distill-Qwen-1.5B, LoRA, 2048-token completions, 80 steps)", {}),
     Preset("deepscaler-8k", "stage 1 of DeepScaleR-1.5B-Preview: full fine-tuning of DeepSeek-R1-Distill-Qwen-1.5B "
