@@ -199,7 +199,7 @@ def fuse_lora_add(model, on: bool = True, qlora: bool = True) -> int:
     for mod in model.modules():
         if type(mod) in classes:
             if on:
-                nf4 = qlora and type(mod) is classes[-1] and len(classes) > 1
+                nf4 = qlora and is_quantized_linear(mod.get_base_layer())  # 4-bit: 8-bit is not in `classes`
                 mod.forward = types.MethodType(_qlora_forward if nf4 else _lora_addmm_forward, mod)
             else:
                 mod.__dict__.pop("forward", None)

@@ -10,6 +10,7 @@ from typing import Callable
 
 from ..registry import lookup
 from .base import Completions, Rollout, SamplingConfig
+from .fast_weights import UnsupportedModel
 from .hf import HFRollout
 
 
@@ -36,12 +37,8 @@ def make_rollout(gen_cfg, model, tokenizer) -> Rollout:
     if name != "auto":
         return lookup(BACKENDS, name, "generation.backend")(model, tokenizer, gen_cfg)
     try:
-        from .fast_weights import UnsupportedModel
-    except ImportError:  # a torch too old for the engine's imports
-        return BACKENDS["hf"](model, tokenizer, gen_cfg)
-    try:
         return _fast(model, tokenizer, gen_cfg)
-    except UnsupportedModel as e:
+    except (ImportError, UnsupportedModel) as e:  # ImportError: a torch too old for the engine's imports
         from ..loading import say
 
         say(f"generation.backend=auto: the fast engine cannot take this model ({e}); sampling with hf")

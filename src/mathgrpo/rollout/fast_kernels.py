@@ -13,7 +13,7 @@ norms), the two `index_copy_` KV writes, the attention mask built per step and S
   and a short batch still spreads over every multiprocessor. A second small kernel merges the splits'
   partial softmax sums.
 
-`rope_attend` does all of it in one launch (not used by the engine; benchmarks/decode_variants.py times it):
+`rope_attend` does all of it in one launch (off by default, `ATTEND["one_launch"]`; decode.py --set one=1):
 each program rotates its KV head's query heads itself, the split holding column `col` writes this step's k/v
 there before reading it, and the last split of a (row, KV head) to finish (an atomic arrival counter,
 `counters`) merges the partials.

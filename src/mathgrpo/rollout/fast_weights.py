@@ -108,7 +108,7 @@ def causal_lm_parts(model: nn.Module):
     mtype = getattr(getattr(base, "config", None), "model_type", None)
     if mtype not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModel(f"FastRollout: model_type '{mtype}' is not supported "
-                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); use generation.backend: hf")
+                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); use generation.backend: hf")
     decoder = getattr(base, "model", None)
     for name in ("layers", "embed_tokens", "norm", "rotary_emb"):
         if not hasattr(decoder, name):
@@ -372,8 +372,8 @@ def _check_lora(m: nn.Module) -> None:
         return
     for a in active_adapters(m):
         if getattr(m, "lora_variant", {}).get(a) is not None or getattr(m, "use_dora", {}).get(a, False):
-            raise UnsupportedModel(f"FastRollout: adapter '{a}' on {type(m).__name__} uses a LoRA variant (e.g. DoRA); "
-                             "only plain LoRA can be merged into the generation weights")
+            raise UnsupportedModel(f"FastRollout: adapter '{a}' on {type(m).__name__} uses a LoRA variant "
+                                   "(e.g. DoRA); only plain LoRA can be merged into the generation weights")
         if getattr(m, "lora_bias", {}).get(a, False):
             raise UnsupportedModel(f"FastRollout: adapter '{a}' trains a LoRA bias, which is not supported")
 
