@@ -76,32 +76,44 @@ def mapping(cfg) -> list[tuple[str, str, str]]:
         (f"trainer.max_steps={t.max_steps}", f"max_steps={t.max_steps}", ""),
         (f"trainer.seed=S", "seed=S (torch seeded with S before the LoRA init)", "sampling draws differ by design"),
         ("model.dtype=auto (float32 on CPU)", "bf16=False on CPU (float32), bf16 on CUDA", ""),
+        (f"model.gradient_checkpointing={m.gradient_checkpointing}",
+         f"gradient_checkpointing={m.gradient_checkpointing}", "TRL 1.16's default is True: speed only"),
     ]
 
 
 # ----------------------------------------------------------------------------- the two engines (workers)
 
-def run_mathgrpo(seed: int, steps: int, work: Path) -> dict:
-    """`python -m mathgrpo train --preset demo trainer.seed=S` in this process's child; its metrics and evaluation."""
+def run_mathgrpo(seed: int, steps: int, work: Path, emit) -> dict:
+    """`python -m mathgrpo train --preset demo trainer.seed=S` in this process's child; its metrics (emitted as they
+    are logged) and evaluation."""
     cmd = [sys.executable, "-m", "mathgrpo", "train", "--preset", "demo", f"trainer.seed={seed}",
            f"trainer.max_steps={steps}", f"trainer.output_dir={work}", "trainer.run_name=mathgrpo"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    wall = time.perf_counter() - t0
-    run = work / "mathgrpo"
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    per_step = [dict(step=r["step"], reward=r["reward"], completion_length=r["completion_length_mean"],
-                     step_s=r["step_time"]) for r in rows]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    run, seen = work / "mathgrpo", 0
+    while True:
+        done = proc.poll() is not None
+        path = run / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+        for r in rows[seen:]:
+            emit(dict(step=r["step"], reward=r["reward"], completion_length=r["completion_length_mean"],
+                      step_s=r["step_time"]))
+        seen = len(rows)
+        if done:
+            break
+        time.sleep(5)
+    if proc.returncode:
+        raise SystemExit(f"mathgrpo train exited with {proc.returncode}")
     summary = json.loads((run / "eval_summary.json").read_text())["models"]
-    return dict(steps=per_step, trained=_eval_metrics(summary["trained"]["metrics"]),
-                base=_eval_metrics(summary["base"]["metrics"]), wall_s=wall)
+    return dict(trained=_eval_metrics(summary["trained"]["metrics"]), base=_eval_metrics(summary["base"]["metrics"]),
+                wall_s=time.perf_counter() - t0)
 
 
 def _eval_metrics(m: dict) -> dict:
     return {"pass@1": m["pass@1"], "maj@4": m["maj@k"], "completion_length": m.get("completion_length")}
 
 
-def run_trl(seed: int, steps: int, work: Path) -> dict:
+def run_trl(seed: int, steps: int, work: Path, emit) -> dict:
     """TRL 1.16's GRPOTrainer on the same run (mapping()); the adapter then scored by mathgrpo's evaluation."""
     import torch
     from datasets import Dataset
@@ -154,9 +166,8 @@ def run_trl(seed: int, steps: int, work: Path) -> dict:
         temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, loss_type=g.loss_type, beta=g.beta,
         epsilon=g.epsilon, scale_rewards=g.scale_rewards, num_iterations=g.num_iterations,
         max_grad_norm=t.max_grad_norm, max_steps=steps, learning_rate=t.learning_rate, seed=seed,
-        shuffle_dataset=False, bf16=on_gpu, use_cpu=not on_gpu, logging_steps=1, report_to="none",
+        shuffle_dataset=False, gradient_checkpointing=m.gradient_checkpointing, bf16=on_gpu, use_cpu=not on_gpu, logging_steps=1, report_to="none",
         save_strategy="no", use_vllm=False)
-    steps_out: list[dict] = []
     clock: dict = {}
 
     class Record(TrainerCallback):
@@ -168,9 +179,8 @@ def run_trl(seed: int, steps: int, work: Path) -> dict:
 
         def on_log(self, args, state, control, logs=None, **k):
             if logs and "reward" in logs:
-                steps_out.append(dict(step=state.global_step, reward=logs["reward"],
-                                      completion_length=logs["completions/mean_length"], step_s=clock.get("last")))
-                print(f"[trl] {json.dumps(steps_out[-1])}", flush=True)
+                emit(dict(step=state.global_step, reward=logs["reward"],
+                          completion_length=logs["completions/mean_length"], step_s=clock.get("last")))
 
     trainer = GRPOTrainer(model=model, reward_funcs=[answer], args=conf, train_dataset=ds, processing_class=tok,
                           optimizers=(optimizer, scheduler), callbacks=[Record()])
@@ -181,17 +191,26 @@ def run_trl(seed: int, steps: int, work: Path) -> dict:
     trainer.model.save_pretrained(adapter)
     del trainer, model
     summary = run_eval(cfg, adapter=str(adapter), out_dir=work / "trl")["models"]
-    return dict(steps=steps_out, trained=_eval_metrics(summary["model"]["metrics"]), train_wall_s=wall)
+    return dict(trained=_eval_metrics(summary["model"]["metrics"]), train_wall_s=wall)
 
 
 # ----------------------------------------------------------------------------- driver, table, plot
 
-def worker(engine: str, seed: int, steps: int, result: Path) -> None:
+def worker(engine: str, seed: int, steps: int, result: Path, out: Path) -> None:
+    """One (engine, seed) run: its step rows appended to `out` as they come, its evaluation to `result`."""
     import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def emit(row: dict) -> None:
+        row = dict(engine=engine, seed=seed, device=device, **row)
+        print(f"[{engine}] {json.dumps(row)}", flush=True)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
     work = Path(tempfile.mkdtemp(prefix=f"learning-{engine}-{seed}-"))
-    res = (run_mathgrpo if engine == "mathgrpo" else run_trl)(seed, steps, work)
-    res.update(engine=engine, seed=seed, device="cuda" if torch.cuda.is_available() else "cpu", work=str(work))
+    res = (run_mathgrpo if engine == "mathgrpo" else run_trl)(seed, steps, work, emit)
+    res.update(engine=engine, seed=seed, device=device, work=str(work))
     result.write_text(json.dumps(res))
 
 
@@ -203,7 +222,7 @@ def run_all(args) -> None:
             result = Path(tempfile.mkstemp(suffix=".json")[1])
             t0 = time.perf_counter()
             cmd = [sys.executable, __file__, "--worker", engine, "--seeds", str(seed), "--steps", str(args.steps),
-                   "--result", str(result)]
+                   "--result", str(result), "--out", str(out)]
             print(f"== {engine} seed {seed}: {' '.join(cmd)}", flush=True)
             proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
             if proc.returncode != 0:
@@ -211,8 +230,6 @@ def run_all(args) -> None:
                 continue
             res = json.loads(result.read_text())
             with out.open("a") as f:
-                for s in res["steps"]:
-                    f.write(json.dumps(dict(engine=engine, seed=seed, device=res["device"], **s)) + "\n")
                 final = {k: res[k] for k in ("trained", "base") if k in res}
                 f.write(json.dumps(dict(engine=engine, seed=seed, device=res["device"], steps=args.steps,
                                         process_s=round(time.perf_counter() - t0, 1), final=final)) + "\n")
@@ -303,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         print(summarize(Path(args.out), Path(args.plot)))
         return
     if args.worker:
-        worker(args.worker, args.seeds[0], args.steps, Path(args.result))
+        worker(args.worker, args.seeds[0], args.steps, Path(args.result), Path(args.out))
         return
     print("settings: mathgrpo  ->  TRL 1.16 GRPOTrainer  (note)")
     for ours, theirs, note in mapping(cfg):
