@@ -151,7 +151,8 @@ class GRPOConfig:
         "policy gradient only on the top share of completion tokens by entropy (TRL's top_entropy_quantile; 1.0 = "
         "all)")
     dynamic_sampling: bool = setting(False,
-        "DAPO dynamic sampling: drop groups whose G rewards are all equal, sample more prompts until the step has "
+        "DAPO dynamic sampling: drop groups whose advantages are all 0 (scored rewards all equal; a completion no reward "
+        "could score left out), sample more prompts until the step has "
         "prompts_per_step informative groups or dynamic_sampling_max_rounds extra rounds were generated")
     dynamic_sampling_max_rounds: int = setting(4,
         "extra generation rounds at most per step (then train on what there is)")
