@@ -8,9 +8,7 @@ from mathgrpo.config import ConfigError, load_config
 from mathgrpo.update import make_optimizer
 
 
-def _lrs(cfg, n: int) -> list[float]:
-    model = torch.nn.Linear(2, 2)
-    opt, sched = make_optimizer(model, cfg)
+def _stepped(opt, sched, n: int) -> list[float]:  # the learning rate of each of n optimizer steps
     out = []
     for _ in range(n):
         out.append(sched.get_last_lr()[0])
@@ -19,17 +17,15 @@ def _lrs(cfg, n: int) -> list[float]:
     return out
 
 
+def _lrs(cfg, n: int) -> list[float]:
+    return _stepped(*make_optimizer(torch.nn.Linear(2, 2), cfg), n)
+
+
 def _transformers_lrs(name: str, warmup: int, total: int, lr: float) -> list[float]:
     from transformers import get_scheduler
 
     opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=lr)
-    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
-    out = []
-    for _ in range(total):
-        out.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    return out
+    return _stepped(opt, get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total), total)
 
 
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
