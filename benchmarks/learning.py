@@ -242,57 +242,65 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return mu, sd
 
 
-def summarize(path: Path, plot: Path | None, window: int = 10) -> str:
-    """Markdown table: per engine, over seeds, mean ± sd of the first/last `window` steps' reward, completion length,
-    seconds a step, and the evaluation's pass@1 / maj@4 (base: mathgrpo's evaluation of the base model)."""
+def summarize(path: Path, plot: Path | None, window: int = 5) -> str:
+    """Markdown table: per engine, over seeds, mean ± sd (sample sd; a single seed: ± 0) of the reward over the first
+    and the last `window` of the steps every run reached, the completion length and seconds a step over those last
+    steps, and the evaluation's pass@1 / maj@4 (runs that finished; base: mathgrpo's evaluation of the base model)."""
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    finals = {(r["engine"], r["seed"]): r for r in rows if "final" in r}
-    steps = [r for r in rows if "step" in r and (r["engine"], r["seed"]) in finals]
-    lines = ["| engine | seeds | reward, first 10 steps | reward, last 10 steps | completion tokens, last 10 | "
-             "s / step | pass@1 | maj@4 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    finals = {(r["engine"], r["seed"]): r["final"] for r in rows if "final" in r}
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if "step" in r:
+            runs.setdefault((r["engine"], r["seed"]), []).append(r)
+    if not runs:
+        return "no steps logged yet"
+    n = min(len(v) for v in runs.values())  # steps every run reached
+    w = min(window, max(1, n // 2))
+    for k in runs:
+        runs[k] = sorted(runs[k], key=lambda r: r["step"])[:n]
 
     def fmt(xs, d=3):
+        if not xs:
+            return "–"
         mu, sd = _mean_sd(xs)
         return f"{mu:.{d}f} ± {sd:.{d}f}"
 
-    base = [finals[k]["final"]["base"] for k in finals if "base" in finals[k]["final"]]
-    curves = {}
+    lines = [f"| engine | seeds | steps | reward, steps 1-{w} | reward, steps {n - w + 1}-{n} | completion tokens, "
+             f"steps {n - w + 1}-{n} | s / step | pass@1 | maj@4 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for engine in ENGINES:
-        seeds = sorted(s for e, s in finals if e == engine)
+        seeds = sorted(s for e, s in runs if e == engine)
         if not seeds:
             continue
-        per = {s: sorted((r for r in steps if r["engine"] == engine and r["seed"] == s), key=lambda r: r["step"])
-               for s in seeds}
-        curves[engine] = per
-        first = [_mean_sd([r["reward"] for r in per[s][:window]])[0] for s in seeds]
-        last = [_mean_sd([r["reward"] for r in per[s][-window:]])[0] for s in seeds]
-        length = [_mean_sd([r["completion_length"] for r in per[s][-window:]])[0] for s in seeds]
+        per = {s: runs[(engine, s)] for s in seeds}
+        first = [_mean_sd([r["reward"] for r in per[s][:w]])[0] for s in seeds]
+        last = [_mean_sd([r["reward"] for r in per[s][-w:]])[0] for s in seeds]
+        length = [_mean_sd([r["completion_length"] for r in per[s][-w:]])[0] for s in seeds]
         secs = [_mean_sd([r["step_s"] for r in per[s] if r["step_s"] is not None])[0] for s in seeds]
-        p1 = [finals[(engine, s)]["final"]["trained"]["pass@1"] for s in seeds]
-        maj = [finals[(engine, s)]["final"]["trained"]["maj@4"] for s in seeds]
-        lines.append(f"| {engine} | {len(seeds)} | {fmt(first)} | {fmt(last)} | {fmt(length, 1)} | {fmt(secs, 1)} | "
-                     f"{fmt(p1)} | {fmt(maj)} |")
+        done = [finals[(engine, s)]["trained"] for s in seeds if (engine, s) in finals]
+        lines.append(f"| {engine} | {len(seeds)} | {n} | {fmt(first)} | {fmt(last)} | {fmt(length, 1)} | "
+                     f"{fmt(secs, 1)} | {fmt([d['pass@1'] for d in done])} | {fmt([d['maj@4'] for d in done])} |")
+    base = [f["base"] for f in finals.values() if "base" in f]
     if base:
-        lines.append(f"| base model (no training) | {len(base)} | | | | | {fmt([b['pass@1'] for b in base])} | "
+        lines.append(f"| base model (no training) | {len(base)} | | | | | | {fmt([b['pass@1'] for b in base])} | "
                      f"{fmt([b['maj@4'] for b in base])} |")
-    if plot is not None and curves:
+    if plot is not None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        for engine, color in zip(curves, ("tab:blue", "tab:orange")):
-            per = curves[engine]
-            n = min(len(v) for v in per.values())
+        for engine, color in zip(ENGINES, ("tab:blue", "tab:orange")):
+            per = {s: v for (e, s), v in runs.items() if e == engine}
             for s, v in per.items():
-                ax.plot([r["step"] for r in v], [r["reward"] for r in v], color=color, alpha=0.25, lw=0.8)
-            xs = [per[next(iter(per))][i]["step"] for i in range(n)]
-            mean = [sum(per[s][i]["reward"] for s in per) / len(per) for i in range(n)]
-            ax.plot(xs, mean, color=color, lw=2, label=f"{engine} (mean of {len(per)} seeds)")
+                ax.plot([r["step"] for r in v], [r["reward"] for r in v], color=color, alpha=0.3, lw=0.8, marker=".")
+            if per:
+                steps = [r["step"] for r in next(iter(per.values()))]
+                mean = [sum(v[i]["reward"] for v in per.values()) / len(per) for i in range(n)]
+                ax.plot(steps, mean, color=color, lw=2, label=f"{engine} (mean of {len(per)} seed{'s' * (len(per) > 1)})")
         ax.set_xlabel("step")
         ax.set_ylabel("training reward (answer)")
-        ax.set_title("preset demo: SmolLM2-135M-Instruct, arithmetic; mathgrpo vs TRL GRPOTrainer")
+        ax.set_title("preset demo (SmolLM2-135M-Instruct, arithmetic): mathgrpo vs TRL GRPOTrainer", fontsize=9)
         ax.legend()
         fig.tight_layout()
         plot.parent.mkdir(parents=True, exist_ok=True)
