@@ -54,8 +54,8 @@ import time
 
 from benchmarks.common import (BETA, LORA, PROJECTIONS, SHAPES, WORKLOADS, Workload, allocated_gib,
                                canned_completions, child_env, drawn_lengths, load_tokenizer, make_model_dir,
-                               mathgrpo_config, matmul_peak_tflops, module_command, parse_options, peak_gib,
-                               prompt_ids, random_rewards, reset_peak, sync, update_flops)
+                               markdown_table, mathgrpo_config, matmul_peak_tflops, module_command, parse_options,
+                               peak_gib, prompt_ids, random_rewards, reset_peak, sync, update_flops)
 
 
 def force_fast_lengths(rollout, lengths: list[int], eos: int, cap: int) -> None:
@@ -430,11 +430,7 @@ def summarize(rec: dict, peak_tflops: float | None) -> dict:
 def table(rows: list[dict]) -> str:
     cols = ["workload", "method", "backend", "steps", "first_s", "step_s", "gen_s", "update_s", "peak_gen_gib",
             "peak_update_gib", "peak_gib", "update_tflops", "mfu_pct", "x_trl_step", "x_trl_update", "trl_mem_ratio"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
-    lines += [" | ".join(fmt(r.get(c, "")) for c in cols) for r in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, cols)
 
 
 def main() -> None:
