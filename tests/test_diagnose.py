@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from mathgrpo import metrics as M
 from mathgrpo.config import load_config
 from mathgrpo.diagnose import WINDOW, Watch, diagnose
@@ -103,6 +105,7 @@ def test_the_watch_says_each_finding_once():
     assert len(said) == 1 and "diverged" in said[0]
 
 
+@pytest.mark.integration
 def test_a_run_learning_nothing_says_so_in_log_summary_and_report(tiny_model_dir, tmp_path, capsys):
     """The random tiny model never writes a right boxed answer: every group flat, `accuracy` never matching; the log
     says each once, summary.json and the report list them."""
