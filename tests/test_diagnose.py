@@ -109,7 +109,7 @@ def test_the_watch_says_each_finding_once():
 def test_a_run_learning_nothing_says_so_in_log_summary_and_report(tiny_model_dir, tmp_path, capsys):
     """The random tiny model never writes a right boxed answer: every group flat, `accuracy` never matching; the log
     says each once, summary.json and the report list them."""
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
     from mathgrpo.trainer import train
 
     over = tiny_overrides(tiny_model_dir, tmp_path, **{"trainer.max_steps": WINDOW + 2, "rewards.functions": "[accuracy]"})
