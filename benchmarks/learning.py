@@ -1,9 +1,11 @@
 """Does a mathgrpo run learn as the same run under TRL's GRPOTrainer does? One task, model, prompts, settings, seeds.
 
-    PYTHONPATH=src python benchmarks/learning.py                       # 3 seeds x {mathgrpo, trl}, CPU (CUDA if any)
-    PYTHONPATH=src python benchmarks/learning.py --seeds 0 --steps 5   # a short check
-    PYTHONPATH=src python benchmarks/learning.py --summarize           # table + plot from the results file
-    PYTHONPATH=src python benchmarks/learning.py --mapping             # print the settings' mapping only
+    PYTHONPATH=src python -m benchmarks.learning                       # 3 seeds x {mathgrpo, trl}, CPU (CUDA if any)
+    PYTHONPATH=src python -m benchmarks.learning --seeds 0 --steps 5   # a short check
+    PYTHONPATH=src python -m benchmarks.learning --summarize           # table + plot from the results file
+    PYTHONPATH=src python -m benchmarks.learning --mapping             # print the settings' mapping only
+
+On a CPU shared with other work, OMP_NUM_THREADS=1 keeps torch's threads from spinning against each other.
 
 The run is preset `demo` (SmolLM2-135M-Instruct on the built-in arithmetic, `mathgrpo train --preset demo`):
 mathgrpo runs it as `python -m mathgrpo train --preset demo trainer.seed=S`, TRL 1.16's own `trl.GRPOTrainer` (not
@@ -15,7 +17,8 @@ Per step: reward (mean `answer`), mean completion length (tokens), seconds. At t
 the same evaluation, mathgrpo's `run_eval` (pass@1, maj@4 over 4 samples of each held-out problem, eval.seed fixed,
 `eval.answer=final`); the base model once per seed (its split). Rows are appended to --out as they finish:
 {"engine", "seed", "step", "reward", "completion_length", "step_s"} per step and {"engine", "seed", "final": ...}
-per run. --summarize prints the table (mean and spread over seeds) and draws both reward curves (--plot).
+per run (`append_final`). --summarize prints the table (mean and spread over seeds) and draws both reward curves
+(--plot).
 """
 
 from __future__ import annotations
@@ -228,12 +231,18 @@ def run_all(args) -> None:
             if proc.returncode != 0:
                 print(f"!! {engine} seed {seed} failed (exit {proc.returncode})", flush=True)
                 continue
-            res = json.loads(result.read_text())
-            with out.open("a") as f:
-                final = {k: res[k] for k in ("trained", "base") if k in res}
-                f.write(json.dumps(dict(engine=engine, seed=seed, device=res["device"], steps=args.steps,
-                                        process_s=round(time.perf_counter() - t0, 1), final=final)) + "\n")
-            print(f"== {engine} seed {seed}: {json.dumps(final)}", flush=True)
+            row = append_final(out, json.loads(result.read_text()), args.steps, time.perf_counter() - t0)
+            print(f"== {engine} seed {seed}: {json.dumps(row['final'])}", flush=True)
+
+
+def append_final(out: Path, res: dict, steps: int, process_s: float | None) -> dict:
+    """The run's last row in the results file: its evaluation (trained; base for mathgrpo's run)."""
+    row = dict(engine=res["engine"], seed=res["seed"], device=res["device"], steps=steps,
+               process_s=None if process_s is None else round(process_s, 1),
+               final={k: res[k] for k in ("trained", "base") if k in res})
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -245,13 +254,16 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
 def summarize(path: Path, plot: Path | None, window: int = 5) -> str:
     """Markdown table: per engine, over seeds, mean ± sd (sample sd; a single seed: ± 0) of the reward over the first
     and the last `window` of the steps every run reached, the completion length and seconds a step over those last
-    steps, and the evaluation's pass@1 / maj@4 (runs that finished; base: mathgrpo's evaluation of the base model)."""
+    steps, and the evaluation's pass@1 / maj@4; only finished runs once there are any (base: mathgrpo's evaluation
+    of the base model, on each seed's split)."""
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     finals = {(r["engine"], r["seed"]): r["final"] for r in rows if "final" in r}
     runs: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
         if "step" in r:
             runs.setdefault((r["engine"], r["seed"]), []).append(r)
+    if finals:  # the runs that finished; a run still going (or killed) is left out
+        runs = {k: v for k, v in runs.items() if k in finals}
     if not runs:
         return "no steps logged yet"
     n = min(len(v) for v in runs.values())  # steps every run reached
