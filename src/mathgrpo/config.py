@@ -124,8 +124,13 @@ class GenerationConfig:
         "update (lower peak; re-allocated and refilled for the next rollout); null = on for a 4/8-bit base, "
         "whose owned copy is a dequantised one larger than the base, off otherwise")
     decode_attention: Literal["auto", "triton", "sdpa"] = setting("auto",
-        "fast backend decode attention: auto (Triton kernels on CUDA when Triton is installed, else sdpa) | triton | "
-        "sdpa")
+        "fast backend decode attention: auto (as `kernels` decides) | triton | sdpa")
+    kernels: Literal["auto", "conservative", "torch"] = setting("auto",
+        "fast backend kernel set: auto (by the card: the measured kernels on compute capability 9.0 (H100/H200); "
+        "the conservative set on other cards Triton supports; torch below compute capability 7.0, without Triton "
+        "and on CPU; the environment variable MATHGRPO_KERNELS forces a set here) | conservative (Triton "
+        "attention at a tiling that fits 64 KiB of shared memory, cuBLAS matmuls, no PDL) | torch (no Triton: "
+        "SDPA, cuBLAS, torch sampler). A kernel that fails to compile or launch falls back to torch with a warning")
 
 
 @dataclass
