@@ -75,6 +75,8 @@ def test_fp16_update_matches_fp32():
     assert loss_scaler(opt32) is None and loss_scaler(opt16) is not None
     assert M.SKIPPED_STEPS not in m32 and m16[M.SKIPPED_STEPS] == 0 and m16[M.LOSS_SCALE] == 65536.0
     assert abs(m16[M.LOSS] - m32[M.LOSS]) <= LOSS_RTOL * abs(m32[M.LOSS]), (m16[M.LOSS], m32[M.LOSS])
+    # the gradient norm is taken on the unscaled gradients (clipping sees the true norm)
+    assert abs(m16[M.GRAD_NORM] - m32[M.GRAD_NORM]) <= GRAD_RTOL * m32[M.GRAD_NORM], (m16[M.GRAD_NORM], m32[M.GRAD_NORM])
     errs = [_rel(a, b) for a, b in zip(g16, g32)]
     assert max(errs) < GRAD_RTOL, max(errs)
     assert all(p.dtype == torch.float32 for p in params)
