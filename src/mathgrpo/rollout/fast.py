@@ -8,11 +8,11 @@ Instead of transformers' generic forward it runs its own (fast_forward.py) over 
 the HF module (fast_weights.py: the model's own tensors where possible, an owned bf16 copy for LoRA
 (or, with lora_merge=in_place|none, the base tensors with the deltas added in place while sampling or
 applied as low-rank matmuls), 4-bit or cast models), a static KV cache, and on CUDA captured CUDA graphs:
-the per-step Python, mask building and kernel launches of `generate` disappear. Decode attention takes one of
-two paths (`attention`, `describe()` says which): "triton" (fast_kernels.py, the default on CUDA: RoPE fused
-with the KV write, flash-decoding split over each row's filled columns, one graph per batch size for every
-length) or "sdpa" (the reference: SDPA over the first bucket of columns, one graph per (batch, length
-bucket); what runs on CPU and with torch alone). Prefill runs eagerly once per distinct prompt (its K/V is
+the per-step Python, mask building and kernel launches of `generate` disappear. Which kernels run is the
+device's kernel plan (fast_plan.py; `describe()` reports it): decode attention "triton" (fast_kernels.py: RoPE
+fused with the KV write, flash-decoding split over each row's filled columns, one graph per batch size for every
+length) or "sdpa" (the reference: SDPA over the first bucket of columns, one graph per (batch, length bucket);
+what runs on CPU, with torch alone, on cards Triton does not support, and after a kernel failed). Prefill runs eagerly once per distinct prompt (its K/V is
 copied to the n samples). Sampling runs on the device after each replay (fast_sampling.py); finished
 rows emit padding; stop strings are checked on the host every `check_every` steps, where finished rows also
 leave the batch (`compact`: the live rows' K/V move to the front and the step runs at the smaller batch
