@@ -73,10 +73,13 @@ class KernelPlan:
         att = (f"triton attention (block {self.block_n}"
                f"{f', {self.attend_stages} stages' if self.attend_stages else ''})" if self.attention == "triton"
                else "SDPA attention")
-        mm = f"skinny-matmul table ({len(self.table)} entries) + cuBLAS" if self.matmul == "table" else "cuBLAS"
-        parts = [att, mm, f"{self.sampler} sampler", "PDL" if self.pdl else "no PDL",
-                 "CUDA graphs" if self.cuda_graphs else "eager",
-                 "compiled pointwise ops" if self.compile_pointwise else "eager pointwise ops"]
+        cuda = self.device.type == "cuda"
+        mm = (f"skinny-matmul table ({len(self.table)} entries) + cuBLAS" if self.matmul == "table"
+              else "cuBLAS" if cuda else "torch matmuls")
+        parts = [att, mm, f"{self.sampler} sampler"]
+        if cuda:
+            parts += ["PDL" if self.pdl else "no PDL", "CUDA graphs" if self.cuda_graphs else "no CUDA graphs"]
+        parts.append("compiled pointwise ops" if self.compile_pointwise else "eager pointwise ops")
         return f"kernels {self.kernels} on {self.device.line()}: {self.reason}; " + ", ".join(parts)
 
 
