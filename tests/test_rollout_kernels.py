@@ -233,8 +233,9 @@ def test_matmul_path_selection():
 @needs_kernels
 @pytest.mark.parametrize("matmul", ["table", "cublas"])
 def test_engine_matmul_paths_match_reference_path(monkeypatch, matmul):
-    """Sampled tokens and log-probs of the engine on each matmul path (a table's kernels at 8 and 32 rows, cuBLAS
-    at 16; cuBLAS everywhere) against the SDPA / cuBLAS reference path, and which kernel forms actually ran."""
+    """Sampled tokens and log-probs of the engine on each matmul path (a table's kernels at 8 and 24 rows, the
+    latter from its 32-row bucket; cuBLAS everywhere) against the SDPA / cuBLAS reference path, and which kernel forms
+    actually ran."""
     model, tok = tiny_model("qwen3", DEV), char_tokenizer()
     s = SamplingConfig(max_new_tokens=6, seed=4)
     monkeypatch.setattr(FM, "DTYPES", (torch.float32, torch.float16, torch.bfloat16))  # the tiny model is fp32
@@ -256,12 +257,12 @@ def test_engine_matmul_paths_match_reference_path(monkeypatch, matmul):
         assert d["qkv"]["<=8 rows"].startswith("triton") and d["qkv"]["<=16 rows"] == "cuBLAS"
         assert d["gate_up"]["<=8 rows"].startswith("matmul + SwiGLU, triton") and d["o"][">64 rows"] == "cuBLAS"
     ref = FastRollout(model, tok, plan=plan_for(DEV, "torch"))
-    for n, rows in ((2, 8), (4, 16), (8, 32)):  # decode batches of 8, 16 and 32 rows
+    for n, rows in ((2, 8), (6, 24)) if matmul == "table" else ((2, 8),):  # decode batches of 8 and 24 rows
         ran.clear()
         out, want = eng.generate(PROMPTS, n, s), ref.generate(PROMPTS, n, s)
         assert rows_of(out) == rows_of(want)
         torch.testing.assert_close(out.logprobs, want.logprobs, atol=1e-4, rtol=1e-4)
-        expect = set() if matmul == "cublas" or rows == 16 else {(rows, "mm"), (rows, "glu")}
+        expect = set() if matmul == "cublas" else {(rows, "mm"), (rows, "glu")}
         assert {(m, k) for m, k in ran if m == rows} == expect and all(m == rows for m, _ in ran), (n, set(ran))
     assert all(int(c.abs().sum()) == 0 for c in K._COUNTERS.values())  # every arrival counter reset
 
