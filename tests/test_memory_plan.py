@@ -39,9 +39,10 @@ def test_small_sizes_by_hand():
     lora = 2 * 4_096
     assert s["trained+adam"] == lora * 12 and u["trained+adam"] == lora * 16  # fp32 weight + 2 moments (+ grad)
     assert s["engine copy"] == SMALL.linear_params * 2  # the merged copy of every adapted projection
-    # no checkpointing: 4 rows x 24 tokens, 2 layers x (12 x 64 + 5 x 128) x 2 bytes each
-    assert u["activations"] == 96 * 2 * (12 * 64 + 5 * 128) * 2
-    assert u["log-probs"] == 96 * 64 * 2 * 2 + 1024 * 1000 * 6 * 2
+    # no checkpointing: 4 rows x 24 tokens, 2 layers x (6 x 64 + 4 x 128) x 2 bytes each
+    assert u["activations"] == 96 * 2 * (6 * 64 + 4 * 128) * 2
+    # the final hidden states and their gradient, a chunk of 1,024 x 1,000 logits at 2 + 6 bytes, the fixed extra
+    assert u["log-probs"] == 96 * 64 * 2 * 2 + 1024 * 1000 * 8 + 320 * 2**20
 
 
 def test_1p5b_long_shape_by_hand():
@@ -51,7 +52,7 @@ def test_1p5b_long_shape_by_hand():
     assert s["kv cache"] == 2 * 28 * 8 * 2 * 16512 * 128 * 2 == 3_787_456_512  # 3.53 GiB
     assert s["engine copy"] == 1_310_195_712 * 2  # 2.44 GiB: the bf16 merged copy of all 7 projections
     # checkpointing: every layer's input kept (28 x 1536) plus one layer recomputed, for one 16,512-token row
-    assert u["activations"] == 16512 * 2 * (28 * 1536 + 12 * 1536 + 5 * 8960)
+    assert u["activations"] == 16512 * 2 * (28 * 1536 + 6 * 1536 + 4 * 8960)
     released = mp.estimate(QWEN15, cfg, step, mp.Choice(8, True, True, 16512, 1024))[1]
     assert released["kv cache"] == released["engine copy"] == 0
     assert sum(u.values()) - sum(released.values()) == s["kv cache"] + s["engine copy"]
@@ -138,15 +139,21 @@ def test_config_reference_lists_auto():
 
 def test_sizes_and_cards():
     assert mp.parse_size("16GiB") == 16 * GiB and mp.parse_size("24000MiB") == 24000 * 2**20
-    assert mp.card_free_bytes("t4") == int((14.6 - 0.5) * GiB)
+    assert mp.named_card("t4") == (int((14.6 - 0.5) * GiB), False) and mp.named_card("L4")[1]
     with pytest.raises(Exception, match="unknown card"):
-        mp.card_free_bytes("Voodoo2")
+        mp.named_card("Voodoo2")
+    # model.dtype=auto on a card without bf16 loads float32: twice the bytes of every weight
+    cfg, step, c = cfg_of(), mp.Step(4, 1, 128, 2048), mp.Choice(4, True, True, 4096, 1024)
+    cfg.model.dtype = "auto"
+    assert mp.estimate(QWEN15, cfg, step, c, bf16=False)[0]["weights"] == QWEN15.params * 4
+    assert mp.estimate(QWEN15, cfg, step, c, bf16=True)[0]["weights"] == QWEN15.params * 2
 
 
 def test_plan_command(capsys):
     assert main(["plan", "--preset", "notebook", "--device-name", "T4"]) == 0
     out = capsys.readouterr().out
-    assert "memory plan for T4: 14.10 GiB free" in out and "estimated peak, update:" in out
+    assert "memory plan for T4: 14.10 GiB free" in out and "weights in float32" in out
+    assert "estimated peak, update:" in out
     assert main(["plan", "--preset", "notebook", "generation.max_new_tokens=65536", "grpo.num_generations=16",
                  "--device-name", "T4"]) == 2
     assert "does not fit T4" in capsys.readouterr().err

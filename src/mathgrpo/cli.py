@@ -109,14 +109,15 @@ def cmd_plan(args) -> int:
     import torch
 
     from .loading import pick_device
-    from .memory_plan import card_free_bytes, parse_size, plan_run, plan_values
+    from .memory_plan import named_card, parse_size, plan_run, plan_values
 
     res = _resolved(args)
     print(res.origin())
     if args.gpu_memory or args.device_name:
-        free = parse_size(args.gpu_memory) if args.gpu_memory else card_free_bytes(args.device_name)
+        free, bf16 = named_card(args.device_name) if args.device_name else (None, True)
+        free = parse_size(args.gpu_memory) if args.gpu_memory else free
         card = args.device_name or f"a card with {args.gpu_memory} free"
-        cfg, plan = plan_run(res.config, torch.device("cuda"), args.ranks, free=free, card=card)
+        cfg, plan = plan_run(res.config, torch.device("cuda"), args.ranks, free=free, card=card, bf16=bf16)
     else:
         cfg, plan = plan_run(res.config, pick_device(res.config.model), args.ranks)
     if plan is None:

@@ -89,6 +89,7 @@ KNOWN_SHAPES = {
 CARDS = {"T4": 14.6, "P100": 15.9, "V100": 15.8, "L4": 22.0, "A10G": 22.0, "RTX3090": 23.6, "RTX4090": 23.6,
          "A100-40": 39.4, "A100": 79.1, "H100": 79.1, "H200": 139.8}
 CONTEXT_GIB = 0.5
+NO_BF16 = {"T4", "P100", "V100"}  # compute capability < 8: model.dtype=auto loads them in float32 (loading.pick_dtype)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class Plan:
     sampling: dict[str, int]  # component -> bytes
     update: dict[str, int]
     planned: set[str]  # keys the plan chose (the others were set explicitly)
+    value_bytes: int = 2  # of the model's dtype
 
     @property
     def peaks(self) -> dict[str, int]:
@@ -133,7 +135,7 @@ class Plan:
     def lines(self, sources: dict[str, str] | None = None) -> list[str]:
         """The plan as printed by `mathgrpo train` and `mathgrpo plan`."""
         out = [f"memory plan for {self.card}: {gib(self.free)} GiB free, plans fill {USABLE:.0%} "
-               f"({gib(self.free * USABLE)} GiB)"]
+               f"({gib(self.free * USABLE)} GiB); weights in {'float32' if self.value_bytes == 4 else '16 bits'}"]
         for key, v in self.values().items():
             how = "planned" if key in self.planned else f"set by {(sources or {}).get(key, 'the config')}"
             out.append(f"  {key} = {str(v).lower() if isinstance(v, bool) else v}  ({how})")
@@ -156,17 +158,20 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * {"M": 2**20, "G": GiB, "T": 2**40}[unit])
 
 
-def card_free_bytes(name: str) -> int:
-    """Free memory of a named card (CARDS), less the CUDA context."""
+def named_card(name: str) -> tuple[int, bool]:
+    """(free bytes less the CUDA context, bf16 support) of a named card (CARDS)."""
     key = name.upper().replace(" ", "").replace("_", "-")
     if key not in CARDS:
         raise ConfigError(f"--device-name {name!r}: unknown card; known: {', '.join(CARDS)} (or give --gpu-memory)")
-    return int((CARDS[key] - CONTEXT_GIB) * GiB)
+    return int((CARDS[key] - CONTEXT_GIB) * GiB), key not in NO_BF16
 
 
 # --- the arithmetic ------------------------------------------------------------------------------------------
 
-def dtype_bytes(cfg: Config) -> int:
+def dtype_bytes(cfg: Config, bf16: bool = True) -> int:
+    """Bytes per value of the model's dtype; auto is bf16 where the card has it, else float32 (loading.pick_dtype)."""
+    if cfg.model.dtype == "auto":
+        return 2 if bf16 else 4
     return 4 if cfg.model.dtype in ("float32", "fp32") else 2
 
 
@@ -185,9 +190,11 @@ def lora_params(shape: ModelShape, cfg: Config) -> int:
                         if name in cfg.model.lora_target_modules)
 
 
-def estimate(shape: ModelShape, cfg: Config, step: Step, c: Choice) -> tuple[dict[str, int], dict[str, int]]:
-    """(sampling, update) peak components in bytes for one rank (a LoRA or full fine-tuning run, fast engine)."""
-    m, d = cfg.model, dtype_bytes(cfg)
+def estimate(shape: ModelShape, cfg: Config, step: Step, c: Choice,
+             bf16: bool = True) -> tuple[dict[str, int], dict[str, int]]:
+    """(sampling, update) peak components in bytes for one rank (a LoRA or full fine-tuning run, fast engine);
+    bf16: whether the card has it (model.dtype=auto)."""
+    m, d = cfg.model, dtype_bytes(cfg, bf16)
     nf4 = m.quantization == "nf4"
     weights = int(shape.linear_params * NF4_BYTES) + shape.other_params * d if nf4 else shape.params * d
     if m.lora:
@@ -255,7 +262,7 @@ def _options(cfg: Config, step: Step) -> tuple[dict[str, list], set[str]]:
     return options, planned
 
 
-def choose(shape: ModelShape, cfg: Config, step: Step, free: int, card: str = "GPU") -> Plan:
+def choose(shape: ModelShape, cfg: Config, step: Step, free: int, card: str = "GPU", bf16: bool = True) -> Plan:
     """The fastest settings whose estimated peaks both fit USABLE x free: all rows decoded at once before fewer,
     the engine's memory kept over the update before freed, no activation checkpointing before checkpointing, the
     largest micro-batch budget and log-prob chunk. Raises PlanError when none fits."""
@@ -268,10 +275,10 @@ def choose(shape: ModelShape, cfg: Config, step: Step, free: int, card: str = "G
                 for budget in options["budget"]:
                     for chunk in options["chunk"]:
                         c = Choice(mb, rel, ckpt, budget, chunk)
-                        s, u = estimate(shape, cfg, step, c)
+                        s, u = estimate(shape, cfg, step, c, bf16)
                         peak = max(sum(s.values()), sum(u.values()))
                         if peak <= limit:
-                            return Plan(card, free, c, s, u, planned)
+                            return Plan(card, free, c, s, u, planned, dtype_bytes(cfg, bf16))
                         if best is None or peak < best[0]:
                             best = (peak, c, s, u)
     raise PlanError(_refusal(shape, cfg, step, free, card, best, planned))
@@ -366,10 +373,10 @@ def device_free_bytes(device) -> tuple[int, str]:
     return free + torch.cuda.memory_allocated(device), torch.cuda.get_device_name(device)
 
 
-def plan_run(cfg: Config, device, world_size: int = 1, free: int | None = None,
-             card: str | None = None) -> tuple[Config, Plan | None]:
+def plan_run(cfg: Config, device, world_size: int = 1, free: int | None = None, card: str | None = None,
+             bf16: bool | None = None) -> tuple[Config, Plan | None]:
     """(cfg with every auto resolved, the plan or None). CPU devices (and free=None off CUDA) take CPU_DEFAULTS;
-    a CUDA device is planned from its free memory unless `free` (and `card`) are given."""
+    a CUDA device is planned from its free memory and bf16 support unless `free` (and `card`, `bf16`) are given."""
     import torch
 
     device = torch.device(device)
@@ -377,6 +384,8 @@ def plan_run(cfg: Config, device, world_size: int = 1, free: int | None = None,
         return cpu_resolved(cfg), None
     if free is None:
         free, card = device_free_bytes(device)
-    plan = choose(read_shape(cfg.model), cfg, step_of(cfg, world_size), free, card or "GPU")
+        bf16 = torch.cuda.get_device_capability(device)[0] >= 8  # as torch.cuda.is_bf16_supported, per device
+    plan = choose(read_shape(cfg.model), cfg, step_of(cfg, world_size), free, card or "GPU",
+                  True if bf16 is None else bf16)
     return apply(cfg, plan.values()), plan
 
