@@ -159,3 +159,13 @@ def test_plan_command(capsys):
     assert "does not fit T4" in capsys.readouterr().err
     assert main(["plan", "--preset", "demo", "model.device=cpu"]) == 0
     assert "CPU, nothing to plan: generation.max_batch=256" in capsys.readouterr().out
+
+
+def test_plans_leave_headroom():
+    cfg = cfg_of("model.lora_r=32", "prompt.max_prompt_tokens=128", "generation.max_new_tokens=4096",
+                 "grpo.num_generations=8")
+    step = mp.step_of(cfg)
+    fastest = mp.choose(QWEN15, cfg, step, 200 * GiB)
+    free = int(max(fastest.peaks.values()) / 0.95)  # the fastest settings fit the free memory, not its 90%
+    plan = mp.choose(QWEN15, cfg, step, free)
+    assert plan.choice != fastest.choice and max(plan.peaks.values()) <= free * mp.USABLE
