@@ -16,6 +16,7 @@ Only `device_free_bytes` and `read_shape` touch the device or the disk.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, replace
 
@@ -209,12 +210,17 @@ def estimate(shape: ModelShape, cfg: Config, step: Step, c: Choice,
         state, grads = shape.params * d * 2, shape.params * d
         reference = weights if cfg.grpo.beta > 0 else 0
         owned, layers = 0, shape.layers
+    # the hf backend samples from a whole LoRA-merged copy of the model, kept through the update
+    hf_copy = shape.params * d if cfg.generation.backend == "hf" and m.lora and cfg.generation.lora_merge == "copy" \
+        else 0
+    hf = cfg.generation.backend in ("hf", "hf_unmerged")  # transformers' cache is gone once generate returns
+    owned = 0 if hf else owned
     rows = min(c.max_batch, step.rows)
     capacity = -(-step.row_tokens // 128) * 128
     kv = 2 * shape.layers * rows * shape.kv_heads * capacity * shape.head_dim * d
     prefill = min(PREFILL_TOKENS, step.prompts * step.prompt_tokens) * (3 * shape.intermediate + 6 * shape.hidden) * d
     sampling_work = rows * shape.vocab * (d + 8) + prefill + ENGINE_OVERHEAD
-    sampling = {"weights": weights, "trained+adam": state, "reference": reference, "engine copy": owned,
+    sampling = {"weights": weights, "trained+adam": state, "reference": reference, "engine copy": owned + hf_copy,
                 "kv cache": kv, "work": sampling_work}
     per_mb = max(1, min(step.rows, c.budget // step.row_tokens))
     tokens = per_mb * step.row_tokens
@@ -228,7 +234,7 @@ def estimate(shape: ModelShape, cfg: Config, step: Step, c: Choice,
         activations = tokens * d * layers * act
     logprobs = tokens * shape.hidden * d * 2 + c.chunk * shape.vocab * (d + LOGIT_BYTES) + UPDATE_OVERHEAD
     update = {"weights": weights, "trained+adam": state + grads, "reference": reference,
-              "engine copy": 0 if c.release else owned, "kv cache": 0 if c.release else kv,
+              "engine copy": hf_copy + (0 if c.release else owned), "kv cache": 0 if c.release or hf else kv,
               "activations": activations, "log-probs": logprobs}
     return sampling, update
 
@@ -269,18 +275,14 @@ def choose(shape: ModelShape, cfg: Config, step: Step, free: int, card: str = "G
     options, planned = _options(cfg, step)
     limit = free * USABLE
     best = None  # the leanest candidate, for the refusal
-    for mb in options["max_batch"]:
-        for rel in options["release"]:
-            for ckpt in options["checkpointing"]:
-                for budget in options["budget"]:
-                    for chunk in options["chunk"]:
-                        c = Choice(mb, rel, ckpt, budget, chunk)
-                        s, u = estimate(shape, cfg, step, c, bf16)
-                        peak = max(sum(s.values()), sum(u.values()))
-                        if peak <= limit:
-                            return Plan(card, free, c, s, u, planned, dtype_bytes(cfg, bf16))
-                        if best is None or peak < best[0]:
-                            best = (peak, c, s, u)
+    for values in itertools.product(*(options[f] for f in KEYS)):  # Choice's field order, fastest first
+        c = Choice(*values)
+        s, u = estimate(shape, cfg, step, c, bf16)
+        peak = max(sum(s.values()), sum(u.values()))
+        if peak <= limit:
+            return Plan(card, free, c, s, u, planned, dtype_bytes(cfg, bf16))
+        if best is None or peak < best[0]:
+            best = (peak, c, s, u)
     raise PlanError(_refusal(shape, cfg, step, free, card, best, planned))
 
 
