@@ -268,15 +268,21 @@ def _options(cfg: Config, step: Step) -> tuple[dict[str, list], set[str]]:
     return options, planned
 
 
+# The order in which settings give way, most important first: all rows decoded at once; the engine's memory kept over
+# the update (freeing it costs ~0.1 s a step); the largest micro-batches (measured on an H100, 1.5B NF4, 4 x 2,176
+# tokens: 4 rows a micro-batch with checkpointing 0.57 s an update, 1 row without 1.30 s); no checkpointing (~25%
+# faster at the same micro-batch); the largest log-prob chunk.
+PREFERENCE = ("max_batch", "release", "budget", "checkpointing", "chunk")
+
+
 def choose(shape: ModelShape, cfg: Config, step: Step, free: int, card: str = "GPU", bf16: bool = True) -> Plan:
-    """The fastest settings whose estimated peaks both fit USABLE x free: all rows decoded at once before fewer,
-    the engine's memory kept over the update before freed, no activation checkpointing before checkpointing, the
-    largest micro-batch budget and log-prob chunk. Raises PlanError when none fits."""
+    """The first settings in PREFERENCE order whose estimated peaks both fit USABLE x free. Raises PlanError when
+    none fits."""
     options, planned = _options(cfg, step)
     limit = free * USABLE
     best = None  # the leanest candidate, for the refusal
-    for values in itertools.product(*(options[f] for f in KEYS)):  # Choice's field order, fastest first
-        c = Choice(*values)
+    for values in itertools.product(*(options[f] for f in PREFERENCE)):
+        c = Choice(**dict(zip(PREFERENCE, values)))
         s, u = estimate(shape, cfg, step, c, bf16)
         peak = max(sum(s.values()), sum(u.values()))
         if peak <= limit:
