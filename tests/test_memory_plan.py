@@ -178,13 +178,13 @@ def test_train_refuses_before_any_run_folder_and_saves_the_planned_values(tiny_m
 
     cfg = load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "runs", **{"trainer.max_steps": 1}), base={})
     # the trainer planned as on a GPU: a 1 MiB card, then a roomy one
-    monkeypatch.setattr(T, "plan_run", lambda c, device, ranks: mp.plan_run(c, "cuda", ranks, free=2**20,
-                                                                              card="a 1 MiB card"))
+    monkeypatch.setattr(T, "plan_run", lambda c, device, ranks, shape: mp.plan_run(c, "cuda", ranks, free=2**20,
+                                                                                     card="a 1 MiB card"))
     with pytest.raises(mp.PlanError, match="does not fit a 1 MiB card"):
         T.train(cfg, quiet=True)
     assert not (tmp_path / "runs").exists()
-    monkeypatch.setattr(T, "plan_run", lambda c, device, ranks: mp.plan_run(c, "cuda", ranks, free=8 * GiB,
-                                                                              card="an 8 GiB card"))
+    monkeypatch.setattr(T, "plan_run", lambda c, device, ranks, shape: mp.plan_run(c, "cuda", ranks, free=8 * GiB,
+                                                                                     card="an 8 GiB card"))
     T.train(cfg, quiet=True)
     assert "memory plan for an 8 GiB card" in capsys.readouterr().err
     saved = load_config(tmp_path / "runs" / "run" / "config.yaml", base={})

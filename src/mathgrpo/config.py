@@ -178,7 +178,7 @@ class TrainerConfig:
     max_grad_norm: float = setting(1.0, "gradient clipping by global norm (0 = off)")
     max_tokens_per_microbatch: int | Literal["auto"] = setting("auto",
         "update micro-batches are cut by token count (rows x longest row; at least one row). auto: the memory "
-        "plan's (the largest of 16384, 8192, ... 512 that fits; 16384 on CPU)")
+        "plan's (the largest of 16384, 8192, ... down to one row that fits; 16384 on CPU)")
     logprob_chunk_size: int | Literal["auto"] = setting("auto",
         "tokens per chunk in the log-prob computation. auto: the memory plan's (1024, 512 or 256; 1024 on CPU)")
     seed: int = setting(42, "seeds the split, problem order, sampling and LoRA init; a run is reproducible from it")

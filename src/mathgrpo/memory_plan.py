@@ -34,7 +34,7 @@ ENGINE_OVERHEAD = 256 * 2**20
 # input, norms, q/k/v/attention output; MLP gate, up, activation and product); with LoRA dropout, each adapted
 # projection's dropped input too (ACT_DROPOUT_H / _I). Fitted, with UPDATE_OVERHEAD and the log-prob chunk's
 # LOGIT_BYTES, to peaks measured on an H100 (1.5B: NF4 with and without checkpointing, bf16 at 16k tokens):
-# docs/benchmarks.md, "Which GPU".
+# README, "Which GPU".
 ACT_H, ACT_I = 6, 4
 ACT_DROPOUT_H, ACT_DROPOUT_I = 6, 1
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64 values, fp32 per 256 absmax
@@ -382,9 +382,10 @@ def device_free_bytes(device) -> tuple[int, str]:
 
 
 def plan_run(cfg: Config, device, world_size: int = 1, free: int | None = None, card: str | None = None,
-             bf16: bool | None = None) -> tuple[Config, Plan | None]:
+             bf16: bool | None = None, shape: ModelShape | None = None) -> tuple[Config, Plan | None]:
     """(cfg with every auto resolved, the plan or None). CPU devices (and free=None off CUDA) take CPU_DEFAULTS;
-    a CUDA device is planned from its free memory and bf16 support unless `free` (and `card`, `bf16`) are given."""
+    a CUDA device is planned from its free memory and bf16 support unless `free` (and `card`, `bf16`) are given;
+    the model's shape is read from model.name_or_path unless given (a model the caller loaded)."""
     import torch
 
     device = torch.device(device)
@@ -393,7 +394,7 @@ def plan_run(cfg: Config, device, world_size: int = 1, free: int | None = None, 
     if free is None:
         free, card = device_free_bytes(device)
         bf16 = torch.cuda.get_device_capability(device)[0] >= 8  # as torch.cuda.is_bf16_supported, per device
-    plan = choose(read_shape(cfg.model), cfg, step_of(cfg, world_size), free, card or "GPU",
+    plan = choose(shape or read_shape(cfg.model), cfg, step_of(cfg, world_size), free, card or "GPU",
                   True if bf16 is None else bf16)
     return apply(cfg, plan.values()), plan
 

@@ -43,7 +43,7 @@ from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
 from .advantages import group_advantages, unscorable_as_nan, zero_std_fraction
 from .loading import pick_device, say
-from .memory_plan import plan_run, plan_values
+from .memory_plan import plan_run, plan_values, shape_from_config
 from .models import Reference, enable_checkpointing, load_model
 from .prompts import PromptBuilder
 from .scoring import RewardSet
@@ -193,7 +193,9 @@ def setup_run(cfg: Config, world: World, quiet: bool, *, model=None, tokenizer=N
     The order is part of the seeding: the model is loaded right after seed_everything."""
     world.share(cfg.trainer.prompts_per_step)  # a global batch that does not split fails before any work
     data = data or load_problems(cfg.data, seed=cfg.trainer.seed)  # (bad data: no run folder is made)
-    cfg, plan = plan_run(cfg, pick_device(replace(cfg.model, device=world.model_device(cfg.model.device))), world.size)
+    device = pick_device(replace(cfg.model, device=world.model_device(cfg.model.device)))
+    shape = shape_from_config(getattr(model.config, "text_config", model.config)) if model is not None else None
+    cfg, plan = plan_run(cfg, device, world.size, shape=shape)
     if world.is_main:  # (a plan that does not fit has raised: no run folder is made)
         say("\n".join(plan.lines()) if plan else "memory plan: " + ", ".join(
             f"{k}={v}" for k, v in plan_values(cfg).items()) + " (CPU: nothing to plan)")
