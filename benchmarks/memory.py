@@ -1,20 +1,20 @@
 """Does it fit on card X, and how close is the plan? A GRPO step under an emulated card's memory.
 
-    PYTHONPATH=src python benchmarks/memory.py --card 16GiB                         # both shapes, ours + TRL
-    PYTHONPATH=src python benchmarks/memory.py --card 16GiB --runs ours:qlora-2k ours:lora-4k:16384
-    PYTHONPATH=src python benchmarks/memory.py --tiny                                # CPU smoke test, seconds
+    PYTHONPATH=src python -m benchmarks.memory --card 16GiB                         # both shapes, ours + TRL
+    PYTHONPATH=src python -m benchmarks.memory --card 16GiB --runs ours:qlora-2k ours:lora-4k:16384
+    PYTHONPATH=src python -m benchmarks.memory --tiny                                # CPU smoke test
 
 Each run is a subprocess that caps its CUDA allocator at the card's memory
 (`torch.cuda.set_per_process_memory_fraction`: an allocation past the cap raises out-of-memory, as on the
 smaller card), then
 - ours: asks the memory plan (mathgrpo.memory_plan) for the planned keys with the cap as the free memory, prints
-  the plan, runs `--steps` GRPO steps with those settings (benchmarks/step.py's `run_mathgrpo`: the fast engine,
+  the plan, runs `--steps` GRPO steps with those settings (benchmarks.step's `run_mathgrpo`: the fast engine,
   the trainer's update stage, the random 1.5B model of DeepSeek-R1-Distill-Qwen-1.5B's shape) and reports the
   measured peak of each phase (torch.cuda.max_memory_allocated, reset at each phase's start) against the plan's
   estimate: the ratio estimate / measured;
-- trl: TRL's GRPOTrainer on the same workload under the same cap (step.py's `run_trl`); an out-of-memory error is
+- trl: TRL's GRPOTrainer on the same workload under the same cap (benchmarks.step's `run_trl`); an out-of-memory error is
   reported as "does not fit", with the peak reached before it.
-A run is `method:workload[:new_tokens][:option=value...]`; workloads are step.py's (qlora-2k: the notebook, 1 x 4 x
+A run is `method:workload[:new_tokens][:option=value...]`; workloads are benchmarks.common's (qlora-2k: the notebook, 1 x 4 x
 2,048, NF4; lora-4k: 1 x 8, bf16 LoRA, here usually with 16,384 new tokens). TRL option gen=canned replaces its
 generation by fixed rows of full length (the update alone: what a long shape needs to know whether it fits);
 our option set.<section.key>=<value> sets a key explicitly (the plan keeps it), e.g.
@@ -27,12 +27,11 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import step  # noqa: E402  (benchmarks/step.py: workloads, model folder, our step and TRL's)
+from benchmarks import step
+from benchmarks.common import SHAPES, WORKLOADS, child_env, module_command
 
 PLANNED = ("generation.max_batch", "generation.release_memory", "model.gradient_checkpointing",
            "trainer.max_tokens_per_microbatch", "trainer.logprob_chunk_size")
@@ -47,17 +46,16 @@ def cap_memory(cap: int) -> str:
     return torch.cuda.get_device_name(0)
 
 
-def workload(spec: str) -> tuple[str, str, step.Workload, dict]:
+def workload(spec: str):
+    """'method:workload[:new_tokens][:key=value...]' -> (method, workload name, Workload, options)."""
     method, name, *rest = spec.split(":")
-    w = step.WORKLOADS[name]
+    w = WORKLOADS[name]
     opts = dict(r.split("=", 1) for r in rest if "=" in r)
     tokens = [int(r) for r in rest if "=" not in r]
-    if tokens:
-        w = step.Workload(w.quant, w.prompts, w.group, tokens[0], w.trl_micro, w.median)
-    return method, name, w, opts
+    return method, name, w.with_new_tokens(tokens[0]) if tokens else w, opts
 
 
-def run_ours(args, w: step.Workload, opts: dict) -> dict:
+def run_ours(args, w, opts: dict) -> dict:
     import torch
 
     from mathgrpo.config import AUTO
@@ -66,10 +64,10 @@ def run_ours(args, w: step.Workload, opts: dict) -> dict:
 
     on_gpu = args.device != "cpu"
     card = cap_memory(args.cap) if on_gpu else "cpu"
-    made = step._mathgrpo_cfg
+    made = step.mathgrpo_config
     box = {}
 
-    def planned(a, wl, o):  # step.py's config with the planned keys left to the plan
+    def planned(a, wl, o):  # the benchmarks' config with the planned keys left to the plan
         cfg = made(a, wl, o)
         cfg.model.gradient_checkpointing = cfg.trainer.max_tokens_per_microbatch = AUTO
         cfg.trainer.logprob_chunk_size = cfg.generation.max_batch = cfg.generation.release_memory = AUTO
@@ -83,7 +81,7 @@ def run_ours(args, w: step.Workload, opts: dict) -> dict:
         box["plan"] = plan
         return cfg
 
-    step._mathgrpo_cfg = planned
+    step.mathgrpo_config = planned
     rec = step.run_mathgrpo(args, w, opts)
     plan = box["plan"]
     steps = rec["steps"]
@@ -98,7 +96,7 @@ def run_ours(args, w: step.Workload, opts: dict) -> dict:
                 steps=steps)
 
 
-def run_trl(args, w: step.Workload, opts: dict) -> dict:
+def run_trl(args, w, opts: dict) -> dict:
     import torch
 
     card = cap_memory(args.cap)
@@ -123,13 +121,13 @@ def worker(args) -> None:
 
 
 def spawn(args, spec: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec, "--cap", str(args.cap), "--model-dir",
-           args.model_dir, "--device", args.device, "--shape", args.shape, "--steps", str(args.steps),
-           "--trl-steps", str(args.trl_steps), "--prompt-len", str(args.prompt_len)]
+    cmd = module_command("benchmarks.memory", "--worker", spec, "--cap", str(args.cap), "--model-dir", args.model_dir,
+                         "--device", args.device, "--shape", args.shape, "--steps", str(args.steps), "--trl-steps",
+                         str(args.trl_steps), "--prompt-len", str(args.prompt_len))
     print(f"== {spec}", flush=True)
     t0 = time.time()
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=child_env())
         text, code = out.stdout + out.stderr, out.returncode
     except subprocess.TimeoutExpired as e:
         text, code = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
@@ -148,7 +146,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="our steps (the first one warms up)")
     ap.add_argument("--trl-steps", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--shape", default="1.5b", choices=list(step.SHAPES))
+    ap.add_argument("--shape", default="1.5b", choices=list(SHAPES))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model-dir", default=None, help="reuse a saved random model (default: a temp folder)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
@@ -169,8 +167,8 @@ def main() -> None:
     if args.model_dir is None:
         args.model_dir = tempfile.mkdtemp(prefix="mathgrpo-memory-")
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
-        subprocess.run([sys.executable, step.__file__, "--worker", "make", "--model-dir", args.model_dir, "--shape",
-                        args.shape, "--device", args.device], check=True)  # its own process: no memory held here
+        subprocess.run(module_command("benchmarks.step", "--worker", "make", "--model-dir", args.model_dir, "--shape",
+                                      args.shape, "--device", args.device), check=True, env=child_env())
     rows = [spawn(args, spec) for spec in args.runs]
     for r in rows:
         line = {k: r.get(k) for k in ("run", "fits", "plan", "estimate_gib", "measured_gib", "ratio",
