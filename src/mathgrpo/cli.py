@@ -109,7 +109,7 @@ def cmd_plan(args) -> int:
     import torch
 
     from .loading import pick_device
-    from .memory_plan import named_card, parse_size, plan_run, plan_values
+    from .memory_plan import describe, named_card, parse_size, plan_run
 
     res = _resolved(args)
     print(res.origin())
@@ -120,11 +120,7 @@ def cmd_plan(args) -> int:
         cfg, plan = plan_run(res.config, torch.device("cuda"), args.ranks, free=free, card=card, bf16=bf16)
     else:
         cfg, plan = plan_run(res.config, pick_device(res.config.model), args.ranks)
-    if plan is None:
-        print("memory plan: CPU, nothing to plan: " + ", ".join(f"{k}={v}" for k, v in plan_values(cfg).items())
-              + " (--gpu-memory SIZE or --device-name CARD plans for a GPU)")
-    else:
-        print("\n".join(plan.lines(res.sources)))
+    print(describe(cfg, plan, res.sources) + ("" if plan else " (--gpu-memory SIZE or --device-name CARD plans for a GPU)"))
     return 0
 
 

@@ -337,9 +337,11 @@ def plan_values(cfg: Config) -> dict[str, object]:
     return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in CPU_DEFAULTS}
 
 
-def cpu_resolved(cfg: Config) -> Config:
-    """Every auto at its CPU default: what runs when nothing is planned."""
-    return apply(cfg, CPU_DEFAULTS)
+def describe(cfg: Config, plan: Plan | None, sources: dict[str, str] | None = None) -> str:
+    """What `train` and `plan` print: the plan, or the CPU defaults the planned keys took."""
+    if plan is not None:
+        return "\n".join(plan.lines(sources))
+    return "memory plan: CPU, nothing to plan: " + ", ".join(f"{k}={v}" for k, v in plan_values(cfg).items())
 
 
 # --- reading the model and the device ------------------------------------------------------------------------
@@ -390,7 +392,7 @@ def plan_run(cfg: Config, device, world_size: int = 1, free: int | None = None, 
 
     device = torch.device(device)
     if free is None and device.type != "cuda":
-        return cpu_resolved(cfg), None
+        return apply(cfg, CPU_DEFAULTS), None
     if free is None:
         free, card = device_free_bytes(device)
         bf16 = torch.cuda.get_device_capability(device)[0] >= 8  # as torch.cuda.is_bf16_supported, per device

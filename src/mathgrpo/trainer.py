@@ -43,7 +43,7 @@ from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
 from .advantages import group_advantages, unscorable_as_nan, zero_std_fraction
 from .loading import pick_device, say
-from .memory_plan import plan_run, plan_values, shape_from_config
+from .memory_plan import describe, plan_run, shape_from_config
 from .models import Reference, enable_checkpointing, load_model
 from .prompts import PromptBuilder
 from .scoring import RewardSet
@@ -197,8 +197,7 @@ def setup_run(cfg: Config, world: World, quiet: bool, *, model=None, tokenizer=N
     shape = shape_from_config(getattr(model.config, "text_config", model.config)) if model is not None else None
     cfg, plan = plan_run(cfg, device, world.size, shape=shape)
     if world.is_main:  # (a plan that does not fit has raised: no run folder is made)
-        say("\n".join(plan.lines()) if plan else "memory plan: " + ", ".join(
-            f"{k}={v}" for k, v in plan_values(cfg).items()) + " (CPU: nothing to plan)")
+        say(describe(cfg, plan))
     run_dir, resume_from = world.broadcast_object(make_run_dir(cfg) if world.is_main else None)
     depends = runs.fingerprints(data)  # checked on resume before any model is loaded
     changes = runs.check_resume(resume_from, cfg, depends) if resume_from is not None else {}
