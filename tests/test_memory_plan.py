@@ -173,7 +173,7 @@ def test_plans_leave_headroom():
 
 def test_train_refuses_before_any_run_folder_and_saves_the_planned_values(tiny_model_dir, tmp_path, monkeypatch,
                                                                           capsys):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
     from mathgrpo import trainer as T
 
     cfg = load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "runs", **{"trainer.max_steps": 1}), base={})
