@@ -250,8 +250,8 @@ def mathgrpo_config(args, w: Workload, opts: dict):
     cfg.generation.max_new_tokens, cfg.generation.temperature = w.new_tokens, 1.0
     cfg.grpo.num_generations, cfg.grpo.beta, cfg.grpo.loss_type = w.group, BETA, "grpo"
     t = cfg.trainer
-    t.max_tokens_per_microbatch = int(opts.get("budget", t.max_tokens_per_microbatch))
-    t.logprob_chunk_size = int(opts.get("chunk", t.logprob_chunk_size))
+    t.max_tokens_per_microbatch = int(opts["budget"]) if "budget" in opts else t.max_tokens_per_microbatch  # or auto
+    t.logprob_chunk_size = int(opts["chunk"]) if "chunk" in opts else t.logprob_chunk_size
     t.pack_sequences = opts.get("pack", "0") == "1"
     m.gradient_checkpointing = opts.get("gc", "layer") != "none"
     m.lora_fused_add = opts.get("lora", "nf4") != "peft"
