@@ -30,7 +30,7 @@ from .answers import extract_boxed
 from .config import Config, load_config, max_new_tokens_at
 from .documents import markdown_table, table_cells
 from .eval_stats import bootstrap_ci, majority_vote, pass_at_k
-from .modelinfo import is_peft
+from .modelinfo import check_context, is_peft
 from .registry import lookup
 from .rewards import final_answer
 from .scoring import reward_inputs
@@ -95,10 +95,12 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     builder = PromptBuilder(tokenizer, cfg.prompt, cfg.data.answer_mod)
     prompt_ids = [builder.ids(p.problem) for p in problems]
     prompt_texts = [builder.text(p.problem) for p in problems]
-    rollout = rollout if rollout is not None else make_rollout(cfg.generation, model, tokenizer)
     sampling = sampling_from(cfg.generation, seed=ev.seed, temperature=ev.temperature,
                              max_new_tokens=ev.max_new_tokens or max_new_tokens_at(cfg.generation.max_new_tokens,
                                                                                    cfg.trainer.max_steps))
+    check_context(model, sampling.max_new_tokens, "eval.max_new_tokens" if ev.max_new_tokens else
+                  "generation.max_new_tokens", max(map(len, prompt_ids)))
+    rollout = rollout if rollout is not None else make_rollout(cfg.generation, model, tokenizer)
 
     # Batches of generation.max_batch completions; batch b always gets seed eval.seed + b (+ a rank offset).
     world = world or SINGLE

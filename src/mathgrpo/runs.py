@@ -169,6 +169,10 @@ def check_resume(ckpt: Path, cfg: Config, depends: dict) -> dict[str, tuple]:
         state = json.loads((ckpt / "trainer_state.json").read_text())
     except (OSError, yaml.YAMLError, json.JSONDecodeError) as e:
         raise ResumeError(f"{ckpt}: cannot read its config.yaml / trainer_state.json: {e}") from None
+    if cfg.trainer.max_steps < state.get("step", 0):
+        raise ResumeError(f"resume from {ckpt} refused: trainer.max_steps={cfg.trainer.max_steps} but the run has "
+                          f"trained {state['step']} steps already; a resume can only lengthen a run (to train "
+                          f"fewer steps, start a new run, or take the weights of an earlier checkpoint)")
     changes = config_changes(old_cfg, cfg)
     refused = [f"  {k}: {a!r} in the checkpoint, {b!r} now" + ("" if _changeable(k) else " (cannot change on resume)")
                for k, (a, b) in changes.items() if k not in allowed]

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import logging
 import math
+import numbers
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -80,6 +81,20 @@ def _resolve(item: str | RewardFn) -> tuple[str, RewardFn]:
 
 
 # ------------------------------------------------------------------------------- batch scoring
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _real(v) -> float | None:
+    """A reward value as a float: Python and numpy numbers, bools, 0-d tensors and arrays; None for anything else."""
+    if isinstance(v, (str, bytes)):
+        return None
+    if getattr(v, "ndim", 0) == 0 and hasattr(v, "item") and not isinstance(v, numbers.Number):
+        v = v.item()  # torch / numpy 0-d
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return None
+
 
 
 def _row_kwargs(kwargs: dict, i: int, n: int) -> dict:
@@ -164,12 +179,15 @@ class RewardSet:
             if v is None:
                 values.append(math.nan)
                 continue
-            try:
-                f = float(v)
-            except (TypeError, ValueError):
-                raise RewardError(f"reward {name!r} returned non-numeric {v!r} at example {i}") from None
+            f = _real(v)
+            if f is None:  # "1.0" would pass float(): a reward returning text has a bug, not a score
+                raise RewardError(f"reward {name!r} returned {v!r} ({type(v).__name__}) at example {i}: rewards "
+                                  f"are real numbers, or None for 'not applicable'")
             if not math.isfinite(f):
                 raise RewardError(f"reward {name!r} returned {f} at example {i}; use None for 'not applicable'")
+            if abs(f) > FLOAT32_MAX:  # scores are float32: this would become an infinite reward
+                raise RewardError(f"reward {name!r} returned {f:g} at example {i}: beyond float32's range "
+                                  f"(±{FLOAT32_MAX:.2g}) in which rewards are kept")
             values.append(f)
         return values
 

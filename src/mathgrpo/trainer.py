@@ -35,7 +35,7 @@ import torch
 from . import checkpoint as ckpt
 from . import metrics as M
 from . import runs
-from .config import Config, dump_yaml, max_new_tokens_at
+from .config import Config, ConfigError, dump_yaml, length_schedule, max_new_tokens_at
 from .data import ProblemSet, load_problems
 from .distributed import SINGLE, World, batch_line, process_group, rank_seed
 from .files import read_jsonl
@@ -43,6 +43,7 @@ from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
 from .advantages import group_advantages, unscorable_as_nan, zero_std_fraction
 from .models import Reference, load_model
+from .modelinfo import check_context
 from .prompts import PromptBuilder
 from .scoring import RewardSet
 from .rollout import make_rollout
@@ -191,12 +192,18 @@ def setup_run(cfg: Config, world: World, quiet: bool, *, model=None, tokenizer=N
     The order is part of the seeding: the model is loaded right after seed_everything."""
     world.share(cfg.trainer.prompts_per_step)  # a global batch that does not split fails before any work
     data = data or load_problems(cfg.data, seed=cfg.trainer.seed)  # (bad data: no run folder is made)
+    if cfg.trainer.eval_at_end and not data.test:
+        raise ConfigError(f"trainer.eval_at_end=true but no test problems are held out (data.source="
+                          f"{cfg.data.source}, data.test_fraction={cfg.data.test_fraction}, {len(data.train)} "
+                          f"train problems): set data.test_source or a larger data.test_fraction, or "
+                          f"trainer.eval_at_end=false")
     run_dir, resume_from = world.broadcast_object(make_run_dir(cfg) if world.is_main else None)
     depends = runs.fingerprints(data)  # checked on resume before any model is loaded
     changes = runs.check_resume(resume_from, cfg, depends) if resume_from is not None else {}
     seed_everything(cfg.trainer.seed)
     if model is None:
         model, tokenizer = load_model(replace(cfg.model, device=world.model_device(cfg.model.device)), trainable=True)
+    check_context(model, max(t for _, t in length_schedule(cfg.generation.max_new_tokens)), "generation.max_new_tokens")
     if world.is_main:
         (run_dir / "data_report.txt").write_text(data.report + "\n")
     funcs = reward_funcs or cfg.rewards.functions

@@ -1,0 +1,92 @@
+"""Bad inputs and faults that must not pass in silence: each test reproduces one reported case (a setting the model
+cannot honour, a resume that would shrink a run, a reward returning strings or huge numbers or never returning, a
+run folder used by two processes, a merge over the user's files, an unreadable model or cache, mixed data files,
+an interrupted run's exit status...) and checks the one-line error or the documented behaviour."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from mathgrpo.cli import main
+from mathgrpo.config import ConfigError, load_config
+from mathgrpo.modelinfo import ModelError
+from mathgrpo.rewards import RewardError
+from mathgrpo.runs import ResumeError
+from mathgrpo.scoring import RewardSet
+from mathgrpo.trainer import train
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _cfg(model_dir, out, **extra):
+    return load_config(None, tiny_overrides(model_dir, out, **extra), base={})
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, tmp_path_factory):
+    """A finished 2-step run of the tiny model, a checkpoint after every step."""
+    out = tmp_path_factory.mktemp("finished")
+    return train(_cfg(tiny_model_dir, out, **{"trainer.max_steps": 2, "trainer.save_steps": 1}), quiet=True)
+
+
+# --- wrong results with exit 0 -------------------------------------------------------------------------------
+
+def test_max_new_tokens_past_the_models_context_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelError, match=r"generation.max_new_tokens=600 does not fit the model's context: .* "
+                                         r"max_position_embeddings=512.* at most 511"):
+        train(_cfg(tiny_model_dir, tmp_path, **{"generation.max_new_tokens": "{0: 8, 2: 600}"}), quiet=True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_eval_max_new_tokens_counts_the_longest_prompt(tiny_model_dir):
+    from mathgrpo.evaluate import evaluate
+    from mathgrpo.models import load_model
+    from mathgrpo.data import Problem
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "eval.max_new_tokens=500"], base={})
+    model, tok = load_model(cfg.model)
+    with pytest.raises(ModelError, match=r"eval.max_new_tokens=500 does not fit .*the prompt \(\d\d+ tokens"):
+        evaluate(model, tok, [Problem("p0", "What is 2 + 2?", "4", "")], cfg)
+
+
+def test_a_resume_with_fewer_max_steps_than_trained_is_refused(finished, tiny_model_dir, tmp_path):
+    before = (finished / "config.yaml").read_text()
+    cfg = _cfg(tiny_model_dir, tmp_path, **{"trainer.max_steps": 1, "trainer.resume": str(finished),
+                                            "trainer.resume_changing": "[trainer.max_steps]"})
+    with pytest.raises(ResumeError, match=r"trainer.max_steps=1 but the run has trained 2 steps already"):
+        train(cfg, quiet=True)
+    assert (finished / "config.yaml").read_text() == before and not (finished / "resumes.jsonl").exists()
+
+
+def test_eval_at_end_without_test_problems_is_refused_before_any_work(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, **{"trainer.eval_at_end": True, "data.test_fraction": 0.0})
+    with pytest.raises(ConfigError, match=r"trainer.eval_at_end=true but no test problems are held out .*"
+                                          r"data.test_fraction=0.0"):
+        train(cfg, quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value, shown", [("1.0", "'1.0' (str)"), ([1.0], "[1.0] (list)"), (1e300, "1e+300")])
+def test_a_reward_must_return_real_numbers_in_float32_range(value, shown):
+    def bad(completions, **kw):
+        return [0.5] + [value] * (len(completions) - 1)
+
+    with pytest.raises(RewardError) as e:
+        RewardSet([("boxed", 1.0), (bad, 1.0)]).score(["a", "b", "c"])
+    assert f"reward 'bad' returned {shown} at example 1" in str(e.value)
+
+
+def test_numpy_torch_and_bool_rewards_are_numbers():
+    import numpy as np
+    import torch
+
+    def ok(completions, **kw):
+        return [np.float32(0.5), torch.tensor(1.0), True, None, 2][: len(completions)]
+
+    per, total = RewardSet([(ok, 1.0)]).score(list("abcde"))
+    assert per[:, 0].tolist()[:3] == [0.5, 1.0, 1.0] and np.isnan(per[3, 0]) and total.tolist() == [0.5, 1, 1, 0, 2]
