@@ -90,3 +90,28 @@ def test_numpy_torch_and_bool_rewards_are_numbers():
 
     per, total = RewardSet([(ok, 1.0)]).score(list("abcde"))
     assert per[:, 0].tolist()[:3] == [0.5, 1.0, 1.0] and np.isnan(per[3, 0]) and total.tolist() == [0.5, 1, 1, 0, 2]
+
+
+def test_eval_from_another_folder_reads_the_runs_data_or_refuses(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    rows = [{"problem": f"What is {a} + 3?", "answer": str(a + 3)} for a in range(24)]
+    train_dir, other = tmp_path / "project", tmp_path / "elsewhere"
+    for folder, shift in ((train_dir, 0), (other, 100)):  # a different file of the same name in the other folder
+        (folder / "data").mkdir(parents=True)
+        (folder / "data" / "p.jsonl").write_text("".join(json.dumps({**r, "answer": str(int(r["answer"]) + shift)})
+                                                         + "\n" for r in rows))
+    monkeypatch.chdir(train_dir)
+    run = train(_cfg(tiny_model_dir, tmp_path / "out", **{
+        "data.source": "data/p.jsonl", "data.answer_column": "answer", "data.solution_column": "null", "data.test_fraction": 0.25,
+        "trainer.max_steps": 1, "rewards.functions": "[accuracy]"}), quiet=True)
+    assert json.loads((run / "data.json").read_text())["source"] == str(train_dir / "data" / "p.jsonl")
+    monkeypatch.chdir(other)
+    assert main(["eval", "--adapter", str(run), "eval.num_samples=1", "eval.max_new_tokens=4"]) == 0
+    out = capsys.readouterr().out
+    assert f"data.source=data/p.jsonl: the run read {train_dir / 'data' / 'p.jsonl'}" in out
+    golds = {r["gold"] for r in map(json.loads, (run / "eval.jsonl").read_text().splitlines())}
+    assert golds and all(int(g) < 100 for g in golds)  # the run's own test problems
+    (train_dir / "data" / "p.jsonl").unlink()  # the run's data is gone: what is found here is not it
+    assert main(["eval", "--adapter", str(run), "eval.num_samples=1", "eval.max_new_tokens=4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: data.source=data/p.jsonl ({other / 'data' / 'p.jsonl'} here) is not the data this run was " \
+           f"trained on" in err

@@ -354,6 +354,7 @@ def run_eval(cfg: Config | None, *, model_path: str | None = None, adapter: str 
     """
     from .data import load_problems
     from .models import load_model, resolve_adapter
+    from .runs import check_data, place_data
 
     if baseline and not adapter:
         raise ValueError("--baseline compares a trained adapter with its base model: pass --adapter RUN_DIR "
@@ -369,7 +370,12 @@ def run_eval(cfg: Config | None, *, model_path: str | None = None, adapter: str 
     if out_dir is None:
         out_dir = Path(adapter) if adapter and _is_run_dir(Path(adapter)) else \
             Path(cfg.trainer.output_dir) / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    problems = load_problems(cfg.data, seed=cfg.trainer.seed).test
+    run_cfg = find_run_config(adapter) if adapter else None
+    recorded = place_data(run_cfg.parent, cfg) if run_cfg is not None else None  # the run's data files
+    data = load_problems(cfg.data, seed=cfg.trainer.seed)
+    if run_cfg is not None:
+        check_data(run_cfg.parent, recorded, data, cfg)
+    problems = data.test
     if not problems:
         raise ValueError(f"no test problems in data source '{cfg.data.source}' (data.test_fraction="
                          f"{cfg.data.test_fraction}); set data.test_source or data.test_fraction > 0")

@@ -203,6 +203,54 @@ def record_resume(run: Path, ckpt: Path, step: int, changes: dict[str, tuple], c
         atomic_write_text(run / "config.yaml", dump_yaml(cfg))
 
 
+# --- where the data was ----------------------------------------------------------------------------------
+
+DATA_RECORD = "data.json"  # the data paths resolved where the run trained, and the data's fingerprints
+
+
+def _absolute(source: str | None) -> str | None:
+    """A data path resolved against the current folder; hub ids, `arithmetic` and missing paths as given."""
+    return str(Path(source).expanduser().resolve()) if source and Path(source).expanduser().exists() else source
+
+
+def record_data(run: Path, cfg: Config, depends: dict) -> None:
+    """RUN/data.json: data.source and data.test_source as absolute paths, and the fingerprints of the data read,
+    so that an evaluation started from another folder reads the same files (or is refused)."""
+    atomic_write_text(run / DATA_RECORD, json.dumps({"source": _absolute(cfg.data.source), "test_source":
+                                                     _absolute(cfg.data.test_source), "fingerprints": depends}))
+
+
+def place_data(run: Path, cfg: Config) -> dict | None:
+    """For an evaluation of `run`'s adapter: when cfg's data settings are the run's own (not overridden), its
+    relative data paths are replaced by the absolute ones the run recorded (a note says so), and the recorded
+    fingerprints are returned for `check_data`; None when the data was overridden or the run recorded none."""
+    try:
+        rec = json.loads((run / DATA_RECORD).read_text())
+        old = _flat(yaml.safe_load((run / "config.yaml").read_text()) or {})
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    before, now = {**_flat(to_dict(Config())), **old}, _flat(to_dict(cfg))
+    if any(before.get(k) != v for k, v in now.items() if k.startswith("data.") or k == "trainer.seed"):
+        return None  # other data or split on purpose: nothing to match
+    for key in ("source", "test_source"):
+        here, there = getattr(cfg.data, key), rec.get(key)
+        if here and there and _absolute(here) != there and Path(there).exists():
+            print(f"data.{key}={here}: the run read {there} (relative to the folder it was trained in); using it")
+            setattr(cfg.data, key, there)
+    return rec["fingerprints"]
+
+
+def check_data(run: Path, recorded: dict | None, data: ProblemSet, cfg: Config) -> None:
+    """Refuse an evaluation of `run` whose data (read with the run's own settings) is not the data it trained on:
+    its test split would be other problems, some of them perhaps trained on."""
+    if recorded is None or fingerprints(data)["split"] == recorded["split"]:
+        return
+    raise RunDirError(f"{run}: data.source={cfg.data.source} ({_absolute(cfg.data.source)} here) is not the data "
+                      f"this run was trained on ({recorded['n_train']} train + {recorded['n_test']} test problems "
+                      f"then, {len(data.train)} + {len(data.test)} now), so its held-out test problems would "
+                      f"differ; pass the run's data as data.source=PATH, or other test data as data.test_source=PATH")
+
+
 # --- logs on resume -------------------------------------------------------------------------------------
 
 def truncate_logs(run: Path, last_step: int) -> None:

@@ -206,6 +206,7 @@ def setup_run(cfg: Config, world: World, quiet: bool, *, model=None, tokenizer=N
     check_context(model, max(t for _, t in length_schedule(cfg.generation.max_new_tokens)), "generation.max_new_tokens")
     if world.is_main:
         (run_dir / "data_report.txt").write_text(data.report + "\n")
+        runs.record_data(run_dir, cfg, depends)
     funcs = reward_funcs or cfg.rewards.functions
     rewards = RewardSet(list(zip(funcs, cfg.rewards.weights or [1.0] * len(funcs))))
     ref = prepare_policy(model, cfg, world)
