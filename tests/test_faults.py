@@ -115,3 +115,25 @@ def test_eval_from_another_folder_reads_the_runs_data_or_refuses(tiny_model_dir,
     err = capsys.readouterr().err
     assert f"{run}: data.source=data/p.jsonl ({other / 'data' / 'p.jsonl'} here) is not the data this run was " \
            f"trained on" in err
+
+
+def test_a_run_in_use_by_another_process_is_refused_and_a_stale_lock_is_not(finished, tiny_model_dir, tmp_path):
+    import shutil
+
+    from mathgrpo.runs import RunDirError, lock_run
+
+    run = tmp_path / "out" / "run"
+    shutil.copytree(finished, run)
+    (run / ".lock").write_text("process 999999 on a-host-that-crashed since 2026-01-01 00:00:00\n")  # stale
+    cfg = _cfg(tiny_model_dir, tmp_path / "out", **{"trainer.max_steps": 3, "trainer.resume": str(run), "trainer.save_steps": 1,
+                                                     "trainer.resume_changing": "[trainer.max_steps]"})
+    held = lock_run(run)  # another process resuming it now (flock: a second open file is refused alike)
+    try:
+        with pytest.raises(RunDirError, match=rf"{run} is in use by process \d+ on .* two processes would write"):
+            train(cfg, quiet=True)
+    finally:
+        held.close()
+    assert not (run / "resumes.jsonl").exists()
+    assert train(cfg, quiet=True) == run  # the lock file left behind holds no lock
+    with lock_run(run):  # released when train returned
+        pass

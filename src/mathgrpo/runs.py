@@ -19,9 +19,12 @@ to the config now in force (never silently).
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -113,6 +116,26 @@ def _claim(run: Path, cfg: Config) -> bool:
     except OSError as e:
         raise RunDirError(f"{run}: cannot create the run folder: {os_reason(e, run)}") from None
     return True
+
+
+def lock_run(run: Path):
+    """An exclusive lock on `run` for this process (flock on RUN/.lock, released by the OS when the process ends,
+    so a crashed run leaves no stale lock); RunDirError naming the holder when another process has it.
+    Close the returned file to release it."""
+    f = open(run / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunDirError(f"{run} is in use by {holder}: two processes would write the same checkpoints and logs; "
+                          f"wait for it to end or stop it, then resume") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 # --- what a run depends on ------------------------------------------------------------------------------

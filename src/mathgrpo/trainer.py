@@ -179,6 +179,7 @@ class Run:
     start: int = 0
     resume_from: Path | None = None
     changes: dict = field(default_factory=dict)  # config keys changed on resume: key -> (old, new)
+    lock: Any = None  # the run folder's lock (runs.lock_run), held until train returns
 
     def state(self, step: int) -> dict:
         """What a checkpoint stores besides weights and optimizer: the step, the sampler, the data fingerprints."""
@@ -198,6 +199,20 @@ def setup_run(cfg: Config, world: World, quiet: bool, *, model=None, tokenizer=N
                           f"train problems): set data.test_source or a larger data.test_fraction, or "
                           f"trainer.eval_at_end=false")
     run_dir, resume_from = world.broadcast_object(make_run_dir(cfg) if world.is_main else None)
+    lock = runs.lock_run(run_dir) if world.is_main else None  # a second process on this run is refused
+    try:
+        run = _setup(cfg, world, quiet, data, run_dir, resume_from, model, tokenizer, prompts, reward_funcs,
+                     callbacks)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    run.lock = lock
+    return run
+
+
+def _setup(cfg: Config, world: World, quiet: bool, data: ProblemSet, run_dir: Path, resume_from: Path | None, model,
+           tokenizer, prompts, reward_funcs, callbacks) -> Run:
     depends = runs.fingerprints(data)  # checked on resume before any model is loaded
     changes = runs.check_resume(resume_from, cfg, depends) if resume_from is not None else {}
     seed_everything(cfg.trainer.seed)
@@ -332,8 +347,12 @@ def train(cfg: Config, quiet: bool = False, *, model=None, tokenizer=None, data:
     with process_group(cfg.model.device) as world:
         run = setup_run(cfg, world, quiet, model=model, tokenizer=tokenizer, data=data, prompts=prompts,
                         reward_funcs=reward_funcs, callbacks=callbacks)
-        step, stopped = _loop(run)
-        finish_run(run, step, stopped)
+        try:
+            step, stopped = _loop(run)
+            finish_run(run, step, stopped)
+        finally:
+            if run.lock is not None:
+                run.lock.close()
         return run.dir
 
 
