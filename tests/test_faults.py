@@ -137,3 +137,19 @@ def test_a_run_in_use_by_another_process_is_refused_and_a_stale_lock_is_not(fini
     assert train(cfg, quiet=True) == run  # the lock file left behind holds no lock
     with lock_run(run):  # released when train returned
         pass
+
+
+# --- lost data -----------------------------------------------------------------------------------------------
+
+def test_merge_into_a_non_empty_folder_is_refused_unless_overwrite(finished, tmp_path, capsys):
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    (out / "config.json").write_text("{}")
+    assert main(["merge", str(finished), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"merge: {out} is not empty (2 entries); the merged model would overwrite them" in err and "--overwrite" in err
+    assert (out / "config.json").read_text() == "{}"
+    assert main(["merge", str(finished), str(out), "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "the user's own file" and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 512

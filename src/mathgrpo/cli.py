@@ -5,7 +5,7 @@
     mathgrpo report RUN_DIR
     mathgrpo data inspect SOURCE [overrides]
     mathgrpo config show [cfg.yaml] [overrides]     |   mathgrpo config reference
-    mathgrpo merge RUN_DIR OUT_DIR
+    mathgrpo merge RUN_DIR OUT_DIR [--overwrite]
 
 With no arguments at all, `train` and `eval` use preset `demo` (SmolLM2-135M, built-in arithmetic, CPU) and say so;
 `--preset NAME` picks a preset; a config file or overrides alone start from the documented defaults (presets.py).
@@ -112,7 +112,7 @@ def cmd_merge(args) -> int:
     cfg = load_config(str(run_cfg) if run_cfg.is_file() else None)
     if not run_cfg.is_file():
         print(f"no {run_cfg}: the base model is preset demo's ({cfg.model.name_or_path})")
-    print(f"merged model written to {merge_adapter(args.run_dir, cfg.model, args.out_dir)}")
+    print(f"merged model written to {merge_adapter(args.run_dir, cfg.model, args.out_dir, args.overwrite)}")
     return 0
 
 
@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge a run's LoRA adapter into the base model for deployment")
     m.add_argument("run_dir")
     m.add_argument("out_dir")
+    m.add_argument("--overwrite", action="store_true", help="write into OUT_DIR even if it holds files")
     m.set_defaults(fn=cmd_merge)
     return p
 
