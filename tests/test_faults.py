@@ -153,3 +153,50 @@ def test_merge_into_a_non_empty_folder_is_refused_unless_overwrite(finished, tmp
     assert main(["merge", str(finished), str(out), "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "the user's own file" and (out / "model.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 512
+
+
+# --- the hang ------------------------------------------------------------------------------------------------
+
+def test_a_reward_that_never_returns_is_stopped_by_its_time_limit_naming_it():
+    import time
+
+    def stuck(completions, **kw):
+        try:
+            time.sleep(60)  # a network call that never answers
+        except Exception:  # a reward's own broad except must not swallow the limit
+            return [0.0] * len(completions)
+        return [1.0] * len(completions)
+
+    rs = RewardSet([("boxed", 1.0), (stuck, 1.0)], time_limit=0.5)
+    t0 = time.perf_counter()
+    with pytest.raises(RewardError, match=r"reward 'stuck' did not return within rewards.time_limit=0.5 s \(a batch "
+                                          r"of 2 completions\)"):
+        rs.score(["a", "b"])
+    assert time.perf_counter() - t0 < 5
+    import signal
+
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # the handler is put back
+    fast = RewardSet([("boxed", 1.0)], time_limit=0.2)
+    time.sleep(0.4)  # a timer left running would fire here
+    assert fast.score(["\\boxed{1}"])[1].tolist() == [1.0]
+
+
+def test_the_time_limit_is_a_config_key():
+    assert load_config(None, ["rewards.time_limit=30"], base={}).rewards.time_limit == 30
+    assert load_config(None, [], base={}).rewards.time_limit == 600
+    with pytest.raises(ConfigError, match="rewards.time_limit"):
+        load_config(None, ["rewards.time_limit=0"], base={})
+
+
+def test_the_first_ctrl_c_says_what_happens_and_how_to_stop_now(capsys):
+    import os
+    import signal
+
+    from mathgrpo.trainer import StopFlag
+
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal == signal.SIGINT
+        assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again: stop now)" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)

@@ -62,7 +62,7 @@ def _reward_set(cfg: Config):
     from .scoring import RewardSet
 
     weights = cfg.rewards.weights or [1.0] * len(cfg.rewards.functions)
-    return RewardSet(list(zip(cfg.rewards.functions, weights)))
+    return RewardSet(list(zip(cfg.rewards.functions, weights)), cfg.rewards.time_limit)
 
 
 # eval.answer -> what counts as a completion's answer for pass@k and maj@k

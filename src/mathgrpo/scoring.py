@@ -17,7 +17,9 @@ import importlib.util
 import logging
 import math
 import numbers
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -112,10 +114,42 @@ def _row_kwargs(kwargs: dict, i: int, n: int) -> dict:
     return out
 
 
-class RewardSet:
-    """Weighted rewards scored together: `total = nansum(weight * reward)` per completion (TRL's rule)."""
+class RewardTimeout(BaseException):
+    """Raised inside a reward call that ran past its time limit (a BaseException: a reward's `except Exception`
+    must not swallow it)."""
 
-    def __init__(self, rewards: Sequence[tuple[str | RewardFn, float]]):
+
+def call_within(seconds: float | None, fn, *args, **kwargs):
+    """fn(*args, **kwargs), interrupted by RewardTimeout after `seconds`. A timer thread signals the main thread
+    (SIGUSR2, so the SIGALRM alarms of math-verify and timed_verify inside rewards keep working); a blocking sleep
+    or wait is interrupted too. Off the main thread (signals cannot reach it) or without a limit: a plain call."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kwargs)
+    live = [True]
+
+    def expired(signum, frame):
+        if live[0]:
+            raise RewardTimeout
+
+    old = signal.signal(signal.SIGUSR2, expired)
+    timer = threading.Timer(seconds, lambda: live[0] and signal.pthread_kill(threading.main_thread().ident,
+                                                                             signal.SIGUSR2))
+    timer.daemon = True
+    timer.start()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        live[0] = False
+        timer.cancel()
+        signal.signal(signal.SIGUSR2, old)
+
+
+class RewardSet:
+    """Weighted rewards scored together: `total = nansum(weight * reward)` per completion (TRL's rule). Each call
+    of a reward may take `time_limit` seconds at most (rewards.time_limit); past it, a RewardError names it."""
+
+    def __init__(self, rewards: Sequence[tuple[str | RewardFn, float]], time_limit: float | None = None):
+        self.time_limit = time_limit
         if not rewards:
             raise RewardError("RewardSet needs at least one (reward, weight) pair")
         self._names: list[str] = []
@@ -159,13 +193,16 @@ class RewardSet:
         total = np.nansum(weighted, axis=1).astype(np.float32)  # [N]
         return per_reward, total
 
-    @staticmethod
-    def _run(name: str, fn: RewardFn, completions: list[str], kwargs: dict) -> list[float]:
+    def _run(self, name: str, fn: RewardFn, completions: list[str], kwargs: dict) -> list[float]:
         n = len(completions)
         try:
-            out = fn(completions, **kwargs)
+            out = call_within(self.time_limit, fn, completions, **kwargs)
+        except RewardTimeout:
+            raise RewardError(f"reward {name!r} did not return within rewards.time_limit={self.time_limit:g} s (a "
+                              f"batch of {n} completions): it may never return; fix it, or raise "
+                              f"rewards.time_limit") from None
         except Exception as exc:
-            where = RewardSet._failing_index(fn, completions, kwargs)
+            where = self._failing_index(fn, completions, kwargs)
             place = f"on example {where}" if where is not None else "on the batch (no single example reproduces it)"
             raise RewardError(f"reward {name!r} raised {type(exc).__name__} {place}: {exc}") from exc
         try:
@@ -191,12 +228,13 @@ class RewardSet:
             values.append(f)
         return values
 
-    @staticmethod
-    def _failing_index(fn: RewardFn, completions: list[str], kwargs: dict) -> int | None:
+    def _failing_index(self, fn: RewardFn, completions: list[str], kwargs: dict) -> int | None:
         n = len(completions)
         for i in range(n):
             try:
-                fn(completions[i : i + 1], **_row_kwargs(kwargs, i, n))
+                call_within(self.time_limit, fn, completions[i : i + 1], **_row_kwargs(kwargs, i, n))
+            except RewardTimeout:
+                return None
             except Exception:
                 return i
         return None

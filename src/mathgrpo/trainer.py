@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -113,6 +114,7 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signal: signal.Signals | None = None  # the signal that asked to stop
         self._old = {}
 
     def __enter__(self):
@@ -127,6 +129,9 @@ class StopFlag:
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = signal.Signals(signum)
+        print(f"\n{self.signal.name}: stopping after this step, with a checkpoint (Ctrl-C again: stop now)",
+              file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -223,7 +228,7 @@ def _setup(cfg: Config, world: World, quiet: bool, data: ProblemSet, run_dir: Pa
         (run_dir / "data_report.txt").write_text(data.report + "\n")
         runs.record_data(run_dir, cfg, depends)
     funcs = reward_funcs or cfg.rewards.functions
-    rewards = RewardSet(list(zip(funcs, cfg.rewards.weights or [1.0] * len(funcs))))
+    rewards = RewardSet(list(zip(funcs, cfg.rewards.weights or [1.0] * len(funcs))), cfg.rewards.time_limit)
     ref = prepare_policy(model, cfg, world)
     rollout = rollout_for(model, lambda: make_rollout(cfg.generation, model, tokenizer))  # gathered if sharded
     optimizer, scheduler = make_optimizer(model, cfg)
