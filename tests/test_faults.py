@@ -200,3 +200,26 @@ def test_the_first_ctrl_c_says_what_happens_and_how_to_stop_now(capsys):
         assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again: stop now)" in capsys.readouterr().err
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+# --- one line instead of a traceback ---------------------------------------------------------------------------
+
+def test_an_uncached_hub_model_offline_is_one_line_saying_how_to_go_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "mathgrpo-tests/never-downloaded-1.5B"  # not in any cache, as the defaults' model on a fresh machine
+    over = tiny_overrides(name, tmp_path, **{"trainer.max_steps": 1})
+    assert main(["train", *over, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"mathgrpo train: error: model.name_or_path={name}: not in the local Hugging Face cache, and "
+                       f"the hub cannot be reached (offline): download it once where there is network (`hf download "
+                       f"{name}`), run offline with `--preset demo` (the embedded SmolLM2-135M), or set "
+                       f"model.name_or_path to a local model folder") and not any("Traceback" in x for x in err)
+
+
+def test_a_model_folder_with_only_config_json_names_folder_and_what_is_missing(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text((Path(tiny_model_dir) / "config.json").read_text())
+    assert main(["train", *tiny_overrides(str(tmp_path / "m"), tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert (f"model folder {tmp_path / 'm'} has no weights (*.safetensors or pytorch_model*.bin) and no tokenizer "
+            f"(tokenizer.json, tokenizer_config.json, ...)") in err and "sentencepiece" not in err

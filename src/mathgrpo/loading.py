@@ -70,6 +70,39 @@ def _gguf_cache_dir(folder: str, gguf_file: str) -> Path | None:
     return root / "gguf" / f"{src.stem}-{key}"
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.pt", "*.pth")
+
+
+def check_folder(folder: str, weights: bool = True) -> None:
+    """ModelError naming a local model folder and what it lacks (config.json, weights, tokenizer files), before
+    transformers answers with a guess (e.g. "install sentencepiece")."""
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        return  # a hub id
+    missing = [] if not weights or (p / "config.json").is_file() else ["config.json"]
+    if weights and not any(next(p.glob(g), None) for g in WEIGHT_FILES):
+        missing.append("weights (*.safetensors or pytorch_model*.bin)")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...)")
+    if missing:
+        raise ModelError(f"model folder {p} has no {' and no '.join(missing)}: a model folder is what "
+                         f"save_pretrained writes (config.json, weights and the tokenizer's files); copy the "
+                         f"missing files in, or set model.name_or_path to a complete folder or a hub id")
+
+
+def not_found(name: str, folder: str, e: OSError) -> ModelError:
+    """A hub id that could not be loaded, in one line: offline and not cached says how to go on."""
+    text = str(e)
+    if not Path(folder).expanduser().exists() and ("cached files" in text or "offline" in text.lower()
+                                                    or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")):
+        return ModelError(f"model.name_or_path={name}: not in the local Hugging Face cache, and the hub cannot be "
+                          f"reached (offline): download it once where there is network (`hf download {name}`), "
+                          f"run offline with `--preset demo` (the embedded SmolLM2-135M), or set "
+                          f"model.name_or_path to a local model folder")
+    return ModelError(f"cannot load model '{name}': {text.splitlines()[0] if text else type(e).__name__}")
+
+
 def pick_device(cfg: ModelConfig) -> torch.device:
     if cfg.device != "auto":
         dev = torch.device(cfg.device)
@@ -99,8 +132,13 @@ def load_tokenizer(cfg: ModelConfig):
     if cached is not None and (cached / "tokenizer" / "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(cached / "tokenizer")
     else:
+        if not gguf:
+            check_folder(folder, weights=(Path(folder) / "config.json").is_file())
         kw = {"gguf_file": gguf} if gguf else {}
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kw)
+        try:
+            tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kw)
+        except OSError as e:
+            raise not_found(cfg.name_or_path, folder, e) from None
         if cached is not None:
             cached.mkdir(parents=True, exist_ok=True)
             _save_atomic(tok, cached / "tokenizer")
@@ -170,10 +208,11 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
                 cached.mkdir(parents=True, exist_ok=True)
                 _save_atomic(_PlainWeights(model), cached / "model")
     else:
+        check_folder(folder)
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, **kw)
         except OSError as e:
-            raise ModelError(f"cannot load model '{folder}': {e}") from None
+            raise not_found(cfg.name_or_path, folder, e) from None
     if cfg.quantization is None:
         model.to(device=device, dtype=dtype)
     n = sum(p.numel() for p in model.parameters())
