@@ -223,3 +223,27 @@ def test_a_model_folder_with_only_config_json_names_folder_and_what_is_missing(t
     err = capsys.readouterr().err
     assert (f"model folder {tmp_path / 'm'} has no weights (*.safetensors or pytorch_model*.bin) and no tokenizer "
             f"(tokenizer.json, tokenizer_config.json, ...)") in err and "sentencepiece" not in err
+
+
+def test_wandb_without_a_login_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.chdir(tmp_path)
+    over = tiny_overrides("no/such-model", tmp_path / "out", **{"trainer.report_to": "[wandb]"})
+    assert main(["train", *over, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "mathgrpo train: error: trainer.report_to lists 'wandb' but no W&B login was found (WANDB_API_KEY, ~/.netrc, "
+        "wandb's settings file): run `wandb login`, or set WANDB_MODE=offline to write the run locally (`wandb sync` "
+        "uploads it later)") and "loading model" not in err
+    from mathgrpo.trackers import wandb_login_found
+
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_login_found()
+    (tmp_path / ".netrc").unlink()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_login_found()
