@@ -247,3 +247,54 @@ def test_wandb_without_a_login_is_one_line_before_the_model_loads(tmp_path, monk
     (tmp_path / ".netrc").unlink()
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert wandb_login_found()
+
+
+def test_a_damaged_gguf_cache_is_converted_again_and_an_unwritable_one_moves_to_temp(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch, caplog):
+    import logging
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mathgrpo import loading
+    from mathgrpo.config import ModelConfig
+
+    conversions = []
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def converting(real):
+        def load(path, *a, gguf_file=None, **kw):
+            if gguf_file:  # "dequantise the GGUF": the tiny model stands in for it
+                conversions.append(real.__self__.__name__)
+                return real(tiny_model_dir, *a, **kw)
+            return real(path, *a, **kw)
+        return load
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", converting(real_model))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", converting(real_tok))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "tiny.gguf").write_bytes(b"GGUF")
+    cfg = ModelConfig(name_or_path=str(tmp_path / "m" / "tiny.gguf"))
+    monkeypatch.setenv("MATHGRPO_CACHE", str(tmp_path / "cache"))
+    load = lambda: (loading.load_tokenizer(cfg), loading.load_base(cfg, torch.device("cpu"), torch.float32))  # noqa
+    load()
+    assert len(conversions) == 2  # tokenizer and model converted once, then cached
+    (cached,) = (tmp_path / "cache" / "gguf").iterdir()
+    weights = cached / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a damaged cached copy
+    with caplog.at_level(logging.WARNING):
+        load()
+    assert f"the cached model in {cached / 'model'} is damaged (SafetensorError" in caplog.text
+    assert len(conversions) == 3 and weights.stat().st_size > 1000  # converted and cached again
+    load()
+    assert len(conversions) == 3
+    (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("MATHGRPO_CACHE", str(tmp_path / "blocked" / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load()
+    assert f"cannot write the model cache {tmp_path / 'blocked' / 'cache'} (Not a directory): converting into " \
+           f"{tmp_path / 'tmp'}" in caplog.text
+    assert len(list((tmp_path / "tmp").glob("mathgrpo-cache-*/gguf/tiny-*/model/model.safetensors"))) == 1
