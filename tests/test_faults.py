@@ -298,3 +298,11 @@ def test_a_damaged_gguf_cache_is_converted_again_and_an_unwritable_one_moves_to_
     assert f"cannot write the model cache {tmp_path / 'blocked' / 'cache'} (Not a directory): converting into " \
            f"{tmp_path / 'tmp'}" in caplog.text
     assert len(list((tmp_path / "tmp").glob("mathgrpo-cache-*/gguf/tiny-*/model/model.safetensors"))) == 1
+
+
+def test_a_weighted_total_past_float32_names_the_rewards():
+    def huge(completions, **kw):
+        return [3e38] * len(completions)
+
+    with pytest.raises(RewardError, match=r"weighted reward of example 0 overflows float32: 'huge' 3e\+38 x weight 2"):
+        RewardSet([(huge, 2.0)]).score(["a"])

@@ -189,8 +189,14 @@ class RewardSet:
                 self._warned.add(name)  # once per reward: a batch of "not applicable" can be legitimate
                 log.warning("reward %r returned None for every completion of a batch (%d): it adds nothing to the "
                             "total; check its inputs (dataset columns passed as keyword arguments)", name, n)
-        weighted = per_reward * self.weights[None, :]  # [N, R]
-        total = np.nansum(weighted, axis=1).astype(np.float32)  # [N]
+        with np.errstate(over="ignore"):
+            weighted = per_reward * self.weights[None, :]  # [N, R]
+            total = np.nansum(weighted, axis=1).astype(np.float32)  # [N]
+        if not np.isfinite(total).all():  # each value is in range, their weighted sum is not
+            i = int(np.flatnonzero(~np.isfinite(total))[0])
+            terms = ", ".join(f"{name!r} {per_reward[i, j]:g} x weight {self.weights[j]:g}"
+                              for j, name in enumerate(self._names) if np.isfinite(per_reward[i, j]))
+            raise RewardError(f"the weighted reward of example {i} overflows float32: {terms}")
         return per_reward, total
 
     def _run(self, name: str, fn: RewardFn, completions: list[str], kwargs: dict) -> list[float]:
