@@ -306,3 +306,23 @@ def test_a_weighted_total_past_float32_names_the_rewards():
 
     with pytest.raises(RewardError, match=r"weighted reward of example 0 overflows float32: 'huge' 3e\+38 x weight 2"):
         RewardSet([(huge, 2.0)]).score(["a"])
+
+
+def test_a_data_folder_mixing_column_layouts_names_the_file_that_does_not_fit(tmp_path):
+    from mathgrpo.data import load_problems
+    from mathgrpo.sources import DataError
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"problem": f"{i} + 1?", "answer": str(i + 1)}) + "\n"
+                                            for i in range(6)))
+    (folder / "b.jsonl").write_text("".join(json.dumps({"question": f"{i} + 2?", "final": str(i + 2)}) + "\n"
+                                            for i in range(6)))
+    cfg = load_config(None, [f"data.source={folder}", "data.answer_column=answer", "data.solution_column=null"],
+                      base={})
+    with pytest.raises(DataError, match=rf"{folder / 'b.jsonl'}: no column 'problem' \(data.problem_column\), which "
+                                        rf"a.jsonl has; its columns: final, question. The files of folder"):
+        load_problems(cfg.data)
+    (folder / "b.jsonl").write_text("".join(json.dumps({"problem": f"{i} + 2?", "answer": str(i + 2), "id": i})
+                                            + "\n" for i in range(6)))  # an extra column is fine
+    assert len(load_problems(cfg.data).pool) == 12
