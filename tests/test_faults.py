@@ -326,3 +326,49 @@ def test_a_data_folder_mixing_column_layouts_names_the_file_that_does_not_fit(tm
     (folder / "b.jsonl").write_text("".join(json.dumps({"problem": f"{i} + 2?", "answer": str(i + 2), "id": i})
                                             + "\n" for i in range(6)))  # an extra column is fine
     assert len(load_problems(cfg.data).pool) == 12
+
+
+def test_a_run_folder_deleted_mid_run_is_one_line_naming_it_and_nothing_is_recreated(tiny_model_dir, tmp_path,
+                                                                                     capfd, caplog):
+    import logging
+    import shutil
+
+    from mathgrpo.runs import RunDirError
+
+    def delete(step, metrics):
+        if step == 1:
+            shutil.rmtree(tmp_path / "run")
+
+    with caplog.at_level(logging.ERROR), pytest.raises(RunDirError) as e:
+        train(_cfg(tiny_model_dir, tmp_path, **{"trainer.save_steps": 1}), quiet=True, callbacks=[delete])
+    assert str(e.value).startswith(f"{tmp_path / 'run'} was deleted while the run was training (checkpoint-1 not written)")
+    assert not (tmp_path / "run").exists() and "resume with" not in caplog.text
+    assert f"the run folder {tmp_path / 'run'} is gone, so nothing is saved" in caplog.text
+    assert "Exception in thread" not in capfd.readouterr().err
+
+
+def test_a_tensorboard_write_failing_in_its_thread_surfaces_once_in_the_main_thread(tmp_path, monkeypatch):
+    import errno
+    import time
+
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    from mathgrpo.trackers import Trackers
+
+    import threading
+
+    printed = []  # what Python's default hook would print as a thread traceback
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    trackers = Trackers(["tensorboard"], tmp_path, "r", {})
+    trackers.log(1, {"reward": 1.0})
+    trackers.open[0].writer.flush()
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "events.out.tfevents")
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "append", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        for step in range(2, 50):  # the thread fails on its write; a later log call raises it
+            trackers.log(step, {"reward": 1.0})
+            time.sleep(0.05)
+    assert printed == []

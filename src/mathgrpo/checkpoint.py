@@ -33,7 +33,7 @@ from .distributed import SINGLE, World
 from .files import atomic_dir, step_dirs
 from .fsdp import full_state_dicts, is_sharded, load_full_state_dicts
 from .modelinfo import is_peft
-from .runs import os_reason
+from .runs import os_reason, resume_command
 
 log = logging.getLogger(__name__)
 HASH_LIMIT = 64 << 20  # files up to 64 MiB (states, configs, LoRA adapters) are hashed, larger ones sized only
@@ -261,6 +261,9 @@ class SaveOnError:
     def __exit__(self, tp, exc, tb):
         if not isinstance(exc, Exception) or isinstance(exc, CheckpointWriteError) or self.step is None:
             return False
+        if not self.run.is_dir():  # deleted under the run: saving would make a folder holding a checkpoint alone
+            log.error("step %d failed; the run folder %s is gone, so nothing is saved", self.step, self.run)
+            return False
         if is_sharded(self.model):
             log.error("step %d failed; a sharded model is not saved on an error (every rank would have to join)",
                       self.step)
@@ -283,6 +286,6 @@ class SaveOnError:
             log.error("step %d failed, and saving what was trained failed too: %s", k, e)
             return False
         if what and self.world.is_main:
-            log.error("step %d failed (%s); saved %s; resume with: mathgrpo train %s --resume %s", k,
-                      type(exc).__name__, " and ".join(what), self.run / "config.yaml", self.run)
+            log.error("step %d failed (%s); saved %s; resume with: %s", k, type(exc).__name__, " and ".join(what),
+                      resume_command(self.run))
         return False

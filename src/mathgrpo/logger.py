@@ -36,6 +36,9 @@ class RunLogger:
             self.bar = tqdm(total=max_steps, initial=first_step, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     def log(self, step: int, metrics: dict, summary_line: bool) -> None:
+        from .runs import check_present
+
+        check_present(self.run_dir, f"step {step} not logged")  # open files would write into a deleted folder
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self.metrics.write(json.dumps({"step": step, **clean}) + "\n")
         self.metrics.flush()

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -73,6 +74,11 @@ def os_reason(e: BaseException, path: Path | str | None = None) -> str:
     return str(e) or type(e).__name__
 
 
+def resume_command(run: Path) -> str:
+    """The command that resumes `run`, quoted for a POSIX shell (a path with spaces or quotes pastes as is)."""
+    return f"mathgrpo train {shlex.quote(str(run / 'config.yaml'))} --resume {shlex.quote(str(run))}"
+
+
 # --- run folders ----------------------------------------------------------------------------------------
 
 def create_run_dir(cfg: Config, clock=time.strftime) -> Path:
@@ -89,7 +95,8 @@ def create_run_dir(cfg: Config, clock=time.strftime) -> Path:
             return run
         if any((run / f).exists() for f in RUN_FILES[1:]):
             raise RunDirError(f"trainer.run_name={t.run_name}: {run} already holds a run; resume it with "
-                              f"--resume {run}, or choose another run_name (a new run never reuses a folder)")
+                              f"--resume {shlex.quote(str(run))}, or choose another run_name (a new run never reuses "
+                              f"a folder)")
         raise RunDirError(f"trainer.run_name={t.run_name}: {run} holds a run that has not logged a step (it is "
                           f"starting now, or it failed before its first step): delete that folder or choose "
                           f"another run_name")
@@ -99,6 +106,14 @@ def create_run_dir(cfg: Config, clock=time.strftime) -> Path:
         if _claim(run, cfg):
             return run
     raise RunDirError(f"{out}: 999 run folders named {stamp}*; set trainer.run_name")
+
+
+def check_present(run: Path, what: str) -> None:
+    """RunDirError when the run folder was deleted under a running run (`what`: what is not done, e.g. a step
+    not logged): writing on would recreate a folder holding a fragment of the run."""
+    if not run.is_dir():
+        raise RunDirError(f"{run} was deleted while the run was training ({what}): nothing more can be written "
+                          f"there; start a new run")
 
 
 def _claim(run: Path, cfg: Config) -> bool:
@@ -212,8 +227,8 @@ def check_resume(ckpt: Path, cfg: Config, depends: dict) -> dict[str, tuple]:
     if refused:
         hint = ", or allow a change with --resume-changing KEY" if any(_changeable(k) for k in changes) else ""
         raise ResumeError(f"resume from {ckpt} refused: it was made with other settings or data:\n"
-                          + "\n".join(refused) + f"\nResume with the run's own settings (mathgrpo train "
-                          f"{ckpt.parent.parent / 'config.yaml'} --resume {ckpt.parent.parent}){hint}.")
+                          + "\n".join(refused) + f"\nResume with the run's own settings "
+                          f"({resume_command(ckpt.parent.parent)}){hint}.")
     return changes
 
 

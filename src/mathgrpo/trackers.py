@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -55,6 +56,21 @@ def _flat_config(config: dict) -> dict[str, object]:
     return {f"{sec}.{k}": v for sec, vals in config.items() for k, v in vals.items()}
 
 
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writer thread keeps a failed write (a full disk, a deleted run folder) for the main thread,
+    whose next log call raises it and is reported in one line; the thread's own traceback would come first."""
+    previous = threading.excepthook
+    if getattr(previous, "mathgrpo", False):
+        return
+
+    def hook(args):
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.mathgrpo = True
+    threading.excepthook = hook
+
+
 class _TensorBoard:
     def __init__(self, run_dir: Path, name: str, config: dict, state: dict):
         _require("tensorboard")
@@ -62,6 +78,7 @@ class _TensorBoard:
 
         import yaml
 
+        _quiet_writer_thread()
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         if not state:  # once per run, not again on resume
             self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)

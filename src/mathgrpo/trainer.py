@@ -333,6 +333,8 @@ def log_step(run: Run, step: int, batch: RolloutBatch, metrics: dict) -> bool:
 
 
 def save_step(run: Run, step: int) -> Path:
+    if run.world.is_main:
+        runs.check_present(run.dir, f"checkpoint-{step} not written")
     path = ckpt.save_checkpoint(run.dir, step, run.model, run.optimizer, run.scheduler, run.state(step),
                                 dump_yaml(run.cfg), run.cfg.trainer.save_total_limit, run.world)  # rank 0 writes
     run.world.barrier()  # nobody moves on (or exits) before the checkpoint is complete
@@ -378,7 +380,7 @@ def _loop(run: Run) -> tuple[int, bool]:
                 path = save_step(run, step)
             if stopped and not last:
                 run.logger.write(f"stopped after step {step}; checkpoint {path}\n"
-                                 f"resume with: mathgrpo train {run.dir / 'config.yaml'} --resume {run.dir}")
+                                 f"resume with: {runs.resume_command(run.dir)}")
                 break
     return step, stopped
 
