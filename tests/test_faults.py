@@ -372,3 +372,20 @@ def test_a_tensorboard_write_failing_in_its_thread_surfaces_once_in_the_main_thr
             trackers.log(step, {"reward": 1.0})
             time.sleep(0.05)
     assert printed == []
+
+
+def test_a_run_stopped_by_a_signal_exits_143_with_a_shell_quoted_resume_command(tiny_model_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("MATHGRPO_TEST_SIGTERM", "1")
+    out = tmp_path / "my runs ü 'x'"
+    over = tiny_overrides(tiny_model_dir, out, **{
+        "rewards.functions": f"[boxed, '{FIXTURES / 'faulty_rewards.py'}:sigterm_once']", "trainer.max_steps": 3})
+    assert main(["train", *over, "--quiet"]) == 143  # 128 + SIGTERM: not a finished run
+    captured = capsys.readouterr()
+    (line,) = [x for x in captured.out.splitlines() if x.startswith("resume with: ")]
+    argv = shlex.split(line.removeprefix("resume with: "))
+    assert argv == ["mathgrpo", "train", str(out / "run" / "config.yaml"), "--resume", str(out / "run")]
+    assert json.loads((out / "run" / "summary.json").read_text())["stopped_by"] == "SIGTERM"
+    monkeypatch.delenv("MATHGRPO_TEST_SIGTERM")
+    assert main(["train", *over, "--quiet", "--resume", str(out / "run")]) == 0  # finished now
+    assert json.loads((out / "run" / "summary.json").read_text())["stopped_by"] is None

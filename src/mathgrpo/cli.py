@@ -55,8 +55,22 @@ def cmd_train(args) -> int:
         cfg.trainer.resume = args.resume
     if args.resume_changing:
         cfg.trainer.resume_changing = [k.strip() for item in args.resume_changing for k in item.split(",") if k.strip()]
-    train(cfg, quiet=args.quiet)
-    return 0
+    run = train(cfg, quiet=args.quiet)
+    return stopped_status(run)
+
+
+def stopped_status(run) -> int:
+    """0 for a run that reached max_steps; 128 + the signal's number (130 SIGINT, 143 SIGTERM, the shell's
+    convention) for one stopped by a signal before it, so that a job scheduler can tell the two apart."""
+    import json
+    import signal
+    from pathlib import Path
+
+    try:
+        name = json.loads((Path(run) / "summary.json").read_text()).get("stopped_by")
+    except (OSError, ValueError):  # other ranks under torchrun: rank 0 writes the summary and says
+        return 0
+    return 128 + int(signal.Signals[name]) if name else 0
 
 
 def cmd_eval(args) -> int:

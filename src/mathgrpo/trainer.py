@@ -185,6 +185,7 @@ class Run:
     resume_from: Path | None = None
     changes: dict = field(default_factory=dict)  # config keys changed on resume: key -> (old, new)
     lock: Any = None  # the run folder's lock (runs.lock_run), held until train returns
+    stop_signal: Any = None  # the signal that stopped the run before max_steps (signal.Signals), if one did
 
     def state(self, step: int) -> dict:
         """What a checkpoint stores besides weights and optimizer: the step, the sampler, the data fingerprints."""
@@ -379,6 +380,7 @@ def _loop(run: Run) -> tuple[int, bool]:
             if last or stopped or step % t.save_steps == 0:
                 path = save_step(run, step)
             if stopped and not last:
+                run.stop_signal = stop.signal
                 run.logger.write(f"stopped after step {step}; checkpoint {path}\n"
                                  f"resume with: {runs.resume_command(run.dir)}")
                 break
@@ -392,6 +394,7 @@ def finish_run(run: Run, step: int, stopped: bool) -> None:
     ckpt.save_weights(run.model, run.dir / ("adapter" if cfg.model.lora else "model"), world)  # rank 0 writes
     if world.is_main:
         summary = summarize(run.dir, run.rewards.names)
+        summary["stopped_by"] = run.stop_signal.name if run.stop_signal else None  # the CLI's exit status
         (run.dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(format_summary(summary))
     if step == cfg.trainer.max_steps and cfg.trainer.eval_at_end and run.data.test and not stopped:
