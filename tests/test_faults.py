@@ -389,3 +389,14 @@ def test_a_run_stopped_by_a_signal_exits_143_with_a_shell_quoted_resume_command(
     monkeypatch.delenv("MATHGRPO_TEST_SIGTERM")
     assert main(["train", *over, "--quiet", "--resume", str(out / "run")]) == 0  # finished now
     assert json.loads((out / "run" / "summary.json").read_text())["stopped_by"] is None
+
+
+def test_the_trl_door_refuses_an_empty_prompt_naming_the_dataset_row(smol_tokenizer):
+    from mathgrpo.trl_compat.dataset import DatasetPrompts
+
+    rows = [{"prompt": "What is 1 + 1?"}, {"prompt": "What is 2 + 2?"}, {"prompt": "  "}]
+    with pytest.raises(ValueError, match=r"train_dataset row 2: the prompt is empty \('  '\)"):
+        DatasetPrompts(rows, "train_dataset", smol_tokenizer, None, None)
+    chats = [[{"role": "user", "content": "1 + 1?"}], [{"role": "user", "content": ""}]]
+    with pytest.raises(ValueError, match=r"eval_dataset row 1: the prompt is empty"):
+        DatasetPrompts([{"prompt": c} for c in chats], "eval_dataset", smol_tokenizer, None, None)
