@@ -192,7 +192,7 @@ def test_the_first_ctrl_c_says_what_happens_and_how_to_stop_now(capsys):
     import os
     import signal
 
-    from mathgrpo.trainer import StopFlag
+    from mathgrpo.checkpoint import StopFlag
 
     with StopFlag() as stop:
         os.kill(os.getpid(), signal.SIGINT)

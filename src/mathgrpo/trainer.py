@@ -21,10 +21,9 @@ evaluation or report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
-import signal
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -109,35 +108,6 @@ def rank_advantages(world: World, per: np.ndarray, total: np.ndarray, group: int
     return group_advantages(everyone, group, scale_rewards)[world.rank * len(mine):(world.rank + 1) * len(mine)]
 
 
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (with a checkpoint)."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal: signal.Signals | None = None  # the signal that asked to stop
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with the host application
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal = signal.Signals(signum)
-        print(f"\n{self.signal.name}: stopping after this step, with a checkpoint (Ctrl-C again: stop now)",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     """(run dir, checkpoint to resume from or None)."""
     t = cfg.trainer
@@ -184,7 +154,6 @@ class Run:
     start: int = 0
     resume_from: Path | None = None
     changes: dict = field(default_factory=dict)  # config keys changed on resume: key -> (old, new)
-    lock: Any = None  # the run folder's lock (runs.lock_run), held until train returns
     stop_signal: Any = None  # the signal that stopped the run before max_steps (signal.Signals), if one did
 
     def state(self, step: int) -> dict:
@@ -193,32 +162,19 @@ class Run:
                 "depends": self.depends}
 
 
-def setup_run(cfg: Config, world: World, quiet: bool, *, model=None, tokenizer=None, data=None, prompts=None,
-              reward_funcs=None, callbacks=None) -> Run:
-    """Data, run dir, policy, reference, rollout backend, optimizer, sampler, logger; a checkpoint if resuming.
-    The order is part of the seeding: the model is loaded right after seed_everything."""
+def setup_run(cfg: Config, world: World, quiet: bool, held: contextlib.ExitStack, *, model=None, tokenizer=None,
+              data=None, prompts=None, reward_funcs=None, callbacks=None) -> Run:
+    """Data, run dir (its lock entered into `held`), policy, reference, rollout backend, optimizer, sampler, logger;
+    a checkpoint if resuming. The order is part of the seeding: the model is loaded right after seed_everything."""
     world.share(cfg.trainer.prompts_per_step)  # a global batch that does not split fails before any work
     data = data or load_problems(cfg.data, seed=cfg.trainer.seed)  # (bad data: no run folder is made)
     if cfg.trainer.eval_at_end and not data.test:
-        raise ConfigError(f"trainer.eval_at_end=true but no test problems are held out (data.source="
-                          f"{cfg.data.source}, data.test_fraction={cfg.data.test_fraction}, {len(data.train)} "
-                          f"train problems): set data.test_source or a larger data.test_fraction, or "
-                          f"trainer.eval_at_end=false")
+        raise ConfigError(f"trainer.eval_at_end=true but no test problems are held out ({len(data.train)} train "
+                          f"problems, data.test_fraction={cfg.data.test_fraction}): set data.test_source or a larger "
+                          f"data.test_fraction, or trainer.eval_at_end=false")
     run_dir, resume_from = world.broadcast_object(make_run_dir(cfg) if world.is_main else None)
-    lock = runs.lock_run(run_dir) if world.is_main else None  # a second process on this run is refused
-    try:
-        run = _setup(cfg, world, quiet, data, run_dir, resume_from, model, tokenizer, prompts, reward_funcs,
-                     callbacks)
-    except BaseException:
-        if lock is not None:
-            lock.close()
-        raise
-    run.lock = lock
-    return run
-
-
-def _setup(cfg: Config, world: World, quiet: bool, data: ProblemSet, run_dir: Path, resume_from: Path | None, model,
-           tokenizer, prompts, reward_funcs, callbacks) -> Run:
+    if world.is_main:  # a second process on this run is refused until this one ends
+        held.enter_context(runs.lock_run(run_dir))
     depends = runs.fingerprints(data)  # checked on resume before any model is loaded
     changes = runs.check_resume(resume_from, cfg, depends) if resume_from is not None else {}
     seed_everything(cfg.trainer.seed)
@@ -352,15 +308,11 @@ def train(cfg: Config, quiet: bool = False, *, model=None, tokenizer=None, data:
     callbacks called as `cb(step, metrics)` after every step. Under torchrun every rank calls this (the
     process group is started here unless the caller started one); callbacks run on every rank with the
     metrics reduced over ranks; the run dir is returned on every rank, written by rank 0 alone."""
-    with process_group(cfg.model.device) as world:
-        run = setup_run(cfg, world, quiet, model=model, tokenizer=tokenizer, data=data, prompts=prompts,
+    with process_group(cfg.model.device) as world, contextlib.ExitStack() as held:
+        run = setup_run(cfg, world, quiet, held, model=model, tokenizer=tokenizer, data=data, prompts=prompts,
                         reward_funcs=reward_funcs, callbacks=callbacks)
-        try:
-            step, stopped = _loop(run)
-            finish_run(run, step, stopped)
-        finally:
-            if run.lock is not None:
-                run.lock.close()
+        step, stopped = _loop(run)
+        finish_run(run, step, stopped)
         return run.dir
 
 
@@ -370,7 +322,7 @@ def _loop(run: Run) -> tuple[int, bool]:
     step, stopped = run.start, False
     guard = ckpt.SaveOnError(run.dir, run.model, run.optimizer, run.scheduler, run.cfg, run.world, run.state,
                              run.start)
-    with StopFlag() as stop, guard:
+    with ckpt.StopFlag() as stop, guard:
         for step in range(run.start + 1, t.max_steps + 1):
             guard.begin(step, run.sampler.state())
             metrics, batch = train_step(run, step)
