@@ -400,3 +400,13 @@ def test_the_trl_door_refuses_an_empty_prompt_naming_the_dataset_row(smol_tokeni
     chats = [[{"role": "user", "content": "1 + 1?"}], [{"role": "user", "content": ""}]]
     with pytest.raises(ValueError, match=r"eval_dataset row 1: the prompt is empty"):
         DatasetPrompts([{"prompt": c} for c in chats], "eval_dataset", smol_tokenizer, None, None)
+
+
+def test_the_report_of_a_run_without_test_problems_suggests_an_eval_that_can_run(tmp_path):
+    from mathgrpo.report import _eval_blocks
+
+    (tmp_path / "data.json").write_text(json.dumps({"fingerprints": {"n_train": 40, "n_test": 0}}))
+    (_, _), (_, text) = _eval_blocks(None, tmp_path)
+    assert "holds out no test problems" in text and "--baseline data.test_source=PATH`" in text
+    (tmp_path / "data.json").write_text(json.dumps({"fingerprints": {"n_train": 36, "n_test": 4}}))
+    assert _eval_blocks(None, tmp_path)[1][1] == "No evaluation yet: run `mathgrpo eval --adapter <run_dir> --baseline`."
