@@ -68,7 +68,7 @@ def stopped_status(run) -> int:
 
     try:
         name = json.loads((Path(run) / "summary.json").read_text()).get("stopped_by")
-    except (OSError, ValueError):  # other ranks under torchrun: rank 0 writes the summary and says
+    except (OSError, ValueError, TypeError):  # other ranks under torchrun: rank 0 writes the summary and says
         return 0
     return 128 + int(signal.Signals[name]) if name else 0
 

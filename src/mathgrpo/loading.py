@@ -112,7 +112,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.pt", "*.pth")
 
 
-def check_folder(folder: str, weights: bool = True) -> None:
+def check_folder(folder: str, weights: bool = True, tokenizer: bool = True) -> None:
     """ModelError naming a local model folder and what it lacks (config.json, weights, tokenizer files), before
     transformers answers with a guess (e.g. "install sentencepiece")."""
     p = Path(folder).expanduser()
@@ -121,7 +121,7 @@ def check_folder(folder: str, weights: bool = True) -> None:
     missing = [] if not weights or (p / "config.json").is_file() else ["config.json"]
     if weights and not any(next(p.glob(g), None) for g in WEIGHT_FILES):
         missing.append("weights (*.safetensors or pytorch_model*.bin)")
-    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+    if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
         missing.append(f"tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...)")
     if missing:
         raise ModelError(f"model folder {p} has no {' and no '.join(missing)}: a model folder is what "
@@ -246,7 +246,7 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
             if cached is not None and cfg.quantization is None:
                 _save_atomic(_PlainWeights(model), cached / "model")
     else:
-        check_folder(folder)
+        check_folder(folder, tokenizer=False)  # the tokenizer was loaded (or given) before
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, **kw)
         except OSError as e:
