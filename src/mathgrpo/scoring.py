@@ -119,29 +119,46 @@ class RewardTimeout(BaseException):
     must not swallow it)."""
 
 
+_PENDING: list = [None]  # the deadline (a threading.Event, set when it passes) of the reward call in progress
+
+
+def _expired(signum, frame):
+    if _PENDING[0] is not None and _PENDING[0].is_set():
+        raise RewardTimeout
+
+
+def _handler_installed() -> bool:
+    """SIGUSR2 -> _expired, installed once and left in place (a late signal finds no deadline and does nothing);
+    False when the host application has its own SIGUSR2 handler, which is not taken over."""
+    current = signal.getsignal(signal.SIGUSR2)
+    if current in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(signal.SIGUSR2, _expired)
+        return True
+    return current is _expired
+
+
 def call_within(seconds: float | None, fn, *args, **kwargs):
     """fn(*args, **kwargs), interrupted by RewardTimeout after `seconds`. A timer thread signals the main thread
     (SIGUSR2, so the SIGALRM alarms of math-verify and timed_verify inside rewards keep working); a blocking sleep
-    or wait is interrupted too. Off the main thread (signals cannot reach it) or without a limit: a plain call."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
+    or wait is interrupted too. Off the main thread (signals cannot reach it), without a limit, or when the host
+    application handles SIGUSR2 itself: a plain call."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not _handler_installed():
         return fn(*args, **kwargs)
-    live = [True]
+    passed = threading.Event()
 
-    def expired(signum, frame):
-        if live[0]:
-            raise RewardTimeout
+    def expire():
+        passed.set()
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
 
-    old = signal.signal(signal.SIGUSR2, expired)
-    timer = threading.Timer(seconds, lambda: live[0] and signal.pthread_kill(threading.main_thread().ident,
-                                                                             signal.SIGUSR2))
+    timer = threading.Timer(seconds, expire)
     timer.daemon = True
+    _PENDING[0] = passed
     timer.start()
     try:
         return fn(*args, **kwargs)
     finally:
-        live[0] = False
+        _PENDING[0] = None
         timer.cancel()
-        signal.signal(signal.SIGUSR2, old)
 
 
 class RewardSet:
