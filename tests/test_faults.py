@@ -101,7 +101,8 @@ def test_eval_from_another_folder_reads_the_runs_data_or_refuses(tiny_model_dir,
                                                          + "\n" for r in rows))
     monkeypatch.chdir(train_dir)
     run = train(_cfg(tiny_model_dir, tmp_path / "out", **{
-        "data.source": "data/p.jsonl", "data.answer_column": "answer", "data.solution_column": "null", "data.test_fraction": 0.25,
+        "data.source": "data/p.jsonl", "data.answer_column": "answer", "data.solution_column": "null",
+        "data.test_fraction": 0.25,
         "trainer.max_steps": 1, "rewards.functions": "[accuracy]"}), quiet=True)
     assert json.loads((run / "data.json").read_text())["source"] == str(train_dir / "data" / "p.jsonl")
     monkeypatch.chdir(other)
@@ -125,7 +126,8 @@ def test_a_run_in_use_by_another_process_is_refused_and_a_stale_lock_is_not(fini
     run = tmp_path / "out" / "run"
     shutil.copytree(finished, run)
     (run / ".lock").write_text("process 999999 on a-host-that-crashed since 2026-01-01 00:00:00\n")  # stale
-    cfg = _cfg(tiny_model_dir, tmp_path / "out", **{"trainer.max_steps": 3, "trainer.resume": str(run), "trainer.save_steps": 1,
+    cfg = _cfg(tiny_model_dir, tmp_path / "out", **{"trainer.max_steps": 3, "trainer.resume": str(run),
+                                                     "trainer.save_steps": 1,
                                                      "trainer.resume_changing": "[trainer.max_steps]"})
     held = lock_run(run)  # another process resuming it now (flock: a second open file is refused alike)
     try:
@@ -148,7 +150,8 @@ def test_merge_into_a_non_empty_folder_is_refused_unless_overwrite(finished, tmp
     (out / "config.json").write_text("{}")
     assert main(["merge", str(finished), str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"merge: {out} is not empty (2 entries); the merged model would overwrite them" in err and "--overwrite" in err
+    assert f"merge: {out} is not empty (2 entries); the merged model would overwrite them" in err
+    assert "--overwrite" in err
     assert (out / "config.json").read_text() == "{}"
     assert main(["merge", str(finished), str(out), "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "the user's own file" and (out / "model.safetensors").is_file()
@@ -343,7 +346,8 @@ def test_a_run_folder_deleted_mid_run_is_one_line_naming_it_and_nothing_is_recre
 
     with caplog.at_level(logging.ERROR), pytest.raises(RunDirError) as e:
         train(_cfg(tiny_model_dir, tmp_path, **{"trainer.save_steps": 1}), quiet=True, callbacks=[delete])
-    assert str(e.value).startswith(f"{tmp_path / 'run'} was deleted while the run was training (checkpoint-1 not written)")
+    assert str(e.value).startswith(f"{tmp_path / 'run'} was deleted while the run was training (checkpoint-1 not "
+                                   f"written)")
     assert not (tmp_path / "run").exists() and "resume with" not in caplog.text
     assert f"the run folder {tmp_path / 'run'} is gone, so nothing is saved" in caplog.text
     assert "Exception in thread" not in capfd.readouterr().err
@@ -411,4 +415,5 @@ def test_the_report_of_a_run_without_test_problems_suggests_an_eval_that_can_run
     (_, _), (_, text) = _eval_blocks(None, tmp_path)
     assert "holds out no test problems" in text and "--baseline data.test_source=PATH`" in text
     (tmp_path / "data.json").write_text(json.dumps({"fingerprints": {"n_train": 36, "n_test": 4}}))
-    assert _eval_blocks(None, tmp_path)[1][1] == "No evaluation yet: run `mathgrpo eval --adapter <run_dir> --baseline`."
+    assert _eval_blocks(None, tmp_path)[1][1] == ("No evaluation yet: run `mathgrpo eval --adapter <run_dir> "
+                                                  "--baseline`.")
