@@ -417,3 +417,22 @@ def test_the_report_of_a_run_without_test_problems_suggests_an_eval_that_can_run
     (tmp_path / "data.json").write_text(json.dumps({"fingerprints": {"n_train": 36, "n_test": 4}}))
     assert _eval_blocks(None, tmp_path)[1][1] == ("No evaluation yet: run `mathgrpo eval --adapter <run_dir> "
                                                   "--baseline`.")
+
+
+def test_a_full_disk_while_logging_names_the_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mathgrpo.logger import RunLogger
+
+    logger = RunLogger(tmp_path, tensorboard=False, max_steps=2, quiet=True)
+
+    class Full:
+        name = logger.metrics.name
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a file object raises it: no file name
+
+    monkeypatch.setattr(logger, "metrics", Full())
+    with pytest.raises(OSError) as e:
+        logger.log(1, {"reward": 1.0}, False)
+    assert e.value.filename == str(tmp_path / "metrics.jsonl") and e.value.errno == errno.ENOSPC
