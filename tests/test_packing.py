@@ -213,7 +213,7 @@ def test_packing_refuses_a_non_sdpa_model():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the varlen FlashAttention kernel")
 def test_cuda_packed_bf16_matches_padded_and_uses_varlen():
     from mathgrpo.models import completion_logprobs
-    from mathgrpo.packing import _varlen
+    from mathgrpo.packing import varlen_kernel
 
     model = _tiny_lora_model().to("cuda", torch.bfloat16)
     comp = _completions()
@@ -221,7 +221,7 @@ def test_cuda_packed_bf16_matches_padded_and_uses_varlen():
     with torch.no_grad():
         pad = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5)
         packed = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5, lengths=lengths)
-    fn, _ = _varlen()
+    fn, _ = varlen_kernel()
     assert fn is not None, "torch.nn.attention.varlen unavailable or wrong: packing fell back to per-row SDPA"
     m = comp.completion_mask.cuda()
     torch.testing.assert_close(packed[m], pad[m], rtol=0, atol=0.05)  # bf16 kernels, different tilings
