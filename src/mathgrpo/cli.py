@@ -9,6 +9,8 @@
 
 With no arguments at all, `train` and `eval` use preset `demo` (SmolLM2-135M, built-in arithmetic, CPU) and say so;
 `--preset NAME` picks a preset; a config file or overrides alone start from the documented defaults (presets.py).
+Exit status: 0 done, 2 an error (one line naming the key, file or function), 128 + N a run stopped by signal N
+before trainer.max_steps (130 SIGINT, 143 SIGTERM).
 """
 
 from __future__ import annotations
