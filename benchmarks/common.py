@@ -341,6 +341,14 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() * 10 / (a.elapsed_time(b) / 1e3)
 
 
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    """rows as a markdown table over the columns of `cols` any row has (floats to 2 decimals, blanks for gaps)."""
+    cols = [c for c in cols if any(c in r for r in rows)]
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join([" | ".join(cols), " | ".join("---" for _ in cols)]
+                     + [" | ".join(fmt(r.get(c, "")) for c in cols) for r in rows])
+
+
 def update_flops(args, rows: list[tuple[int, int]]) -> float:
     """Model FLOPs of one LoRA update over rows of (total length L, completion tokens T_c):
         3 * F_fwd + F_attn + 6 * P_lora * L    (reference forward, policy forward, backward to activations,

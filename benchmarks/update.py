@@ -36,8 +36,9 @@ import subprocess
 import time
 
 from benchmarks.common import (LORA, WORKLOADS, canned_completions, child_env, drawn_lengths, load_tokenizer,
-                               make_model_dir, mathgrpo_config, matmul_peak_tflops, module_command, parse_options,
-                               peak_gib, prompt_ids, random_rewards, reset_peak, sync, timed, update_flops)
+                               make_model_dir, markdown_table, mathgrpo_config, matmul_peak_tflops, module_command,
+                               parse_options, peak_gib, prompt_ids, random_rewards, reset_peak, sync, timed,
+                               update_flops)
 
 DEFAULT_VARIANTS = ["gc=none:lmhead=torch", "gc=none", "pack=1:gc=none:attn=varlen", "pack=1:gc=none",
                     "pack=1:gc=none:attn=padded", "gc=none:fused=1", "pack=1:gc=none:fused=1",
@@ -341,10 +342,7 @@ def run_workload(args) -> None:
 def table(rows: list[dict]) -> str:
     cols = ["workload", "variant", "microbatches", "padded_tokens", "update_s", "ref_pass_s", "peak_gib", "tflops",
             "pct_of_peak", "syncs", "error"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join([" | ".join(cols), " | ".join("---" for _ in cols)]
-                     + [" | ".join(fmt(r.get(c, "")) for c in cols) for r in rows])
+    return markdown_table(rows, cols)
 
 
 def main() -> None:
