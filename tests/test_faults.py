@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from mathgrpo.cli import main
 from mathgrpo.config import ConfigError, load_config
 from mathgrpo.modelinfo import ModelError
@@ -54,6 +54,7 @@ def test_eval_max_new_tokens_counts_the_longest_prompt(tiny_model_dir):
         evaluate(model, tok, [Problem("p0", "What is 2 + 2?", "4", "")], cfg)
 
 
+@pytest.mark.integration
 def test_a_resume_with_fewer_max_steps_than_trained_is_refused(finished, tiny_model_dir, tmp_path):
     before = (finished / "config.yaml").read_text()
     cfg = _cfg(tiny_model_dir, tmp_path, **{"trainer.max_steps": 1, "trainer.resume": str(finished),
@@ -92,6 +93,7 @@ def test_numpy_torch_and_bool_rewards_are_numbers():
     assert per[:, 0].tolist()[:3] == [0.5, 1.0, 1.0] and np.isnan(per[3, 0]) and total.tolist() == [0.5, 1, 1, 0, 2]
 
 
+@pytest.mark.integration
 def test_eval_from_another_folder_reads_the_runs_data_or_refuses(tiny_model_dir, tmp_path, monkeypatch, capsys):
     rows = [{"problem": f"What is {a} + 3?", "answer": str(a + 3)} for a in range(24)]
     train_dir, other = tmp_path / "project", tmp_path / "elsewhere"
@@ -118,6 +120,7 @@ def test_eval_from_another_folder_reads_the_runs_data_or_refuses(tiny_model_dir,
            f"trained on" in err
 
 
+@pytest.mark.integration
 def test_a_run_in_use_by_another_process_is_refused_and_a_stale_lock_is_not(finished, tiny_model_dir, tmp_path):
     import shutil
 
@@ -143,6 +146,7 @@ def test_a_run_in_use_by_another_process_is_refused_and_a_stale_lock_is_not(fini
 
 # --- lost data -----------------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_merge_into_a_non_empty_folder_is_refused_unless_overwrite(finished, tmp_path, capsys):
     out = tmp_path / "deploy"
     out.mkdir()
@@ -333,6 +337,7 @@ def test_a_data_folder_mixing_column_layouts_names_the_file_that_does_not_fit(tm
     assert len(load_problems(cfg.data).pool) == 12
 
 
+@pytest.mark.integration
 def test_a_run_folder_deleted_mid_run_is_one_line_naming_it_and_nothing_is_recreated(tiny_model_dir, tmp_path,
                                                                                      capfd, caplog):
     import logging
@@ -380,6 +385,7 @@ def test_a_tensorboard_write_failing_in_its_thread_surfaces_once_in_the_main_thr
     assert printed == []
 
 
+@pytest.mark.integration
 def test_a_run_stopped_by_a_signal_exits_143_with_a_shell_quoted_resume_command(tiny_model_dir, tmp_path, capsys,
                                                                                  monkeypatch):
     monkeypatch.setenv("MATHGRPO_TEST_SIGTERM", "1")
