@@ -5,11 +5,13 @@
     mathgrpo report RUN_DIR
     mathgrpo data inspect SOURCE [overrides]
     mathgrpo config show [cfg.yaml] [overrides]     |   mathgrpo config reference
-    mathgrpo merge RUN_DIR OUT_DIR
+    mathgrpo merge RUN_DIR OUT_DIR [--overwrite]
     mathgrpo plan  [cfg.yaml] [overrides] [--gpu-memory 16GiB | --device-name T4]   # the memory plan, no training
 
 With no arguments at all, `train` and `eval` use preset `demo` (SmolLM2-135M, built-in arithmetic, CPU) and say so;
 `--preset NAME` picks a preset; a config file or overrides alone start from the documented defaults (presets.py).
+Exit status: 0 done, 2 an error (one line naming the key, file or function), 128 + N a run stopped by signal N
+before trainer.max_steps (130 SIGINT, 143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -56,8 +58,22 @@ def cmd_train(args) -> int:
         cfg.trainer.resume = args.resume
     if args.resume_changing:
         cfg.trainer.resume_changing = [k.strip() for item in args.resume_changing for k in item.split(",") if k.strip()]
-    train(cfg, quiet=args.quiet)
-    return 0
+    run = train(cfg, quiet=args.quiet)
+    return stopped_status(run)
+
+
+def stopped_status(run) -> int:
+    """0 for a run that reached max_steps; 128 + the signal's number (130 SIGINT, 143 SIGTERM, the shell's
+    convention) for one stopped by a signal before it, so that a job scheduler can tell the two apart."""
+    import json
+    import signal
+    from pathlib import Path
+
+    try:
+        name = json.loads((Path(run) / "summary.json").read_text()).get("stopped_by")
+    except (OSError, ValueError, TypeError):  # other ranks under torchrun: rank 0 writes the summary and says
+        return 0
+    return 128 + int(signal.Signals[name]) if name else 0
 
 
 def cmd_eval(args) -> int:
@@ -133,7 +149,7 @@ def cmd_merge(args) -> int:
     cfg = load_config(str(run_cfg) if run_cfg.is_file() else None)
     if not run_cfg.is_file():
         print(f"no {run_cfg}: the base model is preset demo's ({cfg.model.name_or_path})")
-    print(f"merged model written to {merge_adapter(args.run_dir, cfg.model, args.out_dir)}")
+    print(f"merged model written to {merge_adapter(args.run_dir, cfg.model, args.out_dir, args.overwrite)}")
     return 0
 
 
@@ -195,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge a run's LoRA adapter into the base model for deployment")
     m.add_argument("run_dir")
     m.add_argument("out_dir")
+    m.add_argument("--overwrite", action="store_true", help="write into OUT_DIR even if it holds files")
     m.set_defaults(fn=cmd_merge)
     return p
 

@@ -100,6 +100,9 @@ class RewardsConfig:
     overlong_buffer: int | None = setting(None,
         "the `overlong` reward's ramp: its last N tokens before max_new_tokens (None: max_new_tokens // 5, DAPO's "
         "ratio)")
+    time_limit: float | None = setting(600.0,
+        "seconds one call of a reward function (one batch) may take; a call past it stops the run with an error "
+        "naming the function (null: no limit)")
 
 
 @dataclass
@@ -318,6 +321,7 @@ _RANGES: dict[str, tuple] = {
     "trainer.save_total_limit": (0, None, True, True), "trainer.log_completions_steps": (0, None, True, True),
     "eval.temperature": (0, None, True, True), "eval.max_new_tokens": (1, None, True, True),
     "eval.max_problems": (1, None, True, True), "eval.bootstrap": (0, None, True, True),
+    "rewards.time_limit": (0, None, False, True),
 }
 
 

@@ -281,8 +281,15 @@ def _adapter_off(model):
         yield model
 
 
-def merge_adapter(run_or_adapter: str, cfg: ModelConfig, out_dir: str) -> str:
-    """Write base + adapter merged into one full model (for deployment) plus its tokenizer."""
+def merge_adapter(run_or_adapter: str, cfg: ModelConfig, out_dir: str, overwrite: bool = False) -> str:
+    """Write base + adapter merged into one full model (for deployment) plus its tokenizer. A folder that holds
+    files already is refused unless `overwrite` (files of the same name are then replaced, others kept)."""
+    target = Path(out_dir)
+    if target.exists() and not target.is_dir():
+        raise ModelError(f"merge: {target} is a file, not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ModelError(f"merge: {target} is not empty ({len(list(target.iterdir()))} entries); the merged model "
+                         f"would overwrite them: choose a new folder, or pass --overwrite")
     model, tok = load_model(cfg, adapter=run_or_adapter)
     say(f"merging the adapter into the base weights, writing {out_dir}")
     merged = model.merge_and_unload()
