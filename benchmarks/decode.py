@@ -1,13 +1,13 @@
 """Decode step of the `fast` engine against its memory-bandwidth floor, per (rows, context).
 
-    PYTHONPATH=src python benchmarks/decode.py                 # 1.5B shape on CUDA: rows {1,8,64,256} x {2k,8k,16k}
-    PYTHONPATH=src python benchmarks/decode.py --rows 8 64 --contexts 2048 --modes default lora-copy lora-none
-    PYTHONPATH=src python benchmarks/decode.py --linear table cublas --rows 8 --contexts 2048   # + cuBLAS path
-    PYTHONPATH=src python benchmarks/decode.py --set "" kernels=conservative --rows 8 --contexts 2048  # both sets
-    PYTHONPATH=src python benchmarks/decode.py --variants      # attention kernels alone (matmuls: skinny.py)
-    PYTHONPATH=src python benchmarks/decode.py --tiny          # CPU smoke run of every code path, seconds
+    PYTHONPATH=src python -m benchmarks.decode                 # 1.5B shape on CUDA: rows {1,8,64,256} x {2k,8k,16k}
+    PYTHONPATH=src python -m benchmarks.decode --rows 8 64 --contexts 2048 --modes default lora-copy lora-none
+    PYTHONPATH=src python -m benchmarks.decode --linear table cublas --rows 8 --contexts 2048   # + cuBLAS path
+    PYTHONPATH=src python -m benchmarks.decode --set "" kernels=conservative --rows 8 --contexts 2048  # both sets
+    PYTHONPATH=src python -m benchmarks.decode --variants      # attention kernels alone (matmuls: benchmarks.skinny)
+    PYTHONPATH=src python -m benchmarks.decode --tiny          # CPU smoke run of every code path, seconds
 
-Model: a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape (benchmarks/rollout.py), bf16.
+Model: a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape (`common.random_qwen2`), bf16.
 A "step at context c" is one pass of the engine's decode loop (sample from the logits, then one CUDA-graph
 replay of the decode step) with c filled cache columns per row (prompt 128 + c - 128 generated tokens:
 the cache is filled with random K/V, which costs the same to read as real ones), timed over `--steps`
@@ -18,43 +18,25 @@ Modes: default (plain model, weights read in place), fused (`fuse_weights`: owne
 lora-copy / lora-in_place / lora-none (peft LoRA r=32 on all seven projections, `lora_merge`).
 --linear: table (what the kernel plan takes: on the tuned card fast_matmul's kernels with the SwiGLU epilogue
 where its table says they beat cuBLAS) or cublas (cuBLAS + the reference pointwise ops). --table FILE: a
-skinny.py JSON whose winners are the plan's table for this run. --set: kernel-plan variants (fast_plan.py),
-each ':'-separated keys: kernels=auto|conservative|torch (the set), pdl=0|1 (programmatic dependent launch;
-default: where supported), block_n=, stages=, min_chunk= (attend's tiling), pre=N (under PDL, the skinny matmul
-prefetches its first N W chunks toward L2 before waiting on the kernel before it), sampler=triton|torch, e.g.
-`--set pdl=0 "" min_chunk=128:block_n=32`.
+benchmarks.skinny JSON whose winners are the plan's table for this run. --set: kernel-plan variants
+(rollout/fast_plan.py), each ':'-separated keys: kernels=auto|conservative|torch (the set), pdl=0|1 (programmatic
+dependent launch; default: where supported), block_n=, stages=, min_chunk= (attend's tiling), pre=N (under PDL, the
+skinny matmul prefetches its first N W chunks toward L2 before waiting on the kernel before it),
+sampler=triton|torch, e.g. `--set pdl=0 "" min_chunk=128:block_n=32`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import SHAPES, synthetic_tokenizer  # noqa: E402  (benchmarks/rollout.py)
+from benchmarks.common import SHAPES, copy_bandwidth, random_qwen2, synthetic_tokenizer
 
 
 def build(shape: str, dtype, device, mode: str):
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(**SHAPES[shape], attn_implementation="sdpa")
-    with torch.device(device):
-        model = Qwen2ForCausalLM(cfg).to(dtype).eval()
-    if mode.startswith("lora"):
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, lora_dropout=0.0, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.01)  # B = 0 at init: make the deltas real
-    return model
+    """The model of a mode: plain, or with LoRA (the lora-* modes)."""
+    return random_qwen2(shape, device, dtype, lora=mode.startswith("lora"))
 
 
 VARIANT_KEYS = ("kernels", "pdl", "block_n", "stages", "min_chunk", "pre", "sampler")
@@ -65,7 +47,7 @@ def apply_variant(spec: str) -> dict:
     opts = dict(kv.split("=", 1) for kv in spec.split(":") if kv)
     bad = set(opts) - set(VARIANT_KEYS)
     if bad:
-        raise SystemExit(f"decode.py --set {spec!r}: unknown keys {sorted(bad)}; valid: {', '.join(VARIANT_KEYS)}")
+        raise SystemExit(f"benchmarks.decode --set {spec!r}: unknown keys {sorted(bad)}; valid: {', '.join(VARIANT_KEYS)}")
     names = {"block_n": "block_n", "stages": "attend_stages", "min_chunk": "min_chunk", "pre": "prefetch"}
     out = {names[k]: int(v) for k, v in opts.items() if k in names}
     if "pdl" in opts:
@@ -84,7 +66,7 @@ def engine(model, args, mode: str, attention: str, rows: int, linear: str = "tab
     kernels = over.pop("kernels", "auto")
     if attention != "sdpa" and linear == "cublas":
         over["matmul"] = "cublas"
-    if args.table_entries is not None and attention != "sdpa" and linear == "table":
+    if getattr(args, "table_entries", None) is not None and attention != "sdpa" and linear == "table":
         over.update(matmul="table", table=args.table_entries)
     opts = dict(fuse_weights=mode == "fused")
     if mode.startswith("lora"):
@@ -111,27 +93,7 @@ def step_time(eng, rows: int, context: int, steps: int) -> float:
     """Seconds per decode-loop step at `context` filled columns (see the module docstring)."""
     import torch
 
-    from mathgrpo.rollout.base import SamplingConfig
-    from mathgrpo.rollout.fast_sampling import sample
-
-    slots = -(-rows // 8) * 8 if eng.graphs else rows
-    eng._ensure(slots, context + 1)
-    for c in (eng.k_cache, eng.v_cache):
-        for layer in c:
-            layer.normal_()
-    eng._pad.fill_(eng._cache_len if eng.attention == "triton" else 0)
-    eng._pad[:rows] = 0
-    eng._tok.random_(0, eng.w.embed.shape[0])
-    eng._pos.fill_(context - 1)
-    eng._col.fill_(context - 1)
-    s, gen = SamplingConfig(temperature=1.0), torch.Generator(eng.device).manual_seed(0)
-    n_cols = eng._cols(context)
-
-    def one():
-        tok, _ = sample(eng._logits[:rows], s, gen, eng._pick, eng._draw)
-        eng._tok[:rows] = tok
-        eng._decode(slots, n_cols)
-
+    one = eng.decode_loop_step(rows, context)
     one()  # capture / compile
     one()
     if eng.device.type != "cuda":
@@ -147,25 +109,6 @@ def step_time(eng, rows: int, context: int, steps: int) -> float:
     b.record()
     torch.cuda.synchronize()
     return a.elapsed_time(b) / 1e3 / steps
-
-
-def bandwidth(device) -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second (the floor's ceiling)."""
-    import torch
-
-    if device.type != "cuda":
-        return float("nan")
-    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(10):
-        y.copy_(x)
-    b.record()
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (a.elapsed_time(b) / 1e3)
 
 
 def grid(args, bw: float) -> list[dict]:
@@ -289,7 +232,7 @@ def main(argv=None) -> None:
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "triton", "sdpa"])
     ap.add_argument("--linear", nargs="+", default=["table"], choices=["table", "cublas"],
                     help="triton path: the kernel plan's matmuls (the default) or cuBLAS + reference ops")
-    ap.add_argument("--table", help="a benchmarks/skinny.py JSON: its winners are the plan's table")
+    ap.add_argument("--table", help="a benchmarks.skinny JSON: its winners are the plan's table")
     ap.add_argument("--set", nargs="+", default=[""], help="engine variants (see the docstring); '' = defaults")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -297,7 +240,7 @@ def main(argv=None) -> None:
     ap.add_argument("--generate", nargs="*", default=[], help="also whole generate calls, e.g. 8x2048")
     ap.add_argument("--profile", help="also a kernel profile at ROWSxCONTEXT, e.g. 8x2048")
     ap.add_argument("--variants", action="store_true",
-                    help="time the attention kernels alone instead (benchmarks/decode_variants.py)")
+                    help="time the attention kernels alone instead (benchmarks.decode_variants)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape, few steps")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -307,17 +250,17 @@ def main(argv=None) -> None:
     import torch
 
     if args.variants:
-        from decode_variants import run_variants
+        from benchmarks.decode_variants import run_variants
 
         return run_variants()
     args.table_entries = None
     if args.table:
-        from skinny import table_from
+        from benchmarks.skinny import table_from
 
         with open(args.table) as f:
             args.table_entries = table_from(json.load(f)["results"])
         print(f"# skinny-matmul table from {args.table}: {len(args.table_entries)} entries", flush=True)
-    bw = bandwidth(torch.device(args.device))
+    bw = copy_bandwidth(torch.device(args.device))
     measured = bw == bw
     if not measured:  # CPU: no meaningful floor; a nominal 50 GB/s so the columns print
         bw = 50e9

@@ -17,6 +17,7 @@ import torch
 
 from .config import ModelConfig
 from .files import step_dirs
+from .memory_plan import value
 from .loading import load_base, load_tokenizer, pick_device, pick_dtype, say
 from .modelinfo import (SHARDED_LOGPROBS, ModelError, backbone_and_head, base_model,  # noqa: F401 (re-exported)
                         compute_context, fusable_lora_classes, is_quantized_linear)
@@ -123,7 +124,7 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
         model = add_lora(model, cfg)
     elif trainable:
         model.requires_grad_(True)
-    if trainable and cfg.gradient_checkpointing:
+    if trainable and value(cfg.gradient_checkpointing, "model.gradient_checkpointing"):
         # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
         # backward compute a useless gradient for the embedding output).
         enable_checkpointing(model, keep_layers=cfg.gradient_checkpointing_keep_layers)
@@ -280,8 +281,15 @@ def _adapter_off(model):
         yield model
 
 
-def merge_adapter(run_or_adapter: str, cfg: ModelConfig, out_dir: str) -> str:
-    """Write base + adapter merged into one full model (for deployment) plus its tokenizer."""
+def merge_adapter(run_or_adapter: str, cfg: ModelConfig, out_dir: str, overwrite: bool = False) -> str:
+    """Write base + adapter merged into one full model (for deployment) plus its tokenizer. A folder that holds
+    files already is refused unless `overwrite` (files of the same name are then replaced, others kept)."""
+    target = Path(out_dir)
+    if target.exists() and not target.is_dir():
+        raise ModelError(f"merge: {target} is a file, not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ModelError(f"merge: {target} is not empty ({len(list(target.iterdir()))} entries); the merged model "
+                         f"would overwrite them: choose a new folder, or pass --overwrite")
     model, tok = load_model(cfg, adapter=run_or_adapter)
     say(f"merging the adapter into the base weights, writing {out_dir}")
     merged = model.merge_and_unload()

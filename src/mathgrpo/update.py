@@ -16,9 +16,10 @@ import warnings
 import torch
 
 from . import metrics as M
-from .config import Config
+from .config import AUTO, Config
 from .distributed import SINGLE, World
 from .fsdp import is_sharded
+from .memory_plan import value
 from .loss import bnpo_row_norms, effective_mask, grpo_loss, token_means
 from .modelinfo import compute_dtype, is_quantized
 from .models import Reference, completion_logprobs
@@ -102,7 +103,9 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     n_rows = mask.shape[0]
     lengths = [int(n) for n in mask.sum(1).tolist()]
     split = packed_microbatches if t.pack_sequences else microbatches
-    groups = split([len(p) + int(n) for p, n in zip(comp.prompt_ids, lengths)], t.max_tokens_per_microbatch)
+    budget = value(t.max_tokens_per_microbatch, "trainer.max_tokens_per_microbatch")
+    chunk = value(t.logprob_chunk_size, "trainer.logprob_chunk_size")
+    groups = split([len(p) + int(n) for p, n in zip(comp.prompt_ids, lengths)], budget)
     sharded = is_sharded(model)
     if sharded:  # every FSDP2 forward and backward is a collective: the same number of micro-batches on every rank
         groups = world.match_microbatches(groups)
@@ -119,7 +122,7 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     def logp_of(m, k: int, with_entropy: bool = False):  # [len(rows), T_rows] (and entropy, same shape)
         rows = groups[k]
         return completion_logprobs(m, [comp.prompt_ids[i] for i in rows], ids[rows, :widths[k]],
-                                   chunk_size=t.logprob_chunk_size, temperature=max(cfg.generation.temperature, 1e-6),
+                                   chunk_size=chunk, temperature=max(cfg.generation.temperature, 1e-6),
                                    with_entropy=with_entropy,
                                    lengths=[lengths[i] for i in rows] if t.pack_sequences else None)
 
@@ -189,7 +192,7 @@ def release_memory(cfg: Config, model) -> bool:
     on the H200 for ~0.1 s per step: 35 ms in the update, 60 ms in the next generate, a graph re-capture included,
     docs/benchmarks.md), off otherwise."""
     on = cfg.generation.release_memory
-    return is_quantized(model) if on is None else on
+    return is_quantized(model) if on in (None, AUTO) else on
 
 
 def update_stage(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor, cfg: Config,
