@@ -17,7 +17,7 @@ trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 
 from mathgrpo.distributed import SINGLE  # noqa: E402
-from mathgrpo.loss import bnpo_row_norms, effective_mask, grpo_loss  # noqa: E402
+from mathgrpo.loss import LOSS_TYPES, LossParams, effective_mask, grpo_loss  # noqa: E402
 from mathgrpo.models import Reference, completion_logprobs  # noqa: E402
 from mathgrpo.rollout import Completions  # noqa: E402
 from mathgrpo.trainer import make_optimizer, policy_update  # noqa: E402
@@ -134,12 +134,9 @@ def test_loss_and_gradients_equal_trls(tiny_dir, smol_tokenizer, tmp_path, name)
     model.zero_grad(set_to_none=True)
     logp = completion_logprobs(model, prompts.tolist(), ids, temperature=cfg.generation.temperature)
     eff = effective_mask(mask, None)
-    loss, metrics = grpo_loss(
-        logp, old, ref, adv, mask, loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high,
-        beta=g.beta, max_completion_length=cfg.generation.max_new_tokens, token_count=float(eff.sum()), seq_count=N,
-        importance_sampling_level=g.importance_sampling_level, use_bias_correction_kl=g.use_bias_correction_kl,
-        sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg,
-        row_norm=bnpo_row_norms(eff, g.bnpo_batch_rows) if g.loss_type == "bnpo" else None)
+    row_norms = LOSS_TYPES[g.loss_type].row_norms
+    loss, metrics = grpo_loss(logp, old, ref, adv, mask, LossParams.from_config(cfg), token_count=float(eff.sum()),
+                              seq_count=N, row_norm=row_norms(eff, g.bnpo_batch_rows) if row_norms else None)
     loss.backward()
     got_grads = _grads(model)
     assert loss.item() == pytest.approx(want, rel=LOSS_RTOL, abs=1e-9)

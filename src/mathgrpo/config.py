@@ -134,6 +134,9 @@ class GRPOConfig:
     beta: float = setting(0.04, "KL coefficient; 0 disables the reference model")
     epsilon: float = setting(0.2, "PPO clip range of the importance ratio (lower side; upper too unless epsilon_high)")
     epsilon_high: float | None = setting(None, "defaults to epsilon")
+    delta: float | None = setting(None,
+        "two-sided clipping (TRL's delta): the unclipped ratio is also capped at delta (> 1 + epsilon_high) for the "
+        "clipped loss types, so a token with a negative advantage and a huge ratio cannot dominate; None = off")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = setting("grpo",
         "grpo | bnpo | dr_grpo | dapo | cispo | sapo (TRL 1.16's formulas)")
     scale_rewards: Literal["group", "batch", "none"] = setting("group", "group | batch | none")
@@ -297,7 +300,8 @@ _RANGES: dict[str, tuple] = {
     "generation.temperature": (0, None, True, True), "generation.top_p": (0, 1, False, True),
     "generation.top_k": (0, None, True, True), "generation.max_batch": (1, None, True, True),
     "grpo.beta": (0, None, True, True), "grpo.epsilon": (0, None, False, True),
-    "grpo.epsilon_high": (0, None, False, True), "grpo.num_iterations": (1, None, True, True),
+    "grpo.epsilon_high": (0, None, False, True), "grpo.delta": (1, None, False, True),
+    "grpo.num_iterations": (1, None, True, True),
     "grpo.bnpo_batch_rows": (1, None, True, True), "grpo.top_entropy_quantile": (0, 1, True, True),
     "grpo.dynamic_sampling_max_rounds": (0, None, True, True), "data.test_fraction": (0, 1, True, False),
     "trainer.prompts_per_step": (1, None, True, True), "trainer.max_tokens_per_microbatch": (1, None, True, True),

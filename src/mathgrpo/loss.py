@@ -3,8 +3,9 @@
 Pure functions, no model or trainer state; the update (update.py) calls them once per micro-batch
 (`chunked_token_logprobs`, `grpo_loss`).
 Semantics follow TRL's GRPOTrainer (loss types, clip metrics, KL estimator, reward scaling) so
-runs are comparable; variants are registry names (`POLICY_TERMS`, `LOSS_NORMALIZERS`,
-`IMPORTANCE_LEVELS`). Check with `pytest tests/test_loss.py -q`; `tests/test_trl_loss.py` compares the loss and
+runs are comparable; variants are registry names: `LOSS_TYPES` (each loss type's policy term, normaliser and
+token-count scope in one `LossType`; `aggregate` is the one function that normalises) and `IMPORTANCE_LEVELS`.
+The loss's settings travel as one `LossParams`, built once per update from the config. Check with `pytest tests/test_loss.py -q`; `tests/test_trl_loss.py` compares the loss and
 its gradients with TRL 1.16's own `GRPOTrainer._compute_loss` for every loss type and option.
 
 Gradient accumulation contract (how the trainer must call `grpo_loss`):
@@ -15,12 +16,13 @@ Gradient accumulation contract (how the trainer must call `grpo_loss`):
   then equals that of a single `grpo_loss` over R, for every loss type.
   Under DDP (gradients averaged over W ranks) "dapo" and "cispo" want the global token mean: pass
   token_count = global_tokens / W. "bnpo" is TRL's per-micro-batch token mean averaged over its
-  K accumulation steps: pass `row_norm` = `bnpo_row_norms(...)[rows]` (each row's tokens-of-its-batch x K),
+  K accumulation steps: pass `row_norm` = `LOSS_TYPES["bnpo"].row_norms(...)[rows]` (each row's tokens-of-its-batch x K),
   which makes it independent of how the trainer cuts micro-batches for memory.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -175,33 +177,54 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float) -> Ten
     return (entropy.float() >= threshold) & keep
 
 
-def _seq_mean_norm(loss_sum_rows, n_tokens_rows, counts):  # grpo / sapo: mean over sequences of per-sequence means
-    return (loss_sum_rows / n_tokens_rows.clamp(min=1.0)).sum() / counts["seq_count"]
+# ----------------------------------------------------------------------------- loss types
+# A loss type is one `LossType` in `LOSS_TYPES`: its per-token policy term, its normaliser (the one place that
+# decides how token losses become the scalar, verl's `agg_loss`), whether its token count stays rank-local, and
+# whether it needs per-row batch denominators. The update, the distributed counts and the tests read it from there.
 
 
-def _token_norm(loss_sum_rows, n_tokens_rows, counts):  # dapo / cispo: mean over the tokens of the global batch
-    return loss_sum_rows.sum() / max(counts["token_count"], 1.0)
+@dataclass(frozen=True)
+class LossCounts:
+    """The denominators of one optimizer step (see the module docstring's accumulation contract)."""
+
+    seq_count: float  # rows of the step (global / W under several ranks)
+    token_count: float  # effective tokens of the step (global / W, or this rank's for a local-token type)
+    max_completion_length: int | None = None  # dr_grpo's fixed length
+    row_norm: Tensor | None = None  # [N] bnpo: each row's batch tokens x K; None: this call is the one batch
 
 
-def _batch_token_norm(loss_sum_rows, n_tokens_rows, counts):  # bnpo: mean of the local batches' token means
-    if counts["row_norm"] is None:  # this call is the one local batch
+def _clipped_surrogate(ratio, adv, logp, p):  # grpo, bnpo, dr_grpo, dapo: PPO's pessimistic clipped objective
+    clipped = ratio.clamp(1 - p.epsilon_low, 1 + p.eps_high)
+    if p.delta is not None:  # two-sided clipping: the unclipped ratio is capped too, so large ratios with
+        ratio = ratio.clamp(max=p.delta)  # negative advantages cannot blow up (TRL's delta)
+    return -torch.min(ratio * adv, clipped * adv)
+
+
+def _cispo_term(ratio, adv, logp, p):  # MiniMax-M1: the clipped ratio is a stop-gradient weight on log p
+    return -ratio.clamp(max=p.eps_high).detach() * adv * logp
+
+
+def _sapo_term(ratio, adv, logp, p):  # SAPO: a sigmoid gate instead of a hard clip, its own temperature per sign
+    tau = torch.where(adv > 0, p.sapo_temperature_pos, p.sapo_temperature_neg)
+    return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+
+
+def _seq_mean_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # mean over sequences of per-sequence means
+    return (loss_sum_rows / n_tokens_rows.clamp(min=1.0)).sum() / c.seq_count
+
+
+def _token_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # mean over the tokens of the global batch
+    return loss_sum_rows.sum() / max(c.token_count, 1.0)
+
+
+def _batch_token_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # mean of the local batches' token means
+    if c.row_norm is None:  # this call is the one local batch
         return loss_sum_rows.sum() / n_tokens_rows.sum().clamp(min=1.0)
-    return (loss_sum_rows / counts["row_norm"]).sum()
+    return (loss_sum_rows / c.row_norm).sum()
 
 
-def _fixed_len_norm(loss_sum_rows, n_tokens_rows, counts):  # dr_grpo: no length bias, fixed denominator
-    return loss_sum_rows.sum() / (counts["seq_count"] * counts["max_completion_length"])
-
-
-# name -> fn(per-row loss sums [N], per-row token counts [N], counts dict) -> scalar loss.
-LOSS_NORMALIZERS: dict[str, Callable[[Tensor, Tensor, dict], Tensor]] = {
-    "grpo": _seq_mean_norm,
-    "bnpo": _batch_token_norm,
-    "dr_grpo": _fixed_len_norm,
-    "dapo": _token_norm,
-    "cispo": _token_norm,
-    "sapo": _seq_mean_norm,
-}
+def _fixed_len_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # no length bias, fixed denominator
+    return loss_sum_rows.sum() / (c.seq_count * c.max_completion_length)
 
 
 def bnpo_row_norms(mask: Tensor, batch_rows: int | None = None) -> Tensor:  # [N, T] -> [N]
@@ -210,36 +233,45 @@ def bnpo_row_norms(mask: Tensor, batch_rows: int | None = None) -> Tensor:  # [N
     by its K accumulation steps; here the batches are consecutive runs of `batch_rows` rows of the rank's
     rollout (None: one batch), whatever micro-batches the trainer cuts for memory. `mask` is the effective mask."""
     n = mask.shape[0]
-    rows = n if not batch_rows else min(batch_rows, n)
     tokens = mask.float().sum(-1)  # [N]
-    batch = torch.arange(n, device=mask.device) // max(rows, 1)  # [N] batch index of each row
+    batch = batch_ids(n, batch_rows, mask.device)  # [N] batch index of each row
     per_batch = torch.zeros(int(batch.max()) + 1 if n else 0, device=mask.device).index_add_(0, batch, tokens)
     return per_batch.clamp(min=1.0)[batch] * per_batch.numel()  # [N]
 
 
-def _clipped_surrogate(ratio, adv, logp, p):  # grpo, bnpo, dr_grpo, dapo: PPO's pessimistic clipped objective
-    return -torch.min(ratio * adv, ratio.clamp(1 - p["eps_low"], 1 + p["eps_high"]) * adv)
+def batch_ids(n: int, batch_rows: int | None, device=None) -> Tensor:  # -> [n]
+    """Index of each row's local batch: consecutive runs of `batch_rows` rows (None: one batch). TRL's micro-batch
+    (per_device_train_batch_size rows): bnpo's denominators and the entropy quantile's pool are taken over it."""
+    rows = n if not batch_rows else min(batch_rows, n)
+    return torch.arange(n, device=device) // max(rows, 1)
 
 
-def _cispo_term(ratio, adv, logp, p):  # MiniMax-M1: the clipped ratio is a stop-gradient weight on log p
-    return -ratio.clamp(max=p["eps_high"]).detach() * adv * logp
+@dataclass(frozen=True)
+class LossType:
+    """Everything that makes a loss type, in one place."""
+
+    term: Callable  # (ratio [N,T]|[N,1], advantages [N,1], logp [N,T], LossParams) -> per-token policy loss
+    normalise: Callable[[Tensor, Tensor, LossCounts], Tensor]  # (row loss sums [N], row tokens [N], counts) -> loss
+    local_tokens: bool = False  # token count rank-local (not the global count / W): see distributed.py
+    row_norms: Callable[[Tensor, int | None], Tensor] | None = None  # per-row denominators (bnpo)
+    needs_max_len: bool = False  # dr_grpo: counts.max_completion_length
 
 
-def _sapo_term(ratio, adv, logp, p):  # SAPO: a sigmoid gate instead of a hard clip, its own temperature per sign
-    tau = torch.where(adv > 0, p["sapo_temperature_pos"], p["sapo_temperature_neg"])
-    return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
-
-
-# loss type -> fn(ratio [N,T]|[N,1], advantages [N,1], logp [N,T], params) -> per-token policy loss.
 # cispo's epsilon_high is the ratio cap itself (TRL: "eps_max", 5.0 recommended), not 1 + epsilon_high.
-POLICY_TERMS: dict[str, Callable[[Tensor, Tensor, Tensor, dict], Tensor]] = {
-    "grpo": _clipped_surrogate,
-    "bnpo": _clipped_surrogate,
-    "dr_grpo": _clipped_surrogate,
-    "dapo": _clipped_surrogate,
-    "cispo": _cispo_term,
-    "sapo": _sapo_term,
+LOSS_TYPES: dict[str, LossType] = {
+    "grpo": LossType(_clipped_surrogate, _seq_mean_norm),
+    "bnpo": LossType(_clipped_surrogate, _batch_token_norm, local_tokens=True, row_norms=bnpo_row_norms),
+    "dr_grpo": LossType(_clipped_surrogate, _fixed_len_norm, needs_max_len=True),
+    "dapo": LossType(_clipped_surrogate, _token_norm),
+    "cispo": LossType(_cispo_term, _token_norm),
+    "sapo": LossType(_sapo_term, _seq_mean_norm),
 }
+
+
+def aggregate(loss_type: str, per_token: Tensor, mask: Tensor, counts: LossCounts) -> Tensor:
+    """The scalar loss of masked per-token losses [N, T] (mask [N, T] float): the one function that decides
+    normalisation, by the loss type's `normalise` (verl's agg_loss)."""
+    return LOSS_TYPES[loss_type].normalise((per_token * mask).sum(-1), mask.sum(-1), counts)
 
 
 def _sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:  # [N, T] -> [N, 1]
@@ -254,35 +286,61 @@ IMPORTANCE_LEVELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
+@dataclass(frozen=True)
+class LossParams:
+    """The loss's settings, built once per update from the config (`from_config`); the same for every micro-batch."""
+
+    loss_type: str = "grpo"
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon_low
+    beta: float = 0.04
+    max_completion_length: int | None = None
+    mask_truncated: bool = False
+    importance_sampling_level: str = "token"
+    use_bias_correction_kl: bool = True
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    top_entropy_quantile: float = 1.0
+    delta: float | None = None  # two-sided clipping cap of the ratio (clipped loss types)
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossParams":
+        """The loss's settings of a `Config` (its `grpo` section, and the step's generation.max_new_tokens)."""
+        g = cfg.grpo
+        return cls(loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
+                   max_completion_length=cfg.generation.max_new_tokens, mask_truncated=g.mask_truncated_completions,
+                   importance_sampling_level=g.importance_sampling_level,
+                   use_bias_correction_kl=g.use_bias_correction_kl, sapo_temperature_pos=g.sapo_temperature_pos,
+                   sapo_temperature_neg=g.sapo_temperature_neg, top_entropy_quantile=g.top_entropy_quantile,
+                   delta=g.delta)
+
+
 def grpo_loss(
     logp: Tensor,
     logp_old: Tensor | None,
     logp_ref: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
+    params: LossParams | None = None,
     *,
-    loss_type: str = "grpo",
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.04,
-    max_completion_length: int | None = None,
     token_count: float | None = None,
-    seq_count: int | None = None,
-    truncated: Tensor | None = None,
-    mask_truncated: bool = False,
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = True,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
+    seq_count: float | None = None,
     row_norm: Tensor | None = None,
+    truncated: Tensor | None = None,
     entropy: Tensor | None = None,
-    top_entropy_quantile: float = 1.0,
     metrics_on_device: bool = False,
+    **options,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Policy term of `loss_type` + beta * k3 KL, normalised by `loss_type`. Returns (scalar loss, metrics).
+    """Policy term of `params.loss_type` + beta * k3 KL, normalised by the loss type. Returns (scalar loss, metrics).
 
     logp, logp_old, logp_ref, mask: [N, T]; advantages: [N]. logp_old None means one update per
     rollout (ratio 1, gradient still flows); logp_ref may be None only when beta == 0.
+    params: the loss's settings (`LossParams`, built once from the config); or give its fields as keywords
+    (`loss_type="dapo", beta=0.0`), a shorthand for `LossParams(**options)`.
     token_count / seq_count / row_norm (bnpo): see the module docstring (defaults: this call's own counts).
     use_bias_correction_kl (TRL 1.16's default): the KL term is multiplied by the importance ratio, which
     changes its gradient even where the ratio is 1 (d ratio / d logp = ratio).
@@ -294,8 +352,17 @@ def grpo_loss(
     them once per step) instead of floats.
     """
     fn = "grpo_loss"
-    lookup(LOSS_NORMALIZERS, loss_type, f"{fn}: loss_type")  # both names checked before any tensor work
-    lookup(IMPORTANCE_LEVELS, importance_sampling_level, f"{fn}: importance_sampling_level")
+    if params is not None and options:
+        raise TypeError(f"{fn}: pass the loss's settings as params or as keywords, not both ({sorted(options)})")
+    if params is None:
+        known = {f.name for f in fields(LossParams)}
+        if set(options) - known:
+            raise TypeError(f"{fn}: unexpected keyword(s) {sorted(set(options) - known)}")
+        params = LossParams(**options)
+    p = params
+    loss_type, beta = p.loss_type, p.beta
+    kind = lookup(LOSS_TYPES, loss_type, f"{fn}: loss_type")  # both names checked before any tensor work
+    lookup(IMPORTANCE_LEVELS, p.importance_sampling_level, f"{fn}: importance_sampling_level")
     if logp.dim() != 2 or mask.shape != logp.shape or advantages.shape != logp.shape[:1]:
         raise ValueError(f"{fn}: need logp/mask [N, T] and advantages [N]; got {tuple(logp.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
@@ -306,12 +373,11 @@ def grpo_loss(
         raise ValueError(f"{fn}: row_norm {tuple(row_norm.shape)} must be [N] = {tuple(logp.shape[:1])}")
     if beta != 0.0 and logp_ref is None:
         raise ValueError(f"{fn}: beta={beta} needs logp_ref (pass beta=0.0 to train without a reference)")
-    if loss_type == "dr_grpo" and not max_completion_length:
-        raise ValueError(f"{fn}: loss_type 'dr_grpo' needs max_completion_length")
-    eps_low = epsilon_low
-    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    if kind.needs_max_len and not p.max_completion_length:
+        raise ValueError(f"{fn}: loss_type {loss_type!r} needs max_completion_length")
+    eps_low, eps_high = p.epsilon_low, p.eps_high
 
-    m = effective_mask(mask, truncated, mask_truncated).to(logp.device)  # [N, T]
+    m = effective_mask(mask, truncated, p.mask_truncated).to(logp.device)  # [N, T]
     keep = m.bool()  # [N, T]
     logp = logp.float()
     adv = advantages.float().to(logp.device)[:, None]  # [N, 1]
@@ -319,30 +385,23 @@ def grpo_loss(
     # Padding positions can hold arbitrary log-probs; zeroing the log-ratio there (before exp) keeps
     # inf/NaN out of both the loss and its gradient, where multiplying by the mask afterwards would not.
     log_ratio = torch.where(keep, logp - old, torch.zeros_like(logp))  # [N, T]
-    ratio = torch.exp(IMPORTANCE_LEVELS[importance_sampling_level](log_ratio, m))  # [N, T] or [N, 1]
-    params = {"eps_low": eps_low, "eps_high": eps_high, "sapo_temperature_pos": sapo_temperature_pos,
-              "sapo_temperature_neg": sapo_temperature_neg}
-    per_token = POLICY_TERMS[loss_type](ratio, adv, torch.where(keep, logp, torch.zeros_like(logp)), params)
-    if top_entropy_quantile < 1.0:
+    ratio = torch.exp(IMPORTANCE_LEVELS[p.importance_sampling_level](log_ratio, m))  # [N, T] or [N, 1]
+    per_token = kind.term(ratio, adv, torch.where(keep, logp, torch.zeros_like(logp)), p)
+    if p.top_entropy_quantile < 1.0:
         if entropy is None:
-            raise ValueError(f"{fn}: top_entropy_quantile={top_entropy_quantile} needs the per-token entropy")
-        per_token = per_token * high_entropy_mask(entropy.detach(), m, top_entropy_quantile)  # [N, T]
+            raise ValueError(f"{fn}: top_entropy_quantile={p.top_entropy_quantile} needs the per-token entropy")
+        per_token = per_token * high_entropy_mask(entropy.detach(), m, p.top_entropy_quantile)  # [N, T]
     kl = None
     if logp_ref is not None:
         kl = kl_k3(logp, torch.where(keep, logp_ref.float(), logp))  # [N, T]; 0 at padding
-        if use_bias_correction_kl:
+        if p.use_bias_correction_kl:
             kl = kl * ratio  # [N, T]; a sequence-level ratio [N, 1] broadcasts, as in TRL
         if beta != 0.0:
             per_token = per_token + beta * kl
-    per_token = per_token * m  # [N, T]
-
-    counts = {
-        "seq_count": float(logp.shape[0] if seq_count is None else seq_count),
-        "token_count": float(m.sum() if token_count is None else token_count),
-        "max_completion_length": max_completion_length,
-        "row_norm": None if row_norm is None else row_norm.to(logp.device).float(),
-    }
-    loss = LOSS_NORMALIZERS[loss_type](per_token.sum(-1), m.sum(-1), counts)
+    counts = LossCounts(float(logp.shape[0] if seq_count is None else seq_count),
+                        float(m.sum() if token_count is None else token_count), p.max_completion_length,
+                        None if row_norm is None else row_norm.to(logp.device).float())
+    loss = aggregate(loss_type, per_token, m, counts)
 
     with torch.no_grad():
         ratio_t = ratio.expand_as(m)  # [N, T]

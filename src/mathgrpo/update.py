@@ -18,7 +18,7 @@ from . import metrics as M
 from .config import Config
 from .distributed import SINGLE, World
 from .fsdp import is_sharded
-from .loss import bnpo_row_norms, effective_mask, grpo_loss, token_means
+from .loss import LOSS_TYPES, LossParams, effective_mask, grpo_loss, token_means
 from .modelinfo import is_quantized
 from .models import Reference, completion_logprobs
 from .packing import packed_microbatches, to_device
@@ -81,10 +81,12 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     sharded = is_sharded(model)
     if sharded:  # every FSDP2 forward and backward is a collective: the same number of micro-batches on every rank
         groups = world.match_microbatches(groups)
-    eff = effective_mask(mask, truncated, g.mask_truncated_completions)  # [N, T]
+    loss_params = LossParams.from_config(cfg)
+    eff = effective_mask(mask, truncated, loss_params.mask_truncated)  # [N, T]
     tokens = float(eff.sum())
-    seq_count, token_count = world.loss_counts(g.loss_type, n_rows, tokens)
-    row_norm = bnpo_row_norms(eff, g.bnpo_batch_rows) if g.loss_type == "bnpo" else None  # [N]
+    seq_count, token_count = world.loss_counts(loss_params.loss_type, n_rows, tokens)
+    row_norms = LOSS_TYPES[loss_params.loss_type].row_norms
+    row_norm = row_norms(eff, g.bnpo_batch_rows) if row_norms else None  # [N]
     widths = [max(1, max(lengths[i] for i in rows)) for rows in groups]
     inputs = [dict(advantages=to_device(adv_host[rows], device), mask=to_device(mask[rows, :w], device),
                    truncated=to_device(truncated[rows], device),
@@ -114,15 +116,9 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
                 # dropout mask, so the first ratio is exactly 1, and no extra forward pass).
                 fixed["old"][k] = logp.detach()
             x = inputs[k]
-            loss, m = grpo_loss(
-                logp, fixed["old"].get(k), fixed["ref"].get(k), x["advantages"], x["mask"],
-                loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
-                max_completion_length=cfg.generation.max_new_tokens, token_count=token_count, seq_count=seq_count,
-                truncated=x["truncated"], mask_truncated=g.mask_truncated_completions,
-                importance_sampling_level=g.importance_sampling_level, use_bias_correction_kl=g.use_bias_correction_kl,
-                sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg,
-                row_norm=x["row_norm"], entropy=entropy, top_entropy_quantile=g.top_entropy_quantile,
-                metrics_on_device=True)
+            loss, m = grpo_loss(logp, fixed["old"].get(k), fixed["ref"].get(k), x["advantages"], x["mask"], loss_params,
+                                token_count=token_count, seq_count=seq_count, row_norm=x["row_norm"],
+                                truncated=x["truncated"], entropy=entropy, metrics_on_device=True)
             loss.backward()
             # token sums: token-weighted means over micro-batches and ranks below
             for key, v in {**m, M.LOSS: loss.detach()}.items():
