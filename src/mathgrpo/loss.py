@@ -22,6 +22,7 @@ Gradient accumulation contract (how the trainer must call `grpo_loss`):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -46,7 +47,8 @@ def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float) ->
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """Per-token log p(ids) from hidden states; saves only inputs and logsumexp, recomputes logits in backward.
     Second output: the entropy of each position's distribution ([B, T], or [0] when not asked for), computed
-    from the same chunk of logits; it is not differentiable (TRL also takes no gradient through it)."""
+    from the same chunk of logits; differentiable only when asked with with_entropy="grad" (the entropy bonus:
+    dH/dz_v = -p_v (log p_v + H), computed from the same recomputed chunk in the backward)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, chunk_size, temperature, with_entropy=False):
@@ -65,21 +67,25 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if with_entropy:  # H = -sum_v p_v log p_v; log p (not z) keeps the fp32 sum from cancelling
                 lp = z.sub_(lse[s : s + chunk_size, None])  # [c, V], z is not needed any more
                 ent[s : s + chunk_size] = -torch.einsum("cv,cv->c", lp.exp(), lp)
-        ctx.save_for_backward(hidden, weight, bias, ids, lse)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
         ent = ent.reshape(ids.shape) if with_entropy else ent  # [B, T] or [0]
-        ctx.mark_non_differentiable(ent)
+        if with_entropy != "grad":
+            ctx.mark_non_differentiable(ent)
         return out.reshape(ids.shape), ent  # [B, T]
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_entropy=None):  # grad_out [B, T]; entropy carries no gradient
-        hidden, weight, bias, ids, lse = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_entropy=None):  # [B, T] each, or None where that output was not used
+        hidden, weight, bias, ids, lse, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
         h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # [M, H]
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         acc = lse.dtype  # fp32 (fp64 for fp64 inputs): grads of W/b accumulate over chunks in it
-        flat_ids, g = ids.reshape(-1), grad_out.reshape(-1).to(acc)  # [M], [M]
+        flat_ids = ids.reshape(-1)  # [M]
+        g = torch.zeros_like(lse) if grad_out is None else grad_out.reshape(-1).to(acc)  # [M]
+        g_ent = None if grad_entropy is None else grad_entropy.reshape(-1).to(acc)  # [M]
         grad_h = torch.empty_like(h) if need_h else None  # [M, H]
         grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None  # [V, H]
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None  # [V]
@@ -87,9 +93,14 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             e = s + ctx.chunk_size
             z = _chunk_logits(h[s:e], w, b, ctx.temperature)  # [c, V]
             # d logp[id] / d z = onehot(id) - softmax(z); chain rule through the 1/temperature.
-            dz = torch.exp(z.sub_(lse[s:e, None])).neg_()  # [c, V]
+            lp = z.sub_(lse[s:e, None])  # [c, V] log p
+            dz = torch.exp(lp).neg_()  # [c, V] -p
+            if g_ent is not None:  # entropy: dH/dz = -p (log p + H), taken before dz is overwritten below
+                dz_ent = dz * (lp + ent[s:e, None]) * g_ent[s:e, None]  # [c, V]
             dz.scatter_add_(1, flat_ids[s:e, None], torch.ones_like(dz[:, :1]))
             dz.mul_((g[s:e] / ctx.temperature)[:, None])
+            if g_ent is not None:
+                dz.add_(dz_ent.div_(ctx.temperature))
             if need_h:
                 grad_h[s:e] = dz.to(dtype) @ w
             if need_w:
@@ -115,14 +126,14 @@ def chunked_token_logprobs(
     chunk_size: int = 1024,
     temperature: float = 1.0,
     lm_head_bias: Tensor | None = None,
-    with_entropy: bool = False,
+    with_entropy: bool | str = False,
     check_ids: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(hidden @ W.T + b) / temperature)[ids] -> [B, T] fp32, never holding more than
     chunk_size x V logits (forward or backward). hidden [B, T, H] is the state that predicts ids [B, T]
     (i.e. already shifted by the caller); W [V, H]. Gradients flow to hidden, and to W/b if they need them.
-    with_entropy: also return the entropy [B, T] of every position's tempered distribution (no gradient),
-    computed chunk by chunk in the same pass (never [B, T, V]). On CUDA the passes over each chunk's logits
+    with_entropy: also return the entropy [B, T] of every position's tempered distribution, computed chunk by
+    chunk in the same pass (never [B, T, V]); True: without gradient, "grad": with it (the entropy bonus). On CUDA the passes over each chunk's logits
     are fused Triton kernels (`lmhead.py`; same function)."""
     if hidden.shape[:-1] != ids.shape or hidden.shape[-1] != lm_head_weight.shape[-1]:
         raise ValueError(
@@ -135,7 +146,9 @@ def chunked_token_logprobs(
         )
     if check_ids:  # callers that checked the host copy pass False: on a GPU this check is a device sync
         check_token_ids(ids, lm_head_weight.shape[0], "chunked_token_logprobs")
-    fn = lmhead.fused_token_logprobs if lmhead.enabled(hidden, lm_head_weight) else _ChunkedTokenLogprobs.apply
+    # the fused kernels take no gradient through the entropy: the entropy bonus runs the plain chunked pass
+    fused = lmhead.enabled(hidden, lm_head_weight) and with_entropy != "grad"
+    fn = lmhead.fused_token_logprobs if fused else _ChunkedTokenLogprobs.apply
     logp, entropy = fn(hidden, lm_head_weight, lm_head_bias, ids, chunk_size, temperature, with_entropy)
     return (logp, entropy) if with_entropy else logp
 
@@ -160,21 +173,76 @@ def effective_mask(mask: Tensor, truncated: Tensor | None = None, mask_truncated
     return m
 
 
-def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float) -> Tensor:
+def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float, threshold: Tensor | None = None) -> Tensor:
     """Bool [N, T]: the completion tokens whose entropy is at least the (1 - top_quantile) quantile of the
     entropies under `mask` (torch.quantile, linear interpolation), i.e. the top `top_quantile` share by entropy
     (TRL's `top_entropy_quantile`, "Beyond the 80/20 Rule"); 0.0 keeps only the highest, 1.0 every token.
-    TRL takes the quantile over a micro-batch's tokens pooled over processes; callers pass one micro-batch."""
+    threshold [N]: each row's quantile taken beforehand over a larger pool (`entropy_threshold`; the update pools
+    TRL's micro-batch of rows over ranks, whatever micro-batches it cuts for memory); None: over this call's tokens."""
     if not 0.0 <= top_quantile <= 1.0:
         raise ValueError(f"high_entropy_mask: top_quantile must be in [0, 1], got {top_quantile}")
     if entropy.shape != mask.shape:
         raise ValueError(f"high_entropy_mask: entropy {tuple(entropy.shape)} must match mask {tuple(mask.shape)}")
     keep = mask.bool()
-    valid = entropy[keep].float()  # [K]
-    if valid.numel() == 0:
-        return torch.zeros_like(keep)
-    threshold = torch.quantile(valid, 1.0 - top_quantile)
+    if threshold is None:
+        threshold = entropy_threshold(entropy[keep], top_quantile)
+        if threshold is None:
+            return torch.zeros_like(keep)
+    else:
+        threshold = threshold.to(entropy.device).float()[:, None]  # [N, 1]
     return (entropy.float() >= threshold) & keep
+
+
+def entropy_threshold(values: Tensor, top_quantile: float) -> Tensor | None:
+    """The (1 - top_quantile) quantile of a pool's token entropies [K] (None for an empty pool: nothing kept)."""
+    values = values.float()
+    return torch.quantile(values, 1.0 - top_quantile) if values.numel() else None
+
+
+# ----------------------------------------------------------------------------- the sampler's log-probs
+# The rollout engine samples with its own kernels (merged bf16 weights, another summation order); the update
+# recomputes every log-prob with the training forward. Their ratio pi_train / pi_sampler weights the policy term
+# (truncated or masked importance sampling, TRL's vLLM correction), and its spread is logged every step.
+
+SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampler_weights(logp_old: Tensor, logp_sampler: Tensor, mask: Tensor, mode: str, cap: float | None = 3.0,
+                    floor: float | None = None) -> Tensor | None:
+    """Importance weights of the sampler-trainer mismatch: exp(old - sampler) per token [N, T] or summed per
+    sequence [N, 1], truncated to [floor, cap] ("*_truncate") or set to 0 outside it ("*_mask"); None for "none".
+    TRL 1.16's `vllm_importance_sampling_mode` with its `clip_max` / `clip_min`. No gradient."""
+    lookup(dict.fromkeys(SAMPLER_CORRECTIONS), mode, "sampler_weights: mode")
+    if mode == "none":
+        return None
+    diff = torch.nan_to_num((logp_old.detach().float() - logp_sampler.float()) * mask, nan=0.0)  # [N, T]
+    level, how = mode.split("_")
+    ratio = torch.exp(diff.sum(-1, keepdim=True) if level == "sequence" else diff)  # [N, 1] or [N, T]
+    if how == "truncate":
+        return ratio.clamp(min=floor, max=cap)
+    out = (ratio < (-math.inf if floor is None else floor)) | (ratio > (math.inf if cap is None else cap))
+    return ratio.masked_fill(out, 0.0)
+
+
+def mismatch_stats(logp_old: Tensor, logp_sampler: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Token sums of the sampler-trainer mismatch under mask [N, T] (0-d tensors, on the device): |delta log p|,
+    the token ratio exp(old - sampler) and its square, its min and max, and the token count."""
+    keep = mask.bool()
+    diff = (logp_old.detach().float() - logp_sampler.float())[keep]  # [K]
+    ratio = torch.exp(diff)
+    big = torch.tensor(float("inf"), device=diff.device)
+    return {"abs": diff.abs().sum(), "abs_max": diff.abs().max() if diff.numel() else -big,
+            "ratio": ratio.sum(), "ratio_sq": (ratio * ratio).sum(), "ratio_max": ratio.max() if diff.numel() else -big,
+            "ratio_min": ratio.min() if diff.numel() else big, "tokens": keep.sum().float()}
+
+
+def off_policy_mask(advantages: Tensor, logp: Tensor, logp_behaviour: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """[N, 1] 1.0 = keep: DeepSeek-V3.2's off-policy sequence mask (TRL's off_policy_mask_threshold). A sequence
+    with a negative advantage whose mean KL(behaviour || current) estimate, mean(behaviour - logp), exceeds the
+    threshold is dropped from the policy term. advantages [N, 1]; the rest [N, T]."""
+    kl = torch.nan_to_num(logp_behaviour.float() - logp.detach().float(), nan=0.0)  # [N, T]
+    seq_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)  # [N, 1]
+    return ((advantages >= 0) | (seq_kl <= threshold)).to(mask.dtype)
 
 
 # ----------------------------------------------------------------------------- loss types
@@ -302,6 +370,11 @@ class LossParams:
     sapo_temperature_neg: float = 1.05
     top_entropy_quantile: float = 1.0
     delta: float | None = None  # two-sided clipping cap of the ratio (clipped loss types)
+    entropy_coef: float = 0.0  # entropy bonus: loss - coef * token-mean entropy (needs the entropy's gradient)
+    off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2's off-policy sequence mask; None = off
+    sampler_correction: str = "none"  # SAMPLER_CORRECTIONS: how `sampler_weights` corrects the sampler mismatch
+    sampler_correction_max: float | None = 3.0
+    sampler_correction_min: float | None = None
 
     @property
     def eps_high(self) -> float:
@@ -316,7 +389,9 @@ class LossParams:
                    importance_sampling_level=g.importance_sampling_level,
                    use_bias_correction_kl=g.use_bias_correction_kl, sapo_temperature_pos=g.sapo_temperature_pos,
                    sapo_temperature_neg=g.sapo_temperature_neg, top_entropy_quantile=g.top_entropy_quantile,
-                   delta=g.delta)
+                   delta=g.delta, entropy_coef=g.entropy_coef, off_policy_mask_threshold=g.off_policy_mask_threshold,
+                   sampler_correction=g.sampler_correction, sampler_correction_max=g.sampler_correction_max,
+                   sampler_correction_min=g.sampler_correction_min)
 
 
 def grpo_loss(
@@ -332,6 +407,9 @@ def grpo_loss(
     row_norm: Tensor | None = None,
     truncated: Tensor | None = None,
     entropy: Tensor | None = None,
+    entropy_threshold: Tensor | None = None,
+    sampling_weight: Tensor | None = None,
+    logp_sampler: Tensor | None = None,
     metrics_on_device: bool = False,
     **options,
 ) -> tuple[Tensor, dict[str, float]]:
@@ -347,7 +425,13 @@ def grpo_loss(
     Metrics are sums over this call's tokens (`*_sum`) and `num_tokens`, so that callers can form
     token-weighted means over micro-batches and ranks (`token_means`); `ratio/mean` etc. as TRL logs them.
     entropy [N, T] (no gradient): logged as "entropy"; with top_entropy_quantile < 1 only the tokens of
-    `high_entropy_mask` keep their policy-gradient term (the KL term and the normaliser keep every token, as TRL).
+    `high_entropy_mask` keep their policy-gradient term (the KL term and the normaliser keep every token, as TRL);
+    entropy_threshold [N]: each row's quantile, taken over a larger pool by the caller (else over this call's tokens).
+    entropy_coef > 0: the loss minus coef x the entropy of the policy-term tokens summed and divided by the step's
+    token_count (the entropy must then carry its gradient: with_entropy="grad").
+    sampling_weight [N, T] or [N, 1] (`sampler_weights`): multiplies the policy term (the sampler correction).
+    off_policy_mask_threshold: sequences dropped by `off_policy_mask` against logp_sampler [N, T] (the engine's
+    log-probs) when given, else against logp_old.
     metrics_on_device: the metrics as 0-d tensors where they were computed (no device sync; the update reads
     them once per step) instead of floats.
     """
@@ -366,7 +450,8 @@ def grpo_loss(
     if logp.dim() != 2 or mask.shape != logp.shape or advantages.shape != logp.shape[:1]:
         raise ValueError(f"{fn}: need logp/mask [N, T] and advantages [N]; got {tuple(logp.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
-    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref), ("entropy", entropy)):
+    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref), ("entropy", entropy),
+                    ("logp_sampler", logp_sampler)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{fn}: {name} {tuple(t.shape)} must match logp {tuple(logp.shape)}")
     if row_norm is not None and row_norm.shape != logp.shape[:1]:
@@ -387,10 +472,17 @@ def grpo_loss(
     log_ratio = torch.where(keep, logp - old, torch.zeros_like(logp))  # [N, T]
     ratio = torch.exp(IMPORTANCE_LEVELS[p.importance_sampling_level](log_ratio, m))  # [N, T] or [N, 1]
     per_token = kind.term(ratio, adv, torch.where(keep, logp, torch.zeros_like(logp)), p)
+    pg_keep = keep  # [N, T] the tokens whose policy term counts (and the entropy bonus's)
     if p.top_entropy_quantile < 1.0:
         if entropy is None:
             raise ValueError(f"{fn}: top_entropy_quantile={p.top_entropy_quantile} needs the per-token entropy")
-        per_token = per_token * high_entropy_mask(entropy.detach(), m, p.top_entropy_quantile)  # [N, T]
+        pg_keep = high_entropy_mask(entropy.detach(), m, p.top_entropy_quantile, entropy_threshold)  # [N, T]
+        per_token = per_token * pg_keep
+    if p.off_policy_mask_threshold is not None:
+        behaviour = old if logp_sampler is None else logp_sampler.to(logp.device)
+        per_token = per_token * off_policy_mask(adv, logp, behaviour, m, p.off_policy_mask_threshold)  # [N, T]
+    if sampling_weight is not None:  # the sampler correction: a constant weight on the policy term
+        per_token = per_token * sampling_weight.to(logp.device).float()
     kl = None
     if logp_ref is not None:
         kl = kl_k3(logp, torch.where(keep, logp_ref.float(), logp))  # [N, T]; 0 at padding
@@ -402,6 +494,11 @@ def grpo_loss(
                         float(m.sum() if token_count is None else token_count), p.max_completion_length,
                         None if row_norm is None else row_norm.to(logp.device).float())
     loss = aggregate(loss_type, per_token, m, counts)
+    if p.entropy_coef:
+        if entropy is None or not entropy.requires_grad:
+            raise ValueError(f"{fn}: entropy_coef={p.entropy_coef} needs the entropy with its gradient "
+                             f"(completion_logprobs(..., with_entropy='grad'))")
+        loss = loss - p.entropy_coef * (entropy.float() * pg_keep).sum() / max(counts.token_count, 1.0)
 
     with torch.no_grad():
         ratio_t = ratio.expand_as(m)  # [N, T]
