@@ -35,9 +35,9 @@ class Completions:
     completion_mask: torch.Tensor  # [N, T] bool/int, 1 for real completion tokens (EOS included)
     texts: list[str]  # [N] decoded completions (special tokens skipped, cut at a stop string)
     truncated: torch.Tensor  # [N] bool, True when max_new_tokens ran out before EOS/stop
-    # [N, T] float32 log-probs of the sampled tokens at the sampling temperature (the fast engine): a diagnostic of
-    # the sampler, checked against the training forward in tests/test_rollout_fast.py. The loss does not use them:
-    # the update recomputes every log-prob (TRL's vLLM importance-sampling correction is not implemented).
+    # [N, T] float32 log-probs of the sampled tokens at the sampling temperature (the fast engine), checked against
+    # the training forward in tests/test_rollout_fast.py. The update recomputes every log-prob and weights the policy
+    # term by their ratio (grpo.sampler_correction, loss.sampler_weights) and logs the mismatch (sampler/*).
     logprobs: torch.Tensor | None = None
     gen_seconds: float = 0.0
 
