@@ -110,7 +110,7 @@ def test_mismatch_stats_are_token_sums_under_the_mask():
     assert s["abs"].item() == pytest.approx(d.abs().sum().item())
     assert s["abs_max"].item() == pytest.approx(d.abs().max().item())
     assert s["ratio_min"].item() == pytest.approx(d.exp().min().item())
-    assert s["ratio_sq"].item() == pytest.approx((d.exp() ** 2).sum().item())
+    assert s["dev_sq"].item() == pytest.approx(((d.exp() - 1) ** 2).sum().item())
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -158,6 +158,7 @@ def test_policy_update_applies_the_correction_and_logs_the_mismatch(tiny_model_d
     assert m["sampler/ratio_max"] == pytest.approx(d.exp().max().item(), rel=1e-4)
     assert m["sampler/ratio_min"] == pytest.approx(d.exp().min().item(), rel=1e-4)
     assert m["sampler/ratio_std"] == pytest.approx(d.exp().std(unbiased=False).item(), rel=1e-3)
+    assert m["sampler/ratio_mean"] == pytest.approx(d.exp().mean().item(), rel=1e-5)
     if mode != "none":  # the weights change the gradient
         plain, _ = grpo_loss(x.detach().requires_grad_(), None, None, adv, mask, LossParams(loss_type="dapo", beta=0))
         assert abs(plain.item() - loss.item()) > 1e-3

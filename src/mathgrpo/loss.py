@@ -225,15 +225,16 @@ def sampler_weights(logp_old: Tensor, logp_sampler: Tensor, mask: Tensor, mode: 
 
 
 def mismatch_stats(logp_old: Tensor, logp_sampler: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Token sums of the sampler-trainer mismatch under mask [N, T] (0-d tensors, on the device): |delta log p|,
-    the token ratio exp(old - sampler) and its square, its min and max, and the token count."""
+    """Token sums of the sampler-trainer mismatch under mask [N, T] (0-d tensors, on the device): |delta log p|, the
+    token ratio's deviation from 1, r - 1, and its square (about 1, so that the spread does not cancel in float32),
+    the ratio's min and max, and the token count."""
     keep = mask.bool()
     diff = (logp_old.detach().float() - logp_sampler.float())[keep]  # [K]
-    ratio = torch.exp(diff)
+    dev = torch.expm1(diff)  # r - 1
     big = torch.tensor(float("inf"), device=diff.device)
     return {"abs": diff.abs().sum(), "abs_max": diff.abs().max() if diff.numel() else -big,
-            "ratio": ratio.sum(), "ratio_sq": (ratio * ratio).sum(), "ratio_max": ratio.max() if diff.numel() else -big,
-            "ratio_min": ratio.min() if diff.numel() else big, "tokens": keep.sum().float()}
+            "dev": dev.sum(), "dev_sq": (dev * dev).sum(), "ratio_max": 1 + dev.max() if diff.numel() else -big,
+            "ratio_min": 1 + dev.min() if diff.numel() else big, "tokens": keep.sum().float()}
 
 
 def off_policy_mask(advantages: Tensor, logp: Tensor, logp_behaviour: Tensor, mask: Tensor, threshold: float) -> Tensor:

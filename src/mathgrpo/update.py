@@ -260,13 +260,13 @@ def _mismatch_metrics(parts: list[dict], world: World) -> dict:
     if not parts:  # (every rank runs the same backend: all return log-probs or none does)
         return {}
     total = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
-    sums = world.reduce_metrics({k: float(total[k].sum()) for k in ("abs", "ratio", "ratio_sq", "tokens")})
+    sums = world.reduce_metrics({k: float(total[k].sum()) for k in ("abs", "dev", "dev_sq", "tokens")})
     highs = world.reduce_metrics({"abs_max": float(total["abs_max"].max()), "ratio_max": float(total["ratio_max"].max()),
                                   "neg_ratio_min": -float(total["ratio_min"].min())}, op="max")
     n = max(sums["tokens"], 1.0)
-    mean = sums["ratio"] / n
+    dev = sums["dev"] / n  # mean of r - 1
     return {M.SAMPLER_LOGP_DIFF: sums["abs"] / n, M.SAMPLER_LOGP_DIFF_MAX: highs["abs_max"],
-            M.SAMPLER_RATIO_MEAN: mean, M.SAMPLER_RATIO_STD: max(sums["ratio_sq"] / n - mean * mean, 0.0) ** 0.5,
+            M.SAMPLER_RATIO_MEAN: 1 + dev, M.SAMPLER_RATIO_STD: max(sums["dev_sq"] / n - dev * dev, 0.0) ** 0.5,
             M.SAMPLER_RATIO_MIN: -highs["neg_ratio_min"], M.SAMPLER_RATIO_MAX: highs["ratio_max"]}
 
 
