@@ -212,12 +212,15 @@ def test_unknown_and_unsupported_options_are_named():
 
 
 def test_published_recipe_options_map_to_the_native_keys():
-    """TRL's mini-batches, entropy bonus, two-sided clip, off-policy mask and vLLM correction: mapped, not refused."""
+    """TRL's mini-batches, entropy bonus, two-sided clip, off-policy mask, vLLM correction and min_p /
+    repetition_penalty sampling: mapped, not refused or ignored."""
     cfg = GRPOConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2, steps_per_generation=4,
                      num_generations=8, max_steps=40, num_iterations=2, delta=1.5, entropy_coef=0.001,
                      off_policy_mask_threshold=0.5, vllm_importance_sampling_mode="token_truncate",
-                     vllm_importance_sampling_clip_max=2.0).to_mathgrpo_config(on_cuda=False)
+                     vllm_importance_sampling_clip_max=2.0, min_p=0.05,
+                     repetition_penalty=1.1).to_mathgrpo_config(on_cuda=False)
     g = cfg.grpo
+    assert (cfg.generation.min_p, cfg.generation.repetition_penalty) == (0.05, 1.1)
     # a rollout of 8 x 4 = 32 completions (4 prompts), 2 optimizer steps of 16 each, 2 passes: 4 optimizer steps
     assert (cfg.trainer.prompts_per_step, g.mini_batches, g.num_iterations, cfg.trainer.max_steps) == (4, 2, 2, 10)
     assert (g.delta, g.entropy_coef, g.off_policy_mask_threshold) == (1.5, 0.001, 0.5)

@@ -111,6 +111,11 @@ class GenerationConfig:
     temperature: float = setting(1.0, "sampling temperature (0 = greedy)")
     top_p: float = setting(1.0, "nucleus sampling mass (1.0 = off)")
     top_k: int = setting(0, "sample among the k most likely tokens (0 = off)")
+    min_p: float = setting(0.0,
+        "drop tokens whose probability is below min_p x the most likely one's (0 = off; TRL's min_p)")
+    repetition_penalty: float = setting(1.0,
+        "transformers' repetition penalty (> 1 discourages repeating prompt or completion tokens; 1 = off); the hf "
+        "backend applies it (backend auto then picks hf)")
     stop_strings: list[str] = setting([], "a completion ends after any of these strings (besides EOS)")
     max_batch: int = setting(256, "completions generated at once at most")
     lora_merge: Literal["copy", "in_place", "none"] = setting("copy",
@@ -316,7 +321,8 @@ _RANGES: dict[str, tuple] = {
     "data.arithmetic_size": (1, None, True, True), "data.arithmetic_steps": (1, None, True, True),
     "data.arithmetic_max_operand": (2, None, True, True), "prompt.max_prompt_tokens": (1, None, True, True),
     "generation.temperature": (0, None, True, True), "generation.top_p": (0, 1, False, True),
-    "generation.top_k": (0, None, True, True), "generation.max_batch": (1, None, True, True),
+    "generation.top_k": (0, None, True, True), "generation.min_p": (0, 1, True, True),
+    "generation.repetition_penalty": (0, None, False, True), "generation.max_batch": (1, None, True, True),
     "grpo.beta": (0, None, True, True), "grpo.epsilon": (0, None, False, True),
     "grpo.epsilon_high": (0, None, False, True), "grpo.delta": (1, None, False, True),
     "grpo.mini_batches": (1, None, True, True), "grpo.entropy_coef": (0, None, True, True),

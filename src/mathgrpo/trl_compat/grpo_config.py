@@ -115,7 +115,8 @@ class GRPOConfig(Options):
             "prompt": {"max_prompt_tokens": self.max_prompt_length or 10**9},  # TRL 1.16 never cuts prompts
             "rewards": {"weights": self.reward_weights, "functions": reward_specs(reward_funcs, self.reward_weights)},
             "generation": {"max_new_tokens": self.max_completion_length, "temperature": self.temperature,
-                           "top_p": self.top_p, "top_k": self.top_k},
+                           "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p or 0.0,
+                           "repetition_penalty": self.repetition_penalty},
             "grpo": _grpo_section(self, batch_counts_prompts=note is not None),
             "trainer": {**_trainer_section(self, steps, pps, scheduler, warmup, report), "save_steps": save_every},
         }

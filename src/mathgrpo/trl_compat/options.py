@@ -47,6 +47,8 @@ class Options:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
     chat_template_kwargs: dict | None = None
     beta: float = 0.0
     epsilon: float = 0.2
@@ -108,8 +110,8 @@ OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(Options))
 TRL_ONLY = {
     "router_aux_loss_coef": None, "cast_lm_head_to_fp32": False,
     "remove_unused_columns": False, "num_generations_eval": None, "ds3_gather_for_generation": True,
-    "shuffle_dataset": True, "pad_to_multiple_of": "auto", "min_p": None, "generation_kwargs": None,
-    "repetition_penalty": 1.0, "cache_implementation": None, "vllm_mode": "colocate", "vllm_model_impl": "vllm",
+    "shuffle_dataset": True, "pad_to_multiple_of": "auto", "generation_kwargs": None,
+    "cache_implementation": None, "vllm_mode": "colocate", "vllm_model_impl": "vllm",
     "vllm_enable_sleep_mode": False, "vllm_structured_outputs_regex": None, "vllm_server_base_url": None,
     "vllm_server_host": "0.0.0.0", "vllm_server_port": 8000, "vllm_server_timeout": 240.0, "vllm_group_port": 51216,
     "vllm_gpu_memory_utilization": 0.3, "vllm_max_model_length": None, "vllm_tensor_parallel_size": 1,
