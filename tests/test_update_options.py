@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mathgrpo.config import Config
-from mathgrpo.loss import (LossParams, chunked_token_logprobs, grpo_loss, high_entropy_mask, mismatch_stats,
-                           sampler_weights)
+from mathgrpo.correction import mismatch_stats, sampler_weights
+from mathgrpo.loss import LossParams, chunked_token_logprobs, grpo_loss, high_entropy_mask
 
 
 def _head(seed=0, n=3, t=5, h=8, v=50):
@@ -162,3 +162,47 @@ def test_policy_update_applies_the_correction_and_logs_the_mismatch(tiny_model_d
     if mode != "none":  # the weights change the gradient
         plain, _ = grpo_loss(x.detach().requires_grad_(), None, None, adv, mask, LossParams(loss_type="dapo", beta=0))
         assert abs(plain.item() - loss.item()) > 1e-3
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_policy_update_adds_the_entropy_bonus_gradient_of_the_full_logits(tiny_model_dir):
+    """grpo.entropy_coef through policy_update (micro-batches, the chunked pass's entropy gradient): the gradient
+    moves by exactly -coef x the gradient of the step's token-mean entropy, computed here from full logits."""
+    from mathgrpo.models import Reference
+    from mathgrpo.rollout import Completions
+    from mathgrpo.update import policy_update
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    model.train()
+    n, width, temp = 4, 5, 0.8
+    g = torch.Generator().manual_seed(5)
+    prompts = [[11, 12, 13]] * n
+    ids = torch.randint(20, 900, (n, width), generator=g)
+    mask = torch.arange(width)[None, :] < torch.tensor([5, 2, 4, 3])[:, None]
+    adv = torch.tensor([1.0, -0.5, 0.3, -0.8])
+    comp = Completions(prompts, ids, mask, [""] * n, torch.zeros(n, dtype=torch.bool))
+
+    def grads(coef: float) -> list[torch.Tensor]:
+        cfg = Config()
+        cfg.grpo.beta, cfg.grpo.loss_type, cfg.grpo.entropy_coef = 0.0, "grpo", coef
+        cfg.generation.temperature = temp
+        cfg.trainer.max_tokens_per_microbatch, cfg.trainer.max_grad_norm = 2 * (3 + width), 0.0
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+        policy_update(model, opt, sched, Reference(model, 0.0, lora=False), comp, adv, cfg)
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain, bonus = grads(0.0), grads(0.05)
+    model.zero_grad(set_to_none=True)
+    full = torch.cat([torch.tensor(prompts), ids], 1)
+    logits = model(full).logits[:, 2:-1].float() / temp  # [N, T, V]: the positions predicting the completion
+    logp = torch.log_softmax(logits, -1)
+    ent = -(logp.exp() * logp).sum(-1)  # [N, T]
+    ((ent * mask).sum() / mask.sum()).backward()
+    for a, b, p in zip(plain, bonus, model.parameters()):  # b - a cancels in float32: compare to each tensor's scale
+        want = -0.05 * p.grad
+        scale = max(a.abs().max().item(), want.abs().max().item())
+        assert (b - a - want).abs().max().item() <= 1e-5 * scale
+    assert max((b - a).abs().max().item() for a, b in zip(plain, bonus)) > 1e-6

@@ -22,7 +22,6 @@ Gradient accumulation contract (how the trainer must call `grpo_loss`):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -199,44 +198,6 @@ def entropy_threshold(values: Tensor, top_quantile: float) -> Tensor | None:
     return torch.quantile(values, 1.0 - top_quantile) if values.numel() else None
 
 
-# ----------------------------------------------------------------------------- the sampler's log-probs
-# The rollout engine samples with its own kernels (merged bf16 weights, another summation order); the update
-# recomputes every log-prob with the training forward. Their ratio pi_train / pi_sampler weights the policy term
-# (truncated or masked importance sampling, TRL's vLLM correction), and its spread is logged every step.
-
-SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-
-
-def sampler_weights(logp_old: Tensor, logp_sampler: Tensor, mask: Tensor, mode: str, cap: float | None = 3.0,
-                    floor: float | None = None) -> Tensor | None:
-    """Importance weights of the sampler-trainer mismatch: exp(old - sampler) per token [N, T] or summed per
-    sequence [N, 1], truncated to [floor, cap] ("*_truncate") or set to 0 outside it ("*_mask"); None for "none".
-    TRL 1.16's `vllm_importance_sampling_mode` with its `clip_max` / `clip_min`. No gradient."""
-    lookup(dict.fromkeys(SAMPLER_CORRECTIONS), mode, "sampler_weights: mode")
-    if mode == "none":
-        return None
-    diff = torch.nan_to_num((logp_old.detach().float() - logp_sampler.float()) * mask, nan=0.0)  # [N, T]
-    level, how = mode.split("_")
-    ratio = torch.exp(diff.sum(-1, keepdim=True) if level == "sequence" else diff)  # [N, 1] or [N, T]
-    if how == "truncate":
-        return ratio.clamp(min=floor, max=cap)
-    out = (ratio < (-math.inf if floor is None else floor)) | (ratio > (math.inf if cap is None else cap))
-    return ratio.masked_fill(out, 0.0)
-
-
-def mismatch_stats(logp_old: Tensor, logp_sampler: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Token sums of the sampler-trainer mismatch under mask [N, T] (0-d tensors, on the device): |delta log p|, the
-    token ratio's deviation from 1, r - 1, and its square (about 1, so that the spread does not cancel in float32),
-    the ratio's min and max, and the token count."""
-    keep = mask.bool()
-    diff = (logp_old.detach().float() - logp_sampler.float())[keep]  # [K]
-    dev = torch.expm1(diff)  # r - 1
-    big = torch.tensor(float("inf"), device=diff.device)
-    return {"abs": diff.abs().sum(), "abs_max": diff.abs().max() if diff.numel() else -big,
-            "dev": dev.sum(), "dev_sq": (dev * dev).sum(), "ratio_max": 1 + dev.max() if diff.numel() else -big,
-            "ratio_min": 1 + dev.min() if diff.numel() else big, "tokens": keep.sum().float()}
-
-
 def off_policy_mask(advantages: Tensor, logp: Tensor, logp_behaviour: Tensor, mask: Tensor, threshold: float) -> Tensor:
     """[N, 1] 1.0 = keep: DeepSeek-V3.2's off-policy sequence mask (TRL's off_policy_mask_threshold). A sequence
     with a negative advantage whose mean KL(behaviour || current) estimate, mean(behaviour - logp), exceeds the
@@ -373,7 +334,7 @@ class LossParams:
     delta: float | None = None  # two-sided clipping cap of the ratio (clipped loss types)
     entropy_coef: float = 0.0  # entropy bonus: loss - coef * token-mean entropy (needs the entropy's gradient)
     off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2's off-policy sequence mask; None = off
-    sampler_correction: str = "none"  # SAMPLER_CORRECTIONS: how `sampler_weights` corrects the sampler mismatch
+    sampler_correction: str = "none"  # correction.SAMPLER_CORRECTIONS: how update.py weights the sampler mismatch
     sampler_correction_max: float | None = 3.0
     sampler_correction_min: float | None = None
 
@@ -430,7 +391,8 @@ def grpo_loss(
     entropy_threshold [N]: each row's quantile, taken over a larger pool by the caller (else over this call's tokens).
     entropy_coef > 0: the loss minus coef x the entropy of the policy-term tokens summed and divided by the step's
     token_count (the entropy must then carry its gradient: with_entropy="grad").
-    sampling_weight [N, T] or [N, 1] (`sampler_weights`): multiplies the policy term (the sampler correction).
+    sampling_weight [N, T] or [N, 1] (`correction.sampler_weights`): multiplies the policy term (the sampler
+    correction).
     off_policy_mask_threshold: sequences dropped by `off_policy_mask` against logp_sampler [N, T] (the engine's
     log-probs) when given, else against logp_old.
     metrics_on_device: the metrics as 0-d tensors where they were computed (no device sync; the update reads

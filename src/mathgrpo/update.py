@@ -18,8 +18,8 @@ from . import metrics as M
 from .config import Config
 from .distributed import SINGLE, World
 from .fsdp import is_sharded
-from .loss import (LOSS_TYPES, LossParams, batch_ids, effective_mask, entropy_threshold, grpo_loss, mismatch_stats,
-                   sampler_weights, token_means)
+from .correction import mismatch_stats, sampler_weights
+from .loss import LOSS_TYPES, LossParams, batch_ids, effective_mask, entropy_threshold, grpo_loss, token_means
 from .modelinfo import is_quantized
 from .models import Reference, completion_logprobs
 from .packing import packed_microbatches, to_device

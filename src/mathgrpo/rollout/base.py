@@ -39,7 +39,7 @@ class Completions:
     truncated: torch.Tensor  # [N] bool, True when max_new_tokens ran out before EOS/stop
     # [N, T] float32 log-probs of the sampled tokens at the sampling temperature (the fast engine), checked against
     # the training forward in tests/test_rollout_fast.py. The update recomputes every log-prob and weights the policy
-    # term by their ratio (grpo.sampler_correction, loss.sampler_weights) and logs the mismatch (sampler/*).
+    # term by their ratio (grpo.sampler_correction, correction.sampler_weights) and logs the mismatch (sampler/*).
     logprobs: torch.Tensor | None = None
     gen_seconds: float = 0.0
 
