@@ -40,10 +40,10 @@ def mismatch_stats(logp_old: Tensor, logp_sampler: Tensor, mask: Tensor) -> dict
     """Token sums of the sampler-trainer mismatch under mask [N, T] (0-d tensors, on the device): |delta log p|, the
     token ratio's deviation from 1, r - 1, and its square (about 1, so that the spread does not cancel in float32),
     the ratio's min and max, and the token count."""
-    keep = mask.bool()
-    diff = (logp_old.detach().float() - logp_sampler.float())[keep]  # [K]
-    dev = torch.expm1(diff)  # r - 1
-    big = torch.tensor(float("inf"), device=diff.device)
-    return {"abs": diff.abs().sum(), "abs_max": diff.abs().max() if diff.numel() else -big,
-            "dev": dev.sum(), "dev_sq": (dev * dev).sum(), "ratio_max": 1 + dev.max() if diff.numel() else -big,
-            "ratio_min": 1 + dev.min() if diff.numel() else big, "tokens": keep.sum().float()}
+    keep = mask.bool()  # masked reductions, no boolean indexing: no device sync inside the update's loop
+    diff = torch.where(keep, logp_old.detach().float() - logp_sampler.float(), 0.0)  # [N, T]
+    dev = torch.expm1(diff)  # r - 1, 0 off the mask
+    inf = torch.tensor(float("inf"), device=diff.device)
+    return {"abs": diff.abs().sum(), "abs_max": torch.where(keep, diff.abs(), -inf).max(),
+            "dev": dev.sum(), "dev_sq": (dev * dev).sum(), "ratio_max": 1 + torch.where(keep, dev, -inf).max(),
+            "ratio_min": 1 + torch.where(keep, dev, inf).min(), "tokens": keep.sum().float()}
