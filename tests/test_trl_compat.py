@@ -230,6 +230,11 @@ def test_published_recipe_options_map_to_the_native_keys():
     assert (same.trainer.prompts_per_step, same.grpo.mini_batches) == (4, 2)
     assert GRPOConfig(vllm_importance_sampling_correction=False, max_steps=1).to_mathgrpo_config(
         on_cuda=False).grpo.sampler_correction == "none"
+    with pytest.warns(TRLCompatWarning, match="use_vllm=True"):  # TRL's vLLM defaults where the script uses vLLM
+        vllm = GRPOConfig(use_vllm=True, max_steps=1).to_mathgrpo_config(on_cuda=False).grpo
+    assert (vllm.sampler_correction, vllm.sampler_correction_max) == ("sequence_mask", 3.0)
+    plain = GRPOConfig(max_steps=1).to_mathgrpo_config(on_cuda=False).grpo  # else mathgrpo's default
+    assert (plain.sampler_correction, plain.sampler_correction_max) == ("token_truncate", 3.0)
     with pytest.raises(ValueError, match="steps_per_generation=3 is not a multiple of gradient_accumulation_steps=2"):
         GRPOConfig(gradient_accumulation_steps=2, steps_per_generation=3, max_steps=1).to_mathgrpo_config()
     with pytest.raises(ValueError, match="grpo.loss_type: 'vespo'"):

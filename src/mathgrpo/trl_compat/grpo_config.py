@@ -214,10 +214,20 @@ def _grpo_section(args: GRPOConfig, batch_counts_prompts: bool) -> dict:
                                                                    else 1),
             "top_entropy_quantile": args.top_entropy_quantile, "mini_batches": args.mini_batches(),
             "delta": args.delta, "entropy_coef": args.entropy_coef,
-            "off_policy_mask_threshold": args.off_policy_mask_threshold,
-            "sampler_correction": (args.vllm_importance_sampling_mode if args.vllm_importance_sampling_correction
-                                   else "none"),
-            "sampler_correction_max": args.vllm_importance_sampling_clip_max,
+            "off_policy_mask_threshold": args.off_policy_mask_threshold, **_sampler_correction(args)}
+
+
+_VLLM_IS = {"vllm_importance_sampling_correction": True, "vllm_importance_sampling_mode": "sequence_mask",
+            "vllm_importance_sampling_clip_max": 3.0, "vllm_importance_sampling_clip_min": None}
+
+
+def _sampler_correction(args: GRPOConfig) -> dict:
+    """TRL's vLLM importance sampling as grpo.sampler_correction: where the script uses vLLM or sets one of its
+    options (mathgrpo's engine, like vLLM, samples with kernels of its own); otherwise mathgrpo's default."""
+    if not args.use_vllm and all(getattr(args, k) == v for k, v in _VLLM_IS.items()):
+        return {}
+    mode = args.vllm_importance_sampling_mode if args.vllm_importance_sampling_correction else "none"
+    return {"sampler_correction": mode, "sampler_correction_max": args.vllm_importance_sampling_clip_max,
             "sampler_correction_min": args.vllm_importance_sampling_clip_min}
 
 
