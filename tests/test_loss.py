@@ -222,6 +222,8 @@ def ref_grpo_loss(logp, old, ref, adv, mask, loss_type, eps_low, eps_high, beta,
     toks = sum(row_lens) if token_count is None else token_count
     if loss_type in ("grpo", "sapo"):
         return sum(s / max(k, 1) for s, k in zip(row_sums, row_lens)) / seqs
+    if loss_type == "luspo":  # per-sequence token sums, averaged over sequences
+        return sum(row_sums) / seqs
     if loss_type in ("bnpo", "dapo", "cispo"):
         return sum(row_sums) / max(toks, 1)
     if loss_type == "dr_grpo":

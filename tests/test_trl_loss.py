@@ -27,7 +27,7 @@ G, PROMPTS, P_LEN, WIDTH, PER_DEVICE, ACCUM = 4, 2, 3, 6, 4, 2
 N = G * PROMPTS
 # name -> TRL options (besides the common ones below); num_iterations=2 makes TRL use the old log-probs we pass
 CASES = {
-    **{lt: {"loss_type": lt} for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "sapo")},
+    **{lt: {"loss_type": lt} for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "sapo", "luspo")},
     "cispo": {"loss_type": "cispo", "epsilon_high": 1.3},
     "grpo_no_bias_correction": {"loss_type": "grpo", "use_bias_correction_kl": False},
     "dapo_no_kl": {"loss_type": "dapo", "beta": 0.0},

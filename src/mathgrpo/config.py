@@ -142,8 +142,8 @@ class GRPOConfig:
     delta: float | None = setting(None,
         "two-sided clipping (TRL's delta): the unclipped ratio is also capped at delta (> 1 + epsilon_high) for the "
         "clipped loss types, so a token with a negative advantage and a huge ratio cannot dominate; None = off")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = setting("grpo",
-        "grpo | bnpo | dr_grpo | dapo | cispo | sapo (TRL 1.16's formulas)")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] = setting("grpo",
+        "grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo (TRL 1.16's formulas)")
     scale_rewards: Literal["group", "batch", "none"] = setting("group", "group | batch | none")
     num_iterations: int = setting(1, "mu: passes over each rollout (each pass: mini_batches optimizer steps)")
     mini_batches: int = setting(1,

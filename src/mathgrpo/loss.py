@@ -253,6 +253,10 @@ def _batch_token_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # mean of t
     return (loss_sum_rows / c.row_norm).sum()
 
 
+def _seq_sum_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # luspo: mean over sequences of token sums
+    return loss_sum_rows.sum() / c.seq_count
+
+
 def _fixed_len_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # no length bias, fixed denominator
     return loss_sum_rows.sum() / (c.seq_count * c.max_completion_length)
 
@@ -295,6 +299,7 @@ LOSS_TYPES: dict[str, LossType] = {
     "dapo": LossType(_clipped_surrogate, _token_norm),
     "cispo": LossType(_cispo_term, _token_norm),
     "sapo": LossType(_sapo_term, _seq_mean_norm),
+    "luspo": LossType(_clipped_surrogate, _seq_sum_norm),  # length-unbiased: a sequence's loss grows with its length
 }
 
 
