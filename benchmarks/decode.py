@@ -1,12 +1,12 @@
 """Decode step of the `fast` engine against its memory-bandwidth floor, per (rows, context).
 
-    PYTHONPATH=src python benchmarks/decode.py                 # 1.5B shape on CUDA: rows {1,8,64,256} x {2k,8k,16k}
-    PYTHONPATH=src python benchmarks/decode.py --rows 8 64 --contexts 2048 --modes default lora-copy lora-none
-    PYTHONPATH=src python benchmarks/decode.py --linear table cublas --rows 8 --contexts 2048   # + cuBLAS path
-    PYTHONPATH=src python benchmarks/decode.py --variants      # attention kernels alone (matmuls: skinny.py)
-    PYTHONPATH=src python benchmarks/decode.py --tiny          # CPU smoke run of every code path, seconds
+    PYTHONPATH=src python -m benchmarks.decode                 # 1.5B shape on CUDA: rows {1,8,64,256} x {2k,8k,16k}
+    PYTHONPATH=src python -m benchmarks.decode --rows 8 64 --contexts 2048 --modes default lora-copy lora-none
+    PYTHONPATH=src python -m benchmarks.decode --linear table cublas --rows 8 --contexts 2048   # + cuBLAS path
+    PYTHONPATH=src python -m benchmarks.decode --variants      # attention kernels alone (matmuls: benchmarks.skinny)
+    PYTHONPATH=src python -m benchmarks.decode --tiny          # CPU smoke run of every code path, seconds
 
-Model: a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape (benchmarks/rollout.py), bf16.
+Model: a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape (`common.random_qwen2`), bf16.
 A "step at context c" is one pass of the engine's decode loop (sample from the logits, then one CUDA-graph
 replay of the decode step) with c filled cache columns per row (prompt 128 + c - 128 generated tokens:
 the cache is filled with random K/V, which costs the same to read as real ones), timed over `--steps`
@@ -17,7 +17,7 @@ Modes: default (plain model, weights read in place), fused (`fuse_weights`: owne
 lora-copy / lora-in_place / lora-none (peft LoRA r=32 on all seven projections, `lora_merge`).
 --linear: table (the engine's default: fast_matmul's kernels, fused with RMSNorm / SwiGLU / the residual add,
 where its table says they beat cuBLAS), cublas (`fused_linear=False`: cuBLAS + the reference pointwise ops) or
-fused (`fused_linear=True`: the fused kernels for every group at <= 64 rows). --table FILE: a skinny.py JSON
+fused (`fused_linear=True`: the fused kernels for every group at <= 64 rows). --table FILE: a benchmarks.skinny JSON
 whose winners replace fast_matmul.TABLE for this run. --set: engine variants, each ':'-separated keys: pdl=0|1
 (programmatic dependent launch; default: where supported), block_n=, min_chunk= (attend's tiling), one=0|1
 (rope_attend: RoPE, KV write, attention and merge in one launch), pre=N (under PDL, the skinny matmul
@@ -28,32 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import SHAPES, synthetic_tokenizer  # noqa: E402  (benchmarks/rollout.py)
+from benchmarks.common import SHAPES, copy_bandwidth, random_qwen2, synthetic_tokenizer
 
 
 def build(shape: str, dtype, device, mode: str):
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(**SHAPES[shape], attn_implementation="sdpa")
-    with torch.device(device):
-        model = Qwen2ForCausalLM(cfg).to(dtype).eval()
-    if mode.startswith("lora"):
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, lora_dropout=0.0, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.01)  # B = 0 at init: make the deltas real
-    return model
+    """The model of a mode: plain, or with LoRA (the lora-* modes)."""
+    return random_qwen2(shape, device, dtype, lora=mode.startswith("lora"))
 
 
 VARIANT_KEYS = ("pdl", "block_n", "min_chunk", "one", "pre", "sampler")
@@ -66,7 +48,7 @@ def apply_variant(spec: str) -> dict:
     opts = dict(kv.split("=", 1) for kv in spec.split(":") if kv)
     bad = set(opts) - set(VARIANT_KEYS)
     if bad:
-        raise SystemExit(f"decode.py --set {spec!r}: unknown keys {sorted(bad)}; valid: {', '.join(VARIANT_KEYS)}")
+        raise SystemExit(f"benchmarks.decode --set {spec!r}: unknown keys {sorted(bad)}; valid: {', '.join(VARIANT_KEYS)}")
     fast_kernels.ATTEND.update(block_n=int(opts.get("block_n", 64)), min_chunk=int(opts["min_chunk"]) if "min_chunk" in opts else None,
                                one_launch=opts.get("one", "0") == "1")
     fast_matmul.PREFETCH = int(opts.get("pre", 0))
@@ -103,27 +85,7 @@ def step_time(eng, rows: int, context: int, steps: int) -> float:
     """Seconds per decode-loop step at `context` filled columns (see the module docstring)."""
     import torch
 
-    from mathgrpo.rollout.base import SamplingConfig
-    from mathgrpo.rollout.fast_sampling import sample
-
-    slots = -(-rows // 8) * 8 if eng.graphs else rows
-    eng._ensure(slots, context + 1)
-    for c in (eng.k_cache, eng.v_cache):
-        for layer in c:
-            layer.normal_()
-    eng._pad.fill_(eng._cache_len if eng.attention == "triton" else 0)
-    eng._pad[:rows] = 0
-    eng._tok.random_(0, eng.w.embed.shape[0])
-    eng._pos.fill_(context - 1)
-    eng._col.fill_(context - 1)
-    s, gen = SamplingConfig(temperature=1.0), torch.Generator(eng.device).manual_seed(0)
-    n_cols = eng._cols(context)
-
-    def one():
-        tok, _ = sample(eng._logits[:rows], s, gen, eng._pick, eng._draw)
-        eng._tok[:rows] = tok
-        eng._decode(slots, n_cols)
-
+    one = eng.decode_loop_step(rows, context)
     one()  # capture / compile
     one()
     if eng.device.type != "cuda":
@@ -139,25 +101,6 @@ def step_time(eng, rows: int, context: int, steps: int) -> float:
     b.record()
     torch.cuda.synchronize()
     return a.elapsed_time(b) / 1e3 / steps
-
-
-def bandwidth(device) -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second (the floor's ceiling)."""
-    import torch
-
-    if device.type != "cuda":
-        return float("nan")
-    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(10):
-        y.copy_(x)
-    b.record()
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (a.elapsed_time(b) / 1e3)
 
 
 def grid(args, bw: float) -> list[dict]:
@@ -282,7 +225,7 @@ def main(argv=None) -> None:
     ap.add_argument("--linear", nargs="+", default=["table"], choices=["table", "cublas", "fused"],
                     help="triton path: fast_matmul's table (the default), cuBLAS + reference ops, or the fused "
                     "kernels everywhere at <= 64 rows")
-    ap.add_argument("--table", help="a benchmarks/skinny.py JSON: its winners replace fast_matmul.TABLE")
+    ap.add_argument("--table", help="a benchmarks.skinny JSON: its winners replace fast_matmul.TABLE")
     ap.add_argument("--set", nargs="+", default=[""], help="engine variants (see the docstring); '' = defaults")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -290,7 +233,7 @@ def main(argv=None) -> None:
     ap.add_argument("--generate", nargs="*", default=[], help="also whole generate calls, e.g. 8x2048")
     ap.add_argument("--profile", help="also a kernel profile at ROWSxCONTEXT, e.g. 8x2048")
     ap.add_argument("--variants", action="store_true",
-                    help="time the attention kernels alone instead (benchmarks/decode_variants.py)")
+                    help="time the attention kernels alone instead (benchmarks.decode_variants)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape, few steps")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -300,18 +243,18 @@ def main(argv=None) -> None:
     import torch
 
     if args.variants:
-        from decode_variants import run_variants
+        from benchmarks.decode_variants import run_variants
 
         return run_variants()
     if args.table:
-        from skinny import table_from
+        from benchmarks.skinny import table_from
 
         from mathgrpo.rollout import fast_matmul
 
         with open(args.table) as f:
             fast_matmul.TABLE = table_from(json.load(f)["results"])
         print(f"# fast_matmul.TABLE from {args.table}: {len(fast_matmul.TABLE)} entries", flush=True)
-    bw = bandwidth(torch.device(args.device))
+    bw = copy_bandwidth(torch.device(args.device))
     measured = bw == bw
     if not measured:  # CPU: no meaningful floor; a nominal 50 GB/s so the columns print
         bw = 50e9

@@ -1,13 +1,13 @@
-"""Kernel variants of the decode step, timed alone on the GPU (`python benchmarks/decode.py --variants`).
+"""Kernel variants of the decode step, timed alone on the GPU (`python -m benchmarks.decode --variants`).
 
 - attention: the reference (mask + SDPA over the bucketed length, what the `sdpa` path runs) against the
   default triton path's rope_write + attend pair and fast_kernels.rope_attend (RoPE + KV write + attention +
   merge in one launch) at a few block sizes and minimum split lengths, per (rows, context), one layer of the
   1.5B shape (12 heads, 2 KV heads, head_dim 128); checked against the reference first.
-(The skinny matmuls, plain and fused, are swept inside CUDA graphs by benchmarks/skinny.py.)
+(The skinny matmuls, plain and fused, are swept inside CUDA graphs by benchmarks.skinny.)
 Times are medians of `triton.testing.do_bench` (which clears the L2 between runs), so small shapes include one
 launch's latency -- and where the CPU side of a call (Triton's launcher, several eager ops) takes longer than
-the GPU side, that instead: at decode sizes, trust the engine's own step times (decode.py) over these.
+the GPU side, that instead: at decode sizes, trust the engine's own step times (benchmarks.decode) over these.
 Shares are bytes (weights + activations) / measured copy bandwidth."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from benchmarks.common import copy_bandwidth
 from mathgrpo.rollout import fast_kernels as K
-from mathgrpo.rollout.fast_forward import _rope
+from mathgrpo.rollout.fast_forward import EAGER_OPS
 
 
 def bench(fn) -> float:
@@ -53,7 +54,7 @@ def attention_variants(bw: float) -> None:
 
             fused()  # writes this step's k/v: the reference then reads the same cache
             q = qkv[:, :H * D].reshape(rows, H, D)
-            q = _rope(q.float(), cos[pos][:, None].float(), sin[pos][:, None].float()).to(dt)
+            q = EAGER_OPS["rope"](q.float(), cos[pos][:, None].float(), sin[pos][:, None].float()).to(dt)
 
             def sdpa():
                 cols = torch.arange(n_cols, device=dev)
@@ -82,8 +83,6 @@ def attention_variants(bw: float) -> None:
 
 
 def run_variants() -> None:
-    from decode import bandwidth
-
-    bw = bandwidth(torch.device("cuda"))
+    bw = copy_bandwidth(torch.device("cuda"))
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     attention_variants(bw)

@@ -1,6 +1,6 @@
 """Benchmark: what the per-token entropy costs in the chunked log-prob pass (loss.chunked_token_logprobs).
 
-Run: `python benchmarks/entropy.py [--tokens 8192] [--hidden 1536] [--vocab 151936] [--chunk 1024]`
+Run: `PYTHONPATH=src python -m benchmarks.entropy [--tokens 8192] [--hidden 1536] [--vocab 151936] [--chunk 1024]`
 (defaults: DeepSeek-R1-Distill-Qwen-1.5B's lm_head, bf16 on CUDA, fp32 on CPU). Times forward + backward of the
 pass with and without `with_entropy=True` (median of --repeats after a warm-up) and the peak memory on CUDA,
 and checks that the log-probs are the same either way. Needs only torch and mathgrpo.loss.

@@ -1,10 +1,10 @@
 """How far the fast engine's sampling log-probs are from the update's, and what correcting for it costs.
 
-    PYTHONPATH=src python benchmarks/mismatch.py                 # CUDA: 1.5B shape, bf16 + LoRA copy, then NF4 + LoRA
-    PYTHONPATH=src python benchmarks/mismatch.py --tiny          # CPU smoke test (tiny shape, fp32), seconds
+    PYTHONPATH=src python -m benchmarks.mismatch                  # CUDA: 1.5B shape, bf16 + LoRA copy, then NF4 + LoRA
+    PYTHONPATH=src python -m benchmarks.mismatch --tiny           # CPU smoke test (tiny shape, fp32), seconds
 
 The model is a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape with a word-level tokenizer
-(step.py's `make_model_dir`; no real weights can be fetched on the GPU machine), LoRA r=32 on all seven projections
+(`common.make_model_dir`; no real weights can be fetched on the GPU machine), LoRA r=32 on all seven projections
 with B drawn non-zero (std --lora-std) so that the engine's merged copy differs from the base. The final RMSNorm's
 weight is multiplied by --logit-scale: random init gives near-uniform next-token distributions (entropy ~ log V),
 which says little about a trained model's mismatch; the scale sharpens them (the printed entropy says how much).
@@ -21,23 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import SHAPES  # noqa: E402  (benchmarks/rollout.py)
-from step import PROJECTIONS, load_tokenizer, make_model_dir  # noqa: E402
+from benchmarks.common import PROJECTIONS, SHAPES, load_tokenizer, make_model_dir, sync
 
 CORRECTIONS = ("none", "token_truncate", "sequence_mask")
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def config(args, quant: str | None):
@@ -97,10 +86,10 @@ def run_base(args, quant: str | None) -> dict:
         cfg.grpo.sampler_correction = correction
         times = []
         for rep in range(args.reps + 1):
-            _sync()
+            sync()
             t0 = time.perf_counter()
             metrics = update_stage(model, optimizer, scheduler, ref, comp, adv, cfg, rollout=None)
-            _sync()
+            sync()
             if rep:  # the first is a warm-up
                 times.append(time.perf_counter() - t0)
         out["update_s"][correction] = sum(times) / len(times)

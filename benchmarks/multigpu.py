@@ -1,11 +1,11 @@
 """Data-parallel GRPO over the GPUs of one host: step time and throughput per GPU count, and whether the
 N-GPU update agrees with the 1-GPU update of the same rollout.
 
-    PYTHONPATH=src python benchmarks/multigpu.py --gpus 1 2 --global-prompts 16 --group 8 --new-tokens 1024 \\
+    PYTHONPATH=src python -m benchmarks.multigpu --gpus 1 2 --global-prompts 16 --group 8 --new-tokens 1024 \\
         --steps 3 --out $OUT/multigpu.json                        # CUDA: torchrun per GPU count
-    PYTHONPATH=src python benchmarks/multigpu.py --tiny --gpus 1 2  # CPU smoke test: tiny model, gloo, 16 tokens
+    PYTHONPATH=src python -m benchmarks.multigpu --tiny --gpus 1 2  # CPU smoke test: tiny model, gloo, 16 tokens
 
-Workload (as benchmarks/step.py): a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape
+Workload (as benchmarks.step; benchmarks.common): a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape
 (bf16, sdpa), saved once to a folder; LoRA r=32, alpha=32, dropout 0 on all seven projections; beta 0.04,
 loss "grpo", gradient checkpointing; completions forced to full length (ignore_eos); random rewards.
 The driver (this script without torchrun's environment) builds the model folder in a subprocess, then
@@ -68,16 +68,12 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import SHAPES  # noqa: E402  (benchmarks/rollout.py)
-from step import (  # noqa: E402  (benchmarks/step.py)
-    BETA, Workload, _mathgrpo_cfg, _peak, _peak_reset, _sync, load_tokenizer, make_model_dir, prompt_ids,
-    random_rewards, update_flops)
+from benchmarks.common import (ROOT, SHAPES, Workload, child_env, load_tokenizer, make_model_dir, mathgrpo_config,
+                               module_command, peak_gib, prompt_ids, random_rewards, reset_peak, sync, update_flops)
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 CHECK_SEED, CHECK_REWARD_STEP = 777, 777
@@ -145,7 +141,7 @@ def worker(args) -> None:
             _log(world, f"device: {torch.cuda.get_device_name()} x {world.size}; torch {torch.__version__}; "
                         f"NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}")
         w = Workload(None, args.global_prompts, args.group, args.new_tokens, 0)
-        cfg = _mathgrpo_cfg(args, w, {})
+        cfg = mathgrpo_config(args, w, {})
         cfg.model.device = world.model_device(args.device)
         G, n_global = args.group, args.global_prompts * args.group
         k = world.share(args.global_prompts) * G  # rows per rank
@@ -171,21 +167,21 @@ def worker(args) -> None:
         # ---------------------------------------------------------------- timing
         steps = []
         for step in range(args.steps):
-            _peak_reset()
-            _sync()
+            reset_peak()
+            sync()
             t0 = time.perf_counter()
             comp = rollout.generate(mine, G, SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0,
                                                             ignore_eos=True, seed=rank_seed(step, world.rank)))
-            _sync()
-            t1, peak_gen = time.perf_counter(), _peak()
-            _peak_reset()
+            sync()
+            t1, peak_gen = time.perf_counter(), peak_gib()
+            reset_peak()
             adv = group_advantages(random_rewards(n_global, step)[lo:hi], G)  # [k]: this rank's global rows
             upd = update_stage(model, optimizer, scheduler, ref, comp, adv, cfg, world, rollout)  # the trainer's
-            _sync()
+            sync()
             t2 = time.perf_counter()
             mine_tokens = float(comp.lengths.sum())
             slow = world.reduce_metrics({"gen_s": t1 - t0, "update_s": t2 - t1, "step_s": t2 - t0,
-                                         "peak_gen_gib": peak_gen, "peak_update_gib": _peak()}, op="max")
+                                         "peak_gen_gib": peak_gen, "peak_update_gib": peak_gib()}, op="max")
             avg = world.reduce_metrics({"loss": upd["loss"], "grad_norm": upd["grad_norm"], "tokens": mine_tokens})
             rec = dict(step=step, **{kk: round(v, 4) for kk, v in slow.items()},
                        completion_tokens=int(round(avg["tokens"] * world.size)),
@@ -239,11 +235,11 @@ def worker(args) -> None:
 
 
 def _env(nproc: int = 1) -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **NO_MULTICAST}
+    env = child_env(TOKENIZERS_PARALLELISM="false", **NO_MULTICAST)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # the same share for every N
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    src = os.path.join(ROOT, "src")
     if os.path.isdir(src):
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"]
     return env
 
 
@@ -428,23 +424,22 @@ def main() -> None:
         if name.startswith("check_") and name.endswith(".pt"):
             os.remove(os.path.join(args.work_dir, name))
     args.model_dir = args.model_dir or os.path.join(args.work_dir, "model")
-    me = os.path.abspath(__file__)
     print(f"multigpu: GPUs {args.gpus}, global batch {args.global_prompts} prompts x G={args.group} = "
           f"{args.global_prompts * args.group} completions of {args.new_tokens} tokens, prompt {args.prompt_len} "
           f"tokens, {args.steps} steps (first = warm-up), shape {args.shape} on {args.device}; work dir {args.work_dir}; "
           f"{' '.join(f'{k}={v}' for k, v in NO_MULTICAST.items())}", flush=True)
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         t0 = time.time()
-        run_logged([sys.executable, me, "--role", "make", "--model-dir", args.model_dir, "--shape", args.shape,
-                    "--device", args.device], left(), "build model folder")
+        run_logged(module_command("benchmarks.multigpu", "--role", "make", "--model-dir", args.model_dir, "--shape",
+                                  args.shape, "--device", args.device), left(), "build model folder")
         if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
             raise SystemExit("building the model folder failed (see above)")
         print(f"   model folder built in {time.time() - t0:.1f} s", flush=True)
 
     raw, rows, checks = [], [], {}
     for n in args.gpus:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", me,
-               "--role", "worker"] + _common(args)
+        cmd = module_command("torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "--module",
+                             "benchmarks.multigpu", "--role", "worker", *_common(args))
         t0 = time.time()
         if t_all + args.total_timeout - time.time() < 20:
             raw.append(dict(gpus=n, skipped="total time used up"))

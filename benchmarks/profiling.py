@@ -1,4 +1,4 @@
-"""Where an update's GPU time goes, the same way for mathgrpo and TRL (benchmarks/update.py, step.py prof=1).
+"""Where an update's GPU time goes, the same way for mathgrpo and TRL (benchmarks.update, benchmarks.step prof=1).
 
     with PassCounter(model) as passes, profiled() as prof:
         run_one_update()
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+
+from benchmarks.common import sync
 
 KINDS = ("dequant", "matmul", "lora_matmul", "attention", "lmhead", "optimizer", "copy", "elementwise", "triton",
          "other")
@@ -84,20 +86,13 @@ def kernel_breakdown(prof, wall_s: float, lora_rank: int | None = None, top: int
                 top=[dict(s=round(s, 4), n=c, kernel=k) for s, c, k in sorted(kernels, reverse=True)[:top]])
 
 
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def profile_call(run, lora_rank: int | None = None) -> dict:
     """One call of `run` under the profiler (synchronised): its kernel breakdown."""
     with profiled() as prof:
-        _sync()
+        sync()
         t0 = time.perf_counter()
         run()
-        _sync()
+        sync()
         wall = time.perf_counter() - t0
     return kernel_breakdown(prof, wall, lora_rank)
 
@@ -156,11 +151,11 @@ class Recording:
         self._stack = contextlib.ExitStack()
         self._passes = self._stack.enter_context(PassCounter(self.model))
         self._prof = self._stack.enter_context(profiled())
-        _sync()
+        sync()
         self._t0 = time.perf_counter()
 
     def stop(self) -> dict:
-        _sync()
+        sync()
         wall = time.perf_counter() - self._t0
         self._stack.close()
         return dict(kernel_breakdown(self._prof, wall, self.lora_rank), **self._passes.summary())

@@ -5,7 +5,7 @@ r=4, a few tokens so the arithmetic is negligible; per variant, the best of --re
 passes: a no-grad reference forward (adapters off) and a policy forward + backward under activation checkpointing,
 plus the autograd nodes of one policy forward and the Python calls of one update (cProfile).
 
-    PYTHONPATH=src:/tmp/bnb python benchmarks/qlora_host.py [--autocast] [--repeats 20]
+    PYTHONPATH=src python -m benchmarks.qlora_host [--autocast] [--repeats 20]     # needs bitsandbytes
 
 Variants: peft (peft's 4-bit LoRA forward), addmm (`lora_fused_add` before `qlora.NF4LoRA`: peft's base call,
 then one addmm for the delta), nf4 (the default now: one autograd node per projection).
@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import os
 import pstats
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from benchmarks.common import tiny_nf4_lora_model
 
 
 def nodes(t: torch.Tensor) -> int:
@@ -45,17 +43,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    import test_lora_4bit as t
-
     from mathgrpo.models import enable_checkpointing, fuse_lora_add
     from mathgrpo.modelinfo import backbone_and_head
 
-    model = t._tiny_nf4_lora_model(layers=args.layers)
+    vocab = 97
+    model = tiny_nf4_lora_model(layers=args.layers, vocab=vocab)
     enable_checkpointing(model)
     model.train()
     body, _ = backbone_and_head(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    ids = torch.randint(1, t.VOCAB, (1, args.tokens))
+    ids = torch.randint(1, vocab, (1, args.tokens))
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.autocast else contextlib.nullcontext
 
     def update():

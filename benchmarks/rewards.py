@@ -1,6 +1,6 @@
 """Benchmark: score 10,000 synthetic ~2,000-char completions with every built-in reward.
 
-Run: `python benchmarks/rewards.py [--n 10000] [--group 8] [--seed 0]`. Prints seconds per
+Run: `PYTHONPATH=src python -m benchmarks.rewards [--n 10000] [--group 8] [--seed 0]`. Prints seconds per
 reward and for the whole `RewardSet.score` call, on one core (set OMP/MKL threads as you like;
 the rewards are pure Python + rapidfuzz and use one core anyway).
 
@@ -86,8 +86,7 @@ def _clear_caches() -> None:
     """Forget every memo (ours and math-verify's parse caches): each timing starts cold."""
     from math_verify import parser
 
-    answers._equivalent_normalized.cache_clear()
-    answers.normalize_answer.cache_clear()
+    answers.clear_caches()
     parser.parse_latex_cached.cache_clear()
     parser.parse_expr_cached.cache_clear()
 
@@ -123,7 +122,7 @@ def main() -> None:
     rs = RewardSet([(name, 1.0) for name in names])
     _clear_caches()
     per_reward, total = rs.score(completions, **batch)
-    pairs = answers._equivalent_normalized.cache_info().currsize
+    pairs = answers.checked_pairs()
     for j, name in enumerate(names):
         print(f"  mean {name:<10} {per_reward[:, j].mean():+.3f}")
     print(f"{pairs} distinct answer pairs needed more than a string compare")

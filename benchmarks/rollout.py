@@ -1,10 +1,10 @@
 """Rollout throughput: transformers `generate`, transformers `generate_batch`, and our `fast` engine.
 
-    PYTHONPATH=src python benchmarks/rollout.py                      # 1.5B shape on CUDA, 64 and 256 rows
-    PYTHONPATH=src python benchmarks/rollout.py --shape tiny --device cpu --new-tokens 32 --batches 8
+    PYTHONPATH=src python -m benchmarks.rollout                      # 1.5B shape on CUDA, 64 and 256 rows
+    PYTHONPATH=src python -m benchmarks.rollout --shape tiny --device cpu --new-tokens 32 --batches 8
 
-A random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape (bf16, sdpa) samples completions
-of forced full length (EOS ignored) for the same random 128-token prompts (`--group` samples each).
+A random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape (bf16, sdpa; `common.random_qwen2`) samples
+completions of forced full length (EOS ignored) for the same random 128-token prompts (`--group` samples each).
 Each method runs in its own subprocess (clean peak memory; a time cap that can stop a stuck run):
 one line of JSON per batch size, then a table with tokens/s, peak GPU memory, the ratio to HF
 `generate` and to the bandwidth limit = rows * HBM bandwidth / weight bytes (one full weight read per
@@ -16,31 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 
-SHAPES = {
-    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=1000, max_position_embeddings=4096, tie_word_embeddings=False),
-}
+from benchmarks.common import SHAPES, child_env, module_command, random_qwen2, sync, synthetic_tokenizer
 
 
 def build(args):
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    cfg = Qwen2Config(**SHAPES[args.shape], attn_implementation="sdpa", torch_dtype=dtype)
-    with torch.device(args.device):
-        model = Qwen2ForCausalLM(cfg).to(dtype).eval()
-    model.generation_config.eos_token_id = 0
-    model.generation_config.pad_token_id = 0
-    return model
+    return random_qwen2(args.shape, args.device, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype])
 
 
 def prompts(args, rows: int) -> list[list[int]]:
@@ -51,26 +37,16 @@ def prompts(args, rows: int) -> list[list[int]]:
     return torch.randint(1, vocab, (max(1, rows // args.group), args.prompt_len), generator=g).tolist()
 
 
-def synthetic_tokenizer(vocab: int):
-    """A word-level tokenizer over the whole vocabulary (no real one can be fetched on the GPU machine)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="w0", eos_token="w0")
-
-
 def run_hf(model, args, ps, rows, new):
     import torch
 
     ids = torch.tensor([p for p in ps for _ in range(rows // len(ps))], device=args.device)
     kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=None, pad_token_id=0)
     model.generate(ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=4, min_new_tokens=4, **kw)
-    _sync(args)
+    sync()
     t0 = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, **kw)
-    _sync(args)
+    sync()
     return (out.shape[1] - ids.shape[1]) * rows, time.perf_counter() - t0, {}
 
 
@@ -82,7 +58,7 @@ def run_hf_batch(model, args, ps, rows, new):
                           eos_token_id=0, pad_token_id=0)
     t0 = time.perf_counter()
     res = model.generate_batch(inputs=inputs, generation_config=gc, progress_bar=False)
-    _sync(args)
+    sync()
     seconds = time.perf_counter() - t0
     return sum(len(r.generated_tokens) for r in res.values()), seconds, {"includes": "warm-up/graph capture"}
 
@@ -116,13 +92,6 @@ def _profile(eng, ps, rows, s, args):
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
     print(table, file=sys.stderr)
     return "printed to stderr"
-
-
-def _sync(args):
-    import torch
-
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 METHODS = {"hf": run_hf, "hf_batch": run_hf_batch, "fast": run_fast,
@@ -172,10 +141,10 @@ def main(argv=None) -> None:
         return worker(args)
     results = []
     for m in args.methods:
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", m]
+        cmd = module_command("benchmarks.rollout", *(argv if argv is not None else sys.argv[1:]), "--worker", m)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ.copy())
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=child_env())
             out, err = proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")

@@ -1,9 +1,9 @@
 """Sweep of the decode step's skinny matmuls: rollout/fast_matmul.py's kernel against cuBLAS, the way the engine
 runs them (what fills fast_matmul.TABLE).
 
-    PYTHONPATH=src python benchmarks/skinny.py --json skinny.json      # H200: every shape x rows {1,8,16,32,64}
-    PYTHONPATH=src python benchmarks/skinny.py --ptx                   # CPU: compile for sm_90, count PTX ops
-    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/skinny.py --tiny   # CPU smoke run, small shapes
+    PYTHONPATH=src python -m benchmarks.skinny --json skinny.json      # H200: every shape x rows {1,8,16,32,64}
+    PYTHONPATH=src python -m benchmarks.skinny --ptx                   # CPU: compile for sm_90, count PTX ops
+    TRITON_INTERPRET=1 PYTHONPATH=src python -m benchmarks.skinny --tiny   # CPU smoke run, small shapes
 
 Each candidate (and cuBLAS, `F.linear`) is captured in one CUDA graph that runs it over `--copies` distinct
 weight copies of the shape (28: one per layer, so the 60 MB L2 never holds the weights: they stream from HBM as
@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from mathgrpo.rollout import fast_matmul as FM  # noqa: E402
+from benchmarks.common import copy_bandwidth
+from mathgrpo.rollout import fast_matmul as FM
 
 # name -> (kind, N, K); kind "glu": N = rows of gate (and of up), K = hidden
 # (the fused forms first, then the plain kinds: a sweep cut short by --budget-s drops the last ones).
@@ -239,12 +236,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.ptx:
         return ptx_report()
-    from decode import bandwidth
-
     if args.tiny:  # CPU smoke run under TRITON_INTERPRET=1: small shapes, two copies
         SHAPES.update(tiny=("mm", 128, 256), tiny_glu=("norm_glu", 64, 256), tiny_res=("res", 64, 256))
         args.shapes, args.rows, args.copies = ["tiny", "tiny_glu", "tiny_res"], [1, 32], 2
-    bw = bandwidth(torch.device("cuda")) if torch.cuda.is_available() else 50e9
+    bw = copy_bandwidth(torch.device("cuda")) if torch.cuda.is_available() else 50e9
     results = sweep(args, bw)
     summary(results, bw)
     if args.json:

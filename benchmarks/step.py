@@ -1,12 +1,12 @@
 """One GRPO training step, end to end: mathgrpo vs TRL's GRPOTrainer on the same workload.
 
-    PYTHONPATH=src python benchmarks/step.py                                  # all workloads, mathgrpo + TRL, CUDA
-    PYTHONPATH=src python benchmarks/step.py --workloads lora-1k --methods mathgrpo trl
-    PYTHONPATH=src python benchmarks/step.py --tiny                           # seconds-long CPU smoke test
-    PYTHONPATH=src python benchmarks/step.py --methods mathgrpo:budget=8192:release=1   # method options
+    PYTHONPATH=src python -m benchmarks.step                                  # all workloads, mathgrpo + TRL, CUDA
+    PYTHONPATH=src python -m benchmarks.step --workloads lora-1k --methods mathgrpo trl
+    PYTHONPATH=src python -m benchmarks.step --tiny                           # seconds-long CPU smoke test
+    PYTHONPATH=src python -m benchmarks.step --methods mathgrpo:budget=8192:release=1   # method options
 
 The model is a random-initialised Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's shape (bf16, sdpa; NF4 for
-the QLoRA workload) with a word-level tokenizer over its whole vocabulary, saved once to a folder that
+the QLoRA workload; benchmarks.common) with a word-level tokenizer over its whole vocabulary, saved once to a folder that
 both frameworks load. LoRA r=32, alpha=32, dropout 0 on all seven projections, beta 0.04, loss "grpo",
 gradient checkpointing, random rewards. Completions are forced to full length (mathgrpo: ignore_eos;
 TRL: generation_kwargs min_new_tokens), except on the uneven workload (`uneven-8k`): there every
@@ -49,96 +49,31 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import SHAPES, synthetic_tokenizer  # noqa: E402  (benchmarks/rollout.py)
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA = dict(r=32, alpha=32, dropout=0.0)
-BETA = 0.04
-UNEVEN_SIGMA = 1.615  # log-normal sigma: P(length > 8192) = 15% at a median of 1536
-LENGTH_SEED = 17
-
-
-@dataclass
-class Workload:
-    quant: str | None
-    prompts: int
-    group: int
-    new_tokens: int
-    trl_micro: int  # completions per TRL micro-batch (per_device_train_batch_size)
-    median: int | None = None  # uneven lengths: log-normal median (new_tokens is the cap); None = full length
-
-
-WORKLOADS = {
-    "lora-1k": Workload(None, 8, 8, 1024, 8),  # the issue's TRL reference: 8 x 8 x 1024, 8 per micro-batch
-    "qlora-2k": Workload("nf4", 1, 4, 2048, 4),  # the notebook: one prompt, G=4, 2048 tokens, NF4
-    "lora-4k": Workload(None, 1, 8, 4096, 8),
-    "uneven-8k": Workload(None, 8, 8, 8192, 8, median=1536),  # real, uneven lengths (see the docstring)
-}
-
-
-def drawn_lengths(w: Workload) -> list[int]:
-    """Completion lengths [N] of a workload: all new_tokens, or one seeded log-normal draw cut at the cap."""
-    import numpy as np
-
-    n = w.prompts * w.group
-    if w.median is None:
-        return [w.new_tokens] * n
-    x = np.exp(np.random.default_rng(LENGTH_SEED).normal(np.log(w.median), UNEVEN_SIGMA, n))
-    return np.clip(x, 1, w.new_tokens).astype(int).tolist()
-
-
-def canned_completions(args, w: Workload, eos: int = 0):
-    """Completions of the drawn lengths made of random tokens (gen=canned): the update's work, no sampling.
-    A row shorter than the cap ends with EOS; a row at the cap is truncated."""
-    import torch
-
-    from mathgrpo.rollout import Completions
-
-    lengths = drawn_lengths(w)
-    n, width = len(lengths), max(lengths)
-    g = torch.Generator().manual_seed(LENGTH_SEED)
-    ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (n, width), generator=g)
-    mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]  # [N, T]
-    truncated = torch.tensor([k >= w.new_tokens for k in lengths])
-    for i, k in enumerate(lengths):
-        if not truncated[i]:
-            ids[i, k - 1] = eos
-    prompts = [p for p in prompt_ids(args, w) for _ in range(w.group)]
-    return Completions(prompt_ids=prompts, completion_ids=ids.masked_fill(~mask, eos), completion_mask=mask,
-                       texts=[""] * n, truncated=truncated)
+from benchmarks.common import (LORA, SHAPES, WORKLOADS, Workload, allocated_gib, canned_completions, child_env,
+                               drawn_lengths, load_tokenizer, make_model_dir, markdown_table, mathgrpo_config,
+                               matmul_peak_tflops, module_command, parse_options, peak_gib, prompt_ids, random_rewards,
+                               reset_peak, sync, update_flops)
+from benchmarks.trl_step import run_trl
 
 
 def force_fast_lengths(rollout, lengths: list[int], eos: int, cap: int) -> None:
-    """The fast engine's sampler gets EOS forbidden before each row's drawn length and forced at it (rows in
+    """The fast engine's draws get EOS forbidden before each row's drawn length and forced at it (rows in
     prompt-major order, one batch), as force_trl_lengths does for TRL: rows really finish, and leave the batch."""
     import torch
 
-    from mathgrpo.rollout import fast
-
     want = torch.tensor(lengths, device=rollout.device)  # [N]
     stops = want < cap  # a row drawn at the cap runs out of tokens instead: truncated
-    orig_run, orig_sample, step = rollout._run_batch, fast.sample, [0]
 
-    def sample(logits, *a, **k):  # logits [n, V]: the decode slots in use, slot j holding row slot_rows[j]
-        rows = rollout.slot_rows  # a slice (all rows) or the row index of each slot
-        end = (want[rows] - 1 == step[0]) & stops[rows]  # [n]: EOS is next
+    def hook(logits, rows, step):  # logits [n, V]: the decode slots in use, slot j holding row rows[j]
+        end = (want[rows] - 1 == step) & stops[rows]  # [n]: EOS is next
         logits[:, eos] = float("-inf")
         logits[end] = float("-inf")
         logits[end, eos] = 0.0
-        step[0] += 1
-        return orig_sample(logits, *a, **k)
 
-    def run_batch(*a, **k):
-        step[0] = 0
-        return orig_run(*a, **k)
-
-    fast.sample, rollout._run_batch = sample, run_batch
+    rollout.logits_hook = hook
 
 
 def impose_lengths(comp, lengths: list[int], cap: int, eos: int = 0):
@@ -158,137 +93,7 @@ def impose_lengths(comp, lengths: list[int], cap: int, eos: int = 0):
                    logprobs=None if comp.logprobs is None else comp.logprobs[:, :max(lengths)] * mask)
 
 
-def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float:
-    """The GPU's measured bf16 matmul rate (n^3 on random data, mean of `reps` after 3 warm-ups)."""
-    import torch
-
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    tflops = 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
-    del a, b
-    torch.cuda.empty_cache()
-    return tflops
-
-
-# ----------------------------------------------------------------------------- shared pieces
-
-
-def _sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _peak_reset():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _allocated() -> float:
-    import torch
-
-    return round(torch.cuda.memory_allocated() / 2**30, 3) if torch.cuda.is_available() else float("nan")
-
-
-def _peak() -> float:
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else float("nan")
-
-
-def make_model_dir(args) -> None:
-    """Random-init model + synthetic tokenizer saved as a HF folder (the same weights for every method)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    shape = {**SHAPES[args.shape], "max_position_embeddings": 131072}
-    cfg = Qwen2Config(**shape, eos_token_id=0, pad_token_id=0, bos_token_id=None)
-    with torch.device(args.device):
-        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16 if args.device != "cpu" else torch.float32)
-    model.generation_config.eos_token_id = 0
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(args.model_dir)
-    synthetic_tokenizer(shape["vocab_size"]).save_pretrained(args.model_dir)
-
-
-def load_tokenizer(model_dir: str):
-    # AutoTokenizer would pick Qwen2Tokenizer from config.json's model_type and mangle the word-level vocab.
-    from transformers import PreTrainedTokenizerFast
-
-    from mathgrpo.loading import prepare_tokenizer
-
-    return prepare_tokenizer(PreTrainedTokenizerFast.from_pretrained(model_dir))
-
-
-def prompt_ids(args, w: Workload) -> list[list[int]]:
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    vocab = SHAPES[args.shape]["vocab_size"]
-    return torch.randint(1, vocab, (w.prompts, args.prompt_len), generator=g).tolist()  # id 0 is eos/pad
-
-
-def update_flops(args, rows: list[tuple[int, int]]) -> float:
-    """Model FLOPs of one update over rows of (total length L, completion tokens T_c); see the docstring."""
-    s = SHAPES[args.shape]
-    h, n_l, inter, v = s["hidden_size"], s["num_hidden_layers"], s["intermediate_size"], s["vocab_size"]
-    hd = h // s["num_attention_heads"]
-    q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
-    dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    p_body = n_l * sum(a * b for a, b in dims.values())
-    p_lora = n_l * sum(LORA["r"] * (a + b) for a, b in dims.values())
-    total = 0.0
-    for L, tc in rows:
-        attn = 2.0 * n_l * L * L * q
-        fwd = 2.0 * p_body * L + 2.0 * v * h * tc + attn
-        total += 3 * fwd + attn + 6.0 * p_lora * L
-    return total
-
-
-def random_rewards(n: int, step: int):
-    import torch
-
-    return torch.rand(n, generator=torch.Generator().manual_seed(1000 + step))  # [N]
-
-
 # ----------------------------------------------------------------------------- mathgrpo
-
-
-def _mathgrpo_cfg(args, w: Workload, opts: dict):
-    from mathgrpo.config import Config
-
-    cfg = Config()
-    m = cfg.model
-    m.name_or_path, m.device, m.quantization = args.model_dir, args.device, w.quant
-    m.dtype = "bfloat16" if args.device != "cpu" else "float32"
-    m.lora_r, m.lora_alpha, m.lora_dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
-    m.lora_target_modules, m.gradient_checkpointing, m.attn_implementation = list(PROJECTIONS), True, "sdpa"
-    cfg.generation.backend = opts.get("backend", args.backend)
-    cfg.generation.lora_merge = opts.get("merge", "copy")
-    cfg.generation.max_new_tokens, cfg.generation.temperature = w.new_tokens, 1.0
-    cfg.grpo.num_generations, cfg.grpo.beta, cfg.grpo.loss_type = w.group, BETA, "grpo"
-    t = cfg.trainer
-    t.max_tokens_per_microbatch = int(opts.get("budget", t.max_tokens_per_microbatch))
-    t.logprob_chunk_size = int(opts.get("chunk", t.logprob_chunk_size))
-    t.pack_sequences = opts.get("pack", "0") == "1"
-    m.gradient_checkpointing = opts.get("gc", "layer") != "none"
-    m.lora_fused_add = opts.get("lora", "nf4") != "peft"
-    t.learning_rate, t.max_steps, t.lr_scheduler = 1e-6, args.steps, "constant"
-    if opts.get("release") == "0":  # release=1 frees before the update in run_mathgrpo; 0 turns the default off
-        cfg.generation.release_memory = False
-    return cfg
 
 
 def liger_update(model, optimizer, scheduler, ref, comp, adv, cfg, opts: dict) -> dict:
@@ -333,7 +138,7 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
     from mathgrpo.rollout import SamplingConfig, make_rollout
     from mathgrpo.update import make_optimizer, update_stage
 
-    cfg = _mathgrpo_cfg(args, w, opts)
+    cfg = mathgrpo_config(args, w, opts)
     model, _ = load_model(cfg.model, trainable=True)
     if opts.get("lora") == "addmm":  # the addmm path on 4-bit layers too, not qlora.NF4LoRA
         from mathgrpo.models import fuse_lora_add
@@ -359,14 +164,14 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
     ref = Reference(model, cfg.grpo.beta, lora=True)
     optimizer, scheduler = make_optimizer(model, cfg)
     prompts = prompt_ids(args, w)
-    forced = w.median is not None and hasattr(rollout, "slot_rows")  # uneven, fast engine: EOS at the lengths
+    forced = w.median is not None and hasattr(rollout, "logits_hook")  # uneven, fast engine: EOS at the lengths
     if forced:
         force_fast_lengths(rollout, drawn_lengths(w), tok.eos_token_id, w.new_tokens)
     steps, rows = [], None
     for step in range(args.steps):
-        _peak_reset()
-        _sync()
-        resident = _allocated()  # what stays allocated between steps: must not grow
+        reset_peak()
+        sync()
+        resident = allocated_gib()  # what stays allocated between steps: must not grow
         t0 = time.perf_counter()
         lengths = drawn_lengths(w)
         if canned:
@@ -376,14 +181,14 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
                                                                      ignore_eos=not forced, seed=step))
             if w.median is not None and not forced:
                 comp = impose_lengths(comp, lengths, w.new_tokens)
-        _sync()
-        t1, peak_gen = time.perf_counter(), _peak()
+        sync()
+        t1, peak_gen = time.perf_counter(), peak_gib()
         if opts.get("release") == "1" and hasattr(rollout, "release"):
             rollout.release(weights=True)
         # what the rollout engine keeps through the update: its owned (merged / dequantised) weights, its KV cache
         held = {k: getattr(rollout, a, 0) / 2**30 for k, a in (("owned_weights_gib", "owned_weight_bytes"),
                                                                 ("kv_cache_gib", "kv_cache_bytes"))}
-        _peak_reset()
+        reset_peak()
         t2 = time.perf_counter()
         adv = group_advantages(random_rewards(comp.completion_ids.shape[0], step), w.group)  # [N]
         if opts.get("liger"):
@@ -392,12 +197,12 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
                 rollout.sync_weights(model)
         else:  # the trainer's update stage (gradients freed, weights synced)
             upd = update_stage(model, optimizer, scheduler, ref, comp, adv, cfg, rollout=rollout)
-        _sync()
+        sync()
         t3 = time.perf_counter()
         rows = [(len(p) + int(n), int(n)) for p, n in zip(comp.prompt_ids, comp.lengths)]
         steps.append(dict(gen_s=t1 - t0, update_s=t3 - t2, step_s=(t1 - t0) + (t3 - t2), resident_gib=resident,
                           peak_gen_gib=peak_gen,
-                          peak_update_gib=_peak(), completion_tokens=int(comp.lengths.sum()),
+                          peak_update_gib=peak_gib(), completion_tokens=int(comp.lengths.sum()),
                           graphs_captured=getattr(rollout, "captures", None), truncated=int(comp.truncated.sum()),
                           compactions=getattr(rollout, "compactions", None),
                           **{k: round(v, 3) for k, v in held.items()},
@@ -406,7 +211,7 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
     backend = "canned" if canned else type(rollout).__name__
     extra = {}
     if opts.get("prof") == "1" and torch.cuda.is_available():  # one more update (the last rows) under the profiler
-        from profiling import PassCounter, profile_call
+        from benchmarks.profiling import PassCounter, profile_call
 
         adv = group_advantages(random_rewards(comp.completion_ids.shape[0], args.steps), w.group)
         with PassCounter(model) as passes:
@@ -417,142 +222,10 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
                 chunk=cfg.trainer.logprob_chunk_size)
 
 
-# ----------------------------------------------------------------------------- TRL
-
-
-def run_trl(args, w: Workload, opts: dict) -> dict:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    on_gpu = args.device != "cpu"
-    kw = dict(dtype=torch.bfloat16 if on_gpu else torch.float32, attn_implementation="sdpa")
-    if w.quant == "nf4":
-        kw.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                         bnb_4bit_use_double_quant=True,
-                                                         bnb_4bit_compute_dtype=torch.bfloat16),
-                  device_map={"": args.device})
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, **kw)
-    if w.quant is None:
-        model.to(args.device)
-    tok = load_tokenizer(args.model_dir)
-    n = w.prompts * w.group
-    texts = [" ".join(f"w{i}" for i in p) for p in prompt_ids(args, w)]
-    ds = Dataset.from_dict({"prompt": texts * (args.trl_steps + 1)})
-
-    def reward(completions, **_):
-        return random_rewards(len(completions), 0).tolist()
-
-    lengths = drawn_lengths(w)
-    cap = int(opts.get("gen_steps", w.new_tokens))  # gen_steps: a prefix of the generation (see the docstring)
-    lengths = [min(k, cap) for k in lengths]
-    conf = GRPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=w.trl_micro,
-        gradient_accumulation_steps=n // w.trl_micro, num_generations=w.group, max_completion_length=cap,
-        generation_kwargs={} if w.median else {"min_new_tokens": w.new_tokens}, temperature=1.0, beta=BETA, loss_type="grpo",
-        learning_rate=1e-6, max_steps=args.trl_steps + (opts.get("prof") == "1" and on_gpu), bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=True,
-        logging_steps=1, report_to="none", save_strategy="no", use_vllm=False, shuffle_dataset=False, seed=0)
-    peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                          target_modules=PROJECTIONS, task_type="CAUSAL_LM")
-    steps: list[dict] = []
-    cur: dict = {}
-    extra: dict = {}
-    # prof=1: one more step, after the timed ones, under the profiler (profiling.py), not counted in the times
-    profiled_step = args.trl_steps if opts.get("prof") == "1" and on_gpu else None
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            if len(steps) == profiled_step:
-                from profiling import Recording
-
-                cur["rec"] = Recording(trainer.model, lora_rank=LORA["r"])
-                cur["rec"].start()
-                return
-            _sync()
-            _peak_reset()
-            cur.clear()
-            cur.update(t0=time.perf_counter(), gen_s=0.0, peak_gen_gib=_peak())
-
-        def on_step_end(self, *a, **k):
-            if len(steps) == profiled_step:
-                extra["profile"] = cur.pop("rec").stop()
-                steps.append(None)  # the profiled step: dropped below
-                return
-            _sync()
-            total = time.perf_counter() - cur["t0"]
-            steps.append(dict(gen_s=cur["gen_s"], update_s=total - cur["gen_s"], step_s=total,
-                              peak_gen_gib=cur["peak_gen_gib"], peak_update_gib=_peak(), completion_tokens=sum(lengths)))
-            print(f"[trl] step {len(steps) - 1}: {json.dumps(steps[-1])}", flush=True)
-
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=conf, train_dataset=ds, processing_class=tok,
-                          peft_config=peft_cfg, callbacks=[Timer()])
-    generate = trainer._generate_single_turn
-
-    def timed_generate(*a, **k):  # generation only (HF generate); its peak, then a fresh peak for the rest
-        _sync()
-        t = time.perf_counter()
-        out = generate(*a, **k)
-        _sync()
-        cur["gen_s"] += time.perf_counter() - t
-        cur["peak_gen_gib"] = max(cur["peak_gen_gib"], _peak())
-        _peak_reset()
-        return out
-
-    if opts.get("gen") == "canned":  # the update alone: TRL's generation replaced by the same canned rows as ours
-        canned = canned_completions(args, w)
-        rows_out = [r[m].tolist() for r, m in zip(canned.completion_ids, canned.completion_mask)]
-        taken = [0]
-
-        def generate(prompt_ids, *a, **k):  # TRL's rows in turn (prompt-major, as ours)
-            idx = [(taken[0] + i) % len(rows_out) for i in range(len(prompt_ids))]
-            taken[0] += len(prompt_ids)
-            return [rows_out[i] for i in idx], None
-    elif w.median is not None:
-        force_trl_lengths(trainer, lengths, eos=tok.eos_token_id, cap=cap)
-    trainer._generate_single_turn = timed_generate
-    trainer.train()
-    rows = [(args.prompt_len + k, k) for k in lengths]
-    return dict(steps=[s for s in steps if s is not None], rows=rows, **extra, backend="canned" if opts.get("gen") == "canned" else "transformers generate",
-                micro_batch=w.trl_micro)
-
-
-def force_trl_lengths(trainer, lengths: list[int], eos: int, cap: int) -> None:
-    """Every `generate` of TRL's policy gets a logits processor ending row r (in TRL's prompt-major order, the
-    rows taken in turn) at lengths[r]: EOS forbidden before, forced at that step."""
-    import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class ForceLengths(LogitsProcessor):
-        def __init__(self, want: torch.Tensor, prompt_len: int):
-            self.want, self.prompt_len = want, prompt_len  # [B]
-            self.stops = want < cap  # a row drawn at the cap runs out of tokens instead: truncated, as ours
-
-        def __call__(self, input_ids, scores):  # scores [B, V]
-            end = (self.want - 1 == input_ids.shape[1] - self.prompt_len) & self.stops  # [B]: EOS is next
-            scores[:, eos] = float("-inf")
-            scores[end] = float("-inf")
-            scores[end, eos] = 0.0
-            return scores
-
-    model, orig, offset = trainer.model, trainer.model.generate, [0]
-
-    def generate(*a, **k):
-        ids = k["input_ids"]
-        idx = [(offset[0] + i) % len(lengths) for i in range(ids.shape[0])]
-        offset[0] += ids.shape[0]
-        want = torch.tensor([lengths[i] for i in idx], device=ids.device)
-        k["logits_processor"] = LogitsProcessorList([ForceLengths(want, ids.shape[1])])
-        return orig(*a, **k)
-
-    model.generate = generate
-
-
 METHODS = {
     "mathgrpo": run_mathgrpo,
     "mathgrpo-liger": lambda args, w, opts: run_mathgrpo(args, w, {**opts, "liger": True}),
-    "trl": run_trl,
+    "trl": run_trl,  # benchmarks.trl_step
 }
 
 
@@ -560,16 +233,11 @@ METHODS = {
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    name, *pairs = spec.split(":")
+    """'name:key=value:...' -> (name, options); the name must be one of METHODS."""
+    name, _, rest = spec.partition(":")
     if name not in METHODS:
         raise SystemExit(f"--methods: unknown method '{name}'; known: {', '.join(METHODS)}")
-    opts = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--methods {spec}: options are key=value, got '{pair}'")
-        opts[key] = value
-    return name, opts
+    return name, parse_options(rest, "--methods")
 
 
 def worker(args) -> None:
@@ -578,9 +246,8 @@ def worker(args) -> None:
         return
     name, opts = parse_method(args.worker)
     w = WORKLOADS[args.workload]
-    if args.new_tokens:  # an uneven workload keeps its shape: the median scales with the cap
-        median = None if w.median is None else max(1, w.median * args.new_tokens // w.new_tokens)
-        w = Workload(w.quant, w.prompts, w.group, args.new_tokens, w.trl_micro, median)
+    if args.new_tokens:
+        w = w.with_new_tokens(args.new_tokens)
     rec = dict(workload=args.workload, method=args.worker, **METHODS[name](args, w, opts))
     rec["update_tflop"] = update_flops(args, rec.pop("rows")) / 1e12
     if "profile" in rec:
@@ -589,13 +256,12 @@ def worker(args) -> None:
 
 
 def spawn(args, worker_name: str, workload: str | None) -> dict | None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker_name, "--model-dir", args.model_dir,
-           "--shape", args.shape, "--device", args.device, "--steps", str(args.steps), "--trl-steps",
-           str(args.trl_steps), "--prompt-len", str(args.prompt_len), "--backend", args.backend,
-           "--new-tokens", str(args.new_tokens or 0)] + (["--workload", workload] if workload else [])
+    cmd = module_command("benchmarks.step", "--worker", worker_name, "--model-dir", args.model_dir, "--shape",
+                         args.shape, "--device", args.device, "--steps", str(args.steps), "--trl-steps",
+                         str(args.trl_steps), "--prompt-len", str(args.prompt_len), "--backend", args.backend,
+                         "--new-tokens", str(args.new_tokens or 0), *(["--workload", workload] if workload else []))
     print(f"== {worker_name} {workload or ''}", flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     result, t0 = None, time.time()
     try:
         for line in proc.stdout:
@@ -633,11 +299,7 @@ def summarize(rec: dict, peak_tflops: float | None) -> dict:
 def table(rows: list[dict]) -> str:
     cols = ["workload", "method", "backend", "steps", "first_s", "step_s", "gen_s", "update_s", "peak_gen_gib",
             "peak_update_gib", "peak_gib", "update_tflops", "mfu_pct", "x_trl_step", "x_trl_update", "trl_mem_ratio"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
-    lines += [" | ".join(fmt(r.get(c, "")) for c in cols) for r in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, cols)
 
 
 def main() -> None:

@@ -1,12 +1,12 @@
 """The update alone, profiled and in variants: where its time goes and what each switch buys.
 
-    PYTHONPATH=src python benchmarks/update.py                                   # lora-1k + uneven-8k, CUDA
-    PYTHONPATH=src python benchmarks/update.py --workloads uneven-8k --variants gc=layer pack=1:gc=none --profile
-    PYTHONPATH=src python benchmarks/update.py --tiny                            # CPU smoke test, seconds
+    PYTHONPATH=src python -m benchmarks.update                                   # lora-1k + uneven-8k, CUDA
+    PYTHONPATH=src python -m benchmarks.update --workloads uneven-8k --variants gc=layer pack=1:gc=none --profile
+    PYTHONPATH=src python -m benchmarks.update --tiny                            # CPU smoke test, seconds
 
-One subprocess per workload loads step.py's random model of DeepSeek-R1-Distill-Qwen-1.5B's shape once (bf16,
+One subprocess per workload loads the random model (benchmarks.common) of DeepSeek-R1-Distill-Qwen-1.5B's shape once (bf16,
 sdpa, LoRA r=32 on all seven projections, beta 0.04, loss "grpo") and runs the trainer's `policy_update` on
-canned completions of the workload's lengths (`step.canned_completions`: random tokens; lora-1k forced to
+canned completions of the workload's lengths (`common.canned_completions`: random tokens; lora-1k forced to
 1,024, uneven-8k log-normal) under each variant in turn, `--steps` updates each, the first a warm-up.
 Variant keys (':'-separated): pack=0|1 (trainer.pack_sequences), attn=auto|varlen|padded|rows (packed
 attention, `packing.set_packed_attention`; pad=<ratio> its auto threshold), lmhead=triton|torch (the fused
@@ -16,7 +16,7 @@ on all; peft = off), budget=<tokens per micro-batch>, chunk=<log-prob chunk>, fu
 (liger-kernel RMSNorm/SwiGLU/RoPE), gckeep=<N> (with gc=layer: N evenly spaced layers not checkpointed),
 compile=1 (torch.compile of every decoder layer). fused and compile
 cannot be undone, so variants with them run after the others. Printed per variant: update seconds, the
-reference pass alone, peak memory, useful TFLOP/s (step.update_flops: real tokens only, no recompute) and
+reference pass alone, peak memory, useful TFLOP/s (common.update_flops: real tokens only, no recompute) and
 its share of the bf16 matmul peak measured in the same process (8192^3). --profile runs one more update of
 the first variant (and of those marked prof=1) under torch.profiler: GPU time in matmuls, attention, other
 kernels and GPU idle. --sync-check runs one more update of the first variant under
@@ -33,12 +33,12 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step import (LORA, WORKLOADS, _mathgrpo_cfg, _peak, _peak_reset, _sync, canned_completions, make_model_dir,  # noqa: E402
-                  matmul_peak_tflops, parse_method, random_rewards, update_flops)
+from benchmarks.common import (LORA, WORKLOADS, canned_completions, child_env, drawn_lengths, load_tokenizer,
+                               make_model_dir, markdown_table, mathgrpo_config, matmul_peak_tflops, module_command,
+                               parse_options, peak_gib, prompt_ids, random_rewards, reset_peak, sync, timed,
+                               update_flops)
 
 DEFAULT_VARIANTS = ["gc=none:lmhead=torch", "gc=none", "pack=1:gc=none:attn=varlen", "pack=1:gc=none",
                     "pack=1:gc=none:attn=padded", "gc=none:fused=1", "pack=1:gc=none:fused=1",
@@ -47,7 +47,7 @@ IRREVERSIBLE = ("fused", "compile")
 
 
 def parse_variant(spec: str) -> dict:
-    return parse_method("mathgrpo:" + spec if spec != "base" else "mathgrpo")[1]
+    return parse_options(spec if spec != "base" else "", "--variants")
 
 
 def apply_variant(model, cfg, opts: dict, state: dict) -> None:
@@ -75,9 +75,9 @@ def apply_variant(model, cfg, opts: dict, state: dict) -> None:
         state["fused"] = True
     if opts.get("compile") == "1" and not state.get("compiled"):
         if t.pack_sequences:
-            from mathgrpo.packing import _varlen
+            from mathgrpo.packing import varlen_kernel
 
-            _varlen()  # the one-time kernel check, outside the compiled region
+            varlen_kernel()  # the one-time kernel check, outside the compiled region
         body, _ = backbone_and_head(model)
         for layer in body.layers:
             layer.compile(dynamic=True)
@@ -87,7 +87,7 @@ def apply_variant(model, cfg, opts: dict, state: dict) -> None:
 def profile_update(run, model, steps_out: dict) -> None:
     """GPU time of one update by kernel kind (profiling.py: dequantisation, matmuls, LoRA's, attention, lm_head,
     optimizer, copies, ...), the GPU's idle share of the wall time, and the passes the update ran."""
-    from profiling import PassCounter, profile_call
+    from benchmarks.profiling import PassCounter, profile_call
 
     with PassCounter(model) as passes:
         steps_out["profile"] = profile_call(run, lora_rank=LORA["r"])
@@ -120,7 +120,7 @@ def sync_check(run, out: dict) -> None:
             warnings.simplefilter("always")
             warnings.showwarning = record
             run()
-            _sync()
+            sync()
     finally:
         torch.cuda.set_sync_debug_mode("default")
         warnings.showwarning = shown
@@ -134,22 +134,16 @@ def attention_bench(args, budget: int = 16384) -> None:
 
     import torch
 
-    from mathgrpo.packing import _batched_attention, _call_varlen, _varlen, packed_microbatches, rows_layout, \
-        set_packed_attention
-    from step import WORKLOADS as W, drawn_lengths
+    from mathgrpo.packing import (batched_attention, call_varlen, packed_microbatches, rows_layout,
+                                  set_packed_attention, varlen_kernel)
 
-    def bench(fn, reps=5):
+    def bench(fn, reps=5):  # ms per call after one warm-up
         fn()
-        _sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        _sync()
-        return (time.perf_counter() - t0) / reps * 1e3
+        return timed(fn, reps) * 1e3
 
     heads, kv, dim, dev = 12, 2, 128, "cuda"
     module = types.SimpleNamespace(is_causal=True, num_key_value_groups=heads // kv, training=False)
-    fa2, kw = _varlen()
+    fa2, kw = varlen_kernel()
     flex = None
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -158,7 +152,7 @@ def attention_bench(args, budget: int = 16384) -> None:
     except Exception as e:  # noqa: BLE001
         print(f"flex unavailable: {e}", flush=True)
     for name in args.workloads:
-        rows_all = [args.prompt_len + n - 1 for n in drawn_lengths(W[name])]
+        rows_all = [args.prompt_len + n - 1 for n in drawn_lengths(WORKLOADS[name])]
         totals, seen = {}, {}
         for group in packed_microbatches(rows_all, budget):
             lens = tuple(sorted((rows_all[i] for i in group), reverse=True))
@@ -173,13 +167,13 @@ def attention_bench(args, budget: int = 16384) -> None:
             go = torch.randn(s, heads, dim, device=dev, dtype=torch.bfloat16)
             variants = {}
             if fa2 is not None:
-                variants["varlen_fa2"] = lambda: _call_varlen(fa2, kw, *(x[0].transpose(0, 1) for x in (q, k, v)), cu,
-                                                              lens[0], None)
+                variants["varlen_fa2"] = lambda: call_varlen(fa2, kw, *(x[0].transpose(0, 1) for x in (q, k, v)), cu,
+                                                             lens[0], None)
             set_packed_attention("padded")
             lay = rows_layout(lens, torch.device(dev))
             set_packed_attention("auto")
-            variants["padded_sdpa"] = lambda: _batched_attention(module, q, k, v, lay["mathgrpo_rows"],
-                                                                 lay.get("mathgrpo_pad"), None)
+            variants["padded_sdpa"] = lambda: batched_attention(module, q, k, v, lay["mathgrpo_rows"],
+                                                                lay.get("mathgrpo_pad"), None)
             if flex is not None:
                 doc = torch.full((budget,), -1, device=dev, dtype=torch.int32)
                 doc[:s] = torch.repeat_interleave(torch.arange(len(lens), device=dev, dtype=torch.int32),
@@ -231,10 +225,9 @@ def release_check(args) -> None:
     from mathgrpo.rollout import SamplingConfig, make_rollout
     from mathgrpo.rollout.fast_buffers import owned_pointers
     from mathgrpo.update import make_optimizer, update_stage
-    from step import load_tokenizer, prompt_ids
 
     w = WORKLOADS[args.workload]
-    cfg = _mathgrpo_cfg(args, w, {})
+    cfg = mathgrpo_config(args, w, {})
     model, _ = load_model(cfg.model, trainable=True)
     rollout = make_rollout(cfg.generation, model, load_tokenizer(args.model_dir))
     ref = Reference(model, cfg.grpo.beta, lora=True)
@@ -242,13 +235,6 @@ def release_check(args) -> None:
     comp = canned_completions(args, w)
     adv = group_advantages(random_rewards(comp.completion_ids.shape[0], 0), w.group)
     prompts, short = prompt_ids(args, w), SamplingConfig(max_new_tokens=32, temperature=1.0, ignore_eos=True, seed=0)
-
-    def timed(fn):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        return time.perf_counter() - t0
 
     timed(lambda: rollout.generate(prompts, w.group, short))
     rounds = []
@@ -263,7 +249,7 @@ def release_check(args) -> None:
     replay = [timed(lambda: rollout.generate(prompts, w.group, short)) for _ in range(3)]
     recapture = []
     for _ in range(3):
-        rollout._drop_graphs()
+        rollout.drop_graphs()
         recapture.append(timed(lambda: rollout.generate(prompts, w.group, short)))
     later = rounds[2:]  # the first pair warms up
     mean = lambda rs, k: sum(x[k] for x in rs) / max(1, len(rs))  # noqa: E731
@@ -287,12 +273,9 @@ def run_workload(args) -> None:
 
     w = WORKLOADS[args.workload]
     if args.new_tokens:
-        from step import Workload
-
-        median = None if w.median is None else max(1, w.median * args.new_tokens // w.new_tokens)
-        w = Workload(w.quant, w.prompts, w.group, args.new_tokens, w.trl_micro, median)
+        w = w.with_new_tokens(args.new_tokens)
     peak = matmul_peak_tflops() if torch.cuda.is_available() else None
-    cfg = _mathgrpo_cfg(args, w, {})
+    cfg = mathgrpo_config(args, w, {})
     cfg.model.lora_fused_add = False  # set per variant
     model, _ = load_model(cfg.model, trainable=True)
     ref = Reference(model, cfg.grpo.beta, lora=True)
@@ -330,19 +313,19 @@ def run_workload(args) -> None:
                                                 comp.completion_ids[g, :max(lengths[i] for i in g)],
                                                 lengths=[lengths[i] for i in g] if t.pack_sequences else None)
 
-            _peak_reset()
+            reset_peak()
             times = []
             for _ in range(args.steps):
-                _sync()
+                sync()
                 t0 = time.perf_counter()
                 update()
-                _sync()
+                sync()
                 times.append(time.perf_counter() - t0)
-            rec.update(first_s=times[0], update_s=sum(times[1:]) / max(1, len(times) - 1), peak_gib=_peak())
-            _sync()
+            rec.update(first_s=times[0], update_s=sum(times[1:]) / max(1, len(times) - 1), peak_gib=peak_gib())
+            sync()
             t0 = time.perf_counter()
             ref_pass()
-            _sync()
+            sync()
             rec["ref_pass_s"] = time.perf_counter() - t0
             rec["tflops"] = flops / 1e12 / rec["update_s"]
             if peak:
@@ -359,10 +342,7 @@ def run_workload(args) -> None:
 def table(rows: list[dict]) -> str:
     cols = ["workload", "variant", "microbatches", "padded_tokens", "update_s", "ref_pass_s", "peak_gib", "tflops",
             "pct_of_peak", "syncs", "error"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join([" | ".join(cols), " | ".join("---" for _ in cols)]
-                     + [" | ".join(fmt(r.get(c, "")) for c in cols) for r in rows])
+    return markdown_table(rows, cols)
 
 
 def main() -> None:
@@ -403,14 +383,14 @@ def main() -> None:
         make_model_dir(args)
     rows = []
     for wl in args.workloads:
-        cmd = [sys.executable, os.path.abspath(__file__), "--workload", wl, "--model-dir", args.model_dir, "--shape",
-               args.shape, "--device", args.device, "--steps", str(args.steps), "--new-tokens", str(args.new_tokens),
-               "--prompt-len", str(args.prompt_len), "--variants", *args.variants] + (["--profile"] if args.profile else [])
+        cmd = module_command("benchmarks.update", "--workload", wl, "--model-dir", args.model_dir, "--shape",
+                             args.shape, "--device", args.device, "--steps", str(args.steps), "--new-tokens",
+                             str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--variants", *args.variants)
+        cmd += ["--profile"] if args.profile else []
         cmd += ["--sync-check"] if args.sync_check else []
         cmd += ["--release-check"] if args.release_check else []
         print(f"== {wl}", flush=True)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
         t0 = time.time()
         for line in proc.stdout:
             if line.startswith("RESULT "):

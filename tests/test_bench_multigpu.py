@@ -1,4 +1,4 @@
-"""benchmarks/multigpu.py end to end on CPU (tiny model, gloo): a 1-rank and a 2-rank run under torchrun,
+"""benchmarks.multigpu end to end on CPU (tiny model, gloo): a 1-rank and a 2-rank run under torchrun,
 the table printed, and the 2-rank update of the shared rollout equal to the 1-rank one at fp32 rounding."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "multigpu.py"
 
 pytestmark = [pytest.mark.distributed,  # spawns torchrun
               pytest.mark.skipif(shutil.which("torchrun") is None or importlib.util.find_spec("torch.distributed.run") is None,
@@ -24,9 +23,10 @@ pytestmark = [pytest.mark.distributed,  # spawns torchrun
 def test_tiny_one_and_two_ranks_agree(tmp_path):
     out = tmp_path / "multigpu.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--gpus", "1", "2", "--global-prompts", "4",
-                           "--group", "4", "--new-tokens", "8", "--steps", "2", "--work-dir", str(tmp_path / "work"),
-                           "--timeout", "100", "--total-timeout", "110", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.multigpu", "--tiny", "--gpus", "1", "2",
+                           "--global-prompts", "4", "--group", "4", "--new-tokens", "8", "--steps", "2",
+                           "--work-dir", str(tmp_path / "work"), "--timeout", "100", "--total-timeout", "110",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=150, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| GPUs | global completions | step s |" in proc.stdout, proc.stdout[-3000:]

@@ -39,7 +39,7 @@ def test_data_inspect_missing_file_names_it(capsys, tmp_path):
 
 
 def test_train_with_bad_lora_target_lists_layers(capsys, tiny_model_dir, tmp_path):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     rc = main(["train", *tiny_overrides(tiny_model_dir, tmp_path, **{"model.lora_target_modules": "[dense]"}), "--quiet"])
     err = capsys.readouterr().err
@@ -47,7 +47,7 @@ def test_train_with_bad_lora_target_lists_layers(capsys, tiny_model_dir, tmp_pat
 
 
 def test_nf4_on_cpu_is_a_clear_error(capsys, tiny_model_dir, tmp_path):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     rc = main(["train", *tiny_overrides(tiny_model_dir, tmp_path, **{"model.quantization": "nf4"}), "--quiet"])
     assert rc == 2 and "needs a CUDA GPU" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from mathgrpo.config import load_config
 from mathgrpo.rewards import soft_overlong_penalty
 from mathgrpo.trainer import train
@@ -38,6 +38,7 @@ def straight(tiny_model_dir, tmp_path_factory):
     return train(_cfg(tiny_model_dir, tmp_path_factory.mktemp("straight")), quiet=True)
 
 
+@pytest.mark.integration
 def test_steps_train_on_informative_groups_at_the_scheduled_length(straight):
     metrics, comps = _jsonl(straight / "metrics.jsonl"), _jsonl(straight / "completions.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -60,6 +61,7 @@ def test_steps_train_on_informative_groups_at_the_scheduled_length(straight):
     assert [r["rewards/overlong/mean"] < 0 for r in metrics[:1]] == [True]  # capped completions are punished
 
 
+@pytest.mark.integration
 def test_resume_repeats_the_straight_run(straight, tiny_model_dir, tmp_path):
     broken = tmp_path / "b" / "run"
     shutil.copytree(straight, broken)

@@ -16,7 +16,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from mathgrpo import distributed as D
 from mathgrpo.config import load_config
 from mathgrpo.data import load_problems

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from mathgrpo import distributed as D
 from mathgrpo.config import load_config
 from mathgrpo.data import Problem

@@ -274,6 +274,7 @@ def sample_texts(path):
     return [[s["text"] for s in json.loads(line)["samples"]] for line in path.read_text().splitlines()]
 
 
+@pytest.mark.integration
 def test_base_vs_trained_uses_adapter_off_and_same_seeds(tokenizer, tmp_path):
     cfg = small_cfg()
     plain = tiny_llama(tokenizer)
@@ -293,6 +294,7 @@ def test_base_vs_trained_uses_adapter_off_and_same_seeds(tokenizer, tmp_path):
     assert model.active_adapter == "default"  # the adapter is back on after the base evaluation
 
 
+@pytest.mark.integration
 def test_identity_adapter_gives_zero_difference(tokenizer, tmp_path):
     from mathgrpo.evaluate import evaluate_trained_run
 
@@ -304,6 +306,7 @@ def test_identity_adapter_gives_zero_difference(tokenizer, tmp_path):
             assert row["diff"] in (0.0, None) and row["ci_low"] in (0.0, None) and row["ci_high"] in (0.0, None)
 
 
+@pytest.mark.integration
 def test_full_finetune_base_model_and_single_model(tokenizer, tmp_path, caplog):
     cfg = small_cfg()
     base, trained = tiny_llama(tokenizer, seed=0), tiny_llama(tokenizer, seed=1)
@@ -321,6 +324,7 @@ def test_full_finetune_base_model_and_single_model(tokenizer, tmp_path, caplog):
     assert "| pass@1 |" in (tmp_path / "one" / "report.md").read_text()
 
 
+@pytest.mark.integration
 def test_greedy_with_k_above_1_warns_and_repeats(tokenizer, caplog):
     cfg = small_cfg(temperature=0.0, num_samples=2)
     with caplog.at_level(logging.WARNING, logger="mathgrpo.evaluate"):
@@ -387,6 +391,7 @@ def test_eval_config_sources(tmp_path):
     assert eval_config(str(run), path=str(other)).eval.seed == 5  # an explicit file wins
 
 
+@pytest.mark.integration
 def test_run_eval_on_a_run_dir(tokenizer, tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@pytest.mark.integration
 def test_interpreted_checks_in_a_subprocess():
     if INTERPRETED or torch.cuda.is_available():
         pytest.skip("this process runs the interpreted checks itself (or has a GPU: the CUDA test runs instead)")

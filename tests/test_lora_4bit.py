@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lora_b
+from helpers import random_lora_b
 
 bnb = pytest.importorskip("bitsandbytes")
 

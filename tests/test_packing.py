@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lora_b
+from helpers import random_lora_b
 
 from mathgrpo.config import Config, ModelConfig
 from mathgrpo.loss import LOSS_TYPES
@@ -131,6 +131,7 @@ def _update(pack: bool, loss_type: str, iters: int, checkpointing: bool, budget:
 
 
 @pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+@pytest.mark.integration
 def test_packed_update_equals_padded_for_every_loss_type(loss_type):
     # grpo_loss computes in fp32 and the two layouts split the rows into different micro-batches, so the sums
     # agree to fp32 rounding (the per-micro-batch metric means, kl or num_tokens, are weighted by the split: not compared)
@@ -143,6 +144,7 @@ def test_packed_update_equals_padded_for_every_loss_type(loss_type):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.integration
 def test_packed_update_with_checkpointing_and_two_iterations():
     # recomputation in the backward must see the packed attention again; the second iteration uses old log-probs
     m_pad, g_pad = _update(False, "dapo", 2, False)
@@ -153,6 +155,7 @@ def test_packed_update_with_checkpointing_and_two_iterations():
 
 
 @pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.integration
 def test_update_reads_values_to_the_host_a_fixed_number_of_times(monkeypatch, pack):
     # Every read of a computed value (item, tolist, float, int of a float tensor; bool of any tensor) is a device
     # sync on a GPU. The update's reads must not grow with its micro-batches: they happen once per step (host
@@ -213,7 +216,7 @@ def test_packing_refuses_a_non_sdpa_model():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the varlen FlashAttention kernel")
 def test_cuda_packed_bf16_matches_padded_and_uses_varlen():
     from mathgrpo.models import completion_logprobs
-    from mathgrpo.packing import _varlen
+    from mathgrpo.packing import varlen_kernel
 
     model = _tiny_lora_model().to("cuda", torch.bfloat16)
     comp = _completions()
@@ -221,7 +224,7 @@ def test_cuda_packed_bf16_matches_padded_and_uses_varlen():
     with torch.no_grad():
         pad = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5)
         packed = completion_logprobs(model, comp.prompt_ids, comp.completion_ids, chunk_size=5, lengths=lengths)
-    fn, _ = _varlen()
+    fn, _ = varlen_kernel()
     assert fn is not None, "torch.nn.attention.varlen unavailable or wrong: packing fell back to per-row SDPA"
     m = comp.completion_mask.cuda()
     torch.testing.assert_close(packed[m], pad[m], rtol=0, atol=0.05)  # bf16 kernels, different tilings

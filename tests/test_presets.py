@@ -78,8 +78,9 @@ def test_deepscaler_preset_is_a_valid_config_with_the_scripts_numbers():
     assert cfg.data.source == DEEPSCALER_8K["data"]["source"] and set(PRESETS) == {"demo", "notebook", "deepscaler-8k"}
 
 
+@pytest.mark.integration
 def test_train_first_line_names_the_preset(capsys, tiny_model_dir, tmp_path):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     over = tiny_overrides(tiny_model_dir, tmp_path, **{"trainer.max_steps": 1, "model.lora_layers": "null"})
     assert main(["train", "--preset", "demo", *over, "--quiet"]) == 0

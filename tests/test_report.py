@@ -154,7 +154,7 @@ def test_the_clip_plot_reads_the_key_the_trainer_logs():
 @pytest.fixture(scope="module")
 def real_run(tiny_model_dir, tmp_path_factory):
     """A 2-step tiny training run (beta > 0, so the KL is logged): the keys the trainer really writes."""
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     from mathgrpo.config import load_config
     from mathgrpo.trainer import train
@@ -165,6 +165,7 @@ def real_run(tiny_model_dir, tmp_path_factory):
     return train(cfg, quiet=True)
 
 
+@pytest.mark.integration
 def test_the_fabricated_run_uses_only_keys_a_real_run_logs(real_run, tmp_path):
     real = set().union(*read_metrics(real_run))
     _, rows = fabricate_run(tmp_path)
@@ -172,6 +173,7 @@ def test_the_fabricated_run_uses_only_keys_a_real_run_logs(real_run, tmp_path):
     assert fabricated <= real, sorted(fabricated - real)
 
 
+@pytest.mark.integration
 def test_a_real_run_fills_every_plot_and_the_reward_table(real_run):
     from mathgrpo import metrics as M
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mathgrpo.config import ModelConfig
@@ -32,6 +33,7 @@ def _reference_greedy(model, tok, prompts, n, max_new):
     return out
 
 
+@pytest.mark.integration
 def test_merged_copy_samples_like_the_peft_model_and_follows_updates(tiny_model_dir):
     model, tok = _lora_model(tiny_model_dir)
     model.eval()
@@ -55,6 +57,7 @@ def test_merged_copy_samples_like_the_peft_model_and_follows_updates(tiny_model_
         assert comp2.completion_ids[i, :len(row)].tolist() == row
 
 
+@pytest.mark.integration
 def test_unmerged_and_ignore_eos_truncation(tiny_model_dir):
     model, tok = _lora_model(tiny_model_dir)
     r = HFRollout(model, tok, merge_lora=False)

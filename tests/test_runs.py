@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from mathgrpo import checkpoint as ckpt
 from mathgrpo.cli import main
 from mathgrpo.config import ConfigError, load_config
@@ -131,6 +131,7 @@ def test_the_cli_turns_a_file_system_error_into_one_line(monkeypatch, capsys):
 
 # --- resume checks --------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_a_resume_with_other_settings_is_refused_with_the_differences(straight, tiny_model_dir, tmp_path):
     run = _copy(straight, tmp_path)
     before = {p: (run / p).read_bytes() for p in ("config.yaml", "metrics.jsonl")}
@@ -159,6 +160,7 @@ def test_a_resume_with_other_settings_is_refused_with_the_differences(straight, 
     (lambda rows: rows[::-1], "split: the same problems, split or ordered differently"),
     (lambda rows: rows[:30], "data: other problems or golds than the checkpoint's (20 train + 4 test then, 20 + 3 now)"),
 ])
+@pytest.mark.integration
 def test_a_reordered_or_shrunk_data_file_is_refused(straight, tiny_model_dir, tmp_path, change, message):
     run = _copy(straight, tmp_path)
     data = _write(tmp_path / "d2.jsonl", change(_rows()))
@@ -169,6 +171,7 @@ def test_a_reordered_or_shrunk_data_file_is_refused(straight, tiny_model_dir, tm
     assert message in str(e.value) and "data.source" not in str(e.value)
 
 
+@pytest.mark.integration
 def test_resume_changing_max_steps_skips_a_damaged_checkpoint_and_records_the_change(
         straight, tiny_model_dir, tmp_path, caplog):
     run = _copy(straight, tmp_path)
@@ -197,6 +200,7 @@ def test_resume_changing_max_steps_skips_a_damaged_checkpoint_and_records_the_ch
     assert ckpt.verify(run / "checkpoints" / "checkpoint-4") is None
 
 
+@pytest.mark.integration
 def test_damaged_checkpoints_are_named_with_the_reason(straight, tmp_path, caplog):
     run = _copy(straight, tmp_path)
     c1, c2, c3 = ckpt.list_checkpoints(run)
@@ -226,6 +230,7 @@ def test_a_damaged_metrics_line_before_the_last_names_file_and_line(tmp_path):
 
 # --- faults during the run ------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_an_error_in_a_reward_at_step_2_saves_then_resumes_exactly(straight, tiny_model_dir, tmp_path, monkeypatch,
                                                                    caplog):
     opts = {"trainer.save_steps": 10}  # no periodic checkpoint before the failure: what is there, the error saved
@@ -247,6 +252,7 @@ def test_an_error_in_a_reward_at_step_2_saves_then_resumes_exactly(straight, tin
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_an_error_after_the_update_saves_that_step(straight, tiny_model_dir, tmp_path, caplog):
     def callback(step, metrics):
         if step == 2:
@@ -262,6 +268,7 @@ def test_an_error_after_the_update_saves_that_step(straight, tiny_model_dir, tmp
     assert "step 2 failed (RuntimeError); saved checkpoint" in caplog.text
 
 
+@pytest.mark.integration
 def test_a_full_disk_at_checkpoint_time_keeps_the_previous_one(tiny_model_dir, tmp_path, monkeypatch, capsys):
     real_save = torch.save
 

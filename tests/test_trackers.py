@@ -42,7 +42,7 @@ def offline(monkeypatch, tmp_path):
 
 
 def _train(model_dir: str, out: Path, report_to: str, **extra):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     from mathgrpo.trainer import train
 
@@ -87,6 +87,7 @@ def _key(item) -> str:
 
 
 @needs["wandb"]
+@pytest.mark.integration
 def test_wandb_offline_gets_name_config_and_every_metric(tiny_model_dir, offline):
     run, rows = _train(tiny_model_dir, offline / "out", "[wandb]", **{"trainer.tracker_run_name": "my-run"})
     state = json.loads((run / "trackers.json").read_text())["wandb"]
@@ -110,6 +111,7 @@ def test_wandb_offline_gets_name_config_and_every_metric(tiny_model_dir, offline
 
 
 @needs["mlflow"]
+@pytest.mark.integration
 def test_mlflow_file_store_gets_name_config_and_every_metric(tiny_model_dir, offline):
     from mlflow.tracking import MlflowClient
 
@@ -159,6 +161,7 @@ def test_resume_continues_the_same_tracker_run(offline, monkeypatch):
 
 
 @needs["trackio"]
+@pytest.mark.integration
 def test_trackio_local_gets_name_config_and_every_metric(tiny_model_dir, offline):
     run, rows = _train(tiny_model_dir, offline / "out", "[trackio]")
     from trackio.sqlite_storage import SQLiteStorage
@@ -199,6 +202,7 @@ def test_tensorboard_through_report_to(tmp_path):
 
 
 @needs["mlflow"]
+@pytest.mark.integration
 def test_trl_door_reports_trl_logs_to_the_tracker(tiny_model_dir, offline):
     """report_to='mlflow', run_name='exp': TRL's metric names at its logging steps, eval_x as eval/x, TRL's
     options in the params; evaluate() after train() continues the same tracker run."""

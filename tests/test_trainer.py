@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from mathgrpo.config import load_config
 from mathgrpo.trainer import Sampler, microbatches, train
 
@@ -31,6 +31,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.integration
 def test_three_steps_write_metrics_checkpoints_and_adapter(tiny_model_dir, tmp_path):
     run = train(_cfg(tiny_model_dir, tmp_path, **{"grpo.beta": 0.04}), quiet=True)
     rows = _metrics(run)
@@ -50,6 +51,7 @@ def test_three_steps_write_metrics_checkpoints_and_adapter(tiny_model_dir, tmp_p
     assert {c["step"] for c in comp} == {1, 2, 3} and len(comp) == 3 * 8
 
 
+@pytest.mark.integration
 def test_a_callback_returning_true_stops_with_a_checkpoint(tiny_model_dir, tmp_path):
     seen = []
 
@@ -65,6 +67,7 @@ def test_a_callback_returning_true_stops_with_a_checkpoint(tiny_model_dir, tmp_p
     assert all(c["length"] >= 0 and isinstance(c["truncated"], bool) for c in comp)
 
 
+@pytest.mark.integration
 def test_keep_last_k_checkpoints(tiny_model_dir, tmp_path):
     run = train(_cfg(tiny_model_dir, tmp_path, **{"trainer.max_steps": 4, "trainer.save_steps": 1,
                                                     "trainer.save_total_limit": 2}), quiet=True)
@@ -73,6 +76,7 @@ def test_keep_last_k_checkpoints(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("extra", [{"grpo.beta": 0.04, "model.lora_dropout": 0.1},
                                    {"grpo.num_iterations": 2, "grpo.loss_type": "dapo"}])
+@pytest.mark.integration
 def test_resume_repeats_the_straight_run_exactly(tiny_model_dir, tmp_path, extra):
     opts = {"trainer.max_steps": 4, "trainer.save_steps": 2, **extra}
     straight = train(_cfg(tiny_model_dir, tmp_path / "a", **opts), quiet=True)

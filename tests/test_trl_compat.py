@@ -119,6 +119,7 @@ def trl_run(tiny_model_dir, tmp_path_factory):
         mp.undo()
 
 
+@pytest.mark.integration
 def test_trl_script_runs_with_only_the_import_changed(trl_run):
     out, ns, stdout, warned = trl_run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -135,6 +136,7 @@ def test_trl_script_runs_with_only_the_import_changed(trl_run):
     assert trainer.cfg.model.lora_target_modules == ["q_proj", "v_proj"] and trainer.cfg.model.lora_r == 4
 
 
+@pytest.mark.integration
 def test_reward_functions_get_trl_keyword_arguments(trl_run):
     out, ns, _, _ = trl_run
     seen, df = ns["seen"], ns["df"]
@@ -156,6 +158,7 @@ def test_reward_functions_get_trl_keyword_arguments(trl_run):
     assert steps[0] is steps[-1]  # the live TrainerState, as in TRL
 
 
+@pytest.mark.integration
 def test_printer_callback_receives_the_logs(trl_run):
     out, ns, stdout, _ = trl_run
     printed = [line for line in stdout.splitlines() if line.startswith("{")]
@@ -172,6 +175,7 @@ def test_printer_callback_receives_the_logs(trl_run):
         assert h["epoch"] == pytest.approx(m["step"] / 5, abs=1e-4)  # 1 prompt a step, 5 prompts
 
 
+@pytest.mark.integration
 def test_checkpoints_in_trl_layout_load_with_peft(trl_run, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -289,6 +293,7 @@ def test_loss_options_map_without_warnings(loss_type):
     assert GRPOConfig(max_steps=1, bf16=False).to_mathgrpo_config(on_cuda=False).grpo.use_bias_correction_kl
 
 
+@pytest.mark.integration
 def test_disable_dropout_is_honoured(tiny_model_dir, tmp_path):
     from datasets import Dataset
     from peft import LoraConfig
@@ -320,6 +325,7 @@ def _tiny_trainer(model_dir, out, dataset, rewards, **args):
                        peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
 
 
+@pytest.mark.integration
 def test_chat_message_prompts(tiny_model_dir, tmp_path):
     from datasets import Dataset
 
@@ -366,6 +372,7 @@ def test_chat_message_prompts(tiny_model_dir, tmp_path):
     assert rec.logs[0]["my_metric"] == 1.5 and "train_runtime" in rec.logs[1]
 
 
+@pytest.mark.integration
 def test_a_peft_model_is_trained_as_given(trl_run, tiny_model_dir, tmp_path):
     from datasets import Dataset
     from peft import PeftModel
@@ -390,6 +397,7 @@ def test_a_peft_model_is_trained_as_given(trl_run, tiny_model_dir, tmp_path):
             assert torch.equal(p, base_before[n]), n  # the base stays frozen
 
 
+@pytest.mark.integration
 def test_reward_models_and_bad_datasets_are_refused(tiny_model_dir, tmp_path):
     from datasets import Dataset
 
@@ -407,6 +415,7 @@ def test_reward_models_and_bad_datasets_are_refused(tiny_model_dir, tmp_path):
                     peft_config=LoraConfig(target_modules=["nope"]))
 
 
+@pytest.mark.integration
 def test_resume_and_fresh_rerun(tiny_model_dir, tmp_path):
     from datasets import Dataset
 
@@ -435,6 +444,7 @@ def test_resume_and_fresh_rerun(tiny_model_dir, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.integration
 def test_evaluate_averages_rewards(tiny_model_dir, tmp_path):
     from datasets import Dataset
 
@@ -451,6 +461,7 @@ def test_evaluate_averages_rewards(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_model_loaded_from_gguf_trains(tmp_path):
     """TRL refuses a model loaded from a GGUF file for training; its weights are dequantised, so mathgrpo trains it."""
     from datasets import Dataset
@@ -512,6 +523,7 @@ def test_report_to_a_missing_library_fails_before_the_model_loads(tmp_path, monk
                     args=GRPOConfig(output_dir=str(tmp_path), max_steps=1, report_to="wandb"))
 
 
+@pytest.mark.integration
 def test_peft_rule_for_target_modules(tiny_model_dir, tmp_path):
     """Names matching no layer pass while one matches (a warning names both, as scripts for several
     architectures list `dense` beside `q_proj`); none matching is an error; the native config stays strict."""

@@ -38,6 +38,7 @@ def test_soft_overlong_punishment_equals_trls():
                                overlong_buffer=20) == [0.0, -0.5, -1.0]
 
 
+@pytest.mark.integration
 def test_a_trl_script_with_the_dapo_options_runs(tiny_model_dir, tmp_path):
     from datasets import Dataset
     from peft import LoraConfig

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from mathgrpo import trainer as T
 from mathgrpo import update as U
 from mathgrpo.config import load_config
@@ -98,6 +98,7 @@ def test_second_iteration_equals_a_naive_clipped_update(tiny_model_dir, base_mod
     assert metrics["num_tokens"] == mask.sum().item()
 
 
+@pytest.mark.integration
 def test_the_loop_groups_advantages_by_prompt_and_logs_the_kl_to_the_base_model(tiny_model_dir, base_model, tmp_path,
                                                                              monkeypatch):
     """Through `train`: each step's advantages are its rewards normalised within groups of rows that share a prompt,

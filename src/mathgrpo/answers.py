@@ -315,3 +315,14 @@ def is_equivalent_lenient(pred: str | None, gold: str | None, timeout: float = 2
         return False
     value = lenient_value(pred)
     return value != normalize_answer(str(pred)) and is_equivalent(value, gold, timeout)
+
+
+def clear_caches() -> None:
+    """Forget the memoised normalisations and equivalence checks (benchmarks.rewards times cold runs)."""
+    _equivalent_normalized.cache_clear()
+    normalize_answer.cache_clear()
+
+
+def checked_pairs() -> int:
+    """Distinct (prediction, gold) pairs in the equivalence cache: those that needed more than a string compare."""
+    return _equivalent_normalized.cache_info().currsize

@@ -6,6 +6,7 @@
     mathgrpo data inspect SOURCE [overrides]
     mathgrpo config show [cfg.yaml] [overrides]     |   mathgrpo config reference
     mathgrpo merge RUN_DIR OUT_DIR
+    mathgrpo plan  [cfg.yaml] [overrides] [--gpu-memory 16GiB | --device-name T4]   # the memory plan, no training
 
 With no arguments at all, `train` and `eval` use preset `demo` (SmolLM2-135M, built-in arithmetic, CPU) and say so;
 `--preset NAME` picks a preset; a config file or overrides alone start from the documented defaults (presets.py).
@@ -103,6 +104,26 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """The memory plan `train` would make (memory_plan.py), for this machine's GPU or a named card."""
+    import torch
+
+    from .loading import pick_device
+    from .memory_plan import describe, named_card, parse_size, plan_run
+
+    res = _resolved(args)
+    print(res.origin())
+    if args.gpu_memory or args.device_name:
+        free, bf16 = named_card(args.device_name) if args.device_name else (None, True)
+        free = parse_size(args.gpu_memory) if args.gpu_memory else free
+        card = args.device_name or f"a card with {args.gpu_memory} free"
+        cfg, plan = plan_run(res.config, torch.device("cuda"), args.ranks, free=free, card=card, bf16=bf16)
+    else:
+        cfg, plan = plan_run(res.config, pick_device(res.config.model), args.ranks)
+    print(describe(cfg, plan, res.sources) + ("" if plan else " (--gpu-memory SIZE or --device-name CARD plans for a GPU)"))
+    return 0
+
+
 def cmd_merge(args) -> int:
     from pathlib import Path
 
@@ -159,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("items", nargs="*", help="[config.yaml] [section.key=value ...]")
     c.add_argument("--preset", default=None, help=_PRESET_HELP)
     c.set_defaults(fn=cmd_config)
+
+    pl = sub.add_parser("plan", help="the memory plan of a run (KV cache rows, micro-batch budget, checkpointing, "
+                                     "...) and its estimated peak per phase, for this GPU or a named card")
+    pl.add_argument("items", nargs="*", help="[config.yaml] [section.key=value ...]")
+    pl.add_argument("--preset", default=None, help=_PRESET_HELP)
+    pl.add_argument("--gpu-memory", default=None, metavar="SIZE", help="plan for a card with this much free memory "
+                    "(e.g. 16GiB)")
+    pl.add_argument("--device-name", default=None, metavar="CARD",
+                    help="plan for a named card: T4, P100, V100, L4, A10G, RTX3090, RTX4090, A100-40, A100, H100, H200")
+    pl.add_argument("--ranks", type=int, default=1, help="GPUs the step is spread over (torchrun)")
+    pl.set_defaults(fn=cmd_plan)
 
     m = sub.add_parser("merge", help="merge a run's LoRA adapter into the base model for deployment")
     m.add_argument("run_dir")

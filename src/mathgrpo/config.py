@@ -21,6 +21,7 @@ import yaml
 from . import settings
 from .settings import ConfigError, parse_overrides, setting  # noqa: F401  (ConfigError, parse_overrides: the config's API)
 
+AUTO = "auto"  # a planned key's default: memory_plan.py picks its value from the card's memory before step 1
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -43,8 +44,9 @@ class ModelConfig:
         "short names of the linear layers to adapt; a name matching nothing is an error")
     lora_layers: int | None = setting(None,
         "adapt only the last N transformer layers (None: all); backward stops there")
-    gradient_checkpointing: bool = setting(False,
-        "recompute activations in the backward pass: less memory, ~30% more update time")
+    gradient_checkpointing: bool | Literal["auto"] = setting("auto",
+        "recompute activations in the backward pass: less memory, ~30% more update time. auto: the memory plan "
+        "turns it on where the update would not fit without it (`mathgrpo plan`; off on CPU)")
     fuse_kernels: bool = setting(False,
         "liger-kernel's fused RMSNorm/SwiGLU/RoPE in the update (CUDA only; 1.5B update on an H200: 3.30 -> 2.65 s)")
     trust_remote_code: bool = setting(False, "allow model code from the hub (off: only transformers architectures)")
@@ -117,17 +119,20 @@ class GenerationConfig:
         "transformers' repetition penalty (> 1 discourages repeating prompt or completion tokens; 1 = off); the hf "
         "backend applies it (backend auto then picks hf)")
     stop_strings: list[str] = setting([], "a completion ends after any of these strings (besides EOS)")
-    max_batch: int = setting(256, "completions generated at once at most")
+    max_batch: int | Literal["auto"] = setting("auto",
+        "completions generated at once at most (the KV cache's rows). auto: the memory plan's (all of a step's rows "
+        "where the cache fits; 256 on CPU)")
     lora_merge: Literal["copy", "in_place", "none"] = setting("copy",
         "LoRA at sampling time: copy (a merged copy of adapted weights: fastest, +memory) | in_place (fast backend: "
         "merged into the base weights while sampling, restored from a host copy: no GPU copy) | none (base + "
         "low-rank deltas; the hf backend samples through peft's unmerged layers with in_place or none)")
     fuse_weights: bool = setting(False,
         "fast backend: also keep fused q/k/v and gate/up weight copies (+12% tok/s, +memory)")
-    release_memory: bool | None = setting(None,
+    release_memory: bool | Literal["auto"] | None = setting("auto",
         "fast backend: free the KV cache and the owned (LoRA-merged / dequantised) weight copy before each "
-        "update (lower peak; re-allocated and refilled for the next rollout); null = on for a 4/8-bit base, "
-        "whose owned copy is a dequantised one larger than the base, off otherwise")
+        "update (lower peak; re-allocated and refilled for the next rollout). auto (or null): on for a 4/8-bit base, "
+        "whose owned copy is a dequantised one larger than the base; otherwise the memory plan's (on where the "
+        "update would not fit beside them; off on CPU)")
     decode_attention: Literal["auto", "triton", "sdpa"] = setting("auto",
         "fast backend decode attention: auto (Triton kernels on CUDA when Triton is installed, else sdpa) | triton | "
         "sdpa")
@@ -197,8 +202,11 @@ class TrainerConfig:
     lr_scheduler: Literal["constant", "linear", "cosine"] = setting("linear", "constant | linear | cosine")
     warmup_steps: int = setting(0, "linear warm-up steps before the schedule")
     max_grad_norm: float = setting(1.0, "gradient clipping by global norm (0 = off)")
-    max_tokens_per_microbatch: int = setting(16384, "update micro-batches are cut by token count")
-    logprob_chunk_size: int = setting(1024, "tokens per chunk in the log-prob computation")
+    max_tokens_per_microbatch: int | Literal["auto"] = setting("auto",
+        "update micro-batches are cut by token count (rows x longest row; at least one row). auto: the memory "
+        "plan's (the largest of 16384, 8192, ... down to one row that fits; 16384 on CPU)")
+    logprob_chunk_size: int | Literal["auto"] = setting("auto",
+        "tokens per chunk in the log-prob computation. auto: the memory plan's (1024, 512 or 256; 1024 on CPU)")
     seed: int = setting(42, "seeds the split, problem order, sampling and LoRA init; a run is reproducible from it")
     logging_steps: int = setting(10, "progress-bar summary line every N steps (metrics.jsonl gets every step)")
     save_steps: int = setting(10, "checkpoint every N steps (and at the end, and on Ctrl-C/SIGTERM)")

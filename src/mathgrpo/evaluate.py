@@ -30,6 +30,7 @@ from .answers import extract_boxed
 from .config import Config, load_config, max_new_tokens_at
 from .documents import markdown_table, table_cells
 from .eval_stats import bootstrap_ci, majority_vote, pass_at_k
+from .memory_plan import value
 from .modelinfo import is_peft
 from .registry import lookup
 from .rewards import final_answer
@@ -103,7 +104,7 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     # Batches of generation.max_batch completions; batch b always gets seed eval.seed + b (+ a rank offset).
     world = world or SINGLE
     mine = shard(prompt_ids, world.rank, world.size)  # contiguous: gathering in rank order restores the order
-    per_call = max(1, cfg.generation.max_batch // k)
+    per_call = max(1, value(cfg.generation.max_batch, "generation.max_batch") // k)
     rows: list[tuple] = []  # (text, truncated, length, completion ids) per completion, problem-major
     t0 = time.perf_counter()
     bar = progress_bar(len(mine), f"eval {label}", "problems", world.is_main)

@@ -17,6 +17,7 @@ import torch
 
 from .config import ModelConfig
 from .files import step_dirs
+from .memory_plan import value
 from .loading import load_base, load_tokenizer, pick_device, pick_dtype, say
 from .modelinfo import (SHARDED_LOGPROBS, ModelError, backbone_and_head, base_model,  # noqa: F401 (re-exported)
                         compute_context, fusable_lora_classes, is_quantized_linear)
@@ -123,7 +124,7 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
         model = add_lora(model, cfg)
     elif trainable:
         model.requires_grad_(True)
-    if trainable and cfg.gradient_checkpointing:
+    if trainable and value(cfg.gradient_checkpointing, "model.gradient_checkpointing"):
         # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
         # backward compute a useless gradient for the embedding output).
         enable_checkpointing(model, keep_layers=cfg.gradient_checkpointing_keep_layers)

@@ -203,15 +203,19 @@ def _varlen_kwargs(fn) -> dict | None:
     return kw
 
 
-def _call_varlen(fn, kw, q, k, v, cu, max_len, scale):  # q [S, H, D], k/v [S, Hkv, D] -> [S, H, D]
+def call_varlen(fn, kw, q, k, v, cu, max_len, scale):  # q [S, H, D], k/v [S, Hkv, D] -> [S, H, D]
+    """Causal varlen attention over the documents of cu (cumulative lengths, int32 [docs + 1]) with the kernel
+    and keywords varlen_kernel() returned; K/V heads repeated where the kernel has no GQA. Public for
+    benchmarks.update --attention, which times the kernel alone."""
     if not kw.get("enable_gqa") and k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     return fn(q, k, v, cu, cu, max_len, max_len, scale=scale, **kw)
 
 
-def _varlen():
-    """PyTorch's varlen FlashAttention, checked once against per-row SDPA; None where absent or wrong."""
+def varlen_kernel():
+    """PyTorch's varlen FlashAttention, checked once against per-row SDPA: (kernel, its causal/GQA keywords), or
+    (None, kw) where absent or wrong (packing then uses per-row SDPA)."""
     if "fn" in _VARLEN:
         return _VARLEN["fn"], _VARLEN["kw"]
     fn, kw = None, None
@@ -224,7 +228,7 @@ def _varlen():
             q = torch.randn(200, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g)
             k, v = (torch.randn(200, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
             cu = [0, 37, 150, 200]
-            got = _call_varlen(varlen_attn, kw, q, k, v, torch.tensor(cu, device="cuda", dtype=torch.int32), 113, None)
+            got = call_varlen(varlen_attn, kw, q, k, v, torch.tensor(cu, device="cuda", dtype=torch.int32), 113, None)
             want = _segment_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, None).transpose(0, 1)
             err = (got.float() - want.float()).abs().max().item()
             if err < 2e-2:
@@ -279,7 +283,7 @@ def rows_layout(row_lengths: tuple[int, ...], device: torch.device) -> dict:
                                                            to_device(torch.tensor(place), device))}
 
 
-def _batched_attention(module, query, key, value, rows: tuple[int, int], pad, scaling):
+def batched_attention(module, query, key, value, rows: tuple[int, int], pad, scaling):
     """The packed rows as a [B, h, L_max, D] batch through transformers' sdpa (causal, no mask), back to [S, H, D]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -311,12 +315,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         raise ValueError(f"packed attention: needs one packed sequence and no attention dropout "
                          f"(got batch {query.shape[0]}, dropout {dropout})")
     if "mathgrpo_rows" in kwargs:
-        return _batched_attention(module, query, key, value, kwargs["mathgrpo_rows"], kwargs.get("mathgrpo_pad"),
+        return batched_attention(module, query, key, value, kwargs["mathgrpo_rows"], kwargs.get("mathgrpo_pad"),
                                   scaling)[None], None
-    fn, kw = _varlen() if query.is_cuda else (None, None)
+    fn, kw = varlen_kernel() if query.is_cuda else (None, None)
     if fn is not None:
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [S, H, D]
-        out = _call_varlen(fn, kw, q, k, v, cu, int(kwargs["max_length_q"]), scaling)  # [S, H, D]
+        out = call_varlen(fn, kw, q, k, v, cu, int(kwargs["max_length_q"]), scaling)  # [S, H, D]
     else:
         out = _segment_attention(query[0], key[0], value[0], cu.tolist(), scaling).transpose(0, 1)  # [S, H, D]
     return out[None], None

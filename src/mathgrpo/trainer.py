@@ -42,7 +42,9 @@ from .files import read_jsonl
 from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
 from .advantages import group_advantages, unscorable_as_nan, zero_std_fraction
-from .models import Reference, load_model
+from .loading import pick_device, say
+from .memory_plan import describe, plan_run, shape_from_config
+from .models import Reference, enable_checkpointing, load_model
 from .prompts import PromptBuilder
 from .scoring import RewardSet
 from .rollout import make_rollout
@@ -191,12 +193,19 @@ def setup_run(cfg: Config, world: World, quiet: bool, *, model=None, tokenizer=N
     The order is part of the seeding: the model is loaded right after seed_everything."""
     world.share(cfg.trainer.prompts_per_step)  # a global batch that does not split fails before any work
     data = data or load_problems(cfg.data, seed=cfg.trainer.seed)  # (bad data: no run folder is made)
+    device = pick_device(replace(cfg.model, device=world.model_device(cfg.model.device)))
+    shape = shape_from_config(getattr(model.config, "text_config", model.config)) if model is not None else None
+    cfg, plan = plan_run(cfg, device, world.size, shape=shape)
+    if world.is_main:  # (a plan that does not fit has raised: no run folder is made)
+        say(describe(cfg, plan))
     run_dir, resume_from = world.broadcast_object(make_run_dir(cfg) if world.is_main else None)
     depends = runs.fingerprints(data)  # checked on resume before any model is loaded
     changes = runs.check_resume(resume_from, cfg, depends) if resume_from is not None else {}
     seed_everything(cfg.trainer.seed)
     if model is None:
         model, tokenizer = load_model(replace(cfg.model, device=world.model_device(cfg.model.device)), trainable=True)
+    elif plan and plan.choice.checkpointing and "model.gradient_checkpointing" in plan.planned:
+        enable_checkpointing(model, keep_layers=cfg.model.gradient_checkpointing_keep_layers)  # the caller's model
     if world.is_main:
         (run_dir / "data_report.txt").write_text(data.report + "\n")
     funcs = reward_funcs or cfg.rewards.functions

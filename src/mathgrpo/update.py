@@ -15,11 +15,12 @@ import math
 import torch
 
 from . import metrics as M
-from .config import Config
+from .config import AUTO, Config
 from .distributed import SINGLE, World
 from .fsdp import is_sharded
 from .correction import mismatch_stats, sampler_weights
 from .loss import LOSS_TYPES, LossParams, batch_ids, effective_mask, entropy_threshold, grpo_loss, token_means
+from .memory_plan import value
 from .modelinfo import is_quantized
 from .models import Reference, completion_logprobs
 from .packing import packed_microbatches, to_device
@@ -79,7 +80,7 @@ class _Plan:
     counts (loss.py's accumulation contract), and per row bnpo's denominator and the entropy quantile's pool."""
 
     def __init__(self, comp: Completions, eff: torch.Tensor, lengths: list[int], cfg: Config, world: World,
-                 loss_type: str, sharded: bool):
+                 loss_type: str, sharded: bool, budget: int):
         g, t = cfg.grpo, cfg.trainer
         n = eff.shape[0]
         split = packed_microbatches if t.pack_sequences else microbatches
@@ -91,7 +92,7 @@ class _Plan:
         self.row_norm = torch.zeros(n) if kind.row_norms else None  # [N]
         self.pool = torch.zeros(n, dtype=torch.long)  # [N] entropy pool, numbered within its step
         for rows in minibatch_rows(n, g.mini_batches):
-            local = split([len(comp.prompt_ids[i]) + lengths[i] for i in rows], t.max_tokens_per_microbatch)
+            local = split([len(comp.prompt_ids[i]) + lengths[i] for i in rows], budget)
             groups = [[rows[i] for i in grp] for grp in local]
             if sharded:  # every FSDP2 forward and backward is a collective: equal micro-batch counts on every rank
                 groups = world.match_microbatches(groups)
@@ -134,8 +135,10 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     lengths = [int(n) for n in mask.sum(1).tolist()]
     loss_params = LossParams.from_config(cfg)
     eff = effective_mask(mask, truncated, loss_params.mask_truncated)  # [N, T]
+    budget = value(t.max_tokens_per_microbatch, "trainer.max_tokens_per_microbatch")
+    chunk = value(t.logprob_chunk_size, "trainer.logprob_chunk_size")
     sharded = is_sharded(model)
-    plan = _Plan(comp, eff, lengths, cfg, world, loss_params.loss_type, sharded)
+    plan = _Plan(comp, eff, lengths, cfg, world, loss_params.loss_type, sharded, budget)
     groups, widths = plan.groups, plan.widths
     inputs = [dict(advantages=to_device(adv_host[rows], device), mask=to_device(mask[rows, :w], device),
                    truncated=to_device(truncated[rows], device),
@@ -147,7 +150,7 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     def logp_of(m, k: int, with_entropy: bool | str = False):  # [len(rows), T_rows] (and entropy, same shape)
         rows = groups[k]
         return completion_logprobs(m, [comp.prompt_ids[i] for i in rows], ids[rows, :widths[k]],
-                                   chunk_size=t.logprob_chunk_size, temperature=max(cfg.generation.temperature, 1e-6),
+                                   chunk_size=chunk, temperature=max(cfg.generation.temperature, 1e-6),
                                    with_entropy=with_entropy,
                                    lengths=[lengths[i] for i in rows] if t.pack_sequences else None)
 
@@ -276,7 +279,7 @@ def release_memory(cfg: Config, model) -> bool:
     on the H200 for ~0.1 s per step: 35 ms in the update, 60 ms in the next generate, a graph re-capture included,
     docs/benchmarks.md), off otherwise."""
     on = cfg.generation.release_memory
-    return is_quantized(model) if on is None else on
+    return is_quantized(model) if on in (None, AUTO) else on
 
 
 def update_stage(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor, cfg: Config,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..memory_plan import value
 from ..registry import lookup
 from .base import Completions, Rollout, SamplingConfig
 from .fast_weights import UnsupportedModel
@@ -17,15 +18,19 @@ from .hf import HFRollout
 def _fast(model, tokenizer, gen_cfg):
     from .fast import FastRollout  # CUDA-graph engine; imported lazily
 
-    return FastRollout(model, tokenizer, max_batch=gen_cfg.max_batch, fuse_weights=gen_cfg.fuse_weights,
+    return FastRollout(model, tokenizer, max_batch=_max_batch(gen_cfg), fuse_weights=gen_cfg.fuse_weights,
                        lora_merge=gen_cfg.lora_merge, attention=gen_cfg.decode_attention)
+
+
+def _max_batch(gen_cfg) -> int:
+    return value(gen_cfg.max_batch, "generation.max_batch")
 
 
 # name -> factory(model, tokenizer, generation config)
 BACKENDS: dict[str, Callable] = {
-    "hf": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=gen_cfg.max_batch,
+    "hf": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=_max_batch(gen_cfg),
                                                 merge_lora=gen_cfg.lora_merge == "copy"),
-    "hf_unmerged": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=gen_cfg.max_batch, merge_lora=False),
+    "hf_unmerged": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=_max_batch(gen_cfg), merge_lora=False),
     "fast": _fast,
 }
 

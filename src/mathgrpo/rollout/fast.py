@@ -118,7 +118,10 @@ class FastRollout:
         # The sdpa path captures one graph per (batch, length bucket): shrinking batches would multiply them.
         self.compact = compact and (not self.graphs or self.attention == "triton")
         self.compactions = 0  # times a batch shrank (finished rows dropped)
-        self.slot_rows = slice(None)  # the row each decode slot holds in the batch being decoded
+        # Public hook for benchmarks and experiments: hook(logits [n, V], rows, step), called before each draw of a
+        # batch with the logits of its n decode slots (edit them in place), the batch row each slot holds (a slice
+        # of all rows until finished rows leave, then an index tensor [n]) and the token index. None: no call.
+        self.logits_hook = None
         self._side = None  # one side stream for every graph capture (each new stream gets its own cuBLAS workspace)
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
         compile_ = self.graphs if compile_pointwise is None else compile_pointwise
@@ -140,7 +143,7 @@ class FastRollout:
         with torch.inference_mode():
             self.w = extract(model, self.dtype, self.device, self.fuse, self.lora_merge)
         self._ptrs = param_pointers(model)
-        self._drop_graphs()  # owned buffers moved: captured graphs point at the old ones
+        self.drop_graphs()  # owned buffers moved: captured graphs point at the old ones
         self._rope_len = 0
 
     def sync_weights(self, model) -> None:
@@ -191,14 +194,15 @@ class FastRollout:
                 refill(self.w)
         ptrs = (self.k_cache.data_ptr(), self.v_cache.data_ptr(), *owned_pointers(self.w))
         if ptrs != self._graph_kv:
-            self._drop_graphs()
+            self.drop_graphs()
             self._graph_kv = ptrs
         if self._rope_len < self._cache_len:
             self.cos, self.sin = rope_table(self._decoder, self._cache_len, self.w.dtype, self.device)
             self._rope_len = self._cache_len
-            self._drop_graphs()
+            self.drop_graphs()
 
-    def _drop_graphs(self) -> None:
+    def drop_graphs(self) -> None:
+        """Forget the captured CUDA graphs (the next generate captures new ones); the KV cache stays."""
         # A pool whose graphs are all gone is freed by PyTorch: later captures need a new one.
         self._graph_map.clear()
         self._pool = None
@@ -212,7 +216,7 @@ class FastRollout:
         if weights:
             release_owned(self.w)
         if graphs:
-            self._drop_graphs()
+            self.drop_graphs()
             for name in ("_logits", "_tok", "_pos", "_pad", "_col"):
                 self.__dict__.pop(name, None)
             self._cache_rows = self._cache_len = 0
@@ -302,8 +306,9 @@ class FastRollout:
         out_lp = torch.zeros((rows, s.max_new_tokens), dtype=torch.float32, device=self.device)
         done = torch.zeros(rows, dtype=torch.bool, device=self.device)  # [rows], by row
         live, n, checked = slice(None), rows, 0  # live: the row of each slot (all rows, in order, until compacted)
-        self.slot_rows = live  # benchmarks/step.py forces lengths per row with it
         for i in range(s.max_new_tokens):
+            if self.logits_hook is not None:
+                self.logits_hook(self._logits[:n], live, i)
             tok, lp = sample(self._logits[:n], s, gen, self._pick, self._draw)
             if eos.numel():
                 fin = done[live]  # [n]: finished rows still in a slot emit padding
@@ -322,14 +327,36 @@ class FastRollout:
                     break
                 if self.compact and self._slots(keep.numel()) < slots:
                     n, slots = keep.numel(), self._compact(keep, width + i)
-                    live = self.slot_rows = (torch.arange(rows, device=self.device) if isinstance(live, slice)
-                                             else live)[keep]
+                    live = (torch.arange(rows, device=self.device) if isinstance(live, slice) else live)[keep]
                     tok, lens = tok[keep], lens[keep]
             self._tok[:n] = tok
             torch.add(lens, i, out=self._pos[:n])  # token i sits at position len + i
             self._col.fill_(width + i)
             self._decode(slots, self._cols(width + i + 1))
         return out_tok[:, :i + 1], out_lp[:, :i + 1]
+
+    def decode_loop_step(self, rows: int, context: int):
+        """For benchmarks (benchmarks.decode): one step of the decode loop (draw from the logits, then one decode
+        step) for `rows` rows at `context` filled cache columns, the cache filled with random K/V (as costly to
+        read as real K/V). Returns the step as a function of no arguments, to call repeatedly and time."""
+        slots = self._slots(rows)
+        self._ensure(slots, context + 1)
+        for c in (self.k_cache, self.v_cache):
+            for layer in c:
+                layer.normal_()
+        self._pad.fill_(self._unused_pad())
+        self._pad[:rows] = 0
+        self._tok.random_(0, self.w.embed.shape[0])
+        self._pos.fill_(context - 1)
+        self._col.fill_(context - 1)
+        s, gen = SamplingConfig(temperature=1.0), torch.Generator(self.device).manual_seed(0)
+        n_cols = self._cols(context)
+
+        def step() -> None:
+            self._tok[:rows] = sample(self._logits[:rows], s, gen, self._pick, self._draw)[0]
+            self._decode(slots, n_cols)
+
+        return step
 
     def _unused_pad(self) -> int:
         return self._cache_len if self.attention == "triton" else 0
