@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mathgrpo import lmhead
-from mathgrpo.loss import LOSS_NORMALIZERS, _ChunkedTokenLogprobs, chunked_token_logprobs, grpo_loss
+from mathgrpo.loss import LOSS_TYPES, _ChunkedTokenLogprobs, chunked_token_logprobs, grpo_loss
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -94,7 +94,7 @@ def test_fused_is_what_chunked_token_logprobs_runs(interpreted, monkeypatch):
     assert not lmhead.enabled(h.double(), w.double())  # fp64 references keep the plain path
 
 
-@pytest.mark.parametrize("loss_type", sorted(LOSS_NORMALIZERS))
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
 def test_loss_and_gradient_equal_for_every_loss_type(interpreted, loss_type):
     h, w, b, ids = _inputs(11, n_rows=4, width=6, bias=False)
     g = torch.Generator().manual_seed(5)

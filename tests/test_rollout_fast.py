@@ -212,16 +212,21 @@ def _reference_probs(logits: torch.Tensor, t: float, k: int, p: float) -> torch.
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("t,k,p", [(0.7, 0, 1.0), (1.0, 3, 1.0), (1.3, 0, 0.8), (1.0, 5, 0.6)])
-def test_sampler_distribution(t, k, p, device):
+@pytest.mark.parametrize("t,k,p,min_p", [(0.7, 0, 1.0, 0.0), (1.0, 3, 1.0, 0.0), (1.3, 0, 0.8, 0.0),
+                                         (1.0, 5, 0.6, 0.0), (1.0, 0, 1.0, 0.2), (0.7, 6, 0.9, 0.2)])
+def test_sampler_distribution(t, k, p, min_p, device):
     torch.manual_seed(0)
     logits = (torch.randn(8) * 1.5).to(device)
     n = 60000
     g = torch.Generator(device).manual_seed(1)
     pick_fn = compiled_pick() if device == "cuda" else pick  # the engine compiles it on CUDA
-    tok, lp = sample(logits.expand(n, 8), SamplingConfig(temperature=t, top_k=k, top_p=p), g, pick_fn)
+    tok, lp = sample(logits.expand(n, 8), SamplingConfig(temperature=t, top_k=k, top_p=p, min_p=min_p), g, pick_fn)
     freq = torch.bincount(tok, minlength=8).double().cpu() / n
     ref = _reference_probs(logits.cpu(), t, k, p)
+    if min_p:  # then min-p: tokens below min_p x the top kept probability go
+        ref = torch.where(ref < min_p * ref.max(), torch.zeros_like(ref), ref)
+        ref = ref / ref.sum()
+        assert (ref == 0).sum() > (_reference_probs(logits.cpu(), t, k, p) == 0).sum()  # min-p drops something
     assert (freq[ref == 0] == 0).all()
     assert (freq - ref).abs().max() < 0.01
     torch.testing.assert_close(lp, torch.log_softmax(logits / t, -1)[tok])

@@ -117,6 +117,11 @@ class GenerationConfig:
     temperature: float = setting(1.0, "sampling temperature (0 = greedy)")
     top_p: float = setting(1.0, "nucleus sampling mass (1.0 = off)")
     top_k: int = setting(0, "sample among the k most likely tokens (0 = off)")
+    min_p: float = setting(0.0,
+        "drop tokens whose probability is below min_p x the most likely one's (0 = off; TRL's min_p)")
+    repetition_penalty: float = setting(1.0,
+        "transformers' repetition penalty (> 1 discourages repeating prompt or completion tokens; 1 = off); the hf "
+        "backend applies it (backend auto then picks hf)")
     stop_strings: list[str] = setting([], "a completion ends after any of these strings (besides EOS)")
     max_batch: int | Literal["auto"] = setting("auto",
         "completions generated at once at most (the KV cache's rows). auto: the memory plan's (all of a step's rows "
@@ -148,10 +153,17 @@ class GRPOConfig:
     beta: float = setting(0.04, "KL coefficient; 0 disables the reference model")
     epsilon: float = setting(0.2, "PPO clip range of the importance ratio (lower side; upper too unless epsilon_high)")
     epsilon_high: float | None = setting(None, "defaults to epsilon")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = setting("grpo",
-        "grpo | bnpo | dr_grpo | dapo | cispo | sapo (TRL 1.16's formulas)")
+    delta: float | None = setting(None,
+        "two-sided clipping (TRL's delta): the unclipped ratio is also capped at delta (> 1 + epsilon_high) for the "
+        "clipped loss types, so a token with a negative advantage and a huge ratio cannot dominate; None = off")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] = setting("grpo",
+        "grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo (TRL 1.16's formulas)")
     scale_rewards: Literal["group", "batch", "none"] = setting("group", "group | batch | none")
-    num_iterations: int = setting(1, "mu: updates per rollout")
+    num_iterations: int = setting(1, "mu: passes over each rollout (each pass: mini_batches optimizer steps)")
+    mini_batches: int = setting(1,
+        "optimizer steps per pass over a rollout: its rows are shuffled and split into this many mini-batches, the "
+        "old log-probs taken once before the first (TRL's steps_per_generation, verl's train_batch_size / "
+        "ppo_mini_batch_size)")
     mask_truncated_completions: bool = setting(False, "exclude completions cut at max_new_tokens from the loss (DAPO)")
     use_bias_correction_kl: bool = setting(True,
         "KL term times the importance ratio (TRL 1.16's default; changes its gradient)")
@@ -160,10 +172,24 @@ class GRPOConfig:
     sapo_temperature_pos: float = setting(1.0, "sapo: gate temperature for tokens with positive advantage")
     sapo_temperature_neg: float = setting(1.05, "sapo: gate temperature for tokens with non-positive advantage")
     bnpo_batch_rows: int | None = setting(None,
-        "bnpo: rows per token-mean batch (TRL: per_device_train_batch_size); None: a rank's rows")
+        "rows per batch of bnpo's token means and of top_entropy_quantile's pool (TRL's micro-batch: "
+        "per_device_train_batch_size); None: a rank's rows of the optimizer step")
     top_entropy_quantile: float = setting(1.0,
         "policy gradient only on the top share of completion tokens by entropy (TRL's top_entropy_quantile; 1.0 = "
         "all)")
+    entropy_coef: float = setting(0.0,
+        "entropy bonus: the loss minus this x the token-mean entropy of the policy (verl / SimpleRL-Zoo: 0.001; "
+        "TRL's entropy_coef); its gradient runs the plain chunked log-prob pass")
+    sampler_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
+        setting("token_truncate",
+        "weight the policy term by pi_train / pi_sampler from the engine's own log-probs (TRL's vLLM importance "
+        "sampling): truncated at sampler_correction_max, or masked (0) outside [min, max], per token or sequence; "
+        "only where the rollout backend returns log-probs (the fast engine)")
+    sampler_correction_max: float | None = setting(3.0, "the correction's upper cap (TRL's default 3.0)")
+    sampler_correction_min: float | None = setting(None, "the correction's lower bound (None = none)")
+    off_policy_mask_threshold: float | None = setting(None,
+        "drop from the policy term each sequence with a negative advantage whose mean log-prob drop from the sampler "
+        "exceeds this (DeepSeek-V3.2's off-policy sequence mask, TRL's option; e.g. 0.5); None = off")
     dynamic_sampling: bool = setting(False,
         "DAPO dynamic sampling: drop groups whose G rewards are all equal, sample more prompts until the step has "
         "prompts_per_step informative groups or dynamic_sampling_max_rounds extra rounds were generated")
@@ -312,9 +338,14 @@ _RANGES: dict[str, tuple] = {
     "data.arithmetic_size": (1, None, True, True), "data.arithmetic_steps": (1, None, True, True),
     "data.arithmetic_max_operand": (2, None, True, True), "prompt.max_prompt_tokens": (1, None, True, True),
     "generation.temperature": (0, None, True, True), "generation.top_p": (0, 1, False, True),
-    "generation.top_k": (0, None, True, True), "generation.max_batch": (1, None, True, True),
+    "generation.top_k": (0, None, True, True), "generation.min_p": (0, 1, True, True),
+    "generation.repetition_penalty": (0, None, False, True), "generation.max_batch": (1, None, True, True),
     "grpo.beta": (0, None, True, True), "grpo.epsilon": (0, None, False, True),
-    "grpo.epsilon_high": (0, None, False, True), "grpo.num_iterations": (1, None, True, True),
+    "grpo.epsilon_high": (0, None, False, True), "grpo.delta": (1, None, False, True),
+    "grpo.mini_batches": (1, None, True, True), "grpo.entropy_coef": (0, None, True, True),
+    "grpo.sampler_correction_max": (0, None, False, True), "grpo.sampler_correction_min": (0, None, True, True),
+    "grpo.off_policy_mask_threshold": (0, None, True, True),
+    "grpo.num_iterations": (1, None, True, True),
     "grpo.bnpo_batch_rows": (1, None, True, True), "grpo.top_entropy_quantile": (0, 1, True, True),
     "grpo.dynamic_sampling_max_rounds": (0, None, True, True), "data.test_fraction": (0, 1, True, False),
     "trainer.prompts_per_step": (1, None, True, True), "trainer.max_tokens_per_microbatch": (1, None, True, True),

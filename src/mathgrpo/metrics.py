@@ -48,6 +48,13 @@ CLIP_LOW = "clip_ratio/low"  # tokens clipped below 1 - epsilon (negative advant
 CLIP_HIGH = "clip_ratio/high"
 CLIP_REGION = "clip_ratio/region"  # either
 RATIO_MEAN = "ratio/mean"  # mean importance ratio
+# the sampler-trainer mismatch (the engine's log-probs vs the update's old log-probs; fast engine only)
+SAMPLER_LOGP_DIFF = "sampler/logp_diff"  # token mean |log pi_train - log pi_sampler|
+SAMPLER_LOGP_DIFF_MAX = "sampler/logp_diff_max"
+SAMPLER_RATIO_MEAN = "sampler/ratio_mean"  # token ratio pi_train / pi_sampler, before the correction's cap
+SAMPLER_RATIO_STD = "sampler/ratio_std"
+SAMPLER_RATIO_MIN = "sampler/ratio_min"
+SAMPLER_RATIO_MAX = "sampler/ratio_max"
 
 
 def summed(name: str) -> str:

@@ -326,16 +326,17 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: torch.
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
-                        chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False,
+                        chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool | str = False,
                         lengths: list[int] | None = None):
     """Log-probs [B, T] float32 of each completion token under `model`, from hidden states in chunks of
     `chunk_size` tokens (no [B, T, V] logits, forward or backward). Arguments as `completion_hidden`.
-    with_entropy: (log-probs, entropy [B, T] of each position's distribution, no gradient) from the same pass.
+    with_entropy: (log-probs, entropy [B, T] of each position's distribution) from the same pass; True: the entropy
+    without gradient, "grad": with it (loss.chunked_token_logprobs).
     With `lengths` (real tokens per row) the rows run packed, without padding (`packing.py`; 0 after each
     row's end). A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers
     the embeddings and lm_head around it (`fsdp.shard_model` says why, and sets the pass as the model's
     `modelinfo.SHARDED_LOGPROBS` attribute, called here); every rank must call it then."""
-    kw = {"with_entropy": True} if with_entropy else {}
+    kw = {"with_entropy": with_entropy} if with_entropy else {}  # True, or "grad" (the entropy bonus)
     sharded = getattr(model, SHARDED_LOGPROBS, None)
     if sharded is not None:
         return sharded(prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature,
@@ -345,7 +346,7 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torc
 
 
 def unsharded_completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
-                                  chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False,
+                                  chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool | str = False,
                                   lengths: list[int] | None = None):
     """`completion_logprobs` on parameters that are plain tensors (not sharded, or gathered by FSDP)."""
     from .loss import check_token_ids, chunked_token_logprobs

@@ -227,7 +227,8 @@ def _announce(run: Run) -> None:
     cfg = run.cfg
     run.logger.write(f"run dir: {run.dir}\n{run.data.report}")
     run.logger.write(batch_line(cfg.trainer.prompts_per_step, cfg.grpo.num_generations, run.world,
-                                cfg.trainer.max_tokens_per_microbatch, cfg.grpo.num_iterations, is_sharded(run.model))
+                                cfg.trainer.max_tokens_per_microbatch, cfg.grpo.num_iterations * cfg.grpo.mini_batches,
+                                is_sharded(run.model))
                      + (f"; resumed from {run.resume_from}" if run.resume_from else "")
                      + "".join(f"\nchanged on resume: {k} {a!r} -> {b!r} (recorded in resumes.jsonl)"
                                for k, (a, b) in run.changes.items()))

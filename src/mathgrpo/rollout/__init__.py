@@ -47,6 +47,11 @@ def make_rollout(gen_cfg, model, tokenizer) -> Rollout:
     name = gen_cfg.backend
     if name != "auto":
         return lookup(BACKENDS, name, "generation.backend")(model, tokenizer, gen_cfg)
+    if getattr(gen_cfg, "repetition_penalty", 1.0) != 1.0:
+        from ..loading import say
+
+        say("generation.backend=auto: generation.repetition_penalty is applied by the hf backend only; sampling with hf")
+        return BACKENDS["hf"](model, tokenizer, gen_cfg)
     try:
         return _fast(model, tokenizer, gen_cfg)
     except (ImportError, UnsupportedModel) as e:  # ImportError: a torch too old for the engine's imports
@@ -62,7 +67,8 @@ def sampling_from(gen_cfg, seed: int | None = None, **changes) -> SamplingConfig
     from ..config import max_new_tokens_at
 
     s = SamplingConfig(max_new_tokens=max_new_tokens_at(gen_cfg.max_new_tokens, None), temperature=gen_cfg.temperature,
-                       top_p=gen_cfg.top_p, top_k=gen_cfg.top_k, stop_strings=list(gen_cfg.stop_strings),
+                       top_p=gen_cfg.top_p, top_k=gen_cfg.top_k, min_p=gen_cfg.min_p,
+                       repetition_penalty=gen_cfg.repetition_penalty, stop_strings=list(gen_cfg.stop_strings),
                        seed=seed)
     for k, v in changes.items():
         setattr(s, k, v)
