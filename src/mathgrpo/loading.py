@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from .config import ModelConfig
+from .devices import choose_dtype, half_dtype
 from .files import atomic_dir
 from .modelinfo import ModelError
 
@@ -151,13 +152,11 @@ def pick_device(cfg: ModelConfig) -> torch.device:
 
 
 def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    named = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "float32": torch.float32, "fp32": torch.float32}
-    if cfg.dtype != "auto":
-        return named[cfg.dtype]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32  # bf16 matmuls on most CPUs are slower than fp32 and lose accuracy
+    """model.dtype resolved on `device` (devices.choose_dtype: auto = bf16 where the card has it, fp16 on older
+    GPUs, fp32 on CPU); says which and why."""
+    dtype, why = choose_dtype(device, cfg.dtype)
+    say(f"dtype {str(dtype).replace('torch.', '')}: {why}")
+    return dtype
 
 
 # --- loading --------------------------------------------------------------------------------------------
@@ -231,7 +230,7 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
             raise ModelError("model.quantization=nf4 needs bitsandbytes: pip install 'mathgrpo[gpu]'") from None
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else half_dtype(device))
         kw["device_map"] = {"": device}
     if gguf:
         cached = _gguf_cache_dir(folder, gguf)

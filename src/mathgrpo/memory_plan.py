@@ -90,7 +90,7 @@ KNOWN_SHAPES = {
 CARDS = {"T4": 14.6, "P100": 15.9, "V100": 15.8, "L4": 22.0, "A10G": 22.0, "RTX3090": 23.6, "RTX4090": 23.6,
          "A100-40": 39.4, "A100": 79.1, "H100": 79.1, "H200": 139.8}
 CONTEXT_GIB = 0.5
-NO_BF16 = {"T4", "P100", "V100"}  # compute capability < 8: model.dtype=auto loads them in float32 (loading.pick_dtype)
+NO_BF16 = {"T4", "P100", "V100"}  # compute capability < 8: model.dtype=auto loads them in float16 (devices.choose_dtype)
 
 
 @dataclass(frozen=True)
@@ -170,9 +170,10 @@ def named_card(name: str) -> tuple[int, bool]:
 # --- the arithmetic ------------------------------------------------------------------------------------------
 
 def dtype_bytes(cfg: Config, bf16: bool = True) -> int:
-    """Bytes per value of the model's dtype; auto is bf16 where the card has it, else float32 (loading.pick_dtype)."""
+    """Bytes per value of the model's dtype; auto is bf16 where the card has it, else float16 (devices.choose_dtype):
+    2 bytes either way (bf16: whether the card has it, kept for callers that ask)."""
     if cfg.model.dtype == "auto":
-        return 2 if bf16 else 4
+        return 2
     return 4 if cfg.model.dtype in ("float32", "fp32") else 2
 
 

@@ -38,6 +38,8 @@ def is_reward_mean(key: str) -> bool:
 # --- the update (loss.grpo_loss token sums -> loss.token_means; update.policy_update) -------------------------
 LOSS = "loss"
 GRAD_NORM = "grad_norm"  # before clipping
+SKIPPED_STEPS = "skipped_steps"  # fp16 loss scaling only: optimizer steps skipped for inf/NaN gradients (scale halved)
+LOSS_SCALE = "loss_scale"  # fp16 loss scaling only: the scale after this step's update
 LR = "lr"
 NUM_TOKENS = "num_tokens"  # completion tokens in the loss, all ranks
 KL = "kl"  # token mean of the k3 estimator to the reference (beta > 0 only)

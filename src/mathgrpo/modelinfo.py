@@ -43,6 +43,11 @@ def backbone_and_head(model):
     return body, base.lm_head
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the update's matmuls run in: the lm_head's (bf16 / fp16 under autocast, else fp32)."""
+    return backbone_and_head(model)[1].weight.dtype
+
+
 def compute_context(model):
     """Autocast to the model's half dtype (bf16/fp16) for the update's forward; a no-op for fp32 models.
     Keeps LoRA's fp32 adapters (and their Adam state) while every matmul runs on tensor cores; the

@@ -11,6 +11,7 @@ and benchmarks read them directly; the trainer's update stage frees them before 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -21,19 +22,22 @@ from .fsdp import is_sharded
 from .correction import mismatch_stats, sampler_weights
 from .loss import LOSS_TYPES, LossParams, batch_ids, effective_mask, entropy_threshold, grpo_loss, token_means
 from .memory_plan import value
-from .modelinfo import is_quantized
+from .modelinfo import compute_dtype, is_quantized
 from .models import Reference, completion_logprobs
 from .packing import packed_microbatches, to_device
 from .rollout import Completions
 
 
 def make_optimizer(model, cfg: Config):
+    """AdamW over the trainable parameters and its LambdaLR schedule. Where the update computes in fp16 (a model
+    loaded in float16: GPUs without bf16), the optimizer carries a loss scaler (`loss_scaler`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: enable model.lora or full fine-tuning")
     t = cfg.trainer
     opt = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                             weight_decay=t.weight_decay)
+    opt.loss_scaler = make_loss_scaler(model, params)
     total = max(1, t.max_steps * cfg.grpo.num_iterations * cfg.grpo.mini_batches)
 
     def factor(i: int) -> float:
@@ -43,6 +47,46 @@ def make_optimizer(model, cfg: Config):
         return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[t.lr_scheduler]
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def make_loss_scaler(model, params: list[torch.nn.Parameter]):
+    """torch.amp.GradScaler where the update's forward runs under fp16 autocast (fp16 gradients underflow without
+    it), else None. The scaled loss's gradients are unscaled before clipping; a step whose gradients hold inf/NaN
+    is skipped and the scale halved (logged: metrics.SKIPPED_STEPS). The trainable weights must be fp32 (LoRA's
+    adapters are): fp16 weights would take fp16 Adam updates."""
+    if compute_dtype(model) != torch.float16:
+        return None
+    half = [p for p in params if p.dtype == torch.float16]
+    if half:
+        raise ValueError(f"{len(half)} trainable parameters are float16 (full fine-tuning of an fp16 model): the "
+                         "update needs fp32 weights for fp16 loss scaling; train LoRA adapters (model.lora=true, fp32 "
+                         "adapters over the fp16 base) or load the model in float32 (model.dtype=float32)")
+    return torch.amp.GradScaler(params[0].device.type)
+
+
+def _step(optimizer, scheduler, scaler, sums: dict, device) -> None:
+    """optimizer.step() and scheduler.step(); with a loss scaler its step (skipped where the unscaled gradients hold
+    inf/NaN: counted in metrics.SKIPPED_STEPS) and update (metrics.LOSS_SCALE: the scale after it). The schedule steps
+    after a skipped step too: it counts update attempts, as checkpoints do."""
+    if scaler is None:
+        optimizer.step()
+        scheduler.step()
+        return
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    skipped = scaler.get_scale() < scale
+    sums[M.SKIPPED_STEPS] = sums.get(M.SKIPPED_STEPS, 0.0) + torch.tensor(float(skipped), device=device)
+    sums[M.LOSS_SCALE] = torch.tensor(float(scaler.get_scale()), device=device)
+    with warnings.catch_warnings():  # torch would warn of a schedule step with no optimizer step before it
+        if skipped:
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        scheduler.step()
+
+
+def loss_scaler(optimizer):
+    """The optimizer's loss scaler (make_optimizer), None where the update needs none."""
+    return getattr(optimizer, "loss_scaler", None)
 
 
 def microbatches(total_lengths: list[int], budget: int) -> list[list[int]]:
@@ -128,6 +172,7 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     end (top_entropy_quantile < 1 syncs once per optimizer step for its quantile, over TRL's pool)."""
     g, t = cfg.grpo, cfg.trainer
     device = next(p for p in model.parameters() if p.requires_grad).device
+    scaler = loss_scaler(optimizer)  # fp16 compute: the loss scaled for the backward, gradients unscaled before clipping
     mask = comp.completion_mask.float().cpu()  # [N, T] host copies: one sync each, here
     ids = comp.completion_ids.cpu()  # [N, T]
     truncated, adv_host = comp.truncated.cpu(), adv.float().cpu()  # [N], [N]
@@ -199,7 +244,7 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
                                     truncated=x["truncated"], entropy=entropy, entropy_threshold=threshold,
                                     sampling_weight=fixed["weight"].get(k), logp_sampler=x["sampler"],
                                     metrics_on_device=True)
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 # token sums: token-weighted means over micro-batches and ranks below; the loss: a mean over steps
                 for key, v in m.items():
                     sums[key] = sums[key] + v / g.num_iterations if key in sums else v / g.num_iterations
@@ -207,12 +252,13 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
             params = [p for p in model.parameters() if p.requires_grad]
             if not sharded:  # (FSDP2 reduce-scatters, averaging over ranks, in every backward)
                 world.all_reduce_grads(params)  # after the last micro-batch: ranks may run different numbers of them
+            if scaler is not None:  # after the reduction: an inf on any rank is on every rank, which all skip alike
+                scaler.unscale_(optimizer)
             # the global norm, also over FSDP2's DTensor gradients (a replicated DTensor: the same float on every
             # rank); max_grad_norm=0 means no clipping (torch would scale every gradient to 0)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            optimizer.step()
-            scheduler.step()
+            _step(optimizer, scheduler, scaler, sums, device)
             sums[M.GRAD_NORM] = sums.get(M.GRAD_NORM, 0.0) + grad_norm.detach().float() / optimizer_steps
     host = dict(zip(sums, torch.stack([v.float().to(device) for v in sums.values()]).tolist()))  # the one read
     # every rank returns the global token means (TRL's global_masked_mean); the mean over ranks of sums is sum / W

@@ -16,10 +16,16 @@ from .hf import HFRollout
 
 
 def _fast(model, tokenizer, gen_cfg):
+    from ..loading import say
     from .fast import FastRollout  # CUDA-graph engine; imported lazily
+    from .fast_plan import plan_for
 
-    return FastRollout(model, tokenizer, max_batch=_max_batch(gen_cfg), fuse_weights=gen_cfg.fuse_weights,
-                       lora_merge=gen_cfg.lora_merge, attention=gen_cfg.decode_attention)
+    device = next(model.parameters()).device
+    plan = plan_for(device, gen_cfg.kernels, attention=gen_cfg.decode_attention)
+    engine = FastRollout(model, tokenizer, max_batch=_max_batch(gen_cfg), fuse_weights=gen_cfg.fuse_weights,
+                         lora_merge=gen_cfg.lora_merge, plan=plan)
+    say(f"fast engine: {plan.line()}")
+    return engine
 
 
 def _max_batch(gen_cfg) -> int:
