@@ -236,13 +236,16 @@ def parse_options(spec: str, where: str) -> dict:
 def mathgrpo_config(args, w: Workload, opts: dict):
     """The trainer config of a benchmark run: args.model_dir on args.device (bf16 on a GPU), LoRA r=32 on the
     seven projections, sdpa, gradient checkpointing, beta 0.04, loss "grpo", lr 1e-6 constant; method options
-    (benchmarks.step's docstring) override backend, merge, budget, chunk, pack, gc, lora and release."""
+    (benchmarks.step's docstring) override backend, merge, budget, chunk, pack, gc, lora, release, dtype and
+    kernels."""
     from mathgrpo.config import Config
 
     cfg = Config()
     m = cfg.model
     m.name_or_path, m.device, m.quantization = args.model_dir, args.device, w.quant
-    m.dtype = "bfloat16" if args.device != "cpu" else "float32"
+    m.dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(opts.get("dtype"), "bfloat16" if args.device != "cpu"
+                                                                               else "float32")
+    cfg.generation.kernels = opts.get("kernels", "auto")
     m.lora_r, m.lora_alpha, m.lora_dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     m.lora_target_modules, m.attn_implementation = list(PROJECTIONS), "sdpa"
     cfg.generation.backend = opts.get("backend", getattr(args, "backend", "auto"))
@@ -250,8 +253,8 @@ def mathgrpo_config(args, w: Workload, opts: dict):
     cfg.generation.max_new_tokens, cfg.generation.temperature = w.new_tokens, 1.0
     cfg.grpo.num_generations, cfg.grpo.beta, cfg.grpo.loss_type = w.group, BETA, "grpo"
     t = cfg.trainer
-    t.max_tokens_per_microbatch = int(opts.get("budget", t.max_tokens_per_microbatch))
-    t.logprob_chunk_size = int(opts.get("chunk", t.logprob_chunk_size))
+    t.max_tokens_per_microbatch = int(opts["budget"]) if "budget" in opts else t.max_tokens_per_microbatch  # or auto
+    t.logprob_chunk_size = int(opts["chunk"]) if "chunk" in opts else t.logprob_chunk_size
     t.pack_sequences = opts.get("pack", "0") == "1"
     m.gradient_checkpointing = opts.get("gc", "layer") != "none"
     m.lora_fused_add = opts.get("lora", "nf4") != "peft"

@@ -3,6 +3,7 @@
     PYTHONPATH=src python -m benchmarks.decode                 # 1.5B shape on CUDA: rows {1,8,64,256} x {2k,8k,16k}
     PYTHONPATH=src python -m benchmarks.decode --rows 8 64 --contexts 2048 --modes default lora-copy lora-none
     PYTHONPATH=src python -m benchmarks.decode --linear table cublas --rows 8 --contexts 2048   # + cuBLAS path
+    PYTHONPATH=src python -m benchmarks.decode --set "" kernels=conservative --rows 8 --contexts 2048  # both sets
     PYTHONPATH=src python -m benchmarks.decode --variants      # attention kernels alone (matmuls: benchmarks.skinny)
     PYTHONPATH=src python -m benchmarks.decode --tiny          # CPU smoke run of every code path, seconds
 
@@ -15,13 +16,13 @@ every row) / the copy bandwidth measured at the start of the run; share = floor 
 `--generate` also times whole `generate` calls (prompt 128, forced length) to check the step numbers.
 Modes: default (plain model, weights read in place), fused (`fuse_weights`: owned fused q/k/v and gate/up),
 lora-copy / lora-in_place / lora-none (peft LoRA r=32 on all seven projections, `lora_merge`).
---linear: table (the engine's default: fast_matmul's kernels, fused with RMSNorm / SwiGLU / the residual add,
-where its table says they beat cuBLAS), cublas (`fused_linear=False`: cuBLAS + the reference pointwise ops) or
-fused (`fused_linear=True`: the fused kernels for every group at <= 64 rows). --table FILE: a benchmarks.skinny JSON
-whose winners replace fast_matmul.TABLE for this run. --set: engine variants, each ':'-separated keys: pdl=0|1
-(programmatic dependent launch; default: where supported), block_n=, min_chunk= (attend's tiling), one=0|1
-(rope_attend: RoPE, KV write, attention and merge in one launch), pre=N (under PDL, the skinny matmul
-prefetches its first N W chunks toward L2 before waiting on the kernel before it), sampler=triton|torch, e.g. `--set pdl=0 "" min_chunk=128:one=1`.
+--linear: table (what the kernel plan takes: on the tuned card fast_matmul's kernels with the SwiGLU epilogue
+where its table says they beat cuBLAS) or cublas (cuBLAS + the reference pointwise ops). --table FILE: a
+benchmarks.skinny JSON whose winners are the plan's table for this run. --set: kernel-plan variants
+(rollout/fast_plan.py), each ':'-separated keys: kernels=auto|conservative|torch (the set), pdl=0|1 (programmatic
+dependent launch; default: where supported), block_n=, stages=, min_chunk= (attend's tiling), pre=N (under PDL, the
+skinny matmul prefetches its first N W chunks toward L2 before waiting on the kernel before it),
+sampler=triton|torch, e.g. `--set pdl=0 "" min_chunk=128:block_n=32`.
 """
 
 from __future__ import annotations
@@ -38,34 +39,41 @@ def build(shape: str, dtype, device, mode: str):
     return random_qwen2(shape, device, dtype, lora=mode.startswith("lora"))
 
 
-VARIANT_KEYS = ("pdl", "block_n", "min_chunk", "one", "pre", "sampler")
+VARIANT_KEYS = ("kernels", "pdl", "block_n", "stages", "min_chunk", "pre", "sampler")
 
 
 def apply_variant(spec: str) -> dict:
-    """Set fast_kernels.ATTEND from a --set spec (defaults first); returns the engine options it gives (pdl)."""
-    from mathgrpo.rollout import fast_kernels, fast_matmul
-
+    """The kernel-plan settings of a --set spec (fast_plan.plan_for's set and overrides)."""
     opts = dict(kv.split("=", 1) for kv in spec.split(":") if kv)
     bad = set(opts) - set(VARIANT_KEYS)
     if bad:
         raise SystemExit(f"benchmarks.decode --set {spec!r}: unknown keys {sorted(bad)}; valid: {', '.join(VARIANT_KEYS)}")
-    fast_kernels.ATTEND.update(block_n=int(opts.get("block_n", 64)), min_chunk=int(opts["min_chunk"]) if "min_chunk" in opts else None,
-                               one_launch=opts.get("one", "0") == "1")
-    fast_matmul.PREFETCH = int(opts.get("pre", 0))
-    return {**({"pdl": opts["pdl"] == "1"} if "pdl" in opts else {}),
-            **({"sampler": opts["sampler"]} if "sampler" in opts else {})}
+    names = {"block_n": "block_n", "stages": "attend_stages", "min_chunk": "min_chunk", "pre": "prefetch"}
+    out = {names[k]: int(v) for k, v in opts.items() if k in names}
+    if "pdl" in opts:
+        out["pdl"] = opts["pdl"] == "1"
+    for k in ("kernels", "sampler"):
+        if k in opts:
+            out[k] = opts[k]
+    return out
 
 
 def engine(model, args, mode: str, attention: str, rows: int, linear: str = "table", extra: dict | None = None):
     from mathgrpo.rollout.fast import FastRollout
+    from mathgrpo.rollout.fast_plan import plan_for
 
-    opts = dict(fuse_weights=mode == "fused", **(extra or {}))
-    if attention != "sdpa":
-        opts["fused_linear"] = {"table": None, "cublas": False, "fused": True}[linear]
+    over = dict(extra or {})
+    kernels = over.pop("kernels", "auto")
+    if attention != "sdpa" and linear == "cublas":
+        over["matmul"] = "cublas"
+    if getattr(args, "table_entries", None) is not None and attention != "sdpa" and linear == "table":
+        over.update(matmul="table", table=args.table_entries)
+    opts = dict(fuse_weights=mode == "fused")
     if mode.startswith("lora"):
         opts["lora_merge"] = mode.split("-", 1)[1]
+    plan = plan_for(args.device, kernels, attention=attention, **over)
     return FastRollout(model, synthetic_tokenizer(SHAPES[args.shape]["vocab_size"]), max_batch=max(rows, 8),
-                       attention=attention, **opts)
+                       plan=plan, **opts)
 
 
 def read_bytes(eng, rows: int, context: int) -> tuple[int, int]:
@@ -112,7 +120,7 @@ def grid(args, bw: float) -> list[dict]:
         model = build(args.shape, dtype, args.device, mode)
         for attention, linear, spec in [(a, lin, v) for a in args.attention for lin in args.linear for v in args.set]:
             eng = engine(model, args, mode, attention, max(args.rows), linear, apply_variant(spec))
-            linear = eng.matmul if not spec else f"{eng.matmul}[{spec}]"
+            linear = eng.plan.matmul if not spec else f"{eng.plan.matmul}[{spec}]"
             print(f"# {mode} {spec}: {eng.describe()}", flush=True)
             for rows in args.rows:
                 for ctx in args.contexts:
@@ -222,10 +230,9 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", nargs="+", default=["default"],
                     choices=["default", "fused", "lora-copy", "lora-in_place", "lora-none"])
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "triton", "sdpa"])
-    ap.add_argument("--linear", nargs="+", default=["table"], choices=["table", "cublas", "fused"],
-                    help="triton path: fast_matmul's table (the default), cuBLAS + reference ops, or the fused "
-                    "kernels everywhere at <= 64 rows")
-    ap.add_argument("--table", help="a benchmarks.skinny JSON: its winners replace fast_matmul.TABLE")
+    ap.add_argument("--linear", nargs="+", default=["table"], choices=["table", "cublas"],
+                    help="triton path: the kernel plan's matmuls (the default) or cuBLAS + reference ops")
+    ap.add_argument("--table", help="a benchmarks.skinny JSON: its winners are the plan's table")
     ap.add_argument("--set", nargs="+", default=[""], help="engine variants (see the docstring); '' = defaults")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -246,14 +253,13 @@ def main(argv=None) -> None:
         from benchmarks.decode_variants import run_variants
 
         return run_variants()
+    args.table_entries = None
     if args.table:
         from benchmarks.skinny import table_from
 
-        from mathgrpo.rollout import fast_matmul
-
         with open(args.table) as f:
-            fast_matmul.TABLE = table_from(json.load(f)["results"])
-        print(f"# fast_matmul.TABLE from {args.table}: {len(fast_matmul.TABLE)} entries", flush=True)
+            args.table_entries = table_from(json.load(f)["results"])
+        print(f"# skinny-matmul table from {args.table}: {len(args.table_entries)} entries", flush=True)
     bw = copy_bandwidth(torch.device(args.device))
     measured = bw == bw
     if not measured:  # CPU: no meaningful floor; a nominal 50 GB/s so the columns print

@@ -1,9 +1,10 @@
 """Kernel variants of the decode step, timed alone on the GPU (`python -m benchmarks.decode --variants`).
 
 - attention: the reference (mask + SDPA over the bucketed length, what the `sdpa` path runs) against the
-  default triton path's rope_write + attend pair and fast_kernels.rope_attend (RoPE + KV write + attention +
-  merge in one launch) at a few block sizes and minimum split lengths, per (rows, context), one layer of the
-  1.5B shape (12 heads, 2 KV heads, head_dim 128); checked against the reference first.
+  triton path's rope_write + attend pair at the kernel plans' tilings (block_n / pipeline stages: the tuned
+  64 / Triton's default and the conservative 32 / 2, which fits 64 KiB of shared memory) and a few others, per
+  (rows, context), one layer of the 1.5B shape (12 heads, 2 KV heads, head_dim 128); checked against the
+  reference first.
 (The skinny matmuls, plain and fused, are swept inside CUDA graphs by benchmarks.skinny.)
 Times are medians of `triton.testing.do_bench` (which clears the L2 between runs), so small shapes include one
 launch's latency -- and where the CPU side of a call (Triton's launcher, several eager ops) takes longer than
@@ -27,12 +28,12 @@ def bench(fn) -> float:
 
 def attention_variants(bw: float) -> None:
     """The reference (mask + SDPA over the bucketed length, with the K/V already written) against the pair
-    (rope_write + attend) and rope_attend (one launch) at a few block sizes / minimum split lengths."""
+    (rope_write + attend) at a few tilings (block_n / pipeline stages)."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     H, KV, D = 12, 2, 128
     print(f"\nattention, one layer ({H} heads, {KV} KV heads, D {D}); us; share = KV bytes / {bw / 1e12:.2f} TB/s")
     print(f"{'rows':>5}{'ctx':>7}{'sdpa':>9}{'share':>6}{'pair':>8}{'share':>6}  "
-          "rope_attend by block_n/min_chunk: us (share)")
+          "pair by block_n/stages: us (share)")
     for rows in (1, 8, 64, 256):
         for ctx in (2048, 8192, 16384):
             if rows * ctx > 256 * 8192:
@@ -48,11 +49,12 @@ def attention_variants(bw: float) -> None:
             n_cols = -(-ctx // 256) * 256
             sp = K.splits_for(rows, KV, dev)
 
-            def fused(bn=64, mc=256):
-                return K.rope_attend(qkv, cos, sin, pos, None, None, 1e-6, kc, vc, pad, col, D ** -0.5, H, sp,
-                                     block_n=bn, min_chunk=mc)
+            def pair(bn=64, st=None):  # the triton path: rope_write, then attend (+ its merge kernel)
+                qs, ks, vs = qkv.split([H * D, KV * D, KV * D], -1)
+                qo = K.rope_write(qs, ks, vs, cos, sin, pos, None, None, 1e-6, kc, vc, col, H, KV)
+                return K.attend(qo, kc, vc, pad, col, D ** -0.5, sp, block_n=bn, stages=st)
 
-            fused()  # writes this step's k/v: the reference then reads the same cache
+            pair()  # writes this step's k/v: the reference then reads the same cache
             q = qkv[:, :H * D].reshape(rows, H, D)
             q = EAGER_OPS["rope"](q.float(), cos[pos][:, None].float(), sin[pos][:, None].float()).to(dt)
 
@@ -63,19 +65,14 @@ def attention_variants(bw: float) -> None:
                 return F.scaled_dot_product_attention(q.reshape(rows, KV, H // KV, D), kc[:, :, :n_cols],
                                                       vc[:, :, :n_cols], attn_mask=bias, scale=D ** -0.5)
 
-            def pair():  # the default triton path: rope_write, then attend (+ its merge kernel)
-                qs, ks, vs = qkv.split([H * D, KV * D, KV * D], -1)
-                qo = K.rope_write(qs, ks, vs, cos, sin, pos, None, None, 1e-6, kc, vc, col, H, KV)
-                return K.attend(qo, kc, vc, pad, col, D ** -0.5, sp)
-
             ref = sdpa().reshape(rows, H * D).float()
             assert float((pair().float() - ref).norm() / ref.norm()) < 2e-2, (rows, ctx)
             t_ref, t_pair = bench(sdpa), bench(pair)
             res = []
-            for bn, mc in ((64, 256), (32, 128), (64, 128), (128, 256)):
-                err = float((fused(bn, mc).float() - ref).norm() / ref.norm())
-                assert err < 2e-2, (rows, ctx, bn, mc, err)
-                res.append((bench(lambda bn=bn, mc=mc: fused(bn, mc)), bn, mc))
+            for bn, st in ((32, 2), (64, 2), (32, 3), (128, 2)):
+                err = float((pair(bn, st).float() - ref).norm() / ref.norm())
+                assert err < 2e-2, (rows, ctx, bn, st, err)
+                res.append((bench(lambda bn=bn, st=st: pair(bn, st)), bn, st))
             share = lambda t: 100 * kv_bytes / bw / (t / 1e6)  # noqa: E731
             print(f"{rows:>5}{ctx:>7}{t_ref:>9.1f}{share(t_ref):>5.0f}%{t_pair:>8.1f}{share(t_pair):>5.0f}%  "
                   + " ".join(f"{b}/{m}: {t:.1f} ({share(t):.0f}%)" for t, b, m in res), flush=True)

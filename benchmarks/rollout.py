@@ -66,9 +66,11 @@ def run_hf_batch(model, args, ps, rows, new):
 def run_fast(model, args, ps, rows, new, **opts):
     from mathgrpo.rollout.base import SamplingConfig
     from mathgrpo.rollout.fast import FastRollout
+    from mathgrpo.rollout.fast_plan import plan_for
 
+    plan = plan_for(args.device, compile_pointwise=False) if opts.pop("eager_ops", False) else None
     eng = FastRollout(model, synthetic_tokenizer(SHAPES[args.shape]["vocab_size"]), max_batch=max(rows, 8),
-                      **opts)
+                      plan=plan, **opts)
     s = SamplingConfig(max_new_tokens=new, temperature=1.0, ignore_eos=True, seed=0)
     first = eng.generate(ps, rows // len(ps), s)  # captures the CUDA graphs
     out = eng.generate(ps, rows // len(ps), s)
@@ -96,7 +98,7 @@ def _profile(eng, ps, rows, s, args):
 
 METHODS = {"hf": run_hf, "hf_batch": run_hf_batch, "fast": run_fast,
            "fast_fused": lambda *a: run_fast(*a, fuse_weights=True),  # + a fused copy of q/k/v and gate/up
-           "fast_eager_ops": lambda *a: run_fast(*a, compile_pointwise=False)}
+           "fast_eager_ops": lambda *a: run_fast(*a, eager_ops=True)}
 
 
 def worker(args) -> None:

@@ -27,18 +27,14 @@ import torch.nn.functional as F
 from benchmarks.common import copy_bandwidth
 from mathgrpo.rollout import fast_matmul as FM
 
-# name -> (kind, N, K); kind "glu": N = rows of gate (and of up), K = hidden
-# (the fused forms first, then the plain kinds: a sweep cut short by --budget-s drops the last ones).
-# Kinds (fast_matmul.TABLE's): mm; glu = matmul + SwiGLU (N = gate's rows, read from the fused [gate; up]);
-# the fused forms of fast_linear: norm = RMSNorm prologue, norm_glu = both, res = residual add epilogue.
-SHAPES = {"norm_glu": ("norm_glu", 8960, 1536), "down+res": ("res", 1536, 8960), "qkv+norm": ("norm", 2048, 1536),
-          "o+res": ("res", 1536, 1536), "q+norm": ("norm", 1536, 1536), "k|v+norm": ("norm", 256, 1536),
-          "gate_up": ("mm", 17920, 1536), "down": ("mm", 1536, 8960), "glu": ("glu", 8960, 1536),
+# name -> (kind, N, K); kind "glu": N = rows of gate (and of up), K = hidden (a sweep cut short by --budget-s
+# drops the last ones). Kinds (fast_matmul.TABLE's): mm; glu = matmul + SwiGLU (N = gate's rows, read from the
+# fused [gate; up]).
+SHAPES = {"gate_up": ("mm", 17920, 1536), "down": ("mm", 1536, 8960), "glu": ("glu", 8960, 1536),
           "qkv": ("mm", 2048, 1536), "q|o": ("mm", 1536, 1536), "gate|up": ("mm", 8960, 1536),
           "k|v": ("mm", 256, 1536), "lm_head": ("mm", 151936, 1536)}
-# pointwise kernels a fused kind saves in the engine's decode step (whose reference runs add+RMSNorm as one
-# compiled kernel twice a layer and SwiGLU as one): norm and res half an add+RMSNorm each, norm_glu one and a half
-SAVES = {"mm": 0.0, "glu": 1.0, "norm": 0.5, "res": 0.5, "norm_glu": 1.5}
+# pointwise kernels a fused kind saves in the engine's decode step (SwiGLU is one compiled kernel)
+SAVES = {"mm": 0.0, "glu": 1.0}
 ROWS = (1, 8, 16, 32, 64)
 
 
@@ -107,32 +103,27 @@ def sweep(args, bw: float) -> list[dict]:
     for name in args.shapes:
         kind, N, K = SHAPES[name]
         copies = args.copies if N * K < 50_000_000 else max(4, args.copies // 4)
-        two = kind in ("glu", "norm_glu")
+        two = kind == "glu"
         rows_w = 2 * N if two else N  # glu kinds: the fused [gate; up] copy, read through its two halves
         ws = [torch.randn(rows_w, K, device=dev, dtype=dt) * 0.02 for _ in range(copies)]
-        ln = torch.rand(K, device=dev, dtype=dt) + 0.5
         for M in args.rows:
             if time.time() - t_start > args.budget_s:
                 print(f"# budget {args.budget_s} s spent: stopping before {name} M={M}", flush=True)
                 return results
             x = torch.randn(M, K, device=dev, dtype=dt)
-            res0 = torch.randn(M, N, device=dev, dtype=dt)
-            res = res0.clone()  # the timing runs add into this one, in place
-            nbytes = 2 * (rows_w * K + M * K + M * N * (2 if kind == "res" else 1))
+            nbytes = 2 * (rows_w * K + M * K + M * N)
 
             def ref_call(w):  # eager reference (the engine's pointwise ops are compiled: see SAVES)
-                h = F.rms_norm(x, (K,), ln, 1e-6) if kind.startswith("norm") else x
-                y = F.linear(h, w)
+                y = F.linear(x, w)
                 if two:
                     g, u = y.chunk(2, -1)
                     y = F.silu(g) * u
-                return res0 + y if kind == "res" else y
+                return y
 
             def call(w, cfg):
-                lnk = ln if kind.startswith("norm") else None
                 if two:
-                    return FM.launch(x, w[:N], None, cfg, w2=w[N:], ln=lnk, eps=1e-6)
-                return FM.launch(x, w, None, cfg, ln=lnk, eps=1e-6, residual=res0.clone() if kind == "res" else None)
+                    return FM.launch(x, w[:N], None, cfg, w2=w[N:])
+                return FM.launch(x, w, None, cfg)
 
             want = ref_call(ws[0]).float()
             t_ref = graph_us([lambda w=w: ref_call(w) for w in ws])
@@ -148,10 +139,7 @@ def sweep(args, bw: float) -> list[dict]:
                     if not err < 2e-2:
                         tried.append(dict(cfg=list(cfg), error=f"rel err {err:.2e}"))
                         continue
-                    if kind == "res":  # in place on one residual buffer while timing
-                        t = graph_us([lambda w=w, cfg=cfg: FM.launch(x, w, None, cfg, residual=res) for w in ws])
-                    else:
-                        t = graph_us([lambda w=w, cfg=cfg: call(w, cfg) for w in ws])
+                    t = graph_us([lambda w=w, cfg=cfg: call(w, cfg) for w in ws])
                 except Exception as e:  # noqa: BLE001 (out of shared memory, etc.: a result too)
                     tried.append(dict(cfg=list(cfg), error=f"{type(e).__name__}: {str(e)[:120]}"))
                     continue
@@ -203,16 +191,14 @@ def ptx_report() -> None:
 
     fn = FM._skinny_kernel
     sig = {"x_ptr": "*bf16", "sx": "i32", "w_ptr": "*bf16", "w2_ptr": "*bf16", "sw": "i32", "b_ptr": "*bf16",
-           "ln_ptr": "*bf16", "y_ptr": "*bf16", "sy": "i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
-           "N": "i32", "K": "i32", "eps": "fp32"}
+           "y_ptr": "*bf16", "sy": "i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}
     for hints in (False, True):
         div = [n for n, t in sig.items() if t.startswith("*") or n in ("sx", "sw", "sy", "N")] if hints else []
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
         for cfg, bm in ((FM.Config(True, 64, 128, 4, 4, 4), 8), (FM.Config(True, 64, 128, 1, 4, 4), 64),
                         (FM.Config(False, 32, 128, 2, 4, 4), 16)):
             consts = dict(KPER=1536 // cfg.split, BM=bm, BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, SWAP=cfg.swap,
-                          STAGES=cfg.stages, EVEN_N=True, EVEN_K=True, HAS_BIAS=False, GLU=False, NORM=False,
-                          RESID=False, PREC="tf32")
+                          STAGES=cfg.stages, EVEN_N=True, EVEN_K=True, HAS_BIAS=False, GLU=False, PREC="tf32")
             src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts,
                             attrs=attrs)
             c = triton.compile(src, target=GPUTarget("cuda", 90, 64),
@@ -237,8 +223,8 @@ def main(argv=None) -> None:
     if args.ptx:
         return ptx_report()
     if args.tiny:  # CPU smoke run under TRITON_INTERPRET=1: small shapes, two copies
-        SHAPES.update(tiny=("mm", 128, 256), tiny_glu=("norm_glu", 64, 256), tiny_res=("res", 64, 256))
-        args.shapes, args.rows, args.copies = ["tiny", "tiny_glu", "tiny_res"], [1, 32], 2
+        SHAPES.update(tiny=("mm", 128, 256), tiny_glu=("glu", 64, 256))
+        args.shapes, args.rows, args.copies = ["tiny", "tiny_glu"], [1, 32], 2
     bw = copy_bandwidth(torch.device("cuda")) if torch.cuda.is_available() else 50e9
     results = sweep(args, bw)
     summary(results, bw)

@@ -38,7 +38,9 @@ backend=fast|hf, merge=copy|in_place|none (generation.lora_merge: how LoRA reach
 merged weight copy), fused=1 (models.fuse_kernels: liger's RMSNorm/SwiGLU/RoPE kernels), pack=1
 (trainer.pack_sequences), gc=layer|none (activation checkpointing), lora=nf4|addmm|peft (model.lora_fused_add; nf4, the default:
 qlora.NF4LoRA on 4-bit layers; addmm: the one-GEMM add there too; peft: off),
-lmhead=triton|torch (lmhead.py's fused log-prob kernels or the plain chunked path), gen=canned; mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl (option gen=canned).
+lmhead=triton|torch (lmhead.py's fused log-prob kernels or the plain chunked path), dtype=fp16|bf16 (the model's
+dtype: fp16 is what a card without bf16 gets, with loss scaling in the update), kernels=auto|conservative|torch
+(generation.kernels: the fast engine's kernel set; conservative is what untuned cards get), gen=canned; mathgrpo-liger (same, loss from liger-kernel's LigerFusedLinearGRPOLoss); trl (option gen=canned).
 prof=1 (mathgrpo and trl, CUDA): one more update (TRL: one more step) after the timed ones, under torch.profiler,
 not counted in the times: its kernel time by kind and the passes it ran (profiling.py), printed and in --out.
 """
@@ -206,7 +208,8 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
                           graphs_captured=getattr(rollout, "captures", None), truncated=int(comp.truncated.sum()),
                           compactions=getattr(rollout, "compactions", None),
                           **{k: round(v, 3) for k, v in held.items()},
-                          **{k: round(upd[k], 6) for k in ("loss", "grad_norm", "kl") if k in upd}))
+                          **{k: round(upd[k], 6) for k in ("loss", "grad_norm", "kl", "skipped_steps", "loss_scale")
+                             if k in upd}))
         print(f"[{args.worker}] step {step}: {json.dumps(steps[-1])}", flush=True)
     backend = "canned" if canned else type(rollout).__name__
     extra = {}
@@ -218,6 +221,8 @@ def run_mathgrpo(args, w: Workload, opts: dict) -> dict:
             extra["profile"] = profile_call(lambda: update_stage(model, optimizer, scheduler, ref, comp, adv, cfg,
                                                                  rollout=rollout), lora_rank=LORA["r"])
         extra["profile"].update(passes.summary())
+    if hasattr(rollout, "plan"):
+        extra["kernel_plan"] = rollout.plan.line()
     return dict(steps=steps, rows=rows, backend=backend, **extra, budget=cfg.trainer.max_tokens_per_microbatch,
                 chunk=cfg.trainer.logprob_chunk_size)
 

@@ -156,7 +156,7 @@ def test_every_key_has_a_doc_and_choices_come_from_the_type():
                     for f in dataclasses.fields(getattr(root, s.name)) if not f.metadata.get("doc")]
     assert not undocumented, f"config keys without a doc (use setting(default, doc)): {undocumented}"
     hints = typing.get_type_hints(type(root.grpo))
-    assert choices(hints["loss_type"]) == ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+    assert choices(hints["loss_type"]) == ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
     assert choices(typing.get_type_hints(type(root.model))["quantization"]) == (None, "nf4")
     assert choices(hints["beta"]) is None
     assert load_config(None, ["grpo.loss_type=dapo"]).grpo.loss_type == "dapo"

@@ -1,6 +1,6 @@
 """The loop on the tiny model with dynamic sampling, a length curriculum, the overlong reward and an entropy-masked
-update together: what each step trains on and logs is checked against direct computations, and a resumed run
-repeats the uninterrupted one."""
+update in two mini-batches with an entropy bonus together: what each step trains on and logs is checked against
+direct computations, and a resumed run repeats the uninterrupted one."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ REWARD = str(Path(__file__).parent / "fixtures" / "user_rewards.py") + ":odd_gol
 OPTS = {"rewards.functions": f"['{REWARD}', overlong]", "rewards.weights": "[1.0, 0.0]", "rewards.overlong_buffer": 3,
         "generation.max_new_tokens": "{0: 6, 3: 10}", "grpo.dynamic_sampling": True,
         "grpo.dynamic_sampling_max_rounds": 3, "grpo.top_entropy_quantile": 0.5, "grpo.beta": 0.0,
-        "grpo.loss_type": "dr_grpo", "trainer.max_steps": 4, "trainer.save_steps": 1, "trainer.save_total_limit": 3,
+        "grpo.loss_type": "dr_grpo", "grpo.mini_batches": 2, "grpo.entropy_coef": 0.01, "trainer.max_steps": 4,
+        "trainer.save_steps": 1, "trainer.save_total_limit": 3,
         "trainer.seed": 1}  # seed 1: steps 3 and 4 draw extra rounds (the resume below redoes them)
 
 

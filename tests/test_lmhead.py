@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mathgrpo import lmhead
-from mathgrpo.loss import LOSS_NORMALIZERS, _ChunkedTokenLogprobs, chunked_token_logprobs, grpo_loss
+from mathgrpo.loss import LOSS_TYPES, _ChunkedTokenLogprobs, chunked_token_logprobs, grpo_loss
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -94,7 +94,7 @@ def test_fused_is_what_chunked_token_logprobs_runs(interpreted, monkeypatch):
     assert not lmhead.enabled(h.double(), w.double())  # fp64 references keep the plain path
 
 
-@pytest.mark.parametrize("loss_type", sorted(LOSS_NORMALIZERS))
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
 def test_loss_and_gradient_equal_for_every_loss_type(interpreted, loss_type):
     h, w, b, ids = _inputs(11, n_rows=4, width=6, bias=False)
     g = torch.Generator().manual_seed(5)
@@ -121,8 +121,9 @@ def test_loss_and_gradient_equal_for_every_loss_type(interpreted, loss_type):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (the GPU machine)")
 @pytest.mark.parametrize("temp", [1.0, 0.6])
-def test_fused_matches_plain_cuda_bf16(temp):
-    h, w, b, ids = _inputs(7, device="cuda", dtype=torch.bfloat16, n_rows=3, width=700, hidden=256, vocab=151936,
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # fp16: cards without bf16 (T4, V100)
+def test_fused_matches_plain_cuda(temp, dtype):
+    h, w, b, ids = _inputs(7, device="cuda", dtype=dtype, n_rows=3, width=700, hidden=256, vocab=151936,
                            bias=False)
     (lf, ef), (lp, ep) = _both(h, w, None, ids, 512, temp, True)
     torch.testing.assert_close(lf, lp, rtol=1e-4, atol=1e-4)

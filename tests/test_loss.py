@@ -10,8 +10,8 @@ import torch
 
 from mathgrpo.advantages import ADVANTAGE_SCALINGS, group_advantages, unscorable_as_nan, zero_std_fraction
 from mathgrpo.loss import (
-    LOSS_NORMALIZERS,
-    POLICY_TERMS,
+    LOSS_TYPES,
+    LossParams,
     bnpo_row_norms,
     chunked_token_logprobs,
     effective_mask,
@@ -20,7 +20,7 @@ from mathgrpo.loss import (
     token_means,
 )
 
-LOSS_TYPES = sorted(LOSS_NORMALIZERS)
+LOSS_TYPE_NAMES = sorted(LOSS_TYPES)
 
 # ----------------------------------------------------------------------------- advantages
 
@@ -222,6 +222,8 @@ def ref_grpo_loss(logp, old, ref, adv, mask, loss_type, eps_low, eps_high, beta,
     toks = sum(row_lens) if token_count is None else token_count
     if loss_type in ("grpo", "sapo"):
         return sum(s / max(k, 1) for s, k in zip(row_sums, row_lens)) / seqs
+    if loss_type == "luspo":  # per-sequence token sums, averaged over sequences
+        return sum(row_sums) / seqs
     if loss_type in ("bnpo", "dapo", "cispo"):
         return sum(row_sums) / max(toks, 1)
     if loss_type == "dr_grpo":
@@ -242,7 +244,7 @@ def make_batch(seed=0, n=4, t=6):
     return logp, old, ref, adv, mask
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPE_NAMES)
 @pytest.mark.parametrize("beta,bias_correction", [(0.0, True), (0.04, True), (0.04, False)])
 def test_grpo_loss_matches_reference(loss_type, beta, bias_correction):
     logp, old, ref, adv, mask = make_batch()
@@ -298,11 +300,19 @@ def test_bias_correction_changes_only_the_kl_gradient_on_policy():
     torch.testing.assert_close(grads[0][1] - grads[1][1], 0.04 * kl / mask.sum(), atol=1e-7, rtol=1e-5)
 
 
-def test_policy_terms_cover_every_loss_type():
-    assert set(POLICY_TERMS) == set(LOSS_NORMALIZERS) >= {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"}
+def test_every_trl_loss_type_is_defined_and_params_and_keywords_are_one_call():
+    assert set(LOSS_TYPES) >= {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"}
+    logp, old, ref, adv, mask = make_batch()
+    by_keywords = grpo_loss(logp, old, ref, adv, mask, loss_type="dapo", beta=0.1, epsilon_high=0.28)[0]
+    by_params = grpo_loss(logp, old, ref, adv, mask, LossParams(loss_type="dapo", beta=0.1, epsilon_high=0.28))[0]
+    assert by_keywords.item() == by_params.item()
+    with pytest.raises(TypeError, match="not both"):
+        grpo_loss(logp, old, ref, adv, mask, LossParams(), beta=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        grpo_loss(logp, old, ref, adv, mask, epsilon_hi=0.3)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPE_NAMES)
 def test_logp_old_none_means_ratio_one(loss_type):
     logp, _, ref, adv, mask = make_batch(1)
     x = logp.clone().requires_grad_()
@@ -328,7 +338,7 @@ def test_beta_needs_reference_and_dr_grpo_needs_length():
         grpo_loss(logp, old, ref, adv[:3], mask)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPE_NAMES)
 def test_mask_truncated_zeroes_rows(loss_type):
     logp, old, ref, adv, mask = make_batch(2)
     truncated = torch.tensor([True, False, False, True])
@@ -350,7 +360,7 @@ def test_mask_truncated_zeroes_rows(loss_type):
     assert z.grad[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPE_NAMES)
 def test_micro_batch_accumulation_equals_full_batch(loss_type):
     logp, old, ref, adv, mask = make_batch(3)
     truncated = torch.tensor([False, False, True, False])

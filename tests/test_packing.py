@@ -7,7 +7,7 @@ import torch
 from helpers import random_lora_b
 
 from mathgrpo.config import Config, ModelConfig
-from mathgrpo.loss import LOSS_NORMALIZERS
+from mathgrpo.loss import LOSS_TYPES
 from mathgrpo.packing import ATTN_NAME, pack_rows, packed_microbatches, set_packed_attention
 
 VOCAB = 97
@@ -130,7 +130,7 @@ def _update(pack: bool, loss_type: str, iters: int, checkpointing: bool, budget:
     return m, grads
 
 
-@pytest.mark.parametrize("loss_type", sorted(LOSS_NORMALIZERS))
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
 @pytest.mark.integration
 def test_packed_update_equals_padded_for_every_loss_type(loss_type):
     # grpo_loss computes in fp32 and the two layouts split the rows into different micro-batches, so the sums

@@ -73,6 +73,8 @@ def test_deepscaler_preset_is_a_valid_config_with_the_scripts_numbers():
     g = cfg.generation
     assert (g.max_new_tokens, g.temperature, cfg.prompt.max_prompt_tokens) == (8192, 0.6, 1024)
     assert (cfg.grpo.num_generations, cfg.grpo.beta, cfg.trainer.learning_rate) == (8, 0.001, 1e-6)
+    # train_batch_size=128 prompts, ppo_mini_batch_size=64: two optimizer steps per rollout; entropy_coeff=0.001
+    assert (cfg.trainer.prompts_per_step, cfg.grpo.mini_batches, cfg.grpo.entropy_coef) == (128, 2, 0.001)
     assert cfg.data.source == DEEPSCALER_8K["data"]["source"] and set(PRESETS) == {"demo", "notebook", "deepscaler-8k"}
 
 

@@ -366,7 +366,7 @@ def test_rewardset_reports_batch_only_failure():
         (7.0, "returned float, expected a list of 3"),
         ([1.0, float("nan"), 0.0], "'bad' returned nan at example 1"),
         ([1.0, 0.0, float("inf")], "'bad' returned inf at example 2"),
-        ([1.0, "yes", 0.0], "'bad' returned non-numeric 'yes' at example 1"),
+        ([1.0, "yes", 0.0], "'bad' returned 'yes' \\(str\\) at example 1: rewards are real numbers"),
     ],
 )
 def test_rewardset_rejects_bad_outputs(returned, message):

@@ -17,6 +17,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 from mathgrpo.rollout.base import SamplingConfig
 from mathgrpo.rollout.fast import FastRollout
+from mathgrpo.rollout.fast_plan import plan_for
 from mathgrpo.rollout.fast_sampling import compiled_pick, pick, sample
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
@@ -95,7 +96,8 @@ def _one_thread():
 ])
 def test_greedy_matches_hf_generate(kind, opts, device):
     model, tok = tiny_model(kind, device), char_tokenizer()
-    eng = FastRollout(model, tok, **opts)
+    plan = plan_for(device, kv_bucket=opts.pop("kv_bucket")) if "kv_bucket" in opts else None
+    eng = FastRollout(model, tok, plan=plan, **opts)
     out = eng.generate(PROMPTS, n=2, sampling=GREEDY)
     want = [hf_greedy(model, p, 12) for p in PROMPTS for _ in range(2)]
     assert rows_of(out) == want
@@ -210,16 +212,21 @@ def _reference_probs(logits: torch.Tensor, t: float, k: int, p: float) -> torch.
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("t,k,p", [(0.7, 0, 1.0), (1.0, 3, 1.0), (1.3, 0, 0.8), (1.0, 5, 0.6)])
-def test_sampler_distribution(t, k, p, device):
+@pytest.mark.parametrize("t,k,p,min_p", [(0.7, 0, 1.0, 0.0), (1.0, 3, 1.0, 0.0), (1.3, 0, 0.8, 0.0),
+                                         (1.0, 5, 0.6, 0.0), (1.0, 0, 1.0, 0.2), (0.7, 6, 0.9, 0.2)])
+def test_sampler_distribution(t, k, p, min_p, device):
     torch.manual_seed(0)
     logits = (torch.randn(8) * 1.5).to(device)
     n = 60000
     g = torch.Generator(device).manual_seed(1)
     pick_fn = compiled_pick() if device == "cuda" else pick  # the engine compiles it on CUDA
-    tok, lp = sample(logits.expand(n, 8), SamplingConfig(temperature=t, top_k=k, top_p=p), g, pick_fn)
+    tok, lp = sample(logits.expand(n, 8), SamplingConfig(temperature=t, top_k=k, top_p=p, min_p=min_p), g, pick_fn)
     freq = torch.bincount(tok, minlength=8).double().cpu() / n
     ref = _reference_probs(logits.cpu(), t, k, p)
+    if min_p:  # then min-p: tokens below min_p x the top kept probability go
+        ref = torch.where(ref < min_p * ref.max(), torch.zeros_like(ref), ref)
+        ref = ref / ref.sum()
+        assert (ref == 0).sum() > (_reference_probs(logits.cpu(), t, k, p) == 0).sum()  # min-p drops something
     assert (freq[ref == 0] == 0).all()
     assert (freq - ref).abs().max() < 0.01
     torch.testing.assert_close(lp, torch.log_softmax(logits / t, -1)[tok])
@@ -337,7 +344,8 @@ def test_describe_names_the_path_and_weight_plan():
     tok = char_tokenizer()
     d = FastRollout(tiny_model("qwen2"), tok).describe()
     assert d["attention"] == "sdpa" and not d["cuda_graphs"]  # CPU: the reference path, eagerly
-    assert d["matmuls"] == "cuBLAS + reference ops"  # fast_linear's kernels run on the triton path only
+    assert d["matmuls"] == "cuBLAS + reference ops"  # fast_matmul's kernels run on the triton path only
+    assert d["kernels"] == "torch" and d["plan"].startswith("kernels torch on CPU") and d["fallbacks"] == []
     assert d["weights"]["qkv"] == "model's own tensors (separate matmuls)" and d["weights"]["o"] == "model's own tensors"
     assert FastRollout(tiny_model("qwen2"), tok, fuse_weights=True).describe()["weights"]["gate_up"] == "owned fused copy"
     pm = _lora(tiny_model("qwen2"), seed=0)

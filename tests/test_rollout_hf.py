@@ -66,3 +66,27 @@ def test_unmerged_and_ignore_eos_truncation(tiny_model_dir):
     assert comp.completion_mask.all() and comp.truncated.all() and comp.completion_ids.shape == (3, 5)
     again = r.generate([[1, 2, 3]], 3, SamplingConfig(max_new_tokens=5, temperature=1.0, ignore_eos=True, seed=0))
     assert torch.equal(comp.completion_ids, again.completion_ids)  # seeded
+
+
+def test_min_p_and_repetition_penalty_reach_generate(tiny_model_dir, monkeypatch):
+    """TRL's min_p and repetition_penalty: the hf backend hands them to transformers' generate (its processors);
+    the fast engine samples min_p itself (test_rollout_fast) and refuses a repetition penalty, so auto picks hf."""
+    import pytest
+
+    from mathgrpo.config import GenerationConfig
+    from mathgrpo.rollout import make_rollout, sampling_from
+    from mathgrpo.rollout.fast_sampling import check_sampling
+
+    model, tok = _lora_model(tiny_model_dir)
+    r = HFRollout(model, tok, merge_lora=False)
+    seen = []
+    orig = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw) or orig(**kw))
+    gen = GenerationConfig(min_p=0.1, repetition_penalty=1.3, temperature=1.0, max_new_tokens=4)
+    r.generate([[1, 2, 3]], 2, sampling_from(gen, seed=0))
+    assert seen[-1]["min_p"] == 0.1 and seen[-1]["repetition_penalty"] == 1.3
+    r.generate([[1, 2, 3]], 2, SamplingConfig(max_new_tokens=4, temperature=1.0, seed=0))
+    assert "min_p" not in seen[-1] and "repetition_penalty" not in seen[-1]  # off: generate's own defaults
+    assert isinstance(make_rollout(gen, model, tok), HFRollout)  # auto: the engine applies no repetition penalty
+    with pytest.raises(ValueError, match="repetition_penalty=1.3: the fast engine does not apply"):
+        check_sampling(sampling_from(gen))

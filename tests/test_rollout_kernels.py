@@ -1,4 +1,5 @@
-"""The `fast` engine's Triton decode kernels (rollout/fast_kernels.py, fast_linear.py) against the reference path.
+"""The `fast` engine's Triton decode kernels (rollout/fast_kernels.py, fast_matmul.py, fast_draw.py) against the
+reference path, and the kernel plan that picks them (fast_plan.py).
 
 They run on a GPU, or on CPU under Triton's interpreter:
     TRITON_INTERPRET=1 PYTHONPATH=src pytest tests/test_rollout_kernels.py
@@ -17,6 +18,7 @@ from mathgrpo.rollout import fast_kernels as K
 from mathgrpo.rollout.base import SamplingConfig
 from mathgrpo.rollout.fast import FastRollout
 from mathgrpo.rollout.fast_forward import _rope
+from mathgrpo.rollout.fast_plan import plan_for
 from test_rollout_fast import GREEDY, PROMPTS, _lora, char_tokenizer, hf_greedy, rows_of, tiny_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,59 +84,6 @@ def test_rope_write_matches_reference(dtype, norm):
     assert torch.equal(vc[:, :, untouched], vc0[:, :, untouched]) and torch.equal(vc[B:], vc0[B:])
 
 
-def _reference(qkv, cos, sin, pos, qn, kn, eps, kc, vc, pad, col: int, H: int, KV: int, D: int):
-    """Torch: Qwen3 q/k norms (as HF: normalise in fp32, round, scale), RoPE, k/v written at `col` into kc, vc
-    (in place), attention over each row's columns [pad_b, col] in float64; rows without columns: None."""
-    B, dtype = qkv.shape[0], qkv.dtype
-    q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
-    qq, kk = q.unflatten(-1, (H, D)), k.unflatten(-1, (KV, D))
-    if qn is not None:
-        qq = F.rms_norm(qq.float(), (D,), None, eps).to(dtype) * qn
-        kk = F.rms_norm(kk.float(), (D,), None, eps).to(dtype) * kn
-    c, s = cos[pos][:, None].float(), sin[pos][:, None].float()
-    qr = _rope(qq.float(), c, s)
-    kc[:B, :, col] = _rope(kk.float(), c, s).to(dtype)
-    vc[:B, :, col] = v.unflatten(-1, (KV, D))
-    return [F.scaled_dot_product_attention(qr[b].double().reshape(KV, H // KV, D), kc[b, :, p:col + 1].double(),
-                                           vc[b, :, p:col + 1].double(), scale=D ** -0.5).reshape(-1)
-            if p <= col else None for b, p in enumerate(pad.tolist())]
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("H,KV,D,norm", [(4, 2, 16, False), (4, 4, 32, True), pytest.param(
-    12, 2, 128, False, marks=pytest.mark.skipif(DEV == "cpu", reason="minutes in the interpreter"))])
-def test_rope_attend_matches_reference(dtype, H, KV, D, norm):
-    """RoPE + KV write + flash-decoding + merge in one launch against torch: the cache writes and the output, for
-    one split, several (some past the filled length), a row whose padding ends inside a block, on a block edge,
-    covers most of the row, or every column (an unused graph slot: zeros)."""
-    g = torch.Generator().manual_seed(H + D)
-    rows, cap, B = 6, 300, 5
-    kc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
-    vc = torch.randn(rows, KV, cap, D, generator=g).to(DEV, dtype)
-    qkv = torch.randn(B, (H + 2 * KV) * D, generator=g).to(DEV, dtype)
-    cos, sin = (torch.randn(cap, D, generator=g).to(DEV, dtype) for _ in range(2))
-    qn, kn = ((torch.rand(D, generator=g) + 0.5).to(DEV, dtype) if norm else None for _ in range(2))
-    pos = torch.tensor([5, 17, 49, 0, 299], device=DEV)
-    for col, pad_last, splits, min_chunk in [(0, 0, 1, 16), (63, 250, 4, 16), (255, 0, 2, 64), (270, 280, 8, 32),
-                                             (299, 0, 64, 16), (299, 130, 8, 64)]:  # (299, 8, 64): 4 of 8 in use
-        pad = torch.tensor([0, 3, 64, 130, pad_last], device=DEV)
-        kr, vr, kk, vv = kc.clone(), vc.clone(), kc.clone(), vc.clone()
-        want = _reference(qkv, cos, sin, pos, qn, kn, 1e-6, kr, vr, pad, col, H, KV, D)
-        live = torch.tensor([w is not None for w in want], device=DEV)
-        for _ in range(2):  # twice: the merge counters are back at zero after a launch
-            got = K.rope_attend(qkv, cos, sin, pos, qn, kn, 1e-6, kk, vv, pad, torch.tensor([col], device=DEV),
-                                D ** -0.5, H, splits, block_n=16, min_chunk=min_chunk)
-            assert got.shape == (B, H * D) and got.dtype == dtype
-            assert _rel(got[live], torch.stack([w for w in want if w is not None])) < TOL[dtype], (col, splits)
-            assert (got[~live] == 0).all()
-            assert _rel(kk[:B][live], kr[:B][live]) < TOL[dtype] and torch.equal(vv[:B][live], vr[:B][live])
-            other = torch.ones(cap, dtype=torch.bool)
-            other[col] = False
-            assert torch.equal(kk[:, :, other], kc[:, :, other]) and torch.equal(vv[B:], vc[B:])
-    assert int(K._COUNTERS[qkv.device].abs().sum()) == 0
-
-
 def test_splits_cover_the_gpu():
     assert K.splits_for(1, 2, torch.device("cpu")) == 16
     assert K.splits_for(256, 2, torch.device("cpu")) == 1
@@ -145,15 +94,15 @@ def test_splits_cover_the_gpu():
 def test_path_selection(monkeypatch):
     model, tok = tiny_model("llama", DEV), char_tokenizer()
     assert FastRollout(model, tok).attention == ("triton" if DEV == "cuda" and K.triton else "sdpa")
-    assert FastRollout(model, tok, attention="sdpa").attention == "sdpa"
+    assert FastRollout(model, tok, plan=plan_for(DEV, attention="sdpa")).attention == "sdpa"
     monkeypatch.setattr(K, "triton", None)  # torch alone: the reference path, and a clear error when forced
     assert FastRollout(model, tok).attention == "sdpa"
     with pytest.raises(ValueError, match="attention='triton' needs Triton"):
-        FastRollout(model, tok, attention="triton")
+        plan_for(DEV, attention="triton")
     with pytest.raises(ValueError, match="attention must be"):
-        FastRollout(model, tok, attention="flash")
-    with pytest.raises(ValueError, match="fused_linear=True needs the triton attention path"):
-        FastRollout(model, tok, attention="sdpa", fused_linear=True)
+        plan_for(DEV, attention="flash")
+    with pytest.raises(ValueError, match="table needs the triton attention path"):
+        plan_for(DEV, attention="sdpa", matmul="table")
     from mathgrpo.config import GenerationConfig
     from mathgrpo.rollout import make_rollout
 
@@ -173,10 +122,10 @@ def test_path_selection(monkeypatch):
 ])
 def test_greedy_matches_hf_generate_on_kernels(kind, opts):
     model, tok = tiny_model(kind, DEV), char_tokenizer()
-    eng = FastRollout(model.to(opts.get("dtype", torch.float32)), tok, attention="triton", **opts)
+    eng = FastRollout(model.to(opts.get("dtype", torch.float32)), tok, plan=plan_for(DEV, attention="triton"), **opts)
     out = eng.generate(PROMPTS, n=2, sampling=GREEDY)
     if "dtype" in opts:  # fp16 weights: compare with the reference path at the same precision
-        ref = FastRollout(model, tok, attention="sdpa", **opts).generate(PROMPTS, n=2, sampling=GREEDY)
+        ref = FastRollout(model, tok, plan=plan_for(DEV, "torch"), **opts).generate(PROMPTS, n=2, sampling=GREEDY)
         assert rows_of(out) == rows_of(ref)
         return
     assert rows_of(out) == [hf_greedy(model, p, 12) for p in PROMPTS for _ in range(2)]
@@ -188,7 +137,7 @@ def test_greedy_matches_hf_generate_on_kernels(kind, opts):
 @pytest.mark.parametrize("merge", ["copy", "none"])
 def test_lora_logprobs_on_kernels(merge):
     pm, tok = _lora(tiny_model("qwen2", DEV), seed=3), char_tokenizer()
-    out = FastRollout(pm, tok, lora_merge=merge, attention="triton").generate(
+    out = FastRollout(pm, tok, lora_merge=merge, plan=plan_for(DEV, attention="triton")).generate(
         PROMPTS[:2], 2, SamplingConfig(max_new_tokens=8, seed=0))
     for i, prompt in enumerate(out.prompt_ids):
         n = int(out.lengths[i])
@@ -199,10 +148,10 @@ def test_lora_logprobs_on_kernels(merge):
         torch.testing.assert_close(out.logprobs[i, :n], want, atol=2e-4, rtol=1e-4)
 
 
-# ----- fast_matmul: the skinny-matmul kernel; fast_linear: its fused forms; the engine's table ---------------
+# ----- fast_matmul: the skinny-matmul kernel and the engine's table -----------------------------------------
 
-from mathgrpo.rollout import fast_linear as FL  # noqa: E402
 from mathgrpo.rollout import fast_matmul as FM  # noqa: E402
+from mathgrpo.rollout.fast_forward import glu_weights  # noqa: E402
 
 C = FM.Config
 # W as the left operand or x; split-K 1, 3 and 4 (uneven slices and an empty one when K is not a multiple)
@@ -217,18 +166,14 @@ def _rand(g, *shape, dtype, scale=1.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,N,Kd", [(1, 64, 256), (5, 40, 200), (16, 96, 128), (33, 64, 192)])
 def test_skinny_matmul_matches_reference(dtype, M, N, Kd):
-    """Every form of the kernel against float64 torch: plain + bias, RMSNorm prologue, SwiGLU, residual add."""
+    """Both forms of the kernel against float64 torch: plain + bias, SwiGLU."""
     g = torch.Generator().manual_seed(M * N)
     x, w, w2 = _rand(g, M, Kd, dtype=dtype, scale=3.0), _rand(g, N, Kd, dtype=dtype, scale=0.1), _rand(
         g, N, Kd, dtype=dtype, scale=0.1)
-    b, ln, r0 = _rand(g, N, dtype=dtype), (torch.rand(Kd, generator=g) + 0.5).to(DEV, dtype), _rand(g, M, N, dtype=dtype)
+    b = _rand(g, N, dtype=dtype)
     xd, wd, w2d = x.double(), w.double(), w2.double()
-    h = F.rms_norm(xd, (Kd,), ln.double(), 1e-6)
     cases = {
         "plain": (lambda c: FM.launch(x, w, b, c), F.linear(xd, wd, b.double())),
-        "norm": (lambda c: FM.launch(x, w, b, c, ln=ln, eps=1e-6), F.linear(h, wd, b.double())),
-        "norm_glu": (lambda c: FM.launch(x, w, None, c, w2=w2, ln=ln, eps=1e-6),
-                     F.silu(F.linear(h, wd)) * F.linear(h, w2d)),
         "glu": (lambda c: FM.launch(x, w, None, c, w2=w2), F.silu(F.linear(xd, wd)) * F.linear(xd, w2d)),
     }
     for cfg in CONFIGS * 2:  # twice: the split-K arrival counters must be back at zero after every launch
@@ -236,148 +181,112 @@ def test_skinny_matmul_matches_reference(dtype, M, N, Kd):
             got = run(cfg)
             assert got.shape == (M, N) and got.dtype == dtype
             assert _rel(got, want) < TOL[dtype], (name, cfg)
-        r = r0.clone()
-        out = FM.launch(x, w, b, cfg, residual=r)
-        assert out.data_ptr() == r.data_ptr()  # in place
-        assert _rel(r, r0.double() + F.linear(xd, wd, b.double())) < TOL[dtype], ("residual", cfg)
     assert int(K._COUNTERS[x.device].abs().sum()) == 0
-    with pytest.raises(ValueError, match="residual must be"):
-        FM.launch(x, w, None, CONFIGS[0], residual=r0.t())
+    with pytest.raises(ValueError, match="same shape and strides"):
+        FM.launch(x, w, None, CONFIGS[0], w2=w2[:, :-1])
 
 
-def test_table_lookup_and_fallbacks(monkeypatch):
+def test_table_lookup_and_fallbacks():
     """One table decides: exact (kind, N, K, row bucket) entries, cuBLAS for anything else (and for fp32)."""
     assert [FM.bucket(m) for m in (1, 2, 8, 9, 16, 17, 33, 64, 65)] == [1, 8, 8, 16, 16, 32, 64, 64, 0]
     cfg = C(True, 64, 128, 1, 4, 4)
-    monkeypatch.setattr(FM, "TABLE", {("mm", 96, 128, 8): cfg})
-    assert FM.choose("mm", 5, 96, 128) == cfg and FM.choose("mm", 9, 96, 128) is None
-    assert FM.choose("mm", 5, 96, 256) is None and FM.choose("glu", 5, 96, 128) is None
+    table = {("mm", 96, 128, 8): cfg}
+    assert FM.choose("mm", 5, 96, 128, table) == cfg and FM.choose("mm", 9, 96, 128, table) is None
+    assert FM.choose("mm", 5, 96, 256, table) is None and FM.choose("glu", 5, 96, 128, table) is None
     x, w = torch.randn(5, 128), torch.randn(96, 128)
     assert not FM.usable(x, w)  # fp32 takes cuBLAS (and on CPU without the interpreter nothing runs)
-    torch.testing.assert_close(FM.linear(x, w), F.linear(x, w))
-    assert FM.glu(x, w, w) is None
-    c = FM.default_config(2048, 1536)
-    assert 1536 % (c.bk * c.split) == 0 and c.split * -(-2048 // c.bn) >= 128
+    torch.testing.assert_close(FM.linear(x, w, table=table), F.linear(x, w))
+    assert FM.glu(x, w, w, table=table) is None
 
 
-def test_fused_linear_groups():
-    """Which groups the fused kernels take: LoRA pairs, per-use dequantisation, gate/up biases fall back."""
+def test_glu_weights():
+    """Which gate/up pairs take the SwiGLU epilogue: LoRA pairs, per-use dequantisation, non-SiLU fall back."""
     from mathgrpo.rollout.fast_weights import extract
 
     w = extract(tiny_model("qwen2"))
-    assert all(FL.plain(L, w.act) == dict(qkv=True, o=True, gate_up=True, down=True) for L in w.layers)
-    assert FL.gate_up_of(w.layers[0])[0].shape == w.layers[0].gate_up[0].shape  # separate tensors as they are
+    gate, up = glu_weights(w.layers[0], w.act)
+    assert gate.shape == w.layers[0].gate_up[0].shape  # separate tensors as they are
     wn = extract(_lora(tiny_model("qwen2"), seed=1), lora_merge="none")
-    assert FL.plain(wn.layers[0], wn.act) == dict(qkv=False, o=False, gate_up=False, down=False)
-    d = FL.describe(wn, torch.device("cpu"), force=True)
-    assert {v for row in d.values() for v in row.values()} == {"cuBLAS"}
+    assert glu_weights(wn.layers[0], wn.act) is None
     wf = extract(tiny_model("qwen2"), fuse=True)
-    gate, up = FL.gate_up_of(wf.layers[0])  # halves of the fused owned copy
+    gate, up = glu_weights(wf.layers[0], wf.act)  # halves of the fused owned copy
     assert gate.shape == up.shape and up.data_ptr() > gate.data_ptr()
-    assert FL.plain(wf.layers[0], torch.nn.GELU())["gate_up"] is False  # SwiGLU only
+    assert glu_weights(wf.layers[0], torch.nn.GELU()) is None  # SwiGLU only
 
 
 def _tiny_table(w) -> dict:
-    """fast_matmul.TABLE entries for the tiny model's shapes at <= 16 rows (the fused forms) and 32 (plain)."""
+    """fast_matmul.TABLE-style entries for the tiny model's shapes at <= 8 rows and 32 (cuBLAS at 16)."""
     L, t = w.layers[0], {}
-    gate = FL.gate_up_of(L)[0]
-    for b in (1, 8, 16):
-        t.update({("norm", *q.shape, b): CONFIGS[b % 3] for q in L.qkv})
-        t[("norm_glu", *gate.shape, b)] = CONFIGS[1]
-        t.update({("res", *m.shape, b): CONFIGS[(b + 1) % 3] for m in (L.o, L.down)})
-    t.update({("mm", *m.shape, 32): CONFIGS[2] for m in (*L.qkv, L.o, L.down)})
-    t[("glu", *gate.shape, 32)] = CONFIGS[3]
+    gate = glu_weights(L, w.act)[0]
+    for b in (1, 8, 32):
+        t.update({("mm", *m.shape, b): CONFIGS[b % 3] for m in (*L.qkv, L.o, L.down)})
+        t[("glu", *gate.shape, b)] = CONFIGS[3]
     return t
 
 
 def test_matmul_path_selection():
     model, tok = tiny_model("qwen3"), char_tokenizer()
-    assert FastRollout(model, tok, attention="sdpa").describe()["matmuls"] == "cuBLAS + reference ops"
-    if K.triton is not None:
-        assert FastRollout(model, tok, attention="sdpa").matmul == "cublas"
-    with pytest.raises(ValueError, match="fused_linear=True needs the triton attention path"):
-        FastRollout(model, tok, attention="sdpa", fused_linear=True)
+    assert FastRollout(model, tok, plan=plan_for("cpu", attention="sdpa")).describe()["matmuls"] == \
+        "cuBLAS + reference ops"
 
 
 @needs_kernels
-@pytest.mark.parametrize("fused_linear,rows", [(None, (2, 6)), (True, (2,)), (False, (2,))])
-def test_engine_matmul_paths_match_reference_path(monkeypatch, fused_linear, rows):
-    """Sampled tokens and log-probs of the engine on each matmul path (the table's kernels: fused at <= 16 rows,
-    plain at 32; every group forced onto the fused kernels; cuBLAS) against the SDPA / cuBLAS reference path,
-    and which kernel forms actually ran."""
+@pytest.mark.parametrize("matmul", ["table", "cublas"])
+def test_engine_matmul_paths_match_reference_path(monkeypatch, matmul):
+    """Sampled tokens and log-probs of the engine on each matmul path (a table's kernels at 8 and 24 rows, the
+    latter from its 32-row bucket; cuBLAS everywhere) against the SDPA / cuBLAS reference path, and which kernel forms
+    actually ran."""
     model, tok = tiny_model("qwen3", DEV), char_tokenizer()
     s = SamplingConfig(max_new_tokens=6, seed=4)
-    eng = FastRollout(model, tok, attention="triton", fused_linear=fused_linear, fuse_weights=True, max_batch=24)
-    monkeypatch.setattr(FM, "TABLE", _tiny_table(eng.w))
     monkeypatch.setattr(FM, "DTYPES", (torch.float32, torch.float16, torch.bfloat16))  # the tiny model is fp32
     ran, launch = [], FM.launch
 
-    def counted(x, w, b, cfg, w2=None, out=None, ln=None, eps=0.0, residual=None):
-        ran.append(("norm" if ln is not None else "") + ("glu" if w2 is not None else "")
-                   + ("res" if residual is not None else "") or "mm")
-        return launch(x, w, b, cfg, w2, out, ln, eps, residual)
+    def counted(x, w, b, cfg, w2=None, out=None, prefetch=0):
+        ran.append((x.shape[0], "glu" if w2 is not None else "mm"))
+        return launch(x, w, b, cfg, w2, out, prefetch)
 
     monkeypatch.setattr(FM, "launch", counted)
+    probe = FastRollout(model, tok, fuse_weights=True, plan=plan_for(DEV, "torch"))
+    table = _tiny_table(probe.w)
+    plan = plan_for(DEV, attention="triton", sampler="torch", matmul=matmul, table=table if matmul == "table" else {})
+    eng = FastRollout(model, tok, fuse_weights=True, max_batch=24, plan=plan)
     d = eng.describe()["matmuls"]
-    if fused_linear is False:
+    if matmul == "cublas":
         assert d == "cuBLAS + reference ops"
     else:
-        assert d["qkv"]["<=8 rows"].startswith("RMSNorm + matmul, triton")
-        assert d["gate_up"]["<=16 rows"].startswith("RMSNorm + matmul + SwiGLU, triton")
-        assert d["down"]["<=8 rows"].startswith("matmul + residual, triton") and d["o"][">64 rows"] == "cuBLAS"
-    ref = FastRollout(model, tok, attention="sdpa")
-    for n in rows:  # 8 rows: the fused layers; 24 (the table): its plain kernels at 32 rows
+        assert d["qkv"]["<=8 rows"].startswith("triton") and d["qkv"]["<=16 rows"] == "cuBLAS"
+        assert d["gate_up"]["<=8 rows"].startswith("matmul + SwiGLU, triton") and d["o"][">64 rows"] == "cuBLAS"
+    ref = FastRollout(model, tok, plan=plan_for(DEV, "torch"))
+    for n, rows in ((2, 8), (6, 24)) if matmul == "table" else ((2, 8),):  # decode batches of 8 and 24 rows
         ran.clear()
         out, want = eng.generate(PROMPTS, n, s), ref.generate(PROMPTS, n, s)
         assert rows_of(out) == rows_of(want)
         torch.testing.assert_close(out.logprobs, want.logprobs, atol=1e-4, rtol=1e-4)
-        expect = (set() if fused_linear is False else {"norm", "normglu", "res"} if n == 2 or fused_linear
-                  else {"mm", "glu"})
-        assert set(ran) == expect, (n, set(ran))
+        expect = set() if matmul == "cublas" else {(rows, "mm"), (rows, "glu")}
+        assert {(m, k) for m, k in ran if m == rows} == expect and all(m == rows for m, _ in ran), (n, set(ran))
     assert all(int(c.abs().sum()) == 0 for c in K._COUNTERS.values())  # every arrival counter reset
 
 
-# ----- launch variants: one-launch attention (fast_kernels.ATTEND), programmatic dependent launch -----------
-
-@needs_kernels
-@pytest.mark.parametrize("kind,opts", [("qwen3", {"fuse_weights": True}), ("qwen2", {"lora": True})])
-def test_one_launch_attention_matches_the_pair(monkeypatch, kind, opts):
-    """ATTEND["one_launch"]: the engine takes rope_attend (RoPE, KV write, attention, merge in one kernel) where the
-    q/k/v projection is one output (fused weights; LoRA's sum): same tokens and log-probs as rope_write + attend."""
-    model, tok = tiny_model(kind, DEV), char_tokenizer()
-    if opts.pop("lora", False):
-        model = _lora(model, seed=5)
-    s = SamplingConfig(max_new_tokens=10, seed=2)
-    want = FastRollout(model, tok, attention="triton", **opts).generate(PROMPTS, 2, s)
-    calls, fused = [], K.rope_attend
-    monkeypatch.setattr(K, "rope_attend", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    monkeypatch.setitem(K.ATTEND, "one_launch", True)
-    got = FastRollout(model, tok, attention="triton", **opts).generate(PROMPTS, 2, s)
-    assert calls, "rope_attend was not called"
-    assert rows_of(got) == rows_of(want)
-    torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)
-
+# ----- programmatic dependent launch ----------------------------------------------------------------------------
 
 def test_pdl_selection():
     model, tok = tiny_model("qwen2", DEV), char_tokenizer()
     can = K.supports_pdl(torch.device(DEV))
     assert FastRollout(model, tok).describe()["pdl"] == (can and FastRollout(model, tok).attention == "triton")
-    assert FastRollout(model, tok, attention="sdpa").pdl is False
+    assert plan_for(DEV, attention="sdpa").pdl is False
     if not can:
         with pytest.raises(ValueError, match="pdl=True needs"):
-            FastRollout(model, tok, pdl=True)
+            plan_for(DEV, pdl=True)
 
 
 @pytest.mark.skipif(not (DEV == "cuda" and K.supports_pdl(torch.device(DEV))), reason="needs a Hopper-class GPU")
-@pytest.mark.parametrize("one", [False, True])
-def test_pdl_matches_serial_launches(monkeypatch, one):
+def test_pdl_matches_serial_launches():
     """Under CUDA graphs, kernels launched with PDL (each waiting on griddepcontrol before touching memory) give
-    the very tokens and log-probs of plain serial launches, on the table's kernels and on one-launch attention."""
-    monkeypatch.setitem(K.ATTEND, "one_launch", one)
+    the very tokens and log-probs of plain serial launches, on the table's kernels."""
     model, tok = tiny_model("qwen2", DEV), char_tokenizer()
     s = SamplingConfig(max_new_tokens=24, seed=7)
-    outs = [FastRollout(model.to(torch.bfloat16), tok, pdl=p, fuse_weights=True).generate(PROMPTS, 4, s)
-            for p in (False, True)]
+    outs = [FastRollout(model.to(torch.bfloat16), tok, fuse_weights=True, plan=plan_for(DEV, "auto", pdl=p))
+            .generate(PROMPTS, 4, s) for p in (False, True)]
     assert rows_of(outs[0]) == rows_of(outs[1])
     torch.testing.assert_close(outs[0].logprobs, outs[1].logprobs, atol=0, rtol=0)
 
@@ -419,7 +328,7 @@ def test_engine_draws_with_the_kernel():
     """sampler='triton': greedy equals HF generate; sampled tokens' log-probs equal the model's forward."""
     model, tok = tiny_model("qwen2", DEV), char_tokenizer()
     calls, real = [], fast_draw.draw
-    eng = FastRollout(model, tok, attention="triton", sampler="triton")
+    eng = FastRollout(model, tok, plan=plan_for(DEV, attention="triton", sampler="triton"))
     eng._draw = lambda *a, **k: calls.append(1) or real(*a, **k)
     assert eng.describe()["sampler"] == "triton"
     out = eng.generate(PROMPTS, n=1, sampling=GREEDY)
@@ -433,4 +342,4 @@ def test_engine_draws_with_the_kernel():
         torch.testing.assert_close(out.logprobs[i, :n], logp.gather(1, ids[0, len(prompt):, None])[:, 0].cpu(),
                                    atol=2e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="sampler must be"):
-        FastRollout(model, tok, sampler="gumbel")
+        plan_for(DEV, sampler="gumbel")

@@ -207,12 +207,40 @@ def test_unknown_and_unsupported_options_are_named():
     assert cfg.ignored_options == {"optim": "adamw_8bit", "vllm_mode": "server"}
     with pytest.warns(TRLCompatWarning, match="use_vllm=True: mathgrpo generates with its own engine"):
         GRPOConfig(use_vllm=True)
-    with pytest.raises(ValueError, match="delta=2.0"):
-        GRPOConfig(delta=2.0)
+    with pytest.raises(ValueError, match="use_adaptive_entropy=True"):
+        GRPOConfig(use_adaptive_entropy=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # TRL defaults ask for nothing different: no warning
         GRPOConfig(use_vllm=False, optim="adamw_torch", importance_sampling_level="token", shuffle_dataset=True,
                    use_bias_correction_kl=True, disable_dropout=False)
+
+
+def test_published_recipe_options_map_to_the_native_keys():
+    """TRL's mini-batches, entropy bonus, two-sided clip, off-policy mask, vLLM correction and min_p /
+    repetition_penalty sampling: mapped, not refused or ignored."""
+    cfg = GRPOConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2, steps_per_generation=4,
+                     num_generations=8, max_steps=40, num_iterations=2, delta=1.5, entropy_coef=0.001,
+                     off_policy_mask_threshold=0.5, vllm_importance_sampling_mode="token_truncate",
+                     vllm_importance_sampling_clip_max=2.0, min_p=0.05,
+                     repetition_penalty=1.1).to_mathgrpo_config(on_cuda=False)
+    g = cfg.grpo
+    assert (cfg.generation.min_p, cfg.generation.repetition_penalty) == (0.05, 1.1)
+    # a rollout of 8 x 4 = 32 completions (4 prompts), 2 optimizer steps of 16 each, 2 passes: 4 optimizer steps
+    assert (cfg.trainer.prompts_per_step, g.mini_batches, g.num_iterations, cfg.trainer.max_steps) == (4, 2, 2, 10)
+    assert (g.delta, g.entropy_coef, g.off_policy_mask_threshold) == (1.5, 0.001, 0.5)
+    assert (g.sampler_correction, g.sampler_correction_max, g.sampler_correction_min) == ("token_truncate", 2.0, None)
+    same = GRPOConfig(per_device_train_batch_size=8, generation_batch_size=32, num_generations=8, max_steps=8,
+                      gradient_accumulation_steps=2).to_mathgrpo_config(on_cuda=False)
+    assert (same.trainer.prompts_per_step, same.grpo.mini_batches) == (4, 2)
+    assert GRPOConfig(vllm_importance_sampling_correction=False, max_steps=1).to_mathgrpo_config(
+        on_cuda=False).grpo.sampler_correction == "none"
+    with pytest.warns(TRLCompatWarning, match="use_vllm=True"):  # TRL's vLLM defaults where the script uses vLLM
+        vllm = GRPOConfig(use_vllm=True, max_steps=1).to_mathgrpo_config(on_cuda=False).grpo
+    assert (vllm.sampler_correction, vllm.sampler_correction_max) == ("sequence_mask", 3.0)
+    plain = GRPOConfig(max_steps=1).to_mathgrpo_config(on_cuda=False).grpo  # else mathgrpo's default
+    assert (plain.sampler_correction, plain.sampler_correction_max) == ("token_truncate", 3.0)
+    with pytest.raises(ValueError, match="steps_per_generation=3 is not a multiple of gradient_accumulation_steps=2"):
+        GRPOConfig(gradient_accumulation_steps=2, steps_per_generation=3, max_steps=1).to_mathgrpo_config()
     with pytest.raises(ValueError, match="grpo.loss_type: 'vespo'"):
         GRPOConfig(loss_type="vespo", max_steps=1).to_mathgrpo_config()
     with pytest.raises(ValueError, match="GRPOConfig.lr_scheduler_type: unknown 'polynomial'; choose from linear, "):

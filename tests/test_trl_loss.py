@@ -17,7 +17,7 @@ trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 
 from mathgrpo.distributed import SINGLE  # noqa: E402
-from mathgrpo.loss import bnpo_row_norms, effective_mask, grpo_loss  # noqa: E402
+from mathgrpo.loss import LOSS_TYPES, LossParams, effective_mask, grpo_loss  # noqa: E402
 from mathgrpo.models import Reference, completion_logprobs  # noqa: E402
 from mathgrpo.rollout import Completions  # noqa: E402
 from mathgrpo.trainer import make_optimizer, policy_update  # noqa: E402
@@ -27,7 +27,7 @@ G, PROMPTS, P_LEN, WIDTH, PER_DEVICE, ACCUM = 4, 2, 3, 6, 4, 2
 N = G * PROMPTS
 # name -> TRL options (besides the common ones below); num_iterations=2 makes TRL use the old log-probs we pass
 CASES = {
-    **{lt: {"loss_type": lt} for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "sapo")},
+    **{lt: {"loss_type": lt} for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "sapo", "luspo")},
     "cispo": {"loss_type": "cispo", "epsilon_high": 1.3},
     "grpo_no_bias_correction": {"loss_type": "grpo", "use_bias_correction_kl": False},
     "dapo_no_kl": {"loss_type": "dapo", "beta": 0.0},
@@ -35,6 +35,15 @@ CASES = {
     "dapo_sequence": {"loss_type": "dapo", "importance_sampling_level": "sequence", "epsilon": 0.1},
     "sapo_temperatures": {"loss_type": "sapo", "sapo_temperature_pos": 0.5, "sapo_temperature_neg": 2.0},
     "bnpo_asymmetric": {"loss_type": "bnpo", "epsilon": 0.15, "epsilon_high": 0.4},
+    "grpo_delta": {"loss_type": "grpo", "delta": 1.4},
+    "dapo_off_policy_mask": {"loss_type": "dapo", "off_policy_mask_threshold": 0.05},
+}
+# options whose loss depends on the micro-batch TRL runs (its entropy quantile pool): through policy_update only,
+# whose micro-batches (3 rows) are cut across TRL's (4 rows)
+UPDATE_CASES = {
+    **CASES,
+    "grpo_entropy_quantile": {"loss_type": "grpo", "top_entropy_quantile": 0.5, "beta": 0.0},
+    "dapo_entropy_quantile": {"loss_type": "dapo", "top_entropy_quantile": 0.3, "beta": 0.0},
 }
 COMMON = {"beta": 0.04, "temperature": 0.7, "max_completion_length": WIDTH, "num_generations": G,
           "per_device_train_batch_size": PER_DEVICE, "gradient_accumulation_steps": ACCUM, "num_iterations": 2,
@@ -134,12 +143,9 @@ def test_loss_and_gradients_equal_trls(tiny_dir, smol_tokenizer, tmp_path, name)
     model.zero_grad(set_to_none=True)
     logp = completion_logprobs(model, prompts.tolist(), ids, temperature=cfg.generation.temperature)
     eff = effective_mask(mask, None)
-    loss, metrics = grpo_loss(
-        logp, old, ref, adv, mask, loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high,
-        beta=g.beta, max_completion_length=cfg.generation.max_new_tokens, token_count=float(eff.sum()), seq_count=N,
-        importance_sampling_level=g.importance_sampling_level, use_bias_correction_kl=g.use_bias_correction_kl,
-        sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg,
-        row_norm=bnpo_row_norms(eff, g.bnpo_batch_rows) if g.loss_type == "bnpo" else None)
+    row_norms = LOSS_TYPES[g.loss_type].row_norms
+    loss, metrics = grpo_loss(logp, old, ref, adv, mask, LossParams.from_config(cfg), token_count=float(eff.sum()),
+                              seq_count=N, row_norm=row_norms(eff, g.bnpo_batch_rows) if row_norms else None)
     loss.backward()
     got_grads = _grads(model)
     assert loss.item() == pytest.approx(want, rel=LOSS_RTOL, abs=1e-9)
@@ -151,11 +157,11 @@ def test_loss_and_gradients_equal_trls(tiny_dir, smol_tokenizer, tmp_path, name)
         assert metrics["kl_sum"] / metrics["num_tokens"] == pytest.approx(want_kl, rel=2e-6)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(UPDATE_CASES))
 def test_policy_update_gradient_equals_trls(tiny_dir, smol_tokenizer, tmp_path, name):
     """The whole update path at mu=1 (reference taken by policy_update from its frozen copy, its micro-batches,
     its counts, the options as the trainer passes them) against TRL with its reference model."""
-    opts = {**COMMON, **CASES[name], "num_iterations": 1}
+    opts = {**COMMON, **UPDATE_CASES[name], "num_iterations": 1}
     tr = _trl_trainer(tiny_dir, smol_tokenizer, opts, tmp_path)
     cfg = GRPOConfig(str(tmp_path), bf16=False, **opts).to_mathgrpo_config(train_size=PROMPTS, on_cuda=False)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=False), trainer=dataclasses.replace(
@@ -165,6 +171,8 @@ def test_policy_update_gradient_equals_trls(tiny_dir, smol_tokenizer, tmp_path, 
     with torch.no_grad():  # the policy moves away from TRL's reference model (loaded from the same folder)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+        if cfg.grpo.top_entropy_quantile < 1:  # sharper distributions: entropies far apart beside float rounding
+            model.get_output_embeddings().weight.mul_(30.0)
         ref = completion_logprobs(tr.ref_model, prompts.tolist(), ids, temperature=0.7) if cfg.grpo.beta else None
     with torch.no_grad():
         old = completion_logprobs(model, prompts.tolist(), ids, temperature=0.7)
@@ -273,3 +281,58 @@ def test_update_with_iterations_equals_trls(tiny_dir, smol_tokenizer, tmp_path, 
     assert m["loss"] == pytest.approx(sum(losses) / ITERATIONS, rel=1e-5, abs=1e-9)
     if cfg.grpo.loss_type != "sapo":  # the later iterations' ratios left 1 far enough to clip
         assert m["clip_ratio/region"] > 0.02
+@pytest.mark.parametrize("mu", [1, 2])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo"])
+def test_mini_batches_equal_trls_optimizer_steps(tiny_dir, smol_tokenizer, tmp_path, loss_type, mu):
+    """steps_per_generation = 2 x gradient_accumulation_steps: one rollout, two optimizer steps per pass, mu passes.
+    TRL's own loss over the same shuffled mini-batches (its micro-batches of 2 rows, the old log-probs taken once
+    before the first step), each step taken by the same SGD (Adam would turn float-rounding gradients of untouched
+    embedding rows into whole steps), against policy_update with grpo.mini_batches=2: the weights after the last
+    optimizer step agree, and clipping acts (the later steps are off-policy)."""
+    import copy
+
+    from mathgrpo.update import minibatch_rows
+
+    per, ga = 2, 2
+    opts = {**COMMON, "loss_type": loss_type, "num_iterations": mu, "per_device_train_batch_size": per,
+            "gradient_accumulation_steps": ga, "steps_per_generation": 2 * ga, "beta": 0.0,
+            "lr_scheduler_type": "constant", "max_grad_norm": 0.0}
+    tr = _trl_trainer(tiny_dir, smol_tokenizer, opts, tmp_path)
+    tr.current_gradient_accumulation_steps = ga
+    cfg = GRPOConfig(str(tmp_path), bf16=False, **opts).to_mathgrpo_config(train_size=PROMPTS, on_cuda=False)
+    assert cfg.grpo.mini_batches == 2 and cfg.trainer.prompts_per_step == PROMPTS and cfg.grpo.num_iterations == mu
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=False))
+    prompts, ids, mask, adv = _batch(4)
+    adv = adv * 3  # large advantages: the steps move the policy far enough for the clip to act
+    model = tr.model
+    ours = copy.deepcopy(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    torch.manual_seed(7)
+    steps = minibatch_rows(N, 2)
+    assert sorted(steps[0] + steps[1]) == list(range(N)) and steps[0] != list(range(N // 2))  # shuffled
+    with torch.no_grad():
+        old = completion_logprobs(model, prompts.tolist(), ids, temperature=cfg.generation.temperature)
+    lr = 20.0  # plain SGD on a tiny model: large enough to move the ratios past the clip
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(mu):
+        for rows in steps:
+            opt.zero_grad(set_to_none=True)
+            for k in range(ga):
+                r = rows[k * per:(k + 1) * per]
+                inputs = {"prompt_ids": prompts[r], "prompt_mask": torch.ones_like(prompts[r]),
+                          "completion_ids": ids[r], "completion_mask": mask[r], "advantages": adv[r],
+                          "old_per_token_logps": old[r], "num_items_in_batch": mask.sum()}
+                tr._compute_loss(model, inputs).backward()
+            opt.step()
+
+    comp = Completions(prompts.tolist(), ids, mask.bool(), [""] * N, torch.zeros(N, dtype=torch.bool))
+    optimizer = torch.optim.SGD(ours.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    torch.manual_seed(7)  # the trainer seeds before the update: the same shuffle
+    m = policy_update(ours, optimizer, scheduler, Reference(ours, 0.0, lora=False), comp, adv, cfg, SINGLE)
+    assert m["clip_ratio/region"] > 0.05  # the off-policy steps clip
+    for (name, a), b in zip(model.named_parameters(), ours.parameters()):
+        step = (a - start[name]).abs().max().item()
+        assert step > 1e-3, name  # every tensor moved
+        assert (a - b).abs().max().item() < GRAD_TOL * step, name  # fp32 summation order only

@@ -6,8 +6,9 @@ only the last `save_total_limit` are kept. The last file written is `manifest.js
 `find_resume(...)` turns `--resume` / `trainer.resume` (a checkpoint, a run dir, or "latest") into a
 checkpoint folder, falling back from damaged checkpoints to the newest complete one (and saying so).
 A write that fails (a full disk) removes its temp folder, keeps the previous checkpoint and says so;
-leftover temp folders of a killed save are removed at the next save. `SaveOnError` wraps the loop: an
-exception in a step saves what was trained so far before it propagates, as a signal would.
+leftover temp folders of a killed save are removed at the next save. Two guards wrap the loop: `StopFlag`
+(SIGINT/SIGTERM stop after the current step, with a checkpoint) and `SaveOnError` (an exception in a step saves
+what was trained so far before it propagates, as a signal would).
 
 Under torchrun every rank calls the save and load functions with its `world`; rank 0 writes. A model
 sharded with FSDP2 is gathered to rank 0 on save and scattered from it on load, and the files are the
@@ -23,6 +24,8 @@ import json
 import logging
 import random
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,7 @@ from .distributed import SINGLE, World
 from .files import atomic_dir, step_dirs
 from .fsdp import full_state_dicts, is_sharded, load_full_state_dicts
 from .modelinfo import is_peft
-from .runs import os_reason
+from .runs import os_reason, resume_command
 
 log = logging.getLogger(__name__)
 HASH_LIMIT = 64 << 20  # files up to 64 MiB (states, configs, LoRA adapters) are hashed, larger ones sized only
@@ -88,8 +91,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
         with atomic_dir(final) as tmp:  # (.tmp-checkpoint-<step>-<pid>, removed if the write fails)
             tmp.mkdir()
             save_weights(model, tmp / ("adapter" if is_peft(model) else "model"), state_dict=weights)
+            scaler = getattr(optimizer, "loss_scaler", None)  # fp16 loss scaling (update.make_loss_scaler)
             torch.save({"optimizer": optim if optim is not None else optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "training_state.pt")
+                        "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                        **({"loss_scaler": scaler.state_dict()} if scaler is not None else {})},
+                       tmp / "training_state.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
             (tmp / "config.yaml").write_text(config_yaml)
             _write_manifest(tmp)
@@ -231,6 +237,9 @@ def _load(path: Path, model, optimizer, scheduler, world: World) -> dict:
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if scaler is not None and "loss_scaler" in state:
+        scaler.load_state_dict(state["loss_scaler"])
     set_rng_state(state["rng"])
     return json.loads((path / "trainer_state.json").read_text())
 
@@ -261,6 +270,9 @@ class SaveOnError:
     def __exit__(self, tp, exc, tb):
         if not isinstance(exc, Exception) or isinstance(exc, CheckpointWriteError) or self.step is None:
             return False
+        if not self.run.is_dir():  # deleted under the run: saving would make a folder holding a checkpoint alone
+            log.error("step %d failed; the run folder %s is gone, so nothing is saved", self.step, self.run)
+            return False
         if is_sharded(self.model):
             log.error("step %d failed; a sharded model is not saved on an error (every rank would have to join)",
                       self.step)
@@ -283,6 +295,35 @@ class SaveOnError:
             log.error("step %d failed, and saving what was trained failed too: %s", k, e)
             return False
         if what and self.world.is_main:
-            log.error("step %d failed (%s); saved %s; resume with: mathgrpo train %s --resume %s", k,
-                      type(exc).__name__, " and ".join(what), self.run / "config.yaml", self.run)
+            log.error("step %d failed (%s); saved %s; resume with: %s", k, type(exc).__name__, " and ".join(what),
+                      resume_command(self.run))
         return False
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (with a checkpoint)."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal: signal.Signals | None = None  # the signal that asked to stop
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with the host application
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal = signal.Signals(signum)
+        print(f"\n{self.signal.name}: stopping after this step, with a checkpoint (Ctrl-C again: stop now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

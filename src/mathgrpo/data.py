@@ -258,7 +258,9 @@ def _source_rows(source: str, cfg: DataConfig, seed: int, split: str) -> tuple[l
         cfg = dataclasses.replace(cfg, problem_column="problem", solution_column="solution", answer_column="answer")
         return rows, cfg, (f"built-in arithmetic (size {cfg.arithmetic_size}, steps {cfg.arithmetic_steps}, "
                            f"max operand {cfg.arithmetic_max_operand}, ops {' '.join(cfg.arithmetic_ops)}, seed {seed})")
-    rows, desc = read_source(source, split, cfg.hf_config)
+    mapped = {f"data.{k}": getattr(cfg, k) for k in ("problem_column", "solution_column", "answer_column")
+              if getattr(cfg, k) is not None}
+    rows, desc = read_source(source, split, cfg.hf_config, mapped)
     return rows, cfg, desc
 
 

@@ -47,11 +47,8 @@ from typing import Iterator
 import torch
 import torch.distributed as tdist
 
+from .loss import LOSS_TYPES
 from .registry import lookup
-
-# loss type -> whether its token count is rank-local (else global / W); see the module docstring.
-LOCAL_TOKEN_COUNT: dict[str, bool] = {"grpo": False, "dr_grpo": False, "dapo": False, "bnpo": True, "cispo": False,
-                                     "sapo": False}
 
 RANK_SEED_STRIDE = 104_729_003  # far apart, so rank seeds and the trainer's seed + 1 never collide
 BUCKET_BYTES = 32 << 20  # gradients are averaged in flat buckets of at most this size
@@ -131,8 +128,7 @@ class World:
     def loss_counts(self, loss_type: str, rows: int, tokens: float) -> tuple[float, float]:
         """(seq_count, token_count) to pass to every micro-batch's `grpo_loss` so that averaging the ranks'
         gradients gives the gradient over the global batch (see the module docstring)."""
-        local = lookup(LOCAL_TOKEN_COUNT, loss_type, "loss_counts: loss_type",
-                       hint=" (a new loss type must say in distributed.LOCAL_TOKEN_COUNT how its counts combine)")
+        local = lookup(LOSS_TYPES, loss_type, "loss_counts: loss_type").local_tokens  # how its counts combine
         if not self.distributed:
             return float(rows), float(tokens)
         t = torch.tensor([float(rows), float(tokens)], dtype=torch.float64, device=self.device)

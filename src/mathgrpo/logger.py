@@ -36,9 +36,11 @@ class RunLogger:
             self.bar = tqdm(total=max_steps, initial=first_step, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     def log(self, step: int, metrics: dict, summary_line: bool) -> None:
+        from .runs import check_present
+
+        check_present(self.run_dir, f"step {step} not logged")  # open files would write into a deleted folder
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        self.metrics.write(json.dumps({"step": step, **clean}) + "\n")
-        self.metrics.flush()
+        _append(self.metrics, json.dumps({"step": step, **clean}) + "\n")
         self.trackers.log(step, metrics)
         if self.bar is not None:
             self.bar.update(1)
@@ -50,9 +52,7 @@ class RunLogger:
                                f"kl {metrics.get(M.KL, 0.0):.4f} len {length:.0f} {secs:.1f}s")
 
     def log_completions(self, step: int, records: list[dict]) -> None:
-        for r in records:
-            self.completions.write(json.dumps({"step": step, **r}) + "\n")
-        self.completions.flush()
+        _append(self.completions, "".join(json.dumps({"step": step, **r}) + "\n" for r in records))
 
     def write(self, text: str) -> None:
         (self.bar.write if self.bar is not None else print)(text)
@@ -63,6 +63,15 @@ class RunLogger:
         self.metrics.close()
         self.completions.close()
         self.trackers.close()
+
+
+def _append(f, text: str) -> None:
+    """Write and flush; an OSError (a full disk) names the file, which a file object's write error does not."""
+    try:
+        f.write(text)
+        f.flush()
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), f.name) from None
 
 
 class NullLogger:

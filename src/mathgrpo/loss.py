@@ -3,8 +3,9 @@
 Pure functions, no model or trainer state; the update (update.py) calls them once per micro-batch
 (`chunked_token_logprobs`, `grpo_loss`).
 Semantics follow TRL's GRPOTrainer (loss types, clip metrics, KL estimator, reward scaling) so
-runs are comparable; variants are registry names (`POLICY_TERMS`, `LOSS_NORMALIZERS`,
-`IMPORTANCE_LEVELS`). Check with `pytest tests/test_loss.py -q`; `tests/test_trl_loss.py` compares the loss and
+runs are comparable; variants are registry names: `LOSS_TYPES` (each loss type's policy term, normaliser and
+token-count scope in one `LossType`; `aggregate` is the one function that normalises) and `IMPORTANCE_LEVELS`.
+The loss's settings travel as one `LossParams`, built once per update from the config. Check with `pytest tests/test_loss.py -q`; `tests/test_trl_loss.py` compares the loss and
 its gradients with TRL 1.16's own `GRPOTrainer._compute_loss` for every loss type and option.
 
 Gradient accumulation contract (how the trainer must call `grpo_loss`):
@@ -15,12 +16,13 @@ Gradient accumulation contract (how the trainer must call `grpo_loss`):
   then equals that of a single `grpo_loss` over R, for every loss type.
   Under DDP (gradients averaged over W ranks) "dapo" and "cispo" want the global token mean: pass
   token_count = global_tokens / W. "bnpo" is TRL's per-micro-batch token mean averaged over its
-  K accumulation steps: pass `row_norm` = `bnpo_row_norms(...)[rows]` (each row's tokens-of-its-batch x K),
+  K accumulation steps: pass `row_norm` = `LOSS_TYPES["bnpo"].row_norms(...)[rows]` (each row's tokens-of-its-batch x K),
   which makes it independent of how the trainer cuts micro-batches for memory.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -44,7 +46,8 @@ def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float) ->
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """Per-token log p(ids) from hidden states; saves only inputs and logsumexp, recomputes logits in backward.
     Second output: the entropy of each position's distribution ([B, T], or [0] when not asked for), computed
-    from the same chunk of logits; it is not differentiable (TRL also takes no gradient through it)."""
+    from the same chunk of logits; differentiable only when asked with with_entropy="grad" (the entropy bonus:
+    dH/dz_v = -p_v (log p_v + H), computed from the same recomputed chunk in the backward)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, chunk_size, temperature, with_entropy=False):
@@ -63,21 +66,25 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if with_entropy:  # H = -sum_v p_v log p_v; log p (not z) keeps the fp32 sum from cancelling
                 lp = z.sub_(lse[s : s + chunk_size, None])  # [c, V], z is not needed any more
                 ent[s : s + chunk_size] = -torch.einsum("cv,cv->c", lp.exp(), lp)
-        ctx.save_for_backward(hidden, weight, bias, ids, lse)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
         ent = ent.reshape(ids.shape) if with_entropy else ent  # [B, T] or [0]
-        ctx.mark_non_differentiable(ent)
+        if with_entropy != "grad":
+            ctx.mark_non_differentiable(ent)
         return out.reshape(ids.shape), ent  # [B, T]
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_entropy=None):  # grad_out [B, T]; entropy carries no gradient
-        hidden, weight, bias, ids, lse = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_entropy=None):  # [B, T] each, or None where that output was not used
+        hidden, weight, bias, ids, lse, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
         h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # [M, H]
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         acc = lse.dtype  # fp32 (fp64 for fp64 inputs): grads of W/b accumulate over chunks in it
-        flat_ids, g = ids.reshape(-1), grad_out.reshape(-1).to(acc)  # [M], [M]
+        flat_ids = ids.reshape(-1)  # [M]
+        g = torch.zeros_like(lse) if grad_out is None else grad_out.reshape(-1).to(acc)  # [M]
+        g_ent = None if grad_entropy is None else grad_entropy.reshape(-1).to(acc)  # [M]
         grad_h = torch.empty_like(h) if need_h else None  # [M, H]
         grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None  # [V, H]
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None  # [V]
@@ -85,9 +92,14 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             e = s + ctx.chunk_size
             z = _chunk_logits(h[s:e], w, b, ctx.temperature)  # [c, V]
             # d logp[id] / d z = onehot(id) - softmax(z); chain rule through the 1/temperature.
-            dz = torch.exp(z.sub_(lse[s:e, None])).neg_()  # [c, V]
+            lp = z.sub_(lse[s:e, None])  # [c, V] log p
+            dz = torch.exp(lp).neg_()  # [c, V] -p
+            if g_ent is not None:  # entropy: dH/dz = -p (log p + H), taken before dz is overwritten below
+                dz_ent = dz * (lp + ent[s:e, None]) * g_ent[s:e, None]  # [c, V]
             dz.scatter_add_(1, flat_ids[s:e, None], torch.ones_like(dz[:, :1]))
             dz.mul_((g[s:e] / ctx.temperature)[:, None])
+            if g_ent is not None:
+                dz.add_(dz_ent.div_(ctx.temperature))
             if need_h:
                 grad_h[s:e] = dz.to(dtype) @ w
             if need_w:
@@ -113,14 +125,14 @@ def chunked_token_logprobs(
     chunk_size: int = 1024,
     temperature: float = 1.0,
     lm_head_bias: Tensor | None = None,
-    with_entropy: bool = False,
+    with_entropy: bool | str = False,
     check_ids: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(hidden @ W.T + b) / temperature)[ids] -> [B, T] fp32, never holding more than
     chunk_size x V logits (forward or backward). hidden [B, T, H] is the state that predicts ids [B, T]
     (i.e. already shifted by the caller); W [V, H]. Gradients flow to hidden, and to W/b if they need them.
-    with_entropy: also return the entropy [B, T] of every position's tempered distribution (no gradient),
-    computed chunk by chunk in the same pass (never [B, T, V]). On CUDA the passes over each chunk's logits
+    with_entropy: also return the entropy [B, T] of every position's tempered distribution, computed chunk by
+    chunk in the same pass (never [B, T, V]); True: without gradient, "grad": with it (the entropy bonus). On CUDA the passes over each chunk's logits
     are fused Triton kernels (`lmhead.py`; same function)."""
     if hidden.shape[:-1] != ids.shape or hidden.shape[-1] != lm_head_weight.shape[-1]:
         raise ValueError(
@@ -133,7 +145,9 @@ def chunked_token_logprobs(
         )
     if check_ids:  # callers that checked the host copy pass False: on a GPU this check is a device sync
         check_token_ids(ids, lm_head_weight.shape[0], "chunked_token_logprobs")
-    fn = lmhead.fused_token_logprobs if lmhead.enabled(hidden, lm_head_weight) else _ChunkedTokenLogprobs.apply
+    # the fused kernels take no gradient through the entropy: the entropy bonus runs the plain chunked pass
+    fused = lmhead.enabled(hidden, lm_head_weight) and with_entropy != "grad"
+    fn = lmhead.fused_token_logprobs if fused else _ChunkedTokenLogprobs.apply
     logp, entropy = fn(hidden, lm_head_weight, lm_head_bias, ids, chunk_size, temperature, with_entropy)
     return (logp, entropy) if with_entropy else logp
 
@@ -158,50 +172,93 @@ def effective_mask(mask: Tensor, truncated: Tensor | None = None, mask_truncated
     return m
 
 
-def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float) -> Tensor:
+def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float, threshold: Tensor | None = None) -> Tensor:
     """Bool [N, T]: the completion tokens whose entropy is at least the (1 - top_quantile) quantile of the
     entropies under `mask` (torch.quantile, linear interpolation), i.e. the top `top_quantile` share by entropy
     (TRL's `top_entropy_quantile`, "Beyond the 80/20 Rule"); 0.0 keeps only the highest, 1.0 every token.
-    TRL takes the quantile over a micro-batch's tokens pooled over processes; callers pass one micro-batch."""
+    threshold [N]: each row's quantile taken beforehand over a larger pool (`entropy_threshold`; the update pools
+    TRL's micro-batch of rows over ranks, whatever micro-batches it cuts for memory); None: over this call's tokens."""
     if not 0.0 <= top_quantile <= 1.0:
         raise ValueError(f"high_entropy_mask: top_quantile must be in [0, 1], got {top_quantile}")
     if entropy.shape != mask.shape:
         raise ValueError(f"high_entropy_mask: entropy {tuple(entropy.shape)} must match mask {tuple(mask.shape)}")
     keep = mask.bool()
-    valid = entropy[keep].float()  # [K]
-    if valid.numel() == 0:
-        return torch.zeros_like(keep)
-    threshold = torch.quantile(valid, 1.0 - top_quantile)
+    if threshold is None:
+        threshold = entropy_threshold(entropy[keep], top_quantile)
+        if threshold is None:
+            return torch.zeros_like(keep)
+    else:
+        threshold = threshold.to(entropy.device).float()[:, None]  # [N, 1]
     return (entropy.float() >= threshold) & keep
 
 
-def _seq_mean_norm(loss_sum_rows, n_tokens_rows, counts):  # grpo / sapo: mean over sequences of per-sequence means
-    return (loss_sum_rows / n_tokens_rows.clamp(min=1.0)).sum() / counts["seq_count"]
+def entropy_threshold(values: Tensor, top_quantile: float) -> Tensor | None:
+    """The (1 - top_quantile) quantile of a pool's token entropies [K] (None for an empty pool: nothing kept)."""
+    values = values.float()
+    return torch.quantile(values, 1.0 - top_quantile) if values.numel() else None
 
 
-def _token_norm(loss_sum_rows, n_tokens_rows, counts):  # dapo / cispo: mean over the tokens of the global batch
-    return loss_sum_rows.sum() / max(counts["token_count"], 1.0)
+def off_policy_mask(advantages: Tensor, logp: Tensor, logp_behaviour: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """[N, 1] 1.0 = keep: DeepSeek-V3.2's off-policy sequence mask (TRL's off_policy_mask_threshold). A sequence
+    with a negative advantage whose mean KL(behaviour || current) estimate, mean(behaviour - logp), exceeds the
+    threshold is dropped from the policy term. advantages [N, 1]; the rest [N, T]."""
+    kl = torch.nan_to_num(logp_behaviour.float() - logp.detach().float(), nan=0.0)  # [N, T]
+    seq_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)  # [N, 1]
+    return ((advantages >= 0) | (seq_kl <= threshold)).to(mask.dtype)
 
 
-def _batch_token_norm(loss_sum_rows, n_tokens_rows, counts):  # bnpo: mean of the local batches' token means
-    if counts["row_norm"] is None:  # this call is the one local batch
+# ----------------------------------------------------------------------------- loss types
+# A loss type is one `LossType` in `LOSS_TYPES`: its per-token policy term, its normaliser (the one place that
+# decides how token losses become the scalar, verl's `agg_loss`), whether its token count stays rank-local, and
+# whether it needs per-row batch denominators. The update, the distributed counts and the tests read it from there.
+
+
+@dataclass(frozen=True)
+class LossCounts:
+    """The denominators of one optimizer step (see the module docstring's accumulation contract)."""
+
+    seq_count: float  # rows of the step (global / W under several ranks)
+    token_count: float  # effective tokens of the step (global / W, or this rank's for a local-token type)
+    max_completion_length: int | None = None  # dr_grpo's fixed length
+    row_norm: Tensor | None = None  # [N] bnpo: each row's batch tokens x K; None: this call is the one batch
+
+
+def _clipped_surrogate(ratio, adv, logp, p):  # grpo, bnpo, dr_grpo, dapo: PPO's pessimistic clipped objective
+    clipped = ratio.clamp(1 - p.epsilon_low, 1 + p.eps_high)
+    if p.delta is not None:  # two-sided clipping: the unclipped ratio is capped too, so large ratios with
+        ratio = ratio.clamp(max=p.delta)  # negative advantages cannot blow up (TRL's delta)
+    return -torch.min(ratio * adv, clipped * adv)
+
+
+def _cispo_term(ratio, adv, logp, p):  # MiniMax-M1: the clipped ratio is a stop-gradient weight on log p
+    return -ratio.clamp(max=p.eps_high).detach() * adv * logp
+
+
+def _sapo_term(ratio, adv, logp, p):  # SAPO: a sigmoid gate instead of a hard clip, its own temperature per sign
+    tau = torch.where(adv > 0, p.sapo_temperature_pos, p.sapo_temperature_neg)
+    return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+
+
+def _seq_mean_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # mean over sequences of per-sequence means
+    return (loss_sum_rows / n_tokens_rows.clamp(min=1.0)).sum() / c.seq_count
+
+
+def _token_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # mean over the tokens of the global batch
+    return loss_sum_rows.sum() / max(c.token_count, 1.0)
+
+
+def _batch_token_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # mean of the local batches' token means
+    if c.row_norm is None:  # this call is the one local batch
         return loss_sum_rows.sum() / n_tokens_rows.sum().clamp(min=1.0)
-    return (loss_sum_rows / counts["row_norm"]).sum()
+    return (loss_sum_rows / c.row_norm).sum()
 
 
-def _fixed_len_norm(loss_sum_rows, n_tokens_rows, counts):  # dr_grpo: no length bias, fixed denominator
-    return loss_sum_rows.sum() / (counts["seq_count"] * counts["max_completion_length"])
+def _seq_sum_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # luspo: mean over sequences of token sums
+    return loss_sum_rows.sum() / c.seq_count
 
 
-# name -> fn(per-row loss sums [N], per-row token counts [N], counts dict) -> scalar loss.
-LOSS_NORMALIZERS: dict[str, Callable[[Tensor, Tensor, dict], Tensor]] = {
-    "grpo": _seq_mean_norm,
-    "bnpo": _batch_token_norm,
-    "dr_grpo": _fixed_len_norm,
-    "dapo": _token_norm,
-    "cispo": _token_norm,
-    "sapo": _seq_mean_norm,
-}
+def _fixed_len_norm(loss_sum_rows, n_tokens_rows, c: LossCounts):  # no length bias, fixed denominator
+    return loss_sum_rows.sum() / (c.seq_count * c.max_completion_length)
 
 
 def bnpo_row_norms(mask: Tensor, batch_rows: int | None = None) -> Tensor:  # [N, T] -> [N]
@@ -210,36 +267,46 @@ def bnpo_row_norms(mask: Tensor, batch_rows: int | None = None) -> Tensor:  # [N
     by its K accumulation steps; here the batches are consecutive runs of `batch_rows` rows of the rank's
     rollout (None: one batch), whatever micro-batches the trainer cuts for memory. `mask` is the effective mask."""
     n = mask.shape[0]
-    rows = n if not batch_rows else min(batch_rows, n)
     tokens = mask.float().sum(-1)  # [N]
-    batch = torch.arange(n, device=mask.device) // max(rows, 1)  # [N] batch index of each row
+    batch = batch_ids(n, batch_rows, mask.device)  # [N] batch index of each row
     per_batch = torch.zeros(int(batch.max()) + 1 if n else 0, device=mask.device).index_add_(0, batch, tokens)
     return per_batch.clamp(min=1.0)[batch] * per_batch.numel()  # [N]
 
 
-def _clipped_surrogate(ratio, adv, logp, p):  # grpo, bnpo, dr_grpo, dapo: PPO's pessimistic clipped objective
-    return -torch.min(ratio * adv, ratio.clamp(1 - p["eps_low"], 1 + p["eps_high"]) * adv)
+def batch_ids(n: int, batch_rows: int | None, device=None) -> Tensor:  # -> [n]
+    """Index of each row's local batch: consecutive runs of `batch_rows` rows (None: one batch). TRL's micro-batch
+    (per_device_train_batch_size rows): bnpo's denominators and the entropy quantile's pool are taken over it."""
+    rows = n if not batch_rows else min(batch_rows, n)
+    return torch.arange(n, device=device) // max(rows, 1)
 
 
-def _cispo_term(ratio, adv, logp, p):  # MiniMax-M1: the clipped ratio is a stop-gradient weight on log p
-    return -ratio.clamp(max=p["eps_high"]).detach() * adv * logp
+@dataclass(frozen=True)
+class LossType:
+    """Everything that makes a loss type, in one place."""
+
+    term: Callable  # (ratio [N,T]|[N,1], advantages [N,1], logp [N,T], LossParams) -> per-token policy loss
+    normalise: Callable[[Tensor, Tensor, LossCounts], Tensor]  # (row loss sums [N], row tokens [N], counts) -> loss
+    local_tokens: bool = False  # token count rank-local (not the global count / W): see distributed.py
+    row_norms: Callable[[Tensor, int | None], Tensor] | None = None  # per-row denominators (bnpo)
+    needs_max_len: bool = False  # dr_grpo: counts.max_completion_length
 
 
-def _sapo_term(ratio, adv, logp, p):  # SAPO: a sigmoid gate instead of a hard clip, its own temperature per sign
-    tau = torch.where(adv > 0, p["sapo_temperature_pos"], p["sapo_temperature_neg"])
-    return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
-
-
-# loss type -> fn(ratio [N,T]|[N,1], advantages [N,1], logp [N,T], params) -> per-token policy loss.
 # cispo's epsilon_high is the ratio cap itself (TRL: "eps_max", 5.0 recommended), not 1 + epsilon_high.
-POLICY_TERMS: dict[str, Callable[[Tensor, Tensor, Tensor, dict], Tensor]] = {
-    "grpo": _clipped_surrogate,
-    "bnpo": _clipped_surrogate,
-    "dr_grpo": _clipped_surrogate,
-    "dapo": _clipped_surrogate,
-    "cispo": _cispo_term,
-    "sapo": _sapo_term,
+LOSS_TYPES: dict[str, LossType] = {
+    "grpo": LossType(_clipped_surrogate, _seq_mean_norm),
+    "bnpo": LossType(_clipped_surrogate, _batch_token_norm, local_tokens=True, row_norms=bnpo_row_norms),
+    "dr_grpo": LossType(_clipped_surrogate, _fixed_len_norm, needs_max_len=True),
+    "dapo": LossType(_clipped_surrogate, _token_norm),
+    "cispo": LossType(_cispo_term, _token_norm),
+    "sapo": LossType(_sapo_term, _seq_mean_norm),
+    "luspo": LossType(_clipped_surrogate, _seq_sum_norm),  # length-unbiased: a sequence's loss grows with its length
 }
+
+
+def aggregate(loss_type: str, per_token: Tensor, mask: Tensor, counts: LossCounts) -> Tensor:
+    """The scalar loss of masked per-token losses [N, T] (mask [N, T] float): the one function that decides
+    normalisation, by the loss type's `normalise` (verl's agg_loss)."""
+    return LOSS_TYPES[loss_type].normalise((per_token * mask).sum(-1), mask.sum(-1), counts)
 
 
 def _sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:  # [N, T] -> [N, 1]
@@ -254,64 +321,116 @@ IMPORTANCE_LEVELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
+@dataclass(frozen=True)
+class LossParams:
+    """The loss's settings, built once per update from the config (`from_config`); the same for every micro-batch."""
+
+    loss_type: str = "grpo"
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon_low
+    beta: float = 0.04
+    max_completion_length: int | None = None
+    mask_truncated: bool = False
+    importance_sampling_level: str = "token"
+    use_bias_correction_kl: bool = True
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    top_entropy_quantile: float = 1.0
+    delta: float | None = None  # two-sided clipping cap of the ratio (clipped loss types)
+    entropy_coef: float = 0.0  # entropy bonus: loss - coef * token-mean entropy (needs the entropy's gradient)
+    off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2's off-policy sequence mask; None = off
+    sampler_correction: str = "none"  # correction.SAMPLER_CORRECTIONS: how update.py weights the sampler mismatch
+    sampler_correction_max: float | None = 3.0
+    sampler_correction_min: float | None = None
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossParams":
+        """The loss's settings of a `Config` (its `grpo` section, and the step's generation.max_new_tokens)."""
+        g = cfg.grpo
+        return cls(loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
+                   max_completion_length=cfg.generation.max_new_tokens, mask_truncated=g.mask_truncated_completions,
+                   importance_sampling_level=g.importance_sampling_level,
+                   use_bias_correction_kl=g.use_bias_correction_kl, sapo_temperature_pos=g.sapo_temperature_pos,
+                   sapo_temperature_neg=g.sapo_temperature_neg, top_entropy_quantile=g.top_entropy_quantile,
+                   delta=g.delta, entropy_coef=g.entropy_coef, off_policy_mask_threshold=g.off_policy_mask_threshold,
+                   sampler_correction=g.sampler_correction, sampler_correction_max=g.sampler_correction_max,
+                   sampler_correction_min=g.sampler_correction_min)
+
+
 def grpo_loss(
     logp: Tensor,
     logp_old: Tensor | None,
     logp_ref: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
+    params: LossParams | None = None,
     *,
-    loss_type: str = "grpo",
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.04,
-    max_completion_length: int | None = None,
     token_count: float | None = None,
-    seq_count: int | None = None,
-    truncated: Tensor | None = None,
-    mask_truncated: bool = False,
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = True,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
+    seq_count: float | None = None,
     row_norm: Tensor | None = None,
+    truncated: Tensor | None = None,
     entropy: Tensor | None = None,
-    top_entropy_quantile: float = 1.0,
+    entropy_threshold: Tensor | None = None,
+    sampling_weight: Tensor | None = None,
+    logp_sampler: Tensor | None = None,
     metrics_on_device: bool = False,
+    **options,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Policy term of `loss_type` + beta * k3 KL, normalised by `loss_type`. Returns (scalar loss, metrics).
+    """Policy term of `params.loss_type` + beta * k3 KL, normalised by the loss type. Returns (scalar loss, metrics).
 
     logp, logp_old, logp_ref, mask: [N, T]; advantages: [N]. logp_old None means one update per
     rollout (ratio 1, gradient still flows); logp_ref may be None only when beta == 0.
+    params: the loss's settings (`LossParams`, built once from the config); or give its fields as keywords
+    (`loss_type="dapo", beta=0.0`), a shorthand for `LossParams(**options)`.
     token_count / seq_count / row_norm (bnpo): see the module docstring (defaults: this call's own counts).
     use_bias_correction_kl (TRL 1.16's default): the KL term is multiplied by the importance ratio, which
     changes its gradient even where the ratio is 1 (d ratio / d logp = ratio).
     Metrics are sums over this call's tokens (`*_sum`) and `num_tokens`, so that callers can form
     token-weighted means over micro-batches and ranks (`token_means`); `ratio/mean` etc. as TRL logs them.
     entropy [N, T] (no gradient): logged as "entropy"; with top_entropy_quantile < 1 only the tokens of
-    `high_entropy_mask` keep their policy-gradient term (the KL term and the normaliser keep every token, as TRL).
+    `high_entropy_mask` keep their policy-gradient term (the KL term and the normaliser keep every token, as TRL);
+    entropy_threshold [N]: each row's quantile, taken over a larger pool by the caller (else over this call's tokens).
+    entropy_coef > 0: the loss minus coef x the entropy of the policy-term tokens summed and divided by the step's
+    token_count (the entropy must then carry its gradient: with_entropy="grad").
+    sampling_weight [N, T] or [N, 1] (`correction.sampler_weights`): multiplies the policy term (the sampler
+    correction).
+    off_policy_mask_threshold: sequences dropped by `off_policy_mask` against logp_sampler [N, T] (the engine's
+    log-probs) when given, else against logp_old.
     metrics_on_device: the metrics as 0-d tensors where they were computed (no device sync; the update reads
     them once per step) instead of floats.
     """
     fn = "grpo_loss"
-    lookup(LOSS_NORMALIZERS, loss_type, f"{fn}: loss_type")  # both names checked before any tensor work
-    lookup(IMPORTANCE_LEVELS, importance_sampling_level, f"{fn}: importance_sampling_level")
+    if params is not None and options:
+        raise TypeError(f"{fn}: pass the loss's settings as params or as keywords, not both ({sorted(options)})")
+    if params is None:
+        known = {f.name for f in fields(LossParams)}
+        if set(options) - known:
+            raise TypeError(f"{fn}: unexpected keyword(s) {sorted(set(options) - known)}")
+        params = LossParams(**options)
+    p = params
+    loss_type, beta = p.loss_type, p.beta
+    kind = lookup(LOSS_TYPES, loss_type, f"{fn}: loss_type")  # both names checked before any tensor work
+    lookup(IMPORTANCE_LEVELS, p.importance_sampling_level, f"{fn}: importance_sampling_level")
     if logp.dim() != 2 or mask.shape != logp.shape or advantages.shape != logp.shape[:1]:
         raise ValueError(f"{fn}: need logp/mask [N, T] and advantages [N]; got {tuple(logp.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
-    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref), ("entropy", entropy)):
+    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref), ("entropy", entropy),
+                    ("logp_sampler", logp_sampler)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{fn}: {name} {tuple(t.shape)} must match logp {tuple(logp.shape)}")
     if row_norm is not None and row_norm.shape != logp.shape[:1]:
         raise ValueError(f"{fn}: row_norm {tuple(row_norm.shape)} must be [N] = {tuple(logp.shape[:1])}")
     if beta != 0.0 and logp_ref is None:
         raise ValueError(f"{fn}: beta={beta} needs logp_ref (pass beta=0.0 to train without a reference)")
-    if loss_type == "dr_grpo" and not max_completion_length:
-        raise ValueError(f"{fn}: loss_type 'dr_grpo' needs max_completion_length")
-    eps_low = epsilon_low
-    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    if kind.needs_max_len and not p.max_completion_length:
+        raise ValueError(f"{fn}: loss_type {loss_type!r} needs max_completion_length")
+    eps_low, eps_high = p.epsilon_low, p.eps_high
 
-    m = effective_mask(mask, truncated, mask_truncated).to(logp.device)  # [N, T]
+    m = effective_mask(mask, truncated, p.mask_truncated).to(logp.device)  # [N, T]
     keep = m.bool()  # [N, T]
     logp = logp.float()
     adv = advantages.float().to(logp.device)[:, None]  # [N, 1]
@@ -319,30 +438,35 @@ def grpo_loss(
     # Padding positions can hold arbitrary log-probs; zeroing the log-ratio there (before exp) keeps
     # inf/NaN out of both the loss and its gradient, where multiplying by the mask afterwards would not.
     log_ratio = torch.where(keep, logp - old, torch.zeros_like(logp))  # [N, T]
-    ratio = torch.exp(IMPORTANCE_LEVELS[importance_sampling_level](log_ratio, m))  # [N, T] or [N, 1]
-    params = {"eps_low": eps_low, "eps_high": eps_high, "sapo_temperature_pos": sapo_temperature_pos,
-              "sapo_temperature_neg": sapo_temperature_neg}
-    per_token = POLICY_TERMS[loss_type](ratio, adv, torch.where(keep, logp, torch.zeros_like(logp)), params)
-    if top_entropy_quantile < 1.0:
+    ratio = torch.exp(IMPORTANCE_LEVELS[p.importance_sampling_level](log_ratio, m))  # [N, T] or [N, 1]
+    per_token = kind.term(ratio, adv, torch.where(keep, logp, torch.zeros_like(logp)), p)
+    pg_keep = keep  # [N, T] the tokens whose policy term counts (and the entropy bonus's)
+    if p.top_entropy_quantile < 1.0:
         if entropy is None:
-            raise ValueError(f"{fn}: top_entropy_quantile={top_entropy_quantile} needs the per-token entropy")
-        per_token = per_token * high_entropy_mask(entropy.detach(), m, top_entropy_quantile)  # [N, T]
+            raise ValueError(f"{fn}: top_entropy_quantile={p.top_entropy_quantile} needs the per-token entropy")
+        pg_keep = high_entropy_mask(entropy.detach(), m, p.top_entropy_quantile, entropy_threshold)  # [N, T]
+        per_token = per_token * pg_keep
+    if p.off_policy_mask_threshold is not None:
+        behaviour = old if logp_sampler is None else logp_sampler.to(logp.device)
+        per_token = per_token * off_policy_mask(adv, logp, behaviour, m, p.off_policy_mask_threshold)  # [N, T]
+    if sampling_weight is not None:  # the sampler correction: a constant weight on the policy term
+        per_token = per_token * sampling_weight.to(logp.device).float()
     kl = None
     if logp_ref is not None:
         kl = kl_k3(logp, torch.where(keep, logp_ref.float(), logp))  # [N, T]; 0 at padding
-        if use_bias_correction_kl:
+        if p.use_bias_correction_kl:
             kl = kl * ratio  # [N, T]; a sequence-level ratio [N, 1] broadcasts, as in TRL
         if beta != 0.0:
             per_token = per_token + beta * kl
-    per_token = per_token * m  # [N, T]
-
-    counts = {
-        "seq_count": float(logp.shape[0] if seq_count is None else seq_count),
-        "token_count": float(m.sum() if token_count is None else token_count),
-        "max_completion_length": max_completion_length,
-        "row_norm": None if row_norm is None else row_norm.to(logp.device).float(),
-    }
-    loss = LOSS_NORMALIZERS[loss_type](per_token.sum(-1), m.sum(-1), counts)
+    counts = LossCounts(float(logp.shape[0] if seq_count is None else seq_count),
+                        float(m.sum() if token_count is None else token_count), p.max_completion_length,
+                        None if row_norm is None else row_norm.to(logp.device).float())
+    loss = aggregate(loss_type, per_token, m, counts)
+    if p.entropy_coef:
+        if entropy is None or not entropy.requires_grad:
+            raise ValueError(f"{fn}: entropy_coef={p.entropy_coef} needs the entropy with its gradient "
+                             f"(completion_logprobs(..., with_entropy='grad'))")
+        loss = loss - p.entropy_coef * (entropy.float() * pg_keep).sum() / max(counts.token_count, 1.0)
 
     with torch.no_grad():
         ratio_t = ratio.expand_as(m)  # [N, T]

@@ -39,6 +39,8 @@ def is_reward_mean(key: str) -> bool:
 # --- the update (loss.grpo_loss token sums -> loss.token_means; update.policy_update) -------------------------
 LOSS = "loss"
 GRAD_NORM = "grad_norm"  # before clipping
+SKIPPED_STEPS = "skipped_steps"  # fp16 loss scaling only: optimizer steps skipped for inf/NaN gradients (scale halved)
+LOSS_SCALE = "loss_scale"  # fp16 loss scaling only: the scale after this step's update
 LR = "lr"
 NUM_TOKENS = "num_tokens"  # completion tokens in the loss, all ranks
 KL = "kl"  # token mean of the k3 estimator to the reference (beta > 0 only)
@@ -47,6 +49,13 @@ CLIP_LOW = "clip_ratio/low"  # tokens clipped below 1 - epsilon (negative advant
 CLIP_HIGH = "clip_ratio/high"
 CLIP_REGION = "clip_ratio/region"  # either
 RATIO_MEAN = "ratio/mean"  # mean importance ratio
+# the sampler-trainer mismatch (the engine's log-probs vs the update's old log-probs; fast engine only)
+SAMPLER_LOGP_DIFF = "sampler/logp_diff"  # token mean |log pi_train - log pi_sampler|
+SAMPLER_LOGP_DIFF_MAX = "sampler/logp_diff_max"
+SAMPLER_RATIO_MEAN = "sampler/ratio_mean"  # token ratio pi_train / pi_sampler, before the correction's cap
+SAMPLER_RATIO_STD = "sampler/ratio_std"
+SAMPLER_RATIO_MIN = "sampler/ratio_min"
+SAMPLER_RATIO_MAX = "sampler/ratio_max"
 
 
 def summed(name: str) -> str:

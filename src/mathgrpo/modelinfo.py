@@ -16,6 +16,23 @@ class ModelError(ValueError):
     """A model, adapter or LoRA setting that cannot be used; the message says which and why."""
 
 
+def context_length(model) -> int | None:
+    """The model's context (config.max_position_embeddings), None when its config does not say."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_context(model, max_new_tokens: int, key: str, longest_prompt: int = 1) -> None:
+    """ModelError when a prompt plus `max_new_tokens` completion tokens cannot fit the model's context: positions
+    past max_position_embeddings were never trained, so such completions would be sampled and trained on silently."""
+    n = context_length(model)
+    if n is not None and longest_prompt + max_new_tokens > n:
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        raise ModelError(f"{key}={max_new_tokens} does not fit the model's context: {name} has "
+                         f"max_position_embeddings={n}, and the prompt ({longest_prompt} tokens at least) and the "
+                         f"completion must fit in it together; set {key} to at most {n - longest_prompt}")
+
+
 def backbone_and_head(model):
     """(transformer body returning hidden states, lm_head) for chunked log-probs without full logits."""
     base = base_model(model)
@@ -24,6 +41,11 @@ def backbone_and_head(model):
         raise ModelError(f"{type(base).__name__}: expected a causal LM with a `{getattr(base, 'base_model_prefix', 'model')}` "
                          f"body and an `lm_head`")
     return body, base.lm_head
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the update's matmuls run in: the lm_head's (bf16 / fp16 under autocast, else fp32)."""
+    return backbone_and_head(model)[1].weight.dtype
 
 
 def compute_context(model):

@@ -17,6 +17,7 @@ import torch
 
 from .config import ModelConfig
 from .files import step_dirs
+from .memory_plan import value
 from .loading import load_base, load_tokenizer, pick_device, pick_dtype, say
 from .modelinfo import (SHARDED_LOGPROBS, ModelError, backbone_and_head, base_model,  # noqa: F401 (re-exported)
                         compute_context, fusable_lora_classes, is_fresh_adapter, is_quantized_linear,
@@ -124,7 +125,7 @@ def load_model(cfg: ModelConfig, adapter: str | None = None, trainable: bool = F
         model = add_lora(model, cfg)
     elif trainable:
         model.requires_grad_(True)
-    if trainable and cfg.gradient_checkpointing:
+    if trainable and value(cfg.gradient_checkpointing, "model.gradient_checkpointing"):
         # Non-reentrant checkpointing needs no `enable_input_require_grads` (which would also make
         # backward compute a useless gradient for the embedding output).
         enable_checkpointing(model, keep_layers=cfg.gradient_checkpointing_keep_layers)
@@ -282,8 +283,15 @@ def _adapter_off(model):
         yield model
 
 
-def merge_adapter(run_or_adapter: str, cfg: ModelConfig, out_dir: str) -> str:
-    """Write base + adapter merged into one full model (for deployment) plus its tokenizer."""
+def merge_adapter(run_or_adapter: str, cfg: ModelConfig, out_dir: str, overwrite: bool = False) -> str:
+    """Write base + adapter merged into one full model (for deployment) plus its tokenizer. A folder that holds
+    files already is refused unless `overwrite` (files of the same name are then replaced, others kept)."""
+    target = Path(out_dir)
+    if target.exists() and not target.is_dir():
+        raise ModelError(f"merge: {target} is a file, not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ModelError(f"merge: {target} is not empty ({len(list(target.iterdir()))} entries); the merged model "
+                         f"would overwrite them: choose a new folder, or pass --overwrite")
     model, tok = load_model(cfg, adapter=run_or_adapter)
     say(f"merging the adapter into the base weights, writing {out_dir}")
     merged = model.merge_and_unload()
@@ -320,16 +328,17 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: torch.
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
-                        chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False,
+                        chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool | str = False,
                         lengths: list[int] | None = None):
     """Log-probs [B, T] float32 of each completion token under `model`, from hidden states in chunks of
     `chunk_size` tokens (no [B, T, V] logits, forward or backward). Arguments as `completion_hidden`.
-    with_entropy: (log-probs, entropy [B, T] of each position's distribution, no gradient) from the same pass.
+    with_entropy: (log-probs, entropy [B, T] of each position's distribution) from the same pass; True: the entropy
+    without gradient, "grad": with it (loss.chunked_token_logprobs).
     With `lengths` (real tokens per row) the rows run packed, without padding (`packing.py`; 0 after each
     row's end). A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers
     the embeddings and lm_head around it (`fsdp.shard_model` says why, and sets the pass as the model's
     `modelinfo.SHARDED_LOGPROBS` attribute, called here); every rank must call it then."""
-    kw = {"with_entropy": True} if with_entropy else {}
+    kw = {"with_entropy": with_entropy} if with_entropy else {}  # True, or "grad" (the entropy bonus)
     sharded = getattr(model, SHARDED_LOGPROBS, None)
     if sharded is not None:
         return sharded(prompt_ids, completion_ids, chunk_size=chunk_size, temperature=temperature,
@@ -339,7 +348,7 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torc
 
 
 def unsharded_completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor, *,
-                                  chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False,
+                                  chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool | str = False,
                                   lengths: list[int] | None = None):
     """`completion_logprobs` on parameters that are plain tensors (not sharded, or gathered by FSDP)."""
     from .loss import check_token_ids, chunked_token_logprobs

@@ -50,15 +50,16 @@ DEEPSCALER_8K: dict[str, Any] = {
     # (theirs also gives 0 without the </think> delimiter; `accuracy` only checks the boxed answer)
     "rewards": {"functions": ["accuracy"], "weights": [1.0]},
     # rollout.n=8; kl_loss_coef=0.001 with the k3 estimator (low_var_kl, mathgrpo's KL); clip_ratio 0.2 (verl's
-    # default); verl's token mean over the mini-batch = the dapo normalisation; one update per rollout (ppo_epochs=1)
+    # default); verl's token mean = the dapo normalisation; ppo_epochs=1 pass over each rollout; train_batch_size=128
+    # prompts per rollout updated in ppo_mini_batch_size=64 halves: two optimizer steps per rollout, the second
+    # off-policy; entropy_coeff=0.001 (verl's default then); no correction of the sampler's mismatch (verl had none)
     "grpo": {"num_generations": 8, "beta": 0.001, "epsilon": 0.2, "loss_type": "dapo", "scale_rewards": "group",
-             "num_iterations": 1},
-    # train_batch_size=128 prompts are sampled per rollout and updated in ppo_mini_batch_size=64 halves, so an
-    # optimizer step sees 64 prompts x 8: here one step = 64 prompts. lr 1e-6 constant without warm-up, AdamW
-    # betas (0.9, 0.999) and weight decay 0.01 (verl's defaults then), grad clip 1.0; save_freq=20.
-    # max_steps 1000 is ours: the script trains 30 epochs and the authors moved to 16K context when the response
-    # length started to grow (read the curves: stop there, then raise generation.max_new_tokens and resume).
-    "trainer": {"max_steps": 1000, "prompts_per_step": 64, "learning_rate": 1e-6, "lr_scheduler": "constant",
+             "num_iterations": 1, "mini_batches": 2, "entropy_coef": 0.001, "sampler_correction": "none"},
+    # lr 1e-6 constant without warm-up, AdamW betas (0.9, 0.999) and weight decay 0.01 (verl's defaults then), grad
+    # clip 1.0; save_freq=20 (verl counts rollouts, as mathgrpo's steps). max_steps 500 rollouts (1000 optimizer
+    # steps) is ours: the script trains 30 epochs and the authors moved to 16K context when the response length
+    # started to grow (read the curves: stop there, then raise generation.max_new_tokens and resume).
+    "trainer": {"max_steps": 500, "prompts_per_step": 128, "learning_rate": 1e-6, "lr_scheduler": "constant",
                 "warmup_steps": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "weight_decay": 0.01,
                 "max_grad_norm": 1.0, "save_steps": 20, "logging_steps": 10},
     # rollout.n_val=8 at val_temperature=0.6; the write-up reports pass@1 averaged over 16 samples
@@ -71,8 +72,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("notebook", "the documented defaults, which reproduce the notebook mathgrpo replaces "
                        "(DeepSeek-R1-Distill-Qwen-1.5B, LoRA, 2048-token completions, 80 steps)", {}),
     Preset("deepscaler-8k", "stage 1 of DeepScaleR-1.5B-Preview: full fine-tuning of DeepSeek-R1-Distill-Qwen-1.5B "
-                            "on its 40K problems, 64 prompts x 8 completions of up to 8,192 tokens a step "
-                            "(a multi-GPU recipe)", DEEPSCALER_8K),
+                            "on its 40K problems, 128 prompts x 8 completions of up to 8,192 tokens a step, updated in two "
+                            "mini-batches (a multi-GPU recipe)", DEEPSCALER_8K),
 ]}
 
 DEFAULT_PRESET = "demo"  # what `mathgrpo train` / `mathgrpo eval` run with no arguments at all

@@ -286,9 +286,13 @@ def render_plots(rows: list[dict], ctx: dict, plot_dir: Path, names=None) -> lis
 
 # --- the reports ------------------------------------------------------------------------------------------
 
-def _eval_blocks(summary: dict | None) -> list[tuple[str, object]]:
+def _eval_blocks(summary: dict | None, run_dir: Path | None = None) -> list[tuple[str, object]]:
     if not summary or not summary.get("table"):
-        return [("h2", "Evaluation"), ("p", "No evaluation yet: run `mathgrpo eval --adapter <run_dir> --baseline`.")]
+        held_out = _held_out(run_dir) if run_dir is not None else None
+        extra = " data.test_source=PATH" if held_out == 0 else ""
+        why = " (the run holds out no test problems: give some)" if held_out == 0 else ""
+        return [("h2", "Evaluation"), ("p", f"No evaluation yet{why}: run `mathgrpo eval --adapter <run_dir> "
+                                            f"--baseline{extra}`.")]
     s = summary.get("settings", {})
     title = "Base vs trained" if summary.get("comparison") else "Evaluation"
     note = (f"{s.get('num_samples', '?')} samples per problem at temperature {s.get('temperature', '?')}, seed "
@@ -339,6 +343,14 @@ def _run_facts(run_dir: Path, rows: list[dict]) -> str:
     return "; ".join(facts) + "."
 
 
+def _held_out(run_dir: Path) -> int | None:
+    """The number of test problems the run held out (its data.json), None when unknown."""
+    try:
+        return json.loads((run_dir / "data.json").read_text())["fingerprints"]["n_test"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def write_report(run_dir: str | Path, eval_summary: dict | None = None) -> tuple[Path, Path]:
     """report.md + report.html for a training run; returns their paths."""
     run_dir = Path(run_dir)
@@ -349,7 +361,7 @@ def write_report(run_dir: str | Path, eval_summary: dict | None = None) -> tuple
     w, fl = first_last(rows)
     blocks = [("h1", f"Training report: {run_dir.name}"), ("p", _run_facts(run_dir, rows))]
     blocks += _diagnosis_blocks(run_dir)
-    blocks += _eval_blocks(summary)
+    blocks += _eval_blocks(summary, run_dir)
     if fl:
         blocks += [("h2", f"Rewards: first {w} vs last {w} steps"),
                    ("table", (["reward", f"first {w}", f"last {w}", "change"], fl))]

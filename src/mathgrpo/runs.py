@@ -19,9 +19,13 @@ to the config now in force (never silently).
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import shlex
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +74,11 @@ def os_reason(e: BaseException, path: Path | str | None = None) -> str:
     return str(e) or type(e).__name__
 
 
+def resume_command(run: Path) -> str:
+    """The command that resumes `run`, quoted for a POSIX shell (a path with spaces or quotes pastes as is)."""
+    return f"mathgrpo train {shlex.quote(str(run / 'config.yaml'))} --resume {shlex.quote(str(run))}"
+
+
 # --- run folders ----------------------------------------------------------------------------------------
 
 def create_run_dir(cfg: Config, clock=time.strftime) -> Path:
@@ -86,7 +95,8 @@ def create_run_dir(cfg: Config, clock=time.strftime) -> Path:
             return run
         if any((run / f).exists() for f in RUN_FILES[1:]):
             raise RunDirError(f"trainer.run_name={t.run_name}: {run} already holds a run; resume it with "
-                              f"--resume {run}, or choose another run_name (a new run never reuses a folder)")
+                              f"--resume {shlex.quote(str(run))}, or choose another run_name (a new run never reuses "
+                              f"a folder)")
         raise RunDirError(f"trainer.run_name={t.run_name}: {run} holds a run that has not logged a step (it is "
                           f"starting now, or it failed before its first step): delete that folder or choose "
                           f"another run_name")
@@ -96,6 +106,14 @@ def create_run_dir(cfg: Config, clock=time.strftime) -> Path:
         if _claim(run, cfg):
             return run
     raise RunDirError(f"{out}: 999 run folders named {stamp}*; set trainer.run_name")
+
+
+def check_present(run: Path, what: str) -> None:
+    """RunDirError when the run folder was deleted under a running run (`what`: what is not done, e.g. a step
+    not logged): writing on would recreate a folder holding a fragment of the run."""
+    if not run.is_dir():
+        raise RunDirError(f"{run} was deleted while the run was training ({what}): nothing more can be written "
+                          f"there; start a new run")
 
 
 def _claim(run: Path, cfg: Config) -> bool:
@@ -113,6 +131,26 @@ def _claim(run: Path, cfg: Config) -> bool:
     except OSError as e:
         raise RunDirError(f"{run}: cannot create the run folder: {os_reason(e, run)}") from None
     return True
+
+
+def lock_run(run: Path):
+    """An exclusive lock on `run` for this process (flock on RUN/.lock, released by the OS when the process ends,
+    so a crashed run leaves no stale lock); RunDirError naming the holder when another process has it.
+    Close the returned file to release it."""
+    f = open(run / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunDirError(f"{run} is in use by {holder}: two processes would write the same checkpoints and logs; "
+                          f"wait for it to end or stop it, then resume") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 # --- what a run depends on ------------------------------------------------------------------------------
@@ -169,6 +207,10 @@ def check_resume(ckpt: Path, cfg: Config, depends: dict) -> dict[str, tuple]:
         state = json.loads((ckpt / "trainer_state.json").read_text())
     except (OSError, yaml.YAMLError, json.JSONDecodeError) as e:
         raise ResumeError(f"{ckpt}: cannot read its config.yaml / trainer_state.json: {e}") from None
+    if cfg.trainer.max_steps < state.get("step", 0):
+        raise ResumeError(f"resume from {ckpt} refused: trainer.max_steps={cfg.trainer.max_steps} but the run has "
+                          f"trained {state['step']} steps already; a resume can only lengthen a run (to train "
+                          f"fewer steps, start a new run, or take the weights of an earlier checkpoint)")
     changes = config_changes(old_cfg, cfg)
     refused = [f"  {k}: {a!r} in the checkpoint, {b!r} now" + ("" if _changeable(k) else " (cannot change on resume)")
                for k, (a, b) in changes.items() if k not in allowed]
@@ -185,8 +227,8 @@ def check_resume(ckpt: Path, cfg: Config, depends: dict) -> dict[str, tuple]:
     if refused:
         hint = ", or allow a change with --resume-changing KEY" if any(_changeable(k) for k in changes) else ""
         raise ResumeError(f"resume from {ckpt} refused: it was made with other settings or data:\n"
-                          + "\n".join(refused) + f"\nResume with the run's own settings (mathgrpo train "
-                          f"{ckpt.parent.parent / 'config.yaml'} --resume {ckpt.parent.parent}){hint}.")
+                          + "\n".join(refused) + f"\nResume with the run's own settings "
+                          f"({resume_command(ckpt.parent.parent)}){hint}.")
     return changes
 
 
@@ -197,6 +239,54 @@ def record_resume(run: Path, ckpt: Path, step: int, changes: dict[str, tuple], c
     append_jsonl(run / "resumes.jsonl", entry)
     if changes:
         atomic_write_text(run / "config.yaml", dump_yaml(cfg))
+
+
+# --- where the data was ----------------------------------------------------------------------------------
+
+DATA_RECORD = "data.json"  # the data paths resolved where the run trained, and the data's fingerprints
+
+
+def _absolute(source: str | None) -> str | None:
+    """A data path resolved against the current folder; hub ids, `arithmetic` and missing paths as given."""
+    return str(Path(source).expanduser().resolve()) if source and Path(source).expanduser().exists() else source
+
+
+def record_data(run: Path, cfg: Config, depends: dict) -> None:
+    """RUN/data.json: data.source and data.test_source as absolute paths, and the fingerprints of the data read,
+    so that an evaluation started from another folder reads the same files (or is refused)."""
+    atomic_write_text(run / DATA_RECORD, json.dumps({"source": _absolute(cfg.data.source), "test_source":
+                                                     _absolute(cfg.data.test_source), "fingerprints": depends}))
+
+
+def place_data(run: Path, cfg: Config) -> dict | None:
+    """For an evaluation of `run`'s adapter: when cfg's data settings are the run's own (not overridden), its
+    relative data paths are replaced by the absolute ones the run recorded (a note says so), and the recorded
+    fingerprints are returned for `check_data`; None when the data was overridden or the run recorded none."""
+    try:
+        rec = json.loads((run / DATA_RECORD).read_text())
+        old = _flat(yaml.safe_load((run / "config.yaml").read_text()) or {})
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    before, now = {**_flat(to_dict(Config())), **old}, _flat(to_dict(cfg))
+    if any(before.get(k) != v for k, v in now.items() if k.startswith("data.") or k == "trainer.seed"):
+        return None  # other data or split on purpose: nothing to match
+    for key in ("source", "test_source"):
+        here, there = getattr(cfg.data, key), rec.get(key)
+        if here and there and _absolute(here) != there and Path(there).exists():
+            print(f"data.{key}={here}: the run read {there} (relative to the folder it was trained in); using it")
+            setattr(cfg.data, key, there)
+    return rec["fingerprints"]
+
+
+def check_data(run: Path, recorded: dict | None, data: ProblemSet, cfg: Config) -> None:
+    """Refuse an evaluation of `run` whose data (read with the run's own settings) is not the data it trained on:
+    its test split would be other problems, some of them perhaps trained on."""
+    if recorded is None or fingerprints(data)["split"] == recorded["split"]:
+        return
+    raise RunDirError(f"{run}: data.source={cfg.data.source} ({_absolute(cfg.data.source)} here) is not the data "
+                      f"this run was trained on ({recorded['n_train']} train + {recorded['n_test']} test problems "
+                      f"then, {len(data.train)} + {len(data.test)} now), so its held-out test problems would "
+                      f"differ; pass the run's data as data.source=PATH, or other test data as data.test_source=PATH")
 
 
 # --- logs on resume -------------------------------------------------------------------------------------

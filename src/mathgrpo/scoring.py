@@ -16,7 +16,10 @@ import importlib
 import importlib.util
 import logging
 import math
+import numbers
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -81,6 +84,20 @@ def _resolve(item: str | RewardFn) -> tuple[str, RewardFn]:
 
 # ------------------------------------------------------------------------------- batch scoring
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _real(v) -> float | None:
+    """A reward value as a float: Python and numpy numbers, bools, 0-d tensors and arrays; None for anything else."""
+    if isinstance(v, (str, bytes)):
+        return None
+    if getattr(v, "ndim", 0) == 0 and hasattr(v, "item") and not isinstance(v, numbers.Number):
+        v = v.item()  # torch / numpy 0-d
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return None
+
+
 
 def _row_kwargs(kwargs: dict, i: int, n: int) -> dict:
     """kwargs cut down to example `i` (per-completion sequences sliced, scalars kept)."""
@@ -97,10 +114,59 @@ def _row_kwargs(kwargs: dict, i: int, n: int) -> dict:
     return out
 
 
-class RewardSet:
-    """Weighted rewards scored together: `total = nansum(weight * reward)` per completion (TRL's rule)."""
+class RewardTimeout(BaseException):
+    """Raised inside a reward call that ran past its time limit (a BaseException: a reward's `except Exception`
+    must not swallow it)."""
 
-    def __init__(self, rewards: Sequence[tuple[str | RewardFn, float]]):
+
+_PENDING: list = [None]  # the deadline (a threading.Event, set when it passes) of the reward call in progress
+
+
+def _expired(signum, frame):
+    if _PENDING[0] is not None and _PENDING[0].is_set():
+        raise RewardTimeout
+
+
+def _handler_installed() -> bool:
+    """SIGUSR2 -> _expired, installed once and left in place (a late signal finds no deadline and does nothing);
+    False when the host application has its own SIGUSR2 handler, which is not taken over."""
+    current = signal.getsignal(signal.SIGUSR2)
+    if current in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(signal.SIGUSR2, _expired)
+        return True
+    return current is _expired
+
+
+def call_within(seconds: float | None, fn, *args, **kwargs):
+    """fn(*args, **kwargs), interrupted by RewardTimeout after `seconds`. A timer thread signals the main thread
+    (SIGUSR2, so the SIGALRM alarms of math-verify and timed_verify inside rewards keep working); a blocking sleep
+    or wait is interrupted too. Off the main thread (signals cannot reach it), without a limit, or when the host
+    application handles SIGUSR2 itself: a plain call."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not _handler_installed():
+        return fn(*args, **kwargs)
+    passed = threading.Event()
+
+    def expire():
+        passed.set()
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    _PENDING[0] = passed
+    timer.start()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _PENDING[0] = None
+        timer.cancel()
+
+
+class RewardSet:
+    """Weighted rewards scored together: `total = nansum(weight * reward)` per completion (TRL's rule). Each call
+    of a reward may take `time_limit` seconds at most (rewards.time_limit); past it, a RewardError names it."""
+
+    def __init__(self, rewards: Sequence[tuple[str | RewardFn, float]], time_limit: float | None = None):
+        self.time_limit = time_limit
         if not rewards:
             raise RewardError("RewardSet needs at least one (reward, weight) pair")
         self._names: list[str] = []
@@ -140,17 +206,26 @@ class RewardSet:
                 self._warned.add(name)  # once per reward: a batch of "not applicable" can be legitimate
                 log.warning("reward %r returned None for every completion of a batch (%d): it adds nothing to the "
                             "total; check its inputs (dataset columns passed as keyword arguments)", name, n)
-        weighted = per_reward * self.weights[None, :]  # [N, R]
-        total = np.nansum(weighted, axis=1).astype(np.float32)  # [N]
+        with np.errstate(over="ignore"):
+            weighted = per_reward * self.weights[None, :]  # [N, R]
+            total = np.nansum(weighted, axis=1).astype(np.float32)  # [N]
+        if not np.isfinite(total).all():  # each value is in range, their weighted sum is not
+            i = int(np.flatnonzero(~np.isfinite(total))[0])
+            terms = ", ".join(f"{name!r} {per_reward[i, j]:g} x weight {self.weights[j]:g}"
+                              for j, name in enumerate(self._names) if np.isfinite(per_reward[i, j]))
+            raise RewardError(f"the weighted reward of example {i} overflows float32: {terms}")
         return per_reward, total
 
-    @staticmethod
-    def _run(name: str, fn: RewardFn, completions: list[str], kwargs: dict) -> list[float]:
+    def _run(self, name: str, fn: RewardFn, completions: list[str], kwargs: dict) -> list[float]:
         n = len(completions)
         try:
-            out = fn(completions, **kwargs)
+            out = call_within(self.time_limit, fn, completions, **kwargs)
+        except RewardTimeout:
+            raise RewardError(f"reward {name!r} did not return within rewards.time_limit={self.time_limit:g} s (a "
+                              f"batch of {n} completions): it may never return; fix it, or raise "
+                              f"rewards.time_limit") from None
         except Exception as exc:
-            where = RewardSet._failing_index(fn, completions, kwargs)
+            where = self._failing_index(fn, completions, kwargs)
             place = f"on example {where}" if where is not None else "on the batch (no single example reproduces it)"
             raise RewardError(f"reward {name!r} raised {type(exc).__name__} {place}: {exc}") from exc
         try:
@@ -164,21 +239,25 @@ class RewardSet:
             if v is None:
                 values.append(math.nan)
                 continue
-            try:
-                f = float(v)
-            except (TypeError, ValueError):
-                raise RewardError(f"reward {name!r} returned non-numeric {v!r} at example {i}") from None
+            f = _real(v)
+            if f is None:  # "1.0" would pass float(): a reward returning text has a bug, not a score
+                raise RewardError(f"reward {name!r} returned {v!r} ({type(v).__name__}) at example {i}: rewards "
+                                  f"are real numbers, or None for 'not applicable'")
             if not math.isfinite(f):
                 raise RewardError(f"reward {name!r} returned {f} at example {i}; use None for 'not applicable'")
+            if abs(f) > FLOAT32_MAX:  # scores are float32: this would become an infinite reward
+                raise RewardError(f"reward {name!r} returned {f:g} at example {i}: beyond float32's range "
+                                  f"(±{FLOAT32_MAX:.2g}) in which rewards are kept")
             values.append(f)
         return values
 
-    @staticmethod
-    def _failing_index(fn: RewardFn, completions: list[str], kwargs: dict) -> int | None:
+    def _failing_index(self, fn: RewardFn, completions: list[str], kwargs: dict) -> int | None:
         n = len(completions)
         for i in range(n):
             try:
-                fn(completions[i : i + 1], **_row_kwargs(kwargs, i, n))
+                call_within(self.time_limit, fn, completions[i : i + 1], **_row_kwargs(kwargs, i, n))
+            except RewardTimeout:
+                return None
             except Exception:
                 return i
         return None

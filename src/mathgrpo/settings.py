@@ -34,14 +34,15 @@ def setting(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
-def _type_name(tp: Any, inner: bool = False) -> str:
+def _type_name(tp: Any, inner: bool | str = False) -> str:
     """`str`, `int | None`, `list[str] | None`, `list` (a bare list field reads as its origin); a Literal of names
     reads as the type of its values."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return type(typing.get_args(tp)[0]).__name__
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a, inner=True) for a in typing.get_args(tp))
+        return " | ".join(map(str, typing.get_args(tp))) if inner == "names" else type(typing.get_args(tp)[0]).__name__
+    if origin in (typing.Union, types.UnionType):  # names beside a number type (`int | auto`) are shown as names
+        inner = "names" if choices(tp) is None else True
+        return " | ".join(_type_name(a, inner=inner) for a in typing.get_args(tp))
     if tp is type(None):
         return "None"
     if inner and not isinstance(tp, type):
@@ -53,7 +54,7 @@ def choices(tp: Any) -> tuple | None:
     """The allowed values of a `Literal[...]` field type (None first for an optional one); None for other types."""
     args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     literal = [a for a in args if typing.get_origin(a) is Literal]
-    if not literal:
+    if not literal or len(literal) + (type(None) in args) < len(args):  # none, or names beside numbers: coerce's
         return None
     return ((None,) if type(None) in args else ()) + typing.get_args(literal[0])
 
@@ -217,6 +218,14 @@ def check_choices(root: Any) -> None:
         allowed = choices(tp)
         if allowed is not None:
             setattr(obj, f.name, _check_choice(getattr(obj, f.name), allowed, f"{sec}.{f.name}"))
+        elif _mixed(tp):  # e.g. int | Literal["auto"]: a name or a value of the other type
+            setattr(obj, f.name, coerce(getattr(obj, f.name), tp, f"{sec}.{f.name}"))
+
+
+def _mixed(tp: Any) -> bool:
+    """A union of a Literal with other types (`int | Literal["auto"]`)."""
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and \
+        any(typing.get_origin(a) is Literal for a in typing.get_args(tp))
 
 
 def _describe(lo, hi, lo_in: bool, hi_in: bool) -> str:
@@ -233,7 +242,7 @@ def check_ranges(root: Any, ranges: dict[str, tuple]) -> None:
         values = v if isinstance(v, list) else [v]
         if any(isinstance(x, float) and not math.isfinite(x) for x in values):
             raise ConfigError(f"{key} must be a finite number, got {v}")
-        if key in ranges and v is not None:
+        if key in ranges and v is not None and not isinstance(v, str):  # a name ("auto") has no range
             lo, hi, lo_in, hi_in = ranges[key]
             ok = (v >= lo if lo_in else v > lo) and (hi is None or (v <= hi if hi_in else v < hi))
             if not ok:

@@ -126,7 +126,22 @@ def _read_saved(folder: Path, split: str) -> tuple[list[dict], str]:
     return ds.to_list(), f"saved dataset {folder}"
 
 
-def _read_folder(folder: Path, split: str, config: str | None) -> tuple[list[dict], str]:
+def _check_fit(folder: Path, tables: dict[Path, list[dict]], columns: dict[str, str]) -> None:
+    """A folder is read as one table: a file without a mapped column that other files have (another layout) is
+    an error naming it, not its rows dropped one by one under the folder's row numbers."""
+    found = {p: set().union(*rows) if rows else set() for p, rows in tables.items()}
+    for key, col in columns.items():
+        having = [p for p in tables if col in found[p]]
+        lacking = [p for p in tables if tables[p] and col not in found[p]]
+        if having and lacking:
+            p = lacking[0]
+            raise DataError(f"{p}: no column '{col}' ({key}), which {having[0].relative_to(folder)} has; its columns: "
+                            f"{', '.join(sorted(found[p])) or '(none)'}. The files of folder {folder} are read as "
+                            f"one table: give them the same columns, or move this one out")
+
+
+def _read_folder(folder: Path, split: str, config: str | None, columns: dict[str, str] | None = None
+                 ) -> tuple[list[dict], str]:
     if config and (folder / config).is_dir():
         folder = folder / config
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in READERS
@@ -144,9 +159,9 @@ def _read_folder(folder: Path, split: str, config: str | None) -> tuple[list[dic
                             f"{', '.join(found)} (set data.hf_split)")
         skipped = [p for p in files if p not in chosen]
         files = chosen
-    rows: list[dict] = []
-    for p in files:
-        rows += READERS[p.suffix.lower()](p)
+    tables = {p: READERS[p.suffix.lower()](p) for p in files}
+    _check_fit(folder, tables, columns or {})
+    rows = [row for table in tables.values() for row in table]
     desc = f"folder {folder}: {', '.join(str(p.relative_to(folder)) for p in files)}"
     if skipped:
         desc += f" (split {split}; not read: {', '.join(str(p.relative_to(folder)) for p in skipped)})"
@@ -160,8 +175,10 @@ def _looks_like_path(source: str) -> bool:
             or any(source.lower().endswith(s) for s in READERS))
 
 
-def read_source(source: str, split: str = "train", config: str | None = None) -> tuple[list[dict], str]:
-    """Rows of any non-built-in source, and a one-line description of what was read."""
+def read_source(source: str, split: str = "train", config: str | None = None,
+                columns: dict[str, str] | None = None) -> tuple[list[dict], str]:
+    """Rows of any non-built-in source, and a one-line description of what was read. `columns` (config key ->
+    column name) are the mapped columns: a folder's file lacking one that its other files have is an error."""
     path = Path(source).expanduser()
     if path.is_file():
         reader = READERS.get(path.suffix.lower())
@@ -170,7 +187,7 @@ def read_source(source: str, split: str = "train", config: str | None = None) ->
                             f"{', '.join(READERS)} (or a folder of them)")
         return reader(path), f"file {path}"
     if path.is_dir():
-        return _read_saved(path, split) if _is_saved_dataset(path) else _read_folder(path, split, config)
+        return _read_saved(path, split) if _is_saved_dataset(path) else _read_folder(path, split, config, columns)
     if _looks_like_path(source):
         raise DataError(f"data file not found: {source}")
     import datasets

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -55,6 +56,21 @@ def _flat_config(config: dict) -> dict[str, object]:
     return {f"{sec}.{k}": v for sec, vals in config.items() for k, v in vals.items()}
 
 
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writer thread keeps a failed write (a full disk, a deleted run folder) for the main thread,
+    whose next log call raises it and is reported in one line; the thread's own traceback would come first."""
+    previous = threading.excepthook
+    if getattr(previous, "mathgrpo", False):
+        return
+
+    def hook(args):
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.mathgrpo = True
+    threading.excepthook = hook
+
+
 class _TensorBoard:
     def __init__(self, run_dir: Path, name: str, config: dict, state: dict):
         _require("tensorboard")
@@ -62,6 +78,7 @@ class _TensorBoard:
 
         import yaml
 
+        _quiet_writer_thread()
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         if not state:  # once per run, not again on resume
             self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
@@ -183,12 +200,40 @@ def tracker_names(report_to: list[str], tensorboard: bool) -> list[str]:
 
 
 def check_installed(report_to: list[str]) -> None:
-    """Fail before any work (model loading) when a tracker's library is missing: the error names its extra."""
+    """Fail before any work (model loading) when a tracker cannot start: its library missing (the error names its
+    extra), or W&B online without a login."""
     import importlib.util
 
     for name in report_to:
         if name in LIBRARIES and importlib.util.find_spec(LIBRARIES[name][0]) is None:
             _require(name)  # raises, naming the extra
+    if "wandb" in report_to and not wandb_login_found():
+        raise TrackerError("trainer.report_to lists 'wandb' but no W&B login was found (WANDB_API_KEY, ~/.netrc, "
+                           "wandb's settings file): run `wandb login`, or set WANDB_MODE=offline to write the run "
+                           "locally (`wandb sync` uploads it later)")
+
+
+def wandb_login_found() -> bool:
+    """True when W&B need not log in: offline or disabled mode, or credentials where wandb looks for them (the
+    environment, a netrc entry for its host, a settings file holding an API key). Looked up without the network."""
+    import netrc
+    from urllib.parse import urlparse
+
+    env = os.environ
+    if env.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled") or \
+            env.get("WANDB_DISABLED", "").lower() in ("1", "true") or env.get("WANDB_API_KEY") or \
+            env.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    for path in [env.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc"]:
+        try:
+            if path and Path(path).is_file() and netrc.netrc(str(path)).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            pass
+    config_dir = Path(env.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb"))
+    return any(p.is_file() and "api_key" in p.read_text(errors="replace")
+               for p in (config_dir / "settings", Path("wandb") / "settings"))
 
 
 def report_eval(run_dir: Path, cfg, metrics: dict[str, dict]) -> None:

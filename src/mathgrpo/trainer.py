@@ -21,9 +21,9 @@ evaluation or report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
-import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +35,7 @@ import torch
 from . import checkpoint as ckpt
 from . import metrics as M
 from . import runs
-from .config import Config, dump_yaml, max_new_tokens_at
+from .config import Config, ConfigError, dump_yaml, length_schedule, max_new_tokens_at
 from .data import ProblemSet, load_problems
 from .diagnose import Watch, diagnose
 from .distributed import SINGLE, World, batch_line, process_group, rank_seed
@@ -43,7 +43,10 @@ from .files import read_jsonl
 from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
 from .advantages import group_advantages, unscorable_as_nan, zero_std_fraction
-from .models import Reference, load_model
+from .loading import pick_device, say
+from .memory_plan import describe, plan_run, shape_from_config
+from .models import Reference, enable_checkpointing, load_model
+from .modelinfo import check_context
 from .prompts import PromptBuilder
 from .scoring import RewardSet
 from .rollout import make_rollout
@@ -108,31 +111,6 @@ def rank_advantages(world: World, per: np.ndarray, total: np.ndarray, group: int
     return group_advantages(everyone, group, scale_rewards)[world.rank * len(mine):(world.rank + 1) * len(mine)]
 
 
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (with a checkpoint)."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with the host application
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     """(run dir, checkpoint to resume from or None)."""
     t = cfg.trainer
@@ -180,6 +158,7 @@ class Run:
     resume_from: Path | None = None
     changes: dict = field(default_factory=dict)  # config keys changed on resume: key -> (old, new)
     watch: Watch | None = None  # diagnose.py: says once when the steps show a run learning nothing
+    stop_signal: Any = None  # the signal that stopped the run before max_steps (signal.Signals), if one did
 
     def state(self, step: int) -> dict:
         """What a checkpoint stores besides weights and optimizer: the step, the sampler, the data fingerprints."""
@@ -187,22 +166,37 @@ class Run:
                 "depends": self.depends}
 
 
-def setup_run(cfg: Config, world: World, quiet: bool, *, model=None, tokenizer=None, data=None, prompts=None,
-              reward_funcs=None, callbacks=None) -> Run:
-    """Data, run dir, policy, reference, rollout backend, optimizer, sampler, logger; a checkpoint if resuming.
-    The order is part of the seeding: the model is loaded right after seed_everything."""
+def setup_run(cfg: Config, world: World, quiet: bool, held: contextlib.ExitStack, *, model=None, tokenizer=None,
+              data=None, prompts=None, reward_funcs=None, callbacks=None) -> Run:
+    """Data, run dir (its lock entered into `held`), policy, reference, rollout backend, optimizer, sampler, logger;
+    a checkpoint if resuming. The order is part of the seeding: the model is loaded right after seed_everything."""
     world.share(cfg.trainer.prompts_per_step)  # a global batch that does not split fails before any work
     data = data or load_problems(cfg.data, seed=cfg.trainer.seed)  # (bad data: no run folder is made)
+    if cfg.trainer.eval_at_end and not data.test:
+        raise ConfigError(f"trainer.eval_at_end=true but no test problems are held out ({len(data.train)} train "
+                          f"problems, data.test_fraction={cfg.data.test_fraction}): set data.test_source or a larger "
+                          f"data.test_fraction, or trainer.eval_at_end=false")
+    device = pick_device(replace(cfg.model, device=world.model_device(cfg.model.device)))
+    shape = shape_from_config(getattr(model.config, "text_config", model.config)) if model is not None else None
+    cfg, plan = plan_run(cfg, device, world.size, shape=shape)
+    if world.is_main:  # (a plan that does not fit has raised: no run folder is made)
+        say(describe(cfg, plan))
     run_dir, resume_from = world.broadcast_object(make_run_dir(cfg) if world.is_main else None)
+    if world.is_main:  # a second process on this run is refused until this one ends
+        held.enter_context(runs.lock_run(run_dir))
     depends = runs.fingerprints(data)  # checked on resume before any model is loaded
     changes = runs.check_resume(resume_from, cfg, depends) if resume_from is not None else {}
     seed_everything(cfg.trainer.seed)
     if model is None:
         model, tokenizer = load_model(replace(cfg.model, device=world.model_device(cfg.model.device)), trainable=True)
+    elif plan and plan.choice.checkpointing and "model.gradient_checkpointing" in plan.planned:
+        enable_checkpointing(model, keep_layers=cfg.model.gradient_checkpointing_keep_layers)  # the caller's model
+    check_context(model, max(t for _, t in length_schedule(cfg.generation.max_new_tokens)), "generation.max_new_tokens")
     if world.is_main:
         (run_dir / "data_report.txt").write_text(data.report + "\n")
+        runs.record_data(run_dir, cfg, depends)
     funcs = reward_funcs or cfg.rewards.functions
-    rewards = RewardSet(list(zip(funcs, cfg.rewards.weights or [1.0] * len(funcs))))
+    rewards = RewardSet(list(zip(funcs, cfg.rewards.weights or [1.0] * len(funcs))), cfg.rewards.time_limit)
     ref = prepare_policy(model, cfg, world)
     rollout = rollout_for(model, lambda: make_rollout(cfg.generation, model, tokenizer))  # gathered if sharded
     optimizer, scheduler = make_optimizer(model, cfg)
@@ -236,7 +230,8 @@ def _announce(run: Run) -> None:
     cfg = run.cfg
     run.logger.write(f"run dir: {run.dir}\n{run.data.report}")
     run.logger.write(batch_line(cfg.trainer.prompts_per_step, cfg.grpo.num_generations, run.world,
-                                cfg.trainer.max_tokens_per_microbatch, cfg.grpo.num_iterations, is_sharded(run.model))
+                                cfg.trainer.max_tokens_per_microbatch, cfg.grpo.num_iterations * cfg.grpo.mini_batches,
+                                is_sharded(run.model))
                      + (f"; resumed from {run.resume_from}" if run.resume_from else "")
                      + "".join(f"\nchanged on resume: {k} {a!r} -> {b!r} (recorded in resumes.jsonl)"
                                for k, (a, b) in run.changes.items()))
@@ -310,6 +305,8 @@ def log_step(run: Run, step: int, batch: RolloutBatch, metrics: dict) -> bool:
 
 
 def save_step(run: Run, step: int) -> Path:
+    if run.world.is_main:
+        runs.check_present(run.dir, f"checkpoint-{step} not written")
     path = ckpt.save_checkpoint(run.dir, step, run.model, run.optimizer, run.scheduler, run.state(step),
                                 dump_yaml(run.cfg), run.cfg.trainer.save_total_limit, run.world)  # rank 0 writes
     run.world.barrier()  # nobody moves on (or exits) before the checkpoint is complete
@@ -326,8 +323,8 @@ def train(cfg: Config, quiet: bool = False, *, model=None, tokenizer=None, data:
     callbacks called as `cb(step, metrics)` after every step. Under torchrun every rank calls this (the
     process group is started here unless the caller started one); callbacks run on every rank with the
     metrics reduced over ranks; the run dir is returned on every rank, written by rank 0 alone."""
-    with process_group(cfg.model.device) as world:
-        run = setup_run(cfg, world, quiet, model=model, tokenizer=tokenizer, data=data, prompts=prompts,
+    with process_group(cfg.model.device) as world, contextlib.ExitStack() as held:
+        run = setup_run(cfg, world, quiet, held, model=model, tokenizer=tokenizer, data=data, prompts=prompts,
                         reward_funcs=reward_funcs, callbacks=callbacks)
         step, stopped = _loop(run)
         finish_run(run, step, stopped)
@@ -340,7 +337,7 @@ def _loop(run: Run) -> tuple[int, bool]:
     step, stopped = run.start, False
     guard = ckpt.SaveOnError(run.dir, run.model, run.optimizer, run.scheduler, run.cfg, run.world, run.state,
                              run.start)
-    with StopFlag() as stop, guard:
+    with ckpt.StopFlag() as stop, guard:
         for step in range(run.start + 1, t.max_steps + 1):
             guard.begin(step, run.sampler.state())
             metrics, batch = train_step(run, step)
@@ -350,8 +347,9 @@ def _loop(run: Run) -> tuple[int, bool]:
             if last or stopped or step % t.save_steps == 0:
                 path = save_step(run, step)
             if stopped and not last:
+                run.stop_signal = stop.signal
                 run.logger.write(f"stopped after step {step}; checkpoint {path}\n"
-                                 f"resume with: mathgrpo train {run.dir / 'config.yaml'} --resume {run.dir}")
+                                 f"resume with: {runs.resume_command(run.dir)}")
                 break
     return step, stopped
 
@@ -363,6 +361,7 @@ def finish_run(run: Run, step: int, stopped: bool) -> None:
     ckpt.save_weights(run.model, run.dir / ("adapter" if cfg.model.lora else "model"), world)  # rank 0 writes
     if world.is_main:
         summary = summarize(run.dir, run.rewards.names, judge=(cfg, run.watch.rewards))
+        summary["stopped_by"] = run.stop_signal.name if run.stop_signal else None  # the CLI's exit status
         (run.dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(format_summary(summary))
     if step == cfg.trainer.max_steps and cfg.trainer.eval_at_end and run.data.test and not stopped:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..memory_plan import value
 from ..registry import lookup
 from .base import Completions, Rollout, SamplingConfig
 from .fast_weights import UnsupportedModel
@@ -15,17 +16,27 @@ from .hf import HFRollout
 
 
 def _fast(model, tokenizer, gen_cfg):
+    from ..loading import say
     from .fast import FastRollout  # CUDA-graph engine; imported lazily
+    from .fast_plan import plan_for
 
-    return FastRollout(model, tokenizer, max_batch=gen_cfg.max_batch, fuse_weights=gen_cfg.fuse_weights,
-                       lora_merge=gen_cfg.lora_merge, attention=gen_cfg.decode_attention)
+    device = next(model.parameters()).device
+    plan = plan_for(device, gen_cfg.kernels, attention=gen_cfg.decode_attention)
+    engine = FastRollout(model, tokenizer, max_batch=_max_batch(gen_cfg), fuse_weights=gen_cfg.fuse_weights,
+                         lora_merge=gen_cfg.lora_merge, plan=plan)
+    say(f"fast engine: {plan.line()}")
+    return engine
+
+
+def _max_batch(gen_cfg) -> int:
+    return value(gen_cfg.max_batch, "generation.max_batch")
 
 
 # name -> factory(model, tokenizer, generation config)
 BACKENDS: dict[str, Callable] = {
-    "hf": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=gen_cfg.max_batch,
+    "hf": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=_max_batch(gen_cfg),
                                                 merge_lora=gen_cfg.lora_merge == "copy"),
-    "hf_unmerged": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=gen_cfg.max_batch, merge_lora=False),
+    "hf_unmerged": lambda model, tok, gen_cfg: HFRollout(model, tok, max_batch=_max_batch(gen_cfg), merge_lora=False),
     "fast": _fast,
 }
 
@@ -36,6 +47,11 @@ def make_rollout(gen_cfg, model, tokenizer) -> Rollout:
     name = gen_cfg.backend
     if name != "auto":
         return lookup(BACKENDS, name, "generation.backend")(model, tokenizer, gen_cfg)
+    if getattr(gen_cfg, "repetition_penalty", 1.0) != 1.0:
+        from ..loading import say
+
+        say("generation.backend=auto: generation.repetition_penalty is applied by the hf backend only; sampling with hf")
+        return BACKENDS["hf"](model, tokenizer, gen_cfg)
     try:
         return _fast(model, tokenizer, gen_cfg)
     except (ImportError, UnsupportedModel) as e:  # ImportError: a torch too old for the engine's imports
@@ -51,7 +67,8 @@ def sampling_from(gen_cfg, seed: int | None = None, **changes) -> SamplingConfig
     from ..config import max_new_tokens_at
 
     s = SamplingConfig(max_new_tokens=max_new_tokens_at(gen_cfg.max_new_tokens, None), temperature=gen_cfg.temperature,
-                       top_p=gen_cfg.top_p, top_k=gen_cfg.top_k, stop_strings=list(gen_cfg.stop_strings),
+                       top_p=gen_cfg.top_p, top_k=gen_cfg.top_k, min_p=gen_cfg.min_p,
+                       repetition_penalty=gen_cfg.repetition_penalty, stop_strings=list(gen_cfg.stop_strings),
                        seed=seed)
     for k, v in changes.items():
         setattr(s, k, v)

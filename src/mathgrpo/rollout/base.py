@@ -20,6 +20,8 @@ class SamplingConfig:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
+    min_p: float = 0.0  # 0 disables min-p: tokens below min_p x the top token's probability are dropped
+    repetition_penalty: float = 1.0  # 1 disables it (the hf backend only: transformers' processor)
     stop_strings: list[str] = field(default_factory=list)
     # Benchmarks force full-length completions by ignoring EOS.
     ignore_eos: bool = False
@@ -35,9 +37,9 @@ class Completions:
     completion_mask: torch.Tensor  # [N, T] bool/int, 1 for real completion tokens (EOS included)
     texts: list[str]  # [N] decoded completions (special tokens skipped, cut at a stop string)
     truncated: torch.Tensor  # [N] bool, True when max_new_tokens ran out before EOS/stop
-    # [N, T] float32 log-probs of the sampled tokens at the sampling temperature (the fast engine): a diagnostic of
-    # the sampler, checked against the training forward in tests/test_rollout_fast.py. The loss does not use them:
-    # the update recomputes every log-prob (TRL's vLLM importance-sampling correction is not implemented).
+    # [N, T] float32 log-probs of the sampled tokens at the sampling temperature (the fast engine), checked against
+    # the training forward in tests/test_rollout_fast.py. The update recomputes every log-prob and weights the policy
+    # term by their ratio (grpo.sampler_correction, correction.sampler_weights) and logs the mismatch (sampler/*).
     logprobs: torch.Tensor | None = None
     gen_seconds: float = 0.0
 

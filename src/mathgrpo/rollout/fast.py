@@ -8,11 +8,11 @@ Instead of transformers' generic forward it runs its own (fast_forward.py) over 
 the HF module (fast_weights.py: the model's own tensors where possible, an owned bf16 copy for LoRA
 (or, with lora_merge=in_place|none, the base tensors with the deltas added in place while sampling or
 applied as low-rank matmuls), 4-bit or cast models), a static KV cache, and on CUDA captured CUDA graphs:
-the per-step Python, mask building and kernel launches of `generate` disappear. Decode attention takes one of
-two paths (`attention`, `describe()` says which): "triton" (fast_kernels.py, the default on CUDA: RoPE fused
-with the KV write, flash-decoding split over each row's filled columns, one graph per batch size for every
-length) or "sdpa" (the reference: SDPA over the first bucket of columns, one graph per (batch, length
-bucket); what runs on CPU and with torch alone). Prefill runs eagerly once per distinct prompt (its K/V is
+the per-step Python, mask building and kernel launches of `generate` disappear. Which kernels run is the
+device's kernel plan (fast_plan.py; `describe()` reports it): decode attention "triton" (fast_kernels.py: RoPE
+fused with the KV write, flash-decoding split over each row's filled columns, one graph per batch size for every
+length) or "sdpa" (the reference: SDPA over the first bucket of columns, one graph per (batch, length bucket);
+what runs on CPU, with torch alone, on cards Triton does not support, and after a kernel failed). Prefill runs eagerly once per distinct prompt (its K/V is
 copied to the n samples). Sampling runs on the device after each replay (fast_sampling.py); finished
 rows emit padding; stop strings are checked on the host every `check_every` steps, where finished rows also
 leave the batch (`compact`: the live rows' K/V move to the front and the step runs at the smaller batch
@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections import Counter
 
 import torch
 
 from .base import Completions, SamplingConfig
 from .common import finish_completions
-from .fast_forward import EAGER_OPS, compiled_ops, decode_step, logits_into, prefill, rope_table
+from .fast_forward import decode_step, logits_into, prefill, rope_table
 from .fast_sampling import check_sampling, compiled_pick, pick, sample
-from . import fast_draw, fast_kernels, fast_linear
+from . import fast_draw, fast_kernels
+from .fast_plan import KernelFailure, KernelPlan, decode_ops, describe_matmuls, guarded, plan_for, reference
 from .fast_buffers import merge_in_place, owned_pointers, param_pointers, reclaim_owned, release_owned, restore
 from .fast_weights import causal_lm_parts, extract, refill
 from .hf import _eos_ids
@@ -43,38 +45,22 @@ from .hf import _eos_ids
 
 class FastRollout:
     def __init__(self, model, tokenizer, *, max_batch: int = 256, max_seq_len: int | None = None, device=None,
-                 dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, kv_bucket: int | None = None,
-                 fuse_weights: bool = False, lora_merge: str = "copy", compile_pointwise: bool | None = None,
-                 prefill_tokens: int = 16384, check_every: int = 16, attention: str = "auto",
-                 fused_linear: bool | None = None, compact: bool = True, pdl: bool | None = None,
-                 sampler: str = "auto"):
+                 dtype: torch.dtype | None = None, fuse_weights: bool = False, lora_merge: str = "copy",
+                 prefill_tokens: int = 16384, check_every: int = 16, compact: bool = True,
+                 plan: KernelPlan | None = None):
         """max_batch: rows decoded together; max_seq_len: cap on prompt + completion tokens (None: as needed);
-        device/dtype: where and in what precision to generate (default: the model's); cuda_graphs: capture
-        decode steps (default: on for CUDA); kv_bucket: attention length granularity of the sdpa path (default
-        256 on CUDA, 1 on CPU); fuse_weights: copy q/k/v and gate/up into fused buffers even for a plain model (faster
-        decode, costs a copy of those weights); lora_merge: how LoRA deltas reach generation: "copy" (a merged copy
-        of the adapted weights: fastest decode, +memory), "in_place" (added into the base weights for the
-        duration of `generate`, restored from a host snapshot: no GPU copy) or "none" (low-rank matmuls next to
-        the base weights: no copy anywhere, slower decode); compile_pointwise: torch.compile the
-        norm/rope/activation pieces of the decode step and the sampler's final pick (default: with CUDA graphs);
-        prefill_tokens: prompt tokens per prefill chunk; check_every: steps between stop-string checks;
-        attention: decode attention path, "triton" (fast_kernels: fused RoPE + KV write, flash-decoding over
-        the filled columns, one CUDA graph per batch size for every length), "sdpa" (the reference: SDPA over
-        length buckets, one graph per (batch, bucket)) or "auto" (triton where it can run, else sdpa); the
-        path taken is `self.attention`; fused_linear: the decode step's matmuls on the triton path: None (the
-        default) takes fast_matmul's skinny-matmul kernel, fused with RMSNorm / SwiGLU / the residual add
-        (fast_linear), for each (shape, row bucket) where its table (measured on the H200) says it beats cuBLAS,
-        and cuBLAS elsewhere; True takes the fused kernels for every group they can read at <= 64 rows (also
-        shapes the table lacks, and fp32); False takes cuBLAS + the reference pointwise ops everywhere (the
-        reference). `describe()["matmuls"]` says which matmul each group takes per row bucket;
-        compact: drop finished rows from the decode batch at each stop check (the live rows move to the front,
-        and the step runs at the smaller batch size once they fit one: real completions are uneven, and a
-        batch would otherwise run every row to the longest one's length); pdl: programmatic dependent launch
-        for the decode step's Triton kernels (fast_kernels' and the compiled pointwise ones: each starts while
-        the one before drains), None = on where the GPU supports it (Hopper and later, triton path); sampler: how
-        greedy / plain-temperature tokens are drawn: "triton" (fast_draw: one kernel over (rows, vocabulary
-        chunks)), "torch" (noise tensor + compiled argmax / logsumexp) or "auto" (triton on CUDA); top-k / top-p
-        always take the torch ops."""
+        device/dtype: where and in what precision to generate (default: the model's); fuse_weights: copy q/k/v
+        and gate/up into fused buffers even for a plain model (faster decode, costs a copy of those weights);
+        lora_merge: how LoRA deltas reach generation: "copy" (a merged copy of the adapted weights: fastest
+        decode, +memory), "in_place" (added into the base weights for the duration of `generate`, restored from a
+        host snapshot: no GPU copy) or "none" (low-rank matmuls next to the base weights: no copy anywhere,
+        slower decode); prefill_tokens: prompt tokens per prefill chunk; check_every: steps between stop-string
+        checks; compact: drop finished rows from the decode batch at each stop check (the live rows move to the
+        front, and the step runs at the smaller batch size once they fit one: real completions are uneven, and a
+        batch would otherwise run every row to the longest one's length); plan: which kernels run (fast_plan:
+        attention path, matmuls, sampler, PDL, CUDA graphs, compiled pointwise ops; default `plan_for(device)`,
+        the card's own). A kernel failing to compile or launch switches the engine to the torch plan (a warning
+        names the kernel and the reason) and the batch is decoded again."""
         if max_batch < 1:
             raise ValueError(f"FastRollout: max_batch must be >= 1, got {max_batch}")
         if tokenizer.pad_token_id is None:
@@ -84,39 +70,8 @@ class FastRollout:
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype
-        self.graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if self.graphs and self.device.type != "cuda":
-            raise ValueError("FastRollout: cuda_graphs=True needs a CUDA device")
-        self.bucket = kv_bucket or (256 if self.device.type == "cuda" else 1)
         self.lora_merge = lora_merge
-        if attention not in ("auto", "triton", "sdpa"):
-            raise ValueError(f"FastRollout: attention must be auto, triton or sdpa, got {attention!r}")
-        can = fast_kernels.available(self.device)
-        if attention == "triton" and not can:
-            raise ValueError(f"FastRollout: attention='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
-                             f"on CPU); here: triton {'found' if fast_kernels.triton else 'missing'}, "
-                             f"device {self.device}")
-        self.attention = "triton" if attention == "triton" or (attention == "auto" and can
-                                                              and self.device.type == "cuda") else "sdpa"
-        if fused_linear and self.attention != "triton":
-            raise ValueError("FastRollout: fused_linear=True needs the triton attention path")
-        self.fused_linear = fused_linear
-        can_pdl = self.attention == "triton" and fast_kernels.supports_pdl(self.device)
-        if pdl and not can_pdl:
-            raise ValueError("FastRollout: pdl=True needs the triton attention path on a GPU of compute capability "
-                             ">= 9 (Hopper) with a Triton that has grid dependency control")
-        self.pdl = can_pdl if pdl is None else bool(pdl)
-        if sampler not in ("auto", "triton", "torch"):
-            raise ValueError(f"FastRollout: sampler must be auto, triton or torch, got {sampler!r}")
-        if sampler == "triton" and not can:
-            raise ValueError("FastRollout: sampler='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
-        self.sampler = "triton" if sampler == "triton" or (sampler == "auto" and can and self.device.type == "cuda") \
-            else "torch"
-        self._draw = fast_draw.draw if self.sampler == "triton" else None
-        self.matmul = ("cublas" if self.attention != "triton" or fused_linear is False
-                       else "force" if fused_linear else "table")
-        # The sdpa path captures one graph per (batch, length bucket): shrinking batches would multiply them.
-        self.compact = compact and (not self.graphs or self.attention == "triton")
+        self.want_compact = compact
         self.compactions = 0  # times a batch shrank (finished rows dropped)
         # Public hook for benchmarks and experiments: hook(logits [n, V], rows, step), called before each draw of a
         # batch with the logits of its n decode slots (edit them in place), the batch row each slot holds (a slice
@@ -124,9 +79,6 @@ class FastRollout:
         self.logits_hook = None
         self._side = None  # one side stream for every graph capture (each new stream gets its own cuBLAS workspace)
         self.fuse, self.prefill_tokens, self.check_every = fuse_weights, prefill_tokens, check_every
-        compile_ = self.graphs if compile_pointwise is None else compile_pointwise
-        self.ops = compiled_ops(self.pdl) if compile_ else EAGER_OPS
-        self._pick = compiled_pick() if compile_ else pick
         self._cache_rows = self._cache_len = 0
         self.k_cache = self.v_cache = None
         self._graph_kv = (0, 0)  # KV cache addresses the captured graphs were recorded with
@@ -134,7 +86,26 @@ class FastRollout:
         self._rope_len = 0
         self._graph_map: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
+        if plan is None:
+            plan = plan_for(self.device)
+        elif plan.device.type != self.device.type:
+            raise ValueError(f"FastRollout: the kernel plan is for {plan.device.type}, the engine runs on {self.device}")
+        self.fallbacks: list[str] = []  # kernels that failed, in order (the engine took the reference plan)
+        self._use(plan)
         self._load(model)
+
+    def _use(self, plan: KernelPlan) -> None:
+        """Take `plan`: the decode ops, the sampler, graph and bucket settings (captured graphs dropped)."""
+        self.plan = plan
+        self.graphs, self.attention, self.pdl, self.sampler = plan.cuda_graphs, plan.attention, plan.pdl, plan.sampler
+        self.bucket = plan.kv_bucket
+        self.ops = decode_ops(plan)
+        self._pick = guarded("compiled sampler pick (torch.compile)", compiled_pick()) if plan.compile_pointwise \
+            else pick
+        self._draw = guarded("draw (fast_draw)", fast_draw.draw) if plan.sampler == "triton" else None
+        # The sdpa path captures one graph per (batch, length bucket): shrinking batches would multiply them.
+        self.compact = self.want_compact and (not self.graphs or self.attention == "triton")
+        self.drop_graphs()
 
     # ----- weights -------------------------------------------------------------------------------------
     def _load(self, model) -> None:
@@ -157,12 +128,13 @@ class FastRollout:
                 refill(self.w)
 
     def describe(self) -> dict:
-        """Which path this engine takes: attention kernels, CUDA graphs, and how each weight group is read."""
-        matmuls = (fast_linear.describe(self.w, self.device, self.matmul == "force") if self.matmul != "cublas"
-                   else "cuBLAS + reference ops")
-        return {"attention": self.attention, "cuda_graphs": self.graphs, "pdl": self.pdl, "sampler": self.sampler,
-                "lora_merge": self.lora_merge,
-                "compiled_pointwise": self.ops is not EAGER_OPS, "weights": dict(self.w.plan), "matmuls": matmuls}
+        """Which path this engine takes: the kernel plan (one line), attention kernels, CUDA graphs, the matmul of
+        each projection group, how each weight group is read, and kernels that failed (the engine fell back)."""
+        p = self.plan
+        return {"plan": p.line(), "kernels": p.kernels, "attention": p.attention, "cuda_graphs": p.cuda_graphs,
+                "pdl": p.pdl, "sampler": p.sampler, "lora_merge": self.lora_merge,
+                "compiled_pointwise": p.compile_pointwise, "weights": dict(self.w.plan),
+                "matmuls": describe_matmuls(p, self.w), "fallbacks": list(self.fallbacks)}
 
     @property
     def owned_weight_bytes(self) -> int:
@@ -236,7 +208,7 @@ class FastRollout:
         splits = fast_kernels.splits_for(rows, self.w.n_kv, self.device) if self.attention == "triton" else 0
         with fast_kernels.dependent_launch(self.pdl):
             h = decode_step(self.w, self.k_cache, self.v_cache, self._tok[:rows], self._pos[:rows], self._col,
-                            self._pad[:rows], n_cols, self.cos, self.sin, self.ops, splits, self.matmul)
+                            self._pad[:rows], n_cols, self.cos, self.sin, self.ops, splits)
         logits_into(self.w, h, self._logits)
 
     def _decode(self, rows: int, n_cols: int) -> None:
@@ -420,19 +392,33 @@ class FastRollout:
         eos_ids = [] if sampling.ignore_eos else _eos_ids(self.model, self.tokenizer)
         eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)))
-        gen = torch.Generator(self.device).manual_seed(seed)
-        pad_id = self.tokenizer.pad_token_id
-        toks, lps = [], []
         with torch.inference_mode(), self._lora_in_place():
-            for a in range(0, len(rows), self.max_batch):
-                per_prompt = Counter(r // n for r in range(a, min(a + self.max_batch, len(rows))))
-                uniq = sorted(per_prompt)
-                t, lp = self._run_batch([prompt_ids[j] for j in uniq], [per_prompt[j] for j in uniq], sampling,
-                                        eos, gen)
-                toks.append(t.cpu())
-                lps.append(lp.cpu())
+            try:
+                toks, lps = self._generate_rows(prompt_ids, n, rows, sampling, eos, seed)
+            except KernelFailure as e:
+                if not self.plan.uses_kernels:
+                    raise
+                self.fallbacks.append(e.kernel)
+                warnings.warn(f"fast engine: {e.kernel} failed on {self.plan.device.name} ({e.reason}); decoding "
+                              f"on the reference path (SDPA attention, cuBLAS, torch sampler) from now on",
+                              RuntimeWarning, stacklevel=2)
+                self._use(reference(self.plan, f"after {e.kernel} failed"))
+                toks, lps = self._generate_rows(prompt_ids, n, rows, sampling, eos, seed)
+        pad_id = self.tokenizer.pad_token_id
         width = max(t.shape[1] for t in toks)
         ids = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad_id) for t in toks])
         logp = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in lps])
         return finish_completions(rows, ids, self.tokenizer, sampling, set(eos_ids), time.perf_counter() - t0,
                                   logprobs=logp)
+
+    def _generate_rows(self, prompt_ids, n: int, rows, sampling: SamplingConfig, eos: torch.Tensor, seed: int):
+        """Every row, max_batch at a time, from a generator seeded with `seed` -> ([tokens], [log-probs]) per batch."""
+        gen = torch.Generator(self.device).manual_seed(seed)
+        toks, lps = [], []
+        for a in range(0, len(rows), self.max_batch):
+            per_prompt = Counter(r // n for r in range(a, min(a + self.max_batch, len(rows))))
+            uniq = sorted(per_prompt)
+            t, lp = self._run_batch([prompt_ids[j] for j in uniq], [per_prompt[j] for j in uniq], sampling, eos, gen)
+            toks.append(t.cpu())
+            lps.append(lp.cpu())
+        return toks, lps

@@ -121,39 +121,20 @@ def run_layers(w: GenWeights, x: torch.Tensor, attention: Attention, ops: dict =
     return h
 
 
-def fused_layers(w: GenWeights, x: torch.Tensor, attention: Attention, ops: dict = EAGER_OPS,
-                 force: bool = False) -> torch.Tensor:
-    """The decode step's layers with fast_linear's fused kernels where fast_matmul.TABLE (or `force`) gives one:
-    RMSNorm inside the q/k/v and gate/up matmuls, SwiGLU inside gate/up, bias + residual add inside o and down
-    (x updated in place). Any other group takes the reference ops (ops["linear"] for its matmul).
-    `attention(layer, weights, q/k/v projection output [B, (H+2KV)*D]) -> [B, H*D]`."""
-    from . import fast_linear as FL
-
-    rms, lin = ops["rms"], ops.get("linear", F.linear)
-    for i, L in enumerate(w.layers):
-        c = FL.layer_configs(L, w.act, x, force)
-        qkv = (FL.norm_linear(x, L.ln1, L.qkv, L.qkv_bias, w.eps, c["qkv"]) if c["qkv"]
-               else _project(rms(x, L.ln1, w.eps), L.qkv, L.qkv_bias, L.qkv_lora, lin))
-        a = attention(i, L, qkv)
-        x = (FL.linear_residual(a, L.o, L.o_bias, x, c["o"]) if c["o"]
-             else x + _project(a, [L.o], [L.o_bias], L.o_lora, lin))
-        g = (FL.norm_glu(x, L.ln2, *FL.gate_up_of(L), w.eps, c["gate_up"]) if c["gate_up"] else
-             ops["glu"](*_project_parts(rms(x, L.ln2, w.eps), L.gate_up, L.gate_up_bias, L.gate_up_lora, lin=lin),
-                        w.act))
-        x = (FL.linear_residual(g, L.down, L.down_bias, x, c["down"]) if c["down"]
-             else x + _project(g, [L.down], [L.down_bias], L.down_lora, lin))
-    return rms(x, w.norm, w.eps)
+def _silu(act) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def table_ops(ops: dict) -> dict:
-    """`ops` with fast_matmul's plain kernels as the matmuls (and matmul + SwiGLU) where its TABLE has them."""
-    from . import fast_linear as FL
-    from . import fast_matmul as FM
-
-    def glu_mm(L: LayerWeights, act, h: torch.Tensor):
-        return FM.glu(h, *FL.gate_up_of(L)) if FL.plain(L, act)["gate_up"] else None
-
-    return {**ops, "linear": FM.linear, "glu_mm": glu_mm}
+def glu_weights(L: LayerWeights, act) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(gate, up) where a layer's gate/up can take a matmul with a SwiGLU epilogue (plain tensors, no LoRA pair,
+    no bias, SiLU; the owned fused copy's halves or the model's separate tensors), else None."""
+    gu = L.gate_up
+    if (L.gate_up_lora is not None or not all(isinstance(t, torch.Tensor) and t.stride(-1) == 1 for t in gu)
+            or any(b is not None for b in L.gate_up_bias) or not _silu(act)):
+        return None
+    if len(gu) == 2:
+        return gu[0], gu[1]
+    return tuple(gu[0].chunk(2, 0)) if gu[0].shape[0] % 2 == 0 else None
 
 
 def logits_into(w: GenWeights, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -196,46 +177,25 @@ def prefill(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, ids: torch.Tensor
 
 def decode_step(w: GenWeights, kc: torch.Tensor, vc: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor,
                 col: torch.Tensor, pad: torch.Tensor, n_cols: int, cos_t: torch.Tensor,
-                sin_t: torch.Tensor, ops: dict = EAGER_OPS, splits: int = 0, matmul: str = "cublas") -> torch.Tensor:
+                sin_t: torch.Tensor, ops: dict = EAGER_OPS, splits: int = 0) -> torch.Tensor:
     """One token per row: tokens, pos, pad [B]; col [1] the cache column to write (same for all rows).
     Attends over cache columns [pad_b, col]. Returns hidden [B, hidden].
 
-    splits > 0: the Triton path (fast_kernels: RoPE + KV write in one kernel, flash-decoding over `splits`
-    slices of the filled columns, n_cols unused); splits == 0: the reference path (SDPA over the first
-    n_cols columns with a mask). matmul (Triton path only): "cublas" (cuBLAS + the reference pointwise ops),
-    "table" (fast_matmul.TABLE's kernels, fused with their neighbours where it has the fused forms, cuBLAS
-    elsewhere) or "force" (the fused kernels for every group they can read, at <= fast_matmul.MAX_ROWS rows)."""
+    splits > 0: the Triton path (ops["rope_write"]: RoPE + KV write in one kernel, ops["attend"]: flash-decoding
+    over `splits` slices of the filled columns; n_cols unused); splits == 0: the reference path (SDPA over the
+    first n_cols columns with a mask). ops (fast_plan.decode_ops): the pointwise pieces, and the matmuls
+    ("linear", "glu_mm") where the kernel plan takes fast_matmul's table."""
     B = tokens.shape[0]
     H, KV, D = w.n_heads, w.n_kv, w.head_dim
     x = F.embedding(tokens, w.embed)  # [B, hidden]
     if splits:
-        from . import fast_kernels as K
-
         sizes = [H * D, KV * D, KV * D]
-
-        def attend_parts(i, L, q, k, v):
-            q = K.rope_write(q, k, v, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], col, H, KV)
-            return K.attend(q, kc[i], vc[i], pad, col, w.scaling, splits)
-
-        def attend_qkv(i, L, qkv):  # qkv [B, (H+2KV)*D]: one launch (rope_attend) if fast_kernels.ATTEND says so
-            if K.ATTEND["one_launch"]:
-                return K.rope_attend(qkv, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], pad, col,
-                                     w.scaling, H, splits)
-            return attend_parts(i, L, *qkv.split(sizes, -1))
-
-        if matmul != "cublas":
-            from . import fast_linear as FL
-
-            force = matmul == "force"
-            if FL.any_fused(w, x, force):  # qkv [B, (H+2KV)*D] from the fused q/k/v kernel
-                return fused_layers(w, x, attend_qkv, table_ops(ops), force)
-            ops = table_ops(ops)
 
         def attention(i, L, h):
             lin = ops.get("linear", F.linear)
-            if len(L.qkv) == 1 or L.qkv_lora is not None:  # one q/k/v output (fused weights, or LoRA's sum)
-                return attend_qkv(i, L, _project(h, L.qkv, L.qkv_bias, L.qkv_lora, lin))
-            return attend_parts(i, L, *_project_parts(h, L.qkv, L.qkv_bias, L.qkv_lora, sizes, lin))
+            q, k, v = _project_parts(h, L.qkv, L.qkv_bias, L.qkv_lora, sizes, lin)
+            q = ops["rope_write"](q, k, v, cos_t, sin_t, pos, L.q_norm, L.k_norm, w.eps, kc[i], vc[i], col, H, KV)
+            return ops["attend"](q, kc[i], vc[i], pad, col, w.scaling, splits)
 
         return run_layers(w, x, attention, ops)
     cols = torch.arange(n_cols, device=tokens.device)

@@ -13,12 +13,8 @@ norms), the two `index_copy_` KV writes, the attention mask built per step and S
   and a short batch still spreads over every multiprocessor. A second small kernel merges the splits'
   partial softmax sums.
 
-`rope_attend` does all of it in one launch (off by default, `ATTEND["one_launch"]`; decode.py --set one=1):
-each program rotates its KV head's query heads itself, the split holding column `col` writes this step's k/v
-there before reading it, and the last split of a (row, KV head) to finish (an atomic arrival counter,
-`counters`) merges the partials.
-Measured on the H200 it matches the pair at 2k columns but is slower at 16k (docs/benchmarks.md), which is
-why the default path keeps the pair.
+Their tiling (columns a block step, pipeline stages, columns a split) is the engine's kernel plan's
+(fast_plan.py): the measured one on the card it was measured on, one that fits 64 KiB of shared memory elsewhere.
 
 Programmatic dependent launch (PDL, Hopper and later): inside `dependent_launch(True)` every kernel here (and
 fast_matmul's) launches with CUDA's programmatic-serialization attribute, so the GPU starts it while the kernel
@@ -26,7 +22,7 @@ before it drains; its first instruction (`griddepcontrol.wait`) holds it until t
 and its second lets the next one launch in turn. At decode sizes a kernel is a few microseconds, and each
 boundary otherwise costs the drain, the launch and the ramp-up of the next grid. The engine turns it on where the
 GPU supports it (`supports_pdl`); CUDA graphs keep the launch attribute. Measured on the H200: 0.4-3% a step
-(docs/benchmarks.md, round 4): inside a graph the launch gaps were already small.
+(docs/benchmarks.md): inside a graph the launch gaps were already small.
 
 Without Triton (or on CPU outside its interpreter) `available()` is False and the engine takes the
 reference path. The tests run these against the reference on the GPU, and on CPU with TRITON_INTERPRET=1."""
@@ -62,11 +58,12 @@ if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":  # CPU test
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernels can run on `device` (CUDA with Triton, or CPU under TRITON_INTERPRET=1)."""
+    """Whether the kernels can run on `device` (a CUDA GPU of compute capability >= 7.0 with Triton, which
+    supports no older card, or CPU under TRITON_INTERPRET=1)."""
     if triton is None:
         return False
     if device.type == "cuda":
-        return True
+        return torch.cuda.get_device_capability(device)[0] >= 7
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -113,26 +110,6 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
-    def _norm_rope(x1, x2, nw, cos_row, sin_row, i, m, eps, D: tl.constexpr, NORM: tl.constexpr, AXIS: tl.constexpr):
-        """Halves x1, x2 (along the last axis, `i` indexes them) of heads -> normed (Qwen3) and rotated halves."""
-        dt = x1.dtype
-        x1 = x1.to(tl.float32)
-        x2 = x2.to(tl.float32)
-        if NORM:  # Qwen3's per-head RMSNorm (as HF: normalise in fp32, round, then scale)
-            r = tl.rsqrt((tl.sum(x1 * x1, AXIS) + tl.sum(x2 * x2, AXIS)) / D + eps)
-            if AXIS == 1:
-                r = r[:, None]
-            x1 = (x1 * r).to(dt).to(tl.float32) * tl.load(nw + i, mask=m, other=0.0).to(tl.float32)
-            x2 = (x2 * r).to(dt).to(tl.float32) * tl.load(nw + D // 2 + i, mask=m, other=0.0).to(tl.float32)
-            x1 = x1.to(dt).to(tl.float32)
-            x2 = x2.to(dt).to(tl.float32)
-        c1 = tl.load(cos_row + i, mask=m, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_row + D // 2 + i, mask=m, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_row + i, mask=m, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_row + D // 2 + i, mask=m, other=0.0).to(tl.float32)
-        return (x1 * c1 - x2 * s1).to(dt), (x2 * c2 + x1 * s2).to(dt)  # rotate_half: [-x2, x1]
 
     @triton.jit
     def _rope_write_kernel(q_ptr, k_ptr, v_ptr, sq, sk, sv, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr, eps,
@@ -259,111 +236,12 @@ if triton is not None:
         tl.store(out_ptr + bh * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _rope_attend_kernel(qkv_ptr, s_qkv, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr, eps, kc_ptr, vc_ptr,
-                            pad_ptr, col_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, out_ptr, qk_scale, s_b, s_h, s_s,
-                            H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                            HALF: tl.constexpr, DP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                            MIN_CHUNK: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
-        _dependent(PDL)
-        bk = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = bk // KV
-        kh = bk % KV
-        col = tl.load(col_ptr)
-        n_cols = col + 1
-        pad = tl.load(pad_ptr + b)
-        start, chunk, used = _split_plan(n_cols, pad, NSPLIT, BLOCK_N, MIN_CHUNK)
-        lo = start + sp * chunk
-        hi = tl.minimum(lo + chunk, n_cols)
-        g = tl.arange(0, GP)
-        i = tl.arange(0, HALF)
-        d = tl.arange(0, DP)
-        gm, im, dm = g < G, i < D // 2, d < D
-        out_rows = b * H + kh * G + g  # [GP]
-        out_mask = gm[:, None] & dm[None, :]
-        if (used == 0) & (sp == 0):  # a row with no columns (an unused graph slot): zeros
-            tl.store(out_ptr + out_rows[:, None] * D + d[None, :], tl.zeros([GP, DP], tl.float32).to(
-                out_ptr.dtype.element_ty), mask=out_mask)
-        if lo >= hi:  # a split past the filled length (or no columns at all)
-            return
-        p = tl.load(pos_ptr + b)
-        row = qkv_ptr + b * s_qkv
-        qh = (kh * G + g)[:, None] * D + i[None, :]  # [GP, HALF]: this KV head's query heads
-        qmask = gm[:, None] & im[None, :]
-        q1, q2 = _norm_rope(tl.load(row + qh, mask=qmask, other=0.0), tl.load(row + qh + D // 2, mask=qmask, other=0.0),
-                            qn_ptr, cos_ptr + p * D, sin_ptr + p * D, i, im, eps, D, NORM, 1)
-        base = b.to(tl.int64) * s_b + kh * s_h  # one layer of a 256-row 32k cache passes 2**31 elements
-        if hi == n_cols:  # the split holding the new column writes this step's k (normed, rotated) and v there
-            kr = row + (H + kh) * D
-            k1, k2 = _norm_rope(tl.load(kr + i, mask=im, other=0.0), tl.load(kr + D // 2 + i, mask=im, other=0.0),
-                                kn_ptr, cos_ptr + p * D, sin_ptr + p * D, i, im, eps, D, NORM, 0)
-            dst = base + col * s_s
-            tl.store(kc_ptr + dst + i, k1, mask=im)
-            tl.store(kc_ptr + dst + D // 2 + i, k2, mask=im)
-            vr = row + (H + KV + kh) * D
-            tl.store(vc_ptr + dst + d, tl.load(vr + d, mask=dm), mask=dm)
-            tl.debug_barrier()  # the block's own cache writes are read back by the loop below
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, DP], tl.float32)
-        for s0 in range(lo, hi, BLOCK_N):
-            j = s0 + tl.arange(0, BLOCK_N)
-            jm = j < hi
-            kp = kc_ptr + base + j[:, None] * s_s + i[None, :]
-            km = jm[:, None] & im[None, :]
-            s = tl.dot(q1, tl.trans(tl.load(kp, mask=km, other=0.0)), input_precision=PREC)
-            s += tl.dot(q2, tl.trans(tl.load(kp + D // 2, mask=km, other=0.0)), input_precision=PREC)
-            s = tl.where((jm & (j >= pad))[None, :], s * qk_scale, float("-inf"))  # [GP, BLOCK_N], log2 units
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block of padding only: nothing to add
-            alpha = tl.exp2(m_i - m_safe)
-            pr = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            v = tl.load(vc_ptr + base + j[:, None] * s_s + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
-        if used > 1:  # partials of every split; the last one to finish merges them (counter per row x KV head)
-            part = out_rows * NSPLIT + sp
-            tl.store(m_ptr + part, m_i, mask=gm)
-            tl.store(l_ptr + part, l_i, mask=gm)
-            tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=out_mask)
-            tl.debug_barrier()
-            if tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel") != used - 1:
-                return
-            m_i = tl.full([GP], float("-inf"), tl.float32)
-            l_i = tl.zeros([GP], tl.float32)
-            acc = tl.zeros([GP, DP], tl.float32)
-            for t in range(0, used):  # fixed order: the same sum on every replay
-                pt = out_rows * NSPLIT + t
-                m_t = tl.load(m_ptr + pt, mask=gm, other=float("-inf"), cache_modifier=".cg")
-                m_new = tl.maximum(m_i, m_t)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                a_old, a_t = tl.exp2(m_i - m_safe), tl.exp2(m_t - m_safe)
-                l_i = l_i * a_old + tl.load(l_ptr + pt, mask=gm, other=0.0, cache_modifier=".cg") * a_t
-                acc = acc * a_old[:, None] + tl.load(acc_ptr + pt[:, None] * D + d[None, :], mask=out_mask,
-                                                     other=0.0, cache_modifier=".cg") * a_t[:, None]
-                m_i = m_new
-            tl.store(cnt_ptr + bk, 0)  # ready for the next launch (or graph replay)
-        o = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + out_rows[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-# attend's tiling: columns per block step and at least per split (None: by batch, `_min_chunk`); one_launch: the
-# engine takes rope_attend where its q/k/v projection is one output (measured on the H200, fused 1.5B shape, ms
-# per step: 8 x 2k 1.826 against the pair's 1.856, but 8 x 16k 3.33 against 2.61, so off). Read when a decode
-# step is traced (captured graphs keep what they saw); benchmarks/decode.py --set varies them.
-ATTEND = {"block_n": 64, "min_chunk": None, "one_launch": False}
-
-
 def _min_chunk(rows: int, n_kv: int) -> int:
     """Columns a split takes at least: 128 for a few (row, KV head) pairs, whose splits are then twice as many
     (more blocks reading the cache at once), 256 otherwise (fewer partial sums to merge). Measured on the H200
     (ms per step, 128 against 256): 1 x 2k 1.670 / 1.716, 8 x 2k 1.832 / 1.856, 8 x 16k 2.616 / 2.613,
     64 x 2k 2.992 / 2.962."""
-    return ATTEND["min_chunk"] or (128 if rows * n_kv <= 16 else 256)
+    return 128 if rows * n_kv <= 16 else 256
 
 
 def launch_options() -> dict:
@@ -386,33 +264,6 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
     return c
 
 
-def rope_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-                q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float, kc: torch.Tensor,
-                vc: torch.Tensor, pad: torch.Tensor, col: torch.Tensor, scale: float, n_heads: int, n_splits: int,
-                block_n: int | None = None, min_chunk: int | None = None) -> torch.Tensor:
-    """`rope_write` + `attend` in one launch: qkv [B, (H+2KV)*D] (the q/k/v projection output) -> [B, H*D].
-    Each program rotates its KV head's query heads itself; the split that holds column `col` writes this
-    step's k and v there before reading it; the last split of a (row, KV head) to finish merges the partials."""
-    B = qkv.shape[0]
-    KV, D = kc.shape[1], kc.shape[-1]
-    block_n, min_chunk = block_n or ATTEND["block_n"], min_chunk or _min_chunk(B, KV)
-    G = n_heads // KV
-    assert kc.stride(-1) == 1 and qkv.stride(-1) == 1 and cos.is_contiguous()
-    f32 = torch.float32
-    m = torch.empty(B, n_heads, n_splits, dtype=f32, device=qkv.device)
-    l_ = torch.empty_like(m)
-    acc = torch.empty(B, n_heads, n_splits, D, dtype=f32, device=qkv.device)
-    out = torch.empty(B, n_heads * D, dtype=qkv.dtype, device=qkv.device)
-    norm = q_norm is not None
-    _rope_attend_kernel[(B * KV, n_splits)](
-        qkv, qkv.stride(0), cos, sin, pos, q_norm if norm else cos, k_norm if norm else cos, eps, kc, vc, pad, col,
-        m, l_, acc, counters(qkv.device, B * KV), out, scale * _LOG2E, kc.stride(0), kc.stride(1), kc.stride(2),
-        H=n_heads, KV=KV, G=G, GP=max(16, _pow2(G)), D=D, HALF=max(16, _pow2(D // 2)), DP=max(16, _pow2(D)),
-        NSPLIT=n_splits, BLOCK_N=block_n, MIN_CHUNK=min_chunk, NORM=norm,
-        PREC="ieee" if qkv.dtype == f32 else "tf32", **launch_options())
-    return out
-
-
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                pos: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
                kc: torch.Tensor, vc: torch.Tensor, col: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
@@ -430,22 +281,26 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
 
 
 def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pad: torch.Tensor, col: torch.Tensor,
-           scale: float, n_splits: int, block_n: int | None = None, min_chunk: int | None = None) -> torch.Tensor:
+           scale: float, n_splits: int, block_n: int = 64, min_chunk: int | None = None,
+           stages: int | None = None) -> torch.Tensor:
     """Decode attention of q [B, H, D] over one layer's cache kc, vc [rows, KV, cap, D], row b seeing columns
-    [pad[b], col] -> [B, H*D]. n_splits: a power of two (see `splits_for`); min_chunk: a multiple of block_n."""
+    [pad[b], col] -> [B, H*D]. n_splits: a power of two (see `splits_for`); block_n: columns a block step;
+    min_chunk: a multiple of block_n (None: `_min_chunk`); stages: the column loop's software-pipeline depth (None:
+    Triton's default; each stage holds a K and a V tile in shared memory)."""
     B, H, D = q.shape
     KV = kc.shape[1]
-    block_n, min_chunk = block_n or ATTEND["block_n"], min_chunk or _min_chunk(B, KV)
+    min_chunk = min_chunk or max(block_n, _min_chunk(B, KV))
     G = H // KV
     f32 = torch.float32
     m = torch.empty(B, H, n_splits, dtype=f32, device=q.device)
     l_ = torch.empty_like(m)
     acc = torch.empty(B, H, n_splits, D, dtype=f32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    tiling = {"num_stages": stages} if stages else {}
     _attend_split_kernel[(B * KV, n_splits)](
         q, kc, vc, pad, col, m, l_, acc, scale * _LOG2E, kc.stride(0), kc.stride(1), kc.stride(2),
         H=H, KV=KV, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), NSPLIT=n_splits, BLOCK_N=block_n,
-        MIN_CHUNK=min_chunk, PREC=prec, **launch_options())
+        MIN_CHUNK=min_chunk, PREC=prec, **tiling, **launch_options())
     out = torch.empty(B, H * D, dtype=q.dtype, device=q.device)
     _attend_merge_kernel[(B * H,)](m, l_, acc, out, pad, col, H=H, D=D, DP=_pow2(D), NSPLIT=n_splits,
                                    BLOCK_N=block_n, MIN_CHUNK=min_chunk, **launch_options())

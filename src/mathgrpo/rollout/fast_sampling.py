@@ -1,16 +1,18 @@
-"""Token sampling on the device for the `fast` engine: greedy, temperature, top-k, top-p.
+"""Token sampling on the device for the `fast` engine: greedy, temperature, top-k, top-p, min-p.
 
-Order as in transformers: temperature, then top-k, then top-p. A categorical draw is
+Order as in transformers: temperature, then top-k, then top-p, then min-p. A categorical draw is
 argmax(logits - log E) with E ~ Exp(1) (the Gumbel-max trick: exact, no softmax, no host sync), E drawn
 from a private generator so a seed reproduces a run without touching the global RNG. The final
 pick (argmax, logsumexp, gather) is one small function that the engine compiles on CUDA into two
 reductions over [B, V]; the eager kernels of softmax/logsumexp run one block per row and starve the
 GPU at small batch. The returned log-prob is that of the sampled
-token under softmax(logits / temperature) before top-k/top-p truncation (raw logits when greedy),
+token under softmax(logits / temperature) before top-k/top-p/min-p truncation (raw logits when greedy),
 the distribution a GRPO loss with the same temperature evaluates.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -26,6 +28,11 @@ def check_sampling(s: SamplingConfig) -> None:
         raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {s.top_p}")
     if s.top_k < 0:
         raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {s.top_k}")
+    if not 0 <= s.min_p <= 1:
+        raise ValueError(f"SamplingConfig.min_p must be in [0, 1] (0 = off), got {s.min_p}")
+    if s.repetition_penalty != 1.0:
+        raise ValueError(f"SamplingConfig.repetition_penalty={s.repetition_penalty}: the fast engine does not apply a "
+                         f"repetition penalty; use generation.backend=hf (or auto, which then picks it)")
 
 
 def nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -69,7 +76,7 @@ def compiled_pick():
 def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None, pick=pick, draw=None):
     """logits [B, V] -> (tokens [B] int64, logprobs [B] float32). draw: fast_draw.draw (one kernel) for the
     greedy and plain-sampling cases, or None for the torch ops (`pick`)."""
-    plain = not (0 < s.top_k < logits.shape[-1]) and s.top_p >= 1  # the usual GRPO setting: no truncation
+    plain = not (0 < s.top_k < logits.shape[-1]) and s.top_p >= 1 and not s.min_p  # the usual GRPO setting
     if draw is not None and (plain or s.temperature == 0):
         return draw(logits, s.temperature, generator)
     if s.temperature == 0:
@@ -83,6 +90,8 @@ def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator |
         cand, idx = x.sort(-1, descending=True)
     if s.top_p < 1:
         cand = nucleus(cand, s.top_p)
+    if s.min_p > 0:  # min-p: drop tokens whose probability is below min_p x the top one's (the first stays)
+        cand = cand.masked_fill(cand < cand[:, :1] + math.log(s.min_p), float("-inf"))
     choice = (cand - _exponential(cand.shape, cand.device, generator).log()).argmax(-1)
     tok = idx.gather(-1, choice[:, None])[:, 0]
     return tok, x.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)

@@ -69,6 +69,10 @@ class HFRollout:
                               top_k=sampling.top_k or None)
                 else:
                     kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                if sampling.temperature > 0 and sampling.min_p > 0:
+                    kw["min_p"] = sampling.min_p
+                if sampling.repetition_penalty != 1.0:
+                    kw["repetition_penalty"] = sampling.repetition_penalty
                 if sampling.ignore_eos:
                     kw["min_new_tokens"] = sampling.max_new_tokens
                 if sampling.stop_strings:

@@ -34,6 +34,9 @@ class DatasetPrompts:
                 isinstance(p, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in p))
             if not ok:
                 raise ValueError(f"{what} row {i}: 'prompt' must be {want}, as in row 0; got {p!r:.200}")
+            if not (p.strip() if isinstance(p, str) else any(str(m["content"]).strip() for m in p)):
+                raise ValueError(f"{what} row {i}: the prompt is empty ({p!r:.200}): there is nothing to answer; "
+                                 f"drop the row or fill its prompt")
 
     def _render(self, prompt, kwargs: dict, what: str, i: int) -> str:
         if not self.conversational:

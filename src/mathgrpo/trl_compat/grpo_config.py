@@ -39,7 +39,8 @@ class GRPOConfig(Options):
         self.ignored_options = sort_others({k: v for k, v in options.items() if k not in OPTION_NAMES})
         if self.use_vllm:
             warn("use_vllm=True: mathgrpo generates with its own engine (CUDA graphs and a static KV cache on a GPU, "
-                 "transformers generate on a CPU), not vLLM; the vllm_* options are ignored")
+                 "transformers generate on a CPU), not vLLM; the vllm_* options are ignored but for "
+                 "vllm_importance_sampling_*, the correction of the sampler's mismatch, which mathgrpo applies too")
 
     # TrainingArguments attributes that transformers callbacks read (torchrun's environment, as accelerate's).
     world_size = property(lambda self: env("WORLD_SIZE", 1))
@@ -53,14 +54,36 @@ class GRPOConfig(Options):
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
+    def mini_batches(self) -> int:
+        """Optimizer steps per rollout: TRL generates per_device_train_batch_size x steps_per_generation (x ranks)
+        completions at once (or generation_batch_size) and takes gradient_accumulation_steps of those per-device
+        batches per optimizer step."""
+        ga, ranks, per = self.gradient_accumulation_steps, self.world_size, self.per_device_train_batch_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("GRPOConfig: generation_batch_size and steps_per_generation are mutually exclusive "
+                             "(as in TRL)")
+        steps = self.steps_per_generation
+        if self.generation_batch_size is not None:
+            if self.generation_batch_size % (per * ranks):
+                raise ValueError(f"GRPOConfig.generation_batch_size={self.generation_batch_size} must be a multiple "
+                                 f"of per_device_train_batch_size x ranks = {per * ranks} (as in TRL)")
+            steps = self.generation_batch_size // (per * ranks)
+        steps = ga if steps is None else steps
+        if steps % ga:
+            raise ValueError(f"GRPOConfig: steps_per_generation={steps} is not a multiple of "
+                             f"gradient_accumulation_steps={ga}: mathgrpo runs whole optimizer steps on each rollout "
+                             f"(steps_per_generation / gradient_accumulation_steps of them)")
+        return steps // ga
+
     def prompts_per_step(self) -> tuple[int, str | None]:
-        """(prompts per step, a note when the batch size is read as prompts rather than completions).
+        """(prompts per rollout, a note when the batch size is read as prompts rather than completions).
 
         TRL counts completions: per_device_train_batch_size x gradient_accumulation_steps (x ranks) of them make
-        one optimizer step, i.e. that / num_generations prompts. When that is not a whole number of prompts (TRL 1.16
-        refuses such a config), the product is read as a count of prompts, each with num_generations completions."""
+        one optimizer step, i.e. that / num_generations prompts, and a rollout holds `mini_batches()` optimizer
+        steps' worth. When that is not a whole number of prompts (TRL 1.16 refuses such a config), the product is
+        read as a count of prompts, each with num_generations completions."""
         ranks = self.world_size
-        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps * ranks
+        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps * ranks * self.mini_batches()
         G = self.num_generations
         if completions % G == 0:
             return completions // G, None
@@ -92,7 +115,8 @@ class GRPOConfig(Options):
             "prompt": {"max_prompt_tokens": self.max_prompt_length or 10**9},  # TRL 1.16 never cuts prompts
             "rewards": {"weights": self.reward_weights, "functions": reward_specs(reward_funcs, self.reward_weights)},
             "generation": {"max_new_tokens": self.max_completion_length, "temperature": self.temperature,
-                           "top_p": self.top_p, "top_k": self.top_k},
+                           "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p or 0.0,
+                           "repetition_penalty": self.repetition_penalty},
             "grpo": _grpo_section(self, batch_counts_prompts=note is not None),
             "trainer": {**_trainer_section(self, steps, pps, scheduler, warmup, report), "save_steps": save_every},
         }
@@ -107,7 +131,7 @@ class GRPOConfig(Options):
 
 def _run_length(args: GRPOConfig, train_size: int | None, pps: int) -> tuple[int, int | None]:
     """(mathgrpo steps, steps per epoch or None): TRL's max_steps or num_train_epochs, in rollouts."""
-    mu = args.num_iterations
+    mu = args.num_iterations * args.mini_batches()  # optimizer steps per rollout
     per_epoch = math.ceil(train_size / pps) if train_size else None
     if args.max_steps > 0:
         steps = math.ceil(args.max_steps / mu)
@@ -117,15 +141,16 @@ def _run_length(args: GRPOConfig, train_size: int | None, pps: int) -> tuple[int
         raise ValueError("GRPOConfig.max_steps=-1 needs the dataset size to count num_train_epochs: set max_steps "
                          "or call to_mathgrpo_config(train_size=len(train_dataset))")
     if mu > 1:
-        warn(f"num_iterations={mu}: a mathgrpo step is one rollout followed by {mu} optimizer steps, so max_steps, "
-             f"logging_steps and save_steps (TRL counts optimizer steps) are divided by {mu}: {steps} steps")
+        warn(f"num_iterations={args.num_iterations} x {args.mini_batches()} mini-batch(es): a mathgrpo step is one "
+             f"rollout followed by {mu} optimizer steps, so max_steps, logging_steps and save_steps (TRL counts "
+             f"optimizer steps) are divided by {mu}: {steps} steps")
     return steps, per_epoch
 
 
 def _every(args: GRPOConfig, what: str, steps: int) -> int:
     """An interval option (logging_steps, save_steps) in mathgrpo steps; TRL: < 1 is a fraction of the run."""
     value = getattr(args, what)
-    n = math.ceil(value * steps) if 0 < value < 1 else math.ceil(value / args.num_iterations)
+    n = math.ceil(value * steps) if 0 < value < 1 else math.ceil(value / (args.num_iterations * args.mini_batches()))
     if n < 1:
         raise ValueError(f"GRPOConfig.{what} must be > 0, got {value}")
     return n
@@ -147,7 +172,7 @@ def _schedule(args: GRPOConfig, steps: int) -> tuple[str, int]:
     scheduler = lookup(SCHEDULERS, args.lr_scheduler_type, "GRPOConfig.lr_scheduler_type",
                        hint=" (the TRL schedulers mathgrpo supports)")
     warm = args.warmup_ratio if args.warmup_ratio is not None else args.warmup_steps
-    warmup = math.ceil(warm * steps * args.num_iterations) if 0 < warm < 1 else int(warm)
+    warmup = math.ceil(warm * steps * args.num_iterations * args.mini_batches()) if 0 < warm < 1 else int(warm)
     if scheduler == "constant" and warmup:  # transformers' `constant` ignores the warm-up; so does mathgrpo's
         warn(f"lr_scheduler_type='constant' has no warm-up (in transformers too): warmup_steps={warm} is ignored; "
              f"use 'constant_with_warmup' to warm up")
@@ -188,10 +213,26 @@ def _grpo_section(args: GRPOConfig, batch_counts_prompts: bool) -> dict:
             "use_bias_correction_kl": args.use_bias_correction_kl,
             "importance_sampling_level": args.importance_sampling_level,
             "sapo_temperature_pos": args.sapo_temperature_pos, "sapo_temperature_neg": args.sapo_temperature_neg,
-            # TRL's bnpo averages token means over micro-batches of per_device_train_batch_size completions
+            # TRL's bnpo token means and entropy quantiles: per micro-batch of per_device_train_batch_size completions
             "bnpo_batch_rows": args.per_device_train_batch_size * (args.num_generations if batch_counts_prompts
                                                                    else 1),
-            "top_entropy_quantile": args.top_entropy_quantile}
+            "top_entropy_quantile": args.top_entropy_quantile, "mini_batches": args.mini_batches(),
+            "delta": args.delta, "entropy_coef": args.entropy_coef,
+            "off_policy_mask_threshold": args.off_policy_mask_threshold, **_sampler_correction(args)}
+
+
+_VLLM_IS = {"vllm_importance_sampling_correction": True, "vllm_importance_sampling_mode": "sequence_mask",
+            "vllm_importance_sampling_clip_max": 3.0, "vllm_importance_sampling_clip_min": None}
+
+
+def _sampler_correction(args: GRPOConfig) -> dict:
+    """TRL's vLLM importance sampling as grpo.sampler_correction: where the script uses vLLM or sets one of its
+    options (mathgrpo's engine, like vLLM, samples with kernels of its own); otherwise mathgrpo's default."""
+    if not args.use_vllm and all(getattr(args, k) == v for k, v in _VLLM_IS.items()):
+        return {}
+    mode = args.vllm_importance_sampling_mode if args.vllm_importance_sampling_correction else "none"
+    return {"sampler_correction": mode, "sampler_correction_max": args.vllm_importance_sampling_clip_max,
+            "sampler_correction_min": args.vllm_importance_sampling_clip_min}
 
 
 def _trainer_section(args: GRPOConfig, steps: int, pps: int, scheduler: str, warmup: int, report: list[str]) -> dict:

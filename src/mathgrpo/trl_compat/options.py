@@ -47,6 +47,8 @@ class Options:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
     chat_template_kwargs: dict | None = None
     beta: float = 0.0
     epsilon: float = 0.2
@@ -90,6 +92,16 @@ class Options:
     use_vllm: bool = False
     mathgrpo_overrides: dict | None = None  # mathgrpo-only: {"generation.backend": "hf", ...}
     top_entropy_quantile: float = 1.0
+    steps_per_generation: int | None = None  # None: gradient_accumulation_steps (one optimizer step per rollout)
+    generation_batch_size: int | None = None  # completions per rollout (all ranks); exclusive with the above
+    delta: float | None = None
+    entropy_coef: float = 0.0
+    off_policy_mask_threshold: float | None = None
+    # TRL's vLLM correction: mathgrpo always samples with an engine of its own, as TRL's vLLM path does
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
 
 
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(Options))
@@ -98,17 +110,15 @@ OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(Options))
 TRL_ONLY = {
     "router_aux_loss_coef": None, "cast_lm_head_to_fp32": False,
     "remove_unused_columns": False, "num_generations_eval": None, "ds3_gather_for_generation": True,
-    "shuffle_dataset": True, "pad_to_multiple_of": "auto", "min_p": None, "generation_kwargs": None,
-    "repetition_penalty": 1.0, "cache_implementation": None, "vllm_mode": "colocate", "vllm_model_impl": "vllm",
+    "shuffle_dataset": True, "pad_to_multiple_of": "auto", "generation_kwargs": None,
+    "cache_implementation": None, "vllm_mode": "colocate", "vllm_model_impl": "vllm",
     "vllm_enable_sleep_mode": False, "vllm_structured_outputs_regex": None, "vllm_server_base_url": None,
     "vllm_server_host": "0.0.0.0", "vllm_server_port": 8000, "vllm_server_timeout": 240.0, "vllm_group_port": 51216,
     "vllm_gpu_memory_utilization": 0.3, "vllm_max_model_length": None, "vllm_tensor_parallel_size": 1,
     "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0,
     "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512,
     "entropy_coef_min": 0.0, "entropy_coef_max": 1.0, "entropy_coef_delta": 0.005, "entropy_target": 0.2,
-    "max_tool_calling_iterations": None, "vllm_importance_sampling_correction": True,
-    "vllm_importance_sampling_mode": "sequence_mask", "vllm_importance_sampling_clip_max": 3.0,
-    "vllm_importance_sampling_clip_min": None, "log_multimodal": True,
+    "max_tool_calling_iterations": None, "log_multimodal": True,
     "num_completions_to_print": None, "log_unique_prompts": False, "log_completions_hub_repo": None,
     "use_transformers_continuous_batching": False, "transformers_continuous_batching_config": None,
     "use_transformers_paged": False, "vllm_importance_sampling_cap": None,
@@ -122,11 +132,7 @@ TRL_ONLY = {
     "save_safetensors": True, "include_tokens_per_second": False, "dispatch_batches": None, "split_batches": None,
 }
 # Options that would change the objective or the batch in ways mathgrpo does not implement: only this value passes.
-REFUSED = {
-    "delta": None, "multi_objective_aggregation": "sum_then_normalize",
-    "sync_ref_model": False, "entropy_coef": 0.0, "use_adaptive_entropy": False,
-    "off_policy_mask_threshold": None, "generation_batch_size": None, "steps_per_generation": None,
-}
+REFUSED = {"multi_objective_aggregation": "sum_then_normalize", "sync_ref_model": False, "use_adaptive_entropy": False}
 # Why an ignored option is ignored (by name prefix); the rest: "not supported by mathgrpo".
 _IGNORED_WHY = {
     "vllm_": "mathgrpo generates with its own engine", "optim": "mathgrpo uses torch.optim.AdamW",
