@@ -17,6 +17,11 @@ def _stepped(opt, sched, n: int) -> list[float]:  # the learning rate of each of
     return out
 
 
+@pytest.fixture(autouse=True)
+def _no_loss_scaler(monkeypatch):  # the schedule alone, on a plain layer: no model to ask for its compute dtype
+    monkeypatch.setattr("mathgrpo.update.make_loss_scaler", lambda model, params: None)
+
+
 def _lrs(cfg, n: int) -> list[float]:
     return _stepped(*make_optimizer(torch.nn.Linear(2, 2), cfg), n)
 
