@@ -22,7 +22,8 @@ OPTS = {"rewards.functions": f"['{REWARD}', overlong]", "rewards.weights": "[1.0
         "generation.max_new_tokens": "{0: 6, 3: 10}", "grpo.dynamic_sampling": True,
         "grpo.dynamic_sampling_max_rounds": 3, "grpo.top_entropy_quantile": 0.5, "grpo.beta": 0.0,
         "grpo.loss_type": "dr_grpo", "grpo.mini_batches": 2, "grpo.entropy_coef": 0.01, "trainer.max_steps": 4,
-        "trainer.save_steps": 2}
+        "trainer.save_steps": 1, "trainer.save_total_limit": 3,
+        "trainer.seed": 1}  # seed 1: steps 3 and 4 draw extra rounds (the resume below redoes them)
 
 
 def _cfg(model_dir, out, **extra):
@@ -63,17 +64,26 @@ def test_steps_train_on_informative_groups_at_the_scheduled_length(straight):
 
 @pytest.mark.integration
 def test_resume_repeats_the_straight_run(straight, tiny_model_dir, tmp_path):
+    """Resumed from the checkpoint just before the first step (after 2) that drew extra rounds: the refill after a
+    resume draws from the restored sampler with the restored seeds, as the straight run did."""
+    a = _jsonl(straight / "metrics.jsonl")
+    refills = [r["step"] for r in a if r["step"] > 2 and r["groups/rounds"] > 0]
+    assert refills, "no step after the first checkpoint kept drew extra rounds: the resume would test no refill"
+    start = refills[0] - 1
     broken = tmp_path / "b" / "run"
     shutil.copytree(straight, broken)
-    shutil.rmtree(broken / "checkpoints" / "checkpoint-4")
+    for ck in (broken / "checkpoints").iterdir():
+        if int(ck.name.split("-")[1]) > start:
+            shutil.rmtree(ck)
     lines = (broken / "metrics.jsonl").read_text().splitlines()
-    (broken / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (broken / "metrics.jsonl").write_text("\n".join(lines[:start + 1]) + "\n")  # one step logged past the checkpoint
     resumed = train(_cfg(tiny_model_dir, tmp_path / "b", **{"trainer.resume": str(broken)}), quiet=True)
-    a, b = _jsonl(straight / "metrics.jsonl"), _jsonl(resumed / "metrics.jsonl")
+    b = _jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
-    keys = ("reward", "groups/generated", "groups/kept", "groups/dropped", "max_new_tokens")
-    assert [[r[k] for k in keys] for r in a[2:]] == [[r[k] for k in keys] for r in b[2:]]
-    assert [r["loss"] for r in b[2:]] == pytest.approx([r["loss"] for r in a[2:]], abs=1e-6)
+    keys = ("reward", "groups/generated", "groups/kept", "groups/dropped", "groups/rounds", "max_new_tokens")
+    assert [[r[k] for k in keys] for r in a[start:]] == [[r[k] for k in keys] for r in b[start:]]
+    assert b[refills[0] - 1]["groups/rounds"] > 0  # the resumed run refilled
+    assert [r["loss"] for r in b[start:]] == pytest.approx([r["loss"] for r in a[start:]], abs=1e-6)
     wa, wb = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (straight, resumed))
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
 

@@ -79,6 +79,32 @@ def test_flat_groups_direct():
     assert flat_groups(np.array([1, 1, 1, 0, 2, 2, 2, 2, 0.5, 0.5]), 2).tolist() == [True, False, True, True, True]
 
 
+def test_flat_groups_leave_unscorable_rows_out():
+    """A row no reward could score (every reward None: NaN in per) has advantage 0 and joins neither the mean nor the
+    std, so flatness is decided on the scored rows alone, as the advantages are."""
+    nan = float("nan")
+    total = np.array([1, 1, 1, 0,  1, 0, 0, 0,  1, 1, 0, 0,  2, 2, 0, 0])  # nansum totals: an unscored row counts as 0
+    per = np.array([[1, nan], [1, nan], [1, nan], [nan, nan],  # [1, 1, 1, None]: flat
+                    [1, nan], [nan, nan], [nan, nan], [nan, nan],  # one scored row: flat
+                    [1, nan], [1, nan], [0, nan], [nan, nan],  # [1, 1, 0, None]: informative
+                    [nan, 2], [nan, 2], [nan, 0], [nan, 0]])  # every row scored by the second reward: informative
+    assert flat_groups(total, 4, per).tolist() == [True, True, False, False]
+    assert flat_groups(total, 4).tolist() == [False, False, False, False]  # the totals alone: 0 for unscored
+
+
+def test_a_group_flat_but_for_an_unscorable_row_is_dropped(tmp_path):
+    order = Sampler(8, seed=3).next(8)
+
+    def reward(completions, problem, **kwargs):  # order[0]: [1, 1, 1, None]; the rest: the completion's index
+        return [(None if c == "3" else 1.0) if int(p.split()[1]) == order[0] else float(c)
+                for c, p in zip(completions, problem)]
+
+    rollout, sampler = FakeRollout(), Sampler(8, seed=3)
+    got = sample_step(1000, sampler, problems(8), rollout, FakePrompts(), RewardSet([(reward, 1.0)]), cfg(tmp_path),
+                      D.SINGLE, PAD, step=5)
+    assert [int(p.id) for p in got.problems] == order[1:5] and got.metrics["groups/dropped"] == 1
+
+
 def test_off_is_the_plain_draw(tmp_path):
     order = Sampler(8, seed=3).next(4)
     got, rollout, sampler = run(cfg(tmp_path, **{"grpo.dynamic_sampling": False}), flat=set(order))

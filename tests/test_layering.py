@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mathgrpo"
 LAYERS: list[set[str]] = [
     {"config", "settings", "registry", "files", "metrics", "devices"},
     {"presets", "answers", "sources", "timed_verify", "memory_plan"},
-    {"data", "prompts", "rewards", "eval_stats", "scoring"},
+    {"data", "prompts", "rewards", "eval_stats", "scoring", "diagnose"},
     {"loss", "advantages", "lmhead", "correction"},
     {"modelinfo", "qlora"},
     {"packing", "loading"},

@@ -26,7 +26,9 @@ def test_rollout_metrics_use_the_module_names():
     got = rollout_metrics(np.array([3, 4, 5, 6]), np.array([False, True, False, False]), ["a", "b"], per,
                           np.nansum(per, axis=1), 2)
     assert set(got) == {M.REWARD, M.REWARD_STD, M.FRAC_ZERO_STD, M.COMPLETION_LENGTH_MEAN, M.COMPLETION_LENGTH_MAX,
-                        M.TRUNCATED_FRAC, M.reward_mean("a"), M.reward_std("a"), M.reward_mean("b"), M.reward_std("b")}
+                        M.TRUNCATED_FRAC, M.TRUNCATED_REWARD, M.reward_mean("a"), M.reward_std("a"), M.reward_mean("b"),
+                        M.reward_std("b")}
+    assert got[M.TRUNCATED_REWARD] == 1.0  # the cut row (row 1) scored 0 + 1
     assert all(M.is_reward_mean(M.reward_mean(n)) for n in "ab") and not M.is_reward_mean(M.reward_std("a"))
 
 

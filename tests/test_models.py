@@ -85,6 +85,33 @@ def test_adapter_off_reference_equals_the_base_model(tiny_qwen_dir):
     torch.testing.assert_close(after, adapted)  # and the context switches it back on
 
 
+def test_fresh_adapter_with_nonzero_b_takes_the_base_as_reference(tiny_qwen_dir):
+    """As TRL 1.16: adapters made from a config in this run (peft_config / model.lora) have the base model as KL
+    reference whatever their init (init_lora_weights=False: B != 0); a PeftModel handed in keeps its start."""
+    from peft import LoraConfig, get_peft_model
+
+    from mathgrpo.trl_compat.model import _add_adapters
+
+    base, _ = load_model(_cfg(tiny_qwen_dir, lora=False))
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    lcfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    with torch.no_grad():
+        want_base = base(input_ids=ids).logits
+    torch.manual_seed(0)
+    fresh = _add_adapters(load_model(_cfg(tiny_qwen_dir, lora=False))[0], LoraConfig(**lcfg))
+    torch.manual_seed(0)
+    handed = get_peft_model(load_model(_cfg(tiny_qwen_dir, lora=False))[0], LoraConfig(**lcfg))
+    for model, base_expected in ((fresh, True), (handed, False)):
+        with torch.no_grad():
+            start = model(input_ids=ids).logits
+        assert not torch.allclose(start, want_base, atol=1e-3)  # the adapter changes the model from the start
+        reference = Reference(model, beta=0.04, lora=True)
+        _perturb_lora(model, seed=1)  # training moves it
+        with torch.no_grad(), reference.context(model) as ref:
+            got = ref(input_ids=ids).logits
+        torch.testing.assert_close(got, want_base if base_expected else start, rtol=0, atol=1e-5)
+
+
 def test_full_finetune_reference_is_a_frozen_copy(tiny_model_dir):
     model, _ = load_model(_cfg(tiny_model_dir, lora=False), trainable=True)
     ref = Reference(model, beta=0.04, lora=False)

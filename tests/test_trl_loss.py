@@ -221,6 +221,66 @@ def test_advantages_equal_trls(tiny_dir, smol_tokenizer, tmp_path, scale):
     assert got[2] == 0.0
 
 
+# The update's wiring at mu > 1 (the ratio moves off 1, so clipping acts): one case per option, each a setting a wrong
+# argument between the config and the loss would change. TRL options besides COMMON.
+ITERATION_CASES = {
+    **{lt: {"loss_type": lt} for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "sapo")},
+    "cispo": {"loss_type": "cispo", "epsilon_high": 1.3},
+    "clip_low_high": {"loss_type": "dapo", "epsilon": 0.05, "epsilon_high": 0.4},
+    "truncation_mask": {"loss_type": "grpo", "mask_truncated_completions": True},
+    "sequence_level": {"loss_type": "dapo", "importance_sampling_level": "sequence", "epsilon": 0.02,
+                       "epsilon_high": 0.05},
+    "no_bias_correction": {"loss_type": "bnpo", "use_bias_correction_kl": False},
+    "sapo_temperatures": {"loss_type": "sapo", "sapo_temperature_pos": 0.3, "sapo_temperature_neg": 3.0},
+}
+ITERATIONS, UPDATE_LR = 3, 3e-3
+
+
+@pytest.mark.parametrize("name", sorted(ITERATION_CASES))
+def test_update_with_iterations_equals_trls(tiny_dir, smol_tokenizer, tmp_path, name):
+    """policy_update with num_iterations=3, driven by a Config built through the front door, against TRL's
+    `_compute_loss` iteration by iteration: before each optimizer step the policy's weights and gradients are
+    recorded; TRL computes its loss and gradients at those weights, with the rollout's old log-probs (the policy
+    before the first step) and the reference model's, and the truncated rows masked as TRL masks them."""
+    opts = {**COMMON, **ITERATION_CASES[name], "num_iterations": ITERATIONS}
+    tr = _trl_trainer(tiny_dir, smol_tokenizer, opts, tmp_path)
+    cfg = GRPOConfig(str(tmp_path), bf16=False, **opts).to_mathgrpo_config(train_size=PROMPTS, on_cuda=False)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=False), trainer=dataclasses.replace(
+        cfg.trainer, max_grad_norm=0.0, learning_rate=UPDATE_LR, max_tokens_per_microbatch=3 * (P_LEN + WIDTH)))
+    prompts, ids, mask, adv = _batch(5)
+    truncated = mask.sum(1) == WIDTH  # [N]: rows 0 and 5 reach the cap
+    model = tr.model
+    with torch.no_grad():  # the policy starts away from TRL's reference model (loaded from the same folder)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        ref = completion_logprobs(tr.ref_model, prompts.tolist(), ids, temperature=0.7)
+        old = completion_logprobs(model, prompts.tolist(), ids, temperature=0.7)  # the rollout's policy
+
+    reference = Reference(model, cfg.grpo.beta, lora=False)
+    reference.copy.load_state_dict(tr.ref_model.state_dict())
+    optimizer, scheduler = make_optimizer(model, cfg)
+    seen = []  # (weights, gradients) of each iteration, before its optimizer step
+
+    def record(opt, args, kwargs):
+        seen.append(({n: p.detach().clone() for n, p in model.named_parameters()}, _grads(model)))
+
+    optimizer.register_step_pre_hook(record)
+    comp = Completions(prompts.tolist(), ids, mask.bool(), [""] * N, truncated)
+    m = policy_update(model, optimizer, scheduler, reference, comp, adv, cfg, SINGLE)
+    assert len(seen) == ITERATIONS
+
+    trl_mask = mask * (~truncated).unsqueeze(1).long() if cfg.grpo.mask_truncated_completions else mask
+    losses = []
+    for weights, grads in seen:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(weights[n])
+        loss, want_grads, _ = _trl_loss(tr, prompts, ids, trl_mask, adv, old, ref)
+        losses.append(loss)
+        _assert_grads_close(grads, want_grads)
+    assert m["loss"] == pytest.approx(sum(losses) / ITERATIONS, rel=1e-5, abs=1e-9)
+    if cfg.grpo.loss_type != "sapo":  # the later iterations' ratios left 1 far enough to clip
+        assert m["clip_ratio/region"] > 0.02
 @pytest.mark.parametrize("mu", [1, 2])
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo"])
 def test_mini_batches_equal_trls_optimizer_steps(tiny_dir, smol_tokenizer, tmp_path, loss_type, mu):

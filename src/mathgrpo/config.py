@@ -191,7 +191,8 @@ class GRPOConfig:
         "drop from the policy term each sequence with a negative advantage whose mean log-prob drop from the sampler "
         "exceeds this (DeepSeek-V3.2's off-policy sequence mask, TRL's option; e.g. 0.5); None = off")
     dynamic_sampling: bool = setting(False,
-        "DAPO dynamic sampling: drop groups whose G rewards are all equal, sample more prompts until the step has "
+        "DAPO dynamic sampling: drop groups whose advantages are all 0 (scored rewards all equal; a completion no reward "
+        "could score left out), sample more prompts until the step has "
         "prompts_per_step informative groups or dynamic_sampling_max_rounds extra rounds were generated")
     dynamic_sampling_max_rounds: int = setting(4,
         "extra generation rounds at most per step (then train on what there is)")
@@ -208,8 +209,12 @@ class TrainerConfig:
     weight_decay: float = setting(0.0, "AdamW weight decay")
     adam_beta1: float = setting(0.9, "AdamW beta1")
     adam_beta2: float = setting(0.99, "AdamW beta2")
-    lr_scheduler: Literal["constant", "linear", "cosine"] = setting("linear", "constant | linear | cosine")
-    warmup_steps: int = setting(0, "linear warm-up steps before the schedule")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = setting("linear",
+        "transformers' schedules of the same names: constant (no warm-up) | constant_with_warmup | linear | cosine "
+        "(linear and cosine decay to 0 at the last optimizer step, after the warm-up)")
+    warmup_steps: int = setting(0,
+        "linear warm-up optimizer steps (constant_with_warmup, linear, cosine; an error with constant). Step i < N "
+        "runs at lr x (i+1)/(N+1), never at 0; transformers' warm-up runs step i at lr x i/N, its first step at 0")
     max_grad_norm: float = setting(1.0, "gradient clipping by global norm (0 = off)")
     max_tokens_per_microbatch: int | Literal["auto"] = setting("auto",
         "update micro-batches are cut by token count (rows x longest row; at least one row). auto: the memory "
@@ -287,7 +292,7 @@ EMBEDDED: dict[str, Any] = {
     "rewards": {"functions": ["answer", "boxed", "accuracy"], "weights": [1.0, 0.0, 0.0]},
     "grpo": {"num_generations": 4, "beta": 0.0, "loss_type": "dr_grpo"},
     "trainer": {"max_steps": 30, "prompts_per_step": 4, "learning_rate": 5e-4, "warmup_steps": 2,
-                "lr_scheduler": "constant", "logging_steps": 5, "save_steps": 10, "log_completions_steps": 10},
+                "lr_scheduler": "constant_with_warmup", "logging_steps": 5, "save_steps": 10, "log_completions_steps": 10},
     "eval": {"num_samples": 4, "max_problems": None, "temperature": 0.7, "answer": "final"},
 }
 
@@ -324,6 +329,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rewards.weights has {len(w)} values but rewards.functions has {len(cfg.rewards.functions)}")
     if not cfg.rewards.functions:
         raise ConfigError("rewards.functions is empty: name at least one reward")
+    if cfg.trainer.lr_scheduler == "constant" and cfg.trainer.warmup_steps > 0:
+        raise ConfigError(f"trainer.lr_scheduler=constant takes no warm-up (as in transformers), but "
+                          f"trainer.warmup_steps={cfg.trainer.warmup_steps}: use lr_scheduler=constant_with_warmup "
+                          f"to warm up, or warmup_steps=0")
     check_ranges(cfg)
     _check_report_to(cfg)
 

@@ -19,6 +19,7 @@ FRAC_ZERO_STD = "frac_zero_std"  # groups whose rewards are all equal
 COMPLETION_LENGTH_MEAN = "completion_length_mean"  # tokens
 COMPLETION_LENGTH_MAX = "completion_length_max"
 TRUNCATED_FRAC = "truncated_frac"  # completions cut at generation.max_new_tokens
+TRUNCATED_REWARD = "truncated_reward"  # mean reward of the cut completions (NaN when none was cut)
 MAX_NEW_TOKENS = "max_new_tokens"  # logged only under a length curriculum
 
 

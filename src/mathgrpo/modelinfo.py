@@ -76,6 +76,21 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+# Set on a peft model whose adapters this run created from a config (models.add_lora, the TRL door's peft_config):
+# its KL reference is the base model whatever the adapters' initialisation, as in TRL; an adapter handed in (loaded
+# or built by the caller) is its own starting point (models.Reference).
+FRESH_ADAPTER = "mathgrpo_fresh_adapter"
+
+
+def mark_fresh_adapter(model):
+    setattr(model, FRESH_ADAPTER, True)
+    return model
+
+
+def is_fresh_adapter(model) -> bool:
+    return getattr(model, FRESH_ADAPTER, False) is True
+
+
 def is_lora_layer(module) -> bool:
     """A peft LoRA layer wrapping a base layer (Linear, Linear4bit, ...)."""
     return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")

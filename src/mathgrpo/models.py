@@ -20,7 +20,8 @@ from .files import step_dirs
 from .memory_plan import value
 from .loading import load_base, load_tokenizer, pick_device, pick_dtype, say
 from .modelinfo import (SHARDED_LOGPROBS, ModelError, backbone_and_head, base_model,  # noqa: F401 (re-exported)
-                        compute_context, fusable_lora_classes, is_quantized_linear)
+                        compute_context, fusable_lora_classes, is_fresh_adapter, is_quantized_linear,
+                        mark_fresh_adapter)
 from .packing import no_mask_kwargs, to_device
 from .qlora import nf4_lora_forward
 
@@ -67,7 +68,7 @@ def add_lora(model, cfg: ModelConfig):
                       layers_to_transform=_last_layers(model, cfg.lora_layers))
     with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(model, lcfg)
+        model = mark_fresh_adapter(get_peft_model(model, lcfg))
     lora_inputs_follow_autocast(model)
     return model
 
@@ -231,10 +232,11 @@ def _qlora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 # --- the pieces the loss needs ----------------------------------------------------------------------------
 
 class Reference:
-    """Log-probs under the KL reference, the policy as training starts: LoRA -> the same model with adapters off;
-    an adapter that already changes the model (a trained PeftModel handed in) -> the same model with a frozen
-    copy of its starting adapter weights swapped in (TRL 1.16's "ref" adapter); full FT -> a frozen copy (made
-    from the unsharded policy; under FSDP2 the trainer then shards the copy like the policy)."""
+    """Log-probs under the KL reference, as TRL 1.16 chooses it: fresh LoRA adapters made from a config in this run
+    (modelinfo.is_fresh_adapter; whatever their initialisation, a non-zero B included) -> the same model with
+    adapters off, the base; an adapter handed in that already changes the model (a trained PeftModel) -> the same
+    model with a frozen copy of its starting adapter weights swapped in (TRL's "ref" adapter); full FT -> a frozen
+    copy (made from the unsharded policy; under FSDP2 the trainer then shards the copy like the policy)."""
 
     def __init__(self, model, beta: float, lora: bool):
         self.enabled = beta > 0
@@ -242,7 +244,7 @@ class Reference:
         self.adapter: dict[str, torch.Tensor] | None = None
         if self.enabled and not lora:
             self.copy = copy.deepcopy(model).eval().requires_grad_(False)
-        elif self.enabled and adapter_changes_model(model):
+        elif self.enabled and not is_fresh_adapter(model) and adapter_changes_model(model):
             self.adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def context(self, model):

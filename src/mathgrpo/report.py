@@ -315,6 +315,16 @@ def _load_summary(out_dir: Path, eval_summary: dict | None) -> dict | None:
         raise ReportError(f"{path}: not valid JSON ({e.msg})") from None
 
 
+def _diagnosis_blocks(run_dir: Path) -> list[tuple[str, object]]:
+    """summary.json's findings (diagnose.py: why the run may have learned nothing), first in the report."""
+    path = run_dir / "summary.json"
+    try:
+        found = json.loads(path.read_text()).get("diagnosis") if path.is_file() else None
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not valid JSON ({e.msg})") from None
+    return [("h2", "Learning nothing?")] + [("p", m) for m in found] if found else []
+
+
 def _run_facts(run_dir: Path, rows: list[dict]) -> str:
     import yaml
 
@@ -350,6 +360,7 @@ def write_report(run_dir: str | Path, eval_summary: dict | None = None) -> tuple
     plots = render_plots(rows, ctx, run_dir / "plots")
     w, fl = first_last(rows)
     blocks = [("h1", f"Training report: {run_dir.name}"), ("p", _run_facts(run_dir, rows))]
+    blocks += _diagnosis_blocks(run_dir)
     blocks += _eval_blocks(summary, run_dir)
     if fl:
         blocks += [("h2", f"Rewards: first {w} vs last {w} steps"),

@@ -37,6 +37,7 @@ import torch
 
 from . import metrics as M
 from .config import Config
+from .advantages import unscorable_as_nan
 from .data import Problem
 from .distributed import World, rank_seed
 from .scoring import RewardSet, reward_inputs
@@ -111,10 +112,19 @@ def _generate_and_score(batch: list[Problem], seed: int, rollout, prompts, rewar
     return comp, per, total
 
 
-def flat_groups(total: np.ndarray, group: int) -> np.ndarray:
-    """Bool [P]: groups whose `group` rewards (total [P * group], prompt-major) are all equal."""
-    grouped = np.asarray(total).reshape(-1, group)  # [P, G]
-    return grouped.max(axis=1) == grouped.min(axis=1)
+def flat_groups(total: np.ndarray, group: int, per: np.ndarray | None = None) -> np.ndarray:
+    """Bool [P]: groups whose advantages are all 0, from totals [P * group] (prompt-major) and, when given, the
+    per-reward scores [P * group, R]: a row that no reward could score (all NaN in `per`) joins neither its group's
+    mean nor its std (advantages.unscorable_as_nan, as the trainer's advantage stage), so a group is flat when its
+    scored totals are all equal or fewer than two rows are scored ([1, 1, 1, None] is flat)."""
+    total = torch.as_tensor(np.asarray(total, dtype=np.float64))  # [N]
+    if per is not None:
+        total = unscorable_as_nan(torch.as_tensor(np.asarray(per, dtype=np.float64)), total)
+    grouped = total.reshape(-1, group)  # [P, G]; NaN: unscored
+    scored = ~torch.isnan(grouped)
+    hi = torch.where(scored, grouped, -math.inf).amax(dim=1)
+    lo = torch.where(scored, grouped, math.inf).amin(dim=1)
+    return ((scored.sum(dim=1) < 2) | (hi == lo)).numpy()
 
 
 def take_groups(parts: list[tuple], picks: list[tuple[int, int]], group: int, pad_id: int) -> RolloutBatch:
@@ -165,7 +175,7 @@ def sample_step(base_seed: int, sampler, problems: list[Problem], rollout, promp
     while True:
         batch, comp, per, total = parts[-1]
         if comp is not None:
-            flat = flat_groups(total, G)
+            flat = flat_groups(total, G, per)
             informative = [g for g in range(len(batch)) if not flat[g]]
             take = informative[:share - len(kept)]
             kept += [(len(parts) - 1, g) for g in take]

@@ -37,6 +37,7 @@ from . import metrics as M
 from . import runs
 from .config import Config, ConfigError, dump_yaml, length_schedule, max_new_tokens_at
 from .data import ProblemSet, load_problems
+from .diagnose import Watch, diagnose
 from .distributed import SINGLE, World, batch_line, process_group, rank_seed
 from .files import read_jsonl
 from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
@@ -85,7 +86,7 @@ def rollout_metrics(lengths: np.ndarray, truncated: np.ndarray, names: list[str]
     m = {M.REWARD: _nanmean(scored), M.REWARD_STD: _nanstd(scored),
          M.FRAC_ZERO_STD: zero_std_fraction(torch.from_numpy(scored), group),
          M.COMPLETION_LENGTH_MEAN: float(lens.mean()), M.COMPLETION_LENGTH_MAX: float(lens.max()),
-         M.TRUNCATED_FRAC: float(truncated.astype(np.float64).mean())}
+         M.TRUNCATED_FRAC: float(truncated.astype(np.float64).mean()), M.TRUNCATED_REWARD: _nanmean(scored[truncated])}
     for j, name in enumerate(names):
         col = per[:, j]
         m[M.reward_mean(name)] = _nanmean(col)
@@ -156,6 +157,7 @@ class Run:
     start: int = 0
     resume_from: Path | None = None
     changes: dict = field(default_factory=dict)  # config keys changed on resume: key -> (old, new)
+    watch: Watch | None = None  # diagnose.py: says once when the steps show a run learning nothing
     stop_signal: Any = None  # the signal that stopped the run before max_steps (signal.Signals), if one did
 
     def state(self, step: int) -> dict:
@@ -201,7 +203,8 @@ def setup_run(cfg: Config, world: World, quiet: bool, held: contextlib.ExitStack
     run = Run(cfg, world, run_dir, data, model, tokenizer, prompts or PromptBuilder(tokenizer, cfg.prompt,
               cfg.data.answer_mod), rewards, ref, rollout, optimizer, scheduler,
               Sampler(len(data.train), cfg.trainer.seed), depends,  # the sampler is global: same draws on every rank
-              callbacks=list(callbacks or ()), resume_from=resume_from, changes=changes)
+              callbacks=list(callbacks or ()), resume_from=resume_from, changes=changes,
+              watch=Watch(cfg, list(zip(rewards.names, rewards.weights.tolist()))))
     if resume_from is not None:
         _resume(run)
     world.broadcast_params([p for p in model.parameters() if p.requires_grad])  # identical replicas, as DDP
@@ -287,6 +290,8 @@ def log_step(run: Run, step: int, batch: RolloutBatch, metrics: dict) -> bool:
     """metrics.jsonl, trackers, callbacks, completions.jsonl; True when a callback asks to stop."""
     cfg, G = run.cfg, run.cfg.grpo.num_generations
     run.logger.log(step, metrics, step % cfg.trainer.logging_steps == 0)
+    for line in run.watch.add(step, metrics):
+        run.logger.write(line)
     # a callback returning something truthy asks to stop after this step (checkpointed like a signal)
     wants_stop = any([bool(cb(step, metrics)) for cb in run.callbacks])
     n = cfg.trainer.log_completions_steps
@@ -355,7 +360,7 @@ def finish_run(run: Run, step: int, stopped: bool) -> None:
     run.logger.close()
     ckpt.save_weights(run.model, run.dir / ("adapter" if cfg.model.lora else "model"), world)  # rank 0 writes
     if world.is_main:
-        summary = summarize(run.dir, run.rewards.names)
+        summary = summarize(run.dir, run.rewards.names, judge=(cfg, run.watch.rewards))
         summary["stopped_by"] = run.stop_signal.name if run.stop_signal else None  # the CLI's exit status
         (run.dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(format_summary(summary))
@@ -376,7 +381,9 @@ def _write_report(run: Path) -> None:
     print(f"report: {md}")
 
 
-def summarize(run: Path, names: list[str], window: int = 10) -> dict:
+def summarize(run: Path, names: list[str], window: int = 10, judge: tuple | None = None) -> dict:
+    """First vs last `window` steps' rewards, the mean step time; with judge=(cfg, [(reward, weight)]) the
+    findings of diagnose.py on the last steps (a run learning nothing says why)."""
     rows = read_jsonl(run / "metrics.jsonl")
     first, last = rows[:window], rows[-window:]
     out = {"run_dir": str(run), "steps": len(rows), "window": window}
@@ -385,6 +392,7 @@ def summarize(run: Path, names: list[str], window: int = 10) -> dict:
         f, l_ = vals(first), vals(last)
         out[key] = {"first": float(np.mean(f)) if f else None, "last": float(np.mean(l_)) if l_ else None}
     out["step_time_mean"] = float(np.mean([r[M.STEP_TIME] for r in rows])) if rows else None
+    out["diagnosis"] = [f.message for f in diagnose(rows, *judge)] if judge else []
     return out
 
 
@@ -393,4 +401,4 @@ def format_summary(s: dict) -> str:
     for key, v in s.items():
         if isinstance(v, dict) and v.get("first") is not None:
             lines.append(f"  {key:<28} {v['first']:.3f} -> {v['last']:.3f}")
-    return "\n".join(lines)
+    return "\n".join(lines)  # (the diagnosis was said in the log as it arose; summary.json and the report keep it)

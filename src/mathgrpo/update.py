@@ -25,6 +25,7 @@ from .memory_plan import value
 from .modelinfo import compute_dtype, is_quantized
 from .models import Reference, completion_logprobs
 from .packing import packed_microbatches, to_device
+from .registry import lookup
 from .rollout import Completions
 
 
@@ -39,14 +40,24 @@ def make_optimizer(model, cfg: Config):
                             weight_decay=t.weight_decay)
     opt.loss_scaler = make_loss_scaler(model, params)
     total = max(1, t.max_steps * cfg.grpo.num_iterations * cfg.grpo.mini_batches)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, t.lr_scheduler, t.warmup_steps, total))
 
-    def factor(i: int) -> float:
-        if i < t.warmup_steps:
-            return (i + 1) / (t.warmup_steps + 1)
-        frac = (i - t.warmup_steps) / max(1, total - t.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[t.lr_scheduler]
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+# trainer.lr_scheduler -> the multiplier after the warm-up, of the fraction of the remaining steps done
+# (transformers' get_scheduler shapes of the same names)
+LR_SCHEDULES = {"constant": lambda frac: 1.0, "constant_with_warmup": lambda frac: 1.0,
+                "linear": lambda frac: max(0.0, 1.0 - frac),
+                "cosine": lambda frac: max(0.0, 0.5 * (1.0 + math.cos(math.pi * frac)))}
+
+
+def lr_factor(i: int, name: str, warmup: int, total: int) -> float:
+    """The learning-rate multiplier of optimizer step i (0-based) of `total`: transformers' schedule `name`,
+    except that a warm-up step i < warmup runs at (i+1)/(warmup+1) where transformers' runs at i/warmup (its
+    first step at lr 0). `constant` has no warm-up (config.validate refuses one)."""
+    shape = lookup(LR_SCHEDULES, name, "trainer.lr_scheduler")
+    if name != "constant" and i < warmup:
+        return (i + 1) / (warmup + 1)
+    return shape((i - warmup) / max(1, total - warmup))
 
 
 def make_loss_scaler(model, params: list[torch.nn.Parameter]):

@@ -173,6 +173,10 @@ def _schedule(args: GRPOConfig, steps: int) -> tuple[str, int]:
                        hint=" (the TRL schedulers mathgrpo supports)")
     warm = args.warmup_ratio if args.warmup_ratio is not None else args.warmup_steps
     warmup = math.ceil(warm * steps * args.num_iterations * args.mini_batches()) if 0 < warm < 1 else int(warm)
+    if scheduler == "constant" and warmup:  # transformers' `constant` ignores the warm-up; so does mathgrpo's
+        warn(f"lr_scheduler_type='constant' has no warm-up (in transformers too): warmup_steps={warm} is ignored; "
+             f"use 'constant_with_warmup' to warm up")
+        warmup = 0
     return scheduler, warmup
 
 

@@ -10,7 +10,7 @@ models.py decides them: checkpointing is non-reentrant (`models.enable_checkpoin
 
 from __future__ import annotations
 
-from ..modelinfo import is_quantized_linear
+from ..modelinfo import is_quantized_linear, mark_fresh_adapter
 from .options import env, warn
 
 
@@ -94,7 +94,7 @@ def _add_adapters(model, peft_config):
         check_peft_targets(model, sorted(targets))
     if is_kbit(model):  # TRL parity (see the module docstring); checkpointing is enabled afterwards, non-reentrant
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, peft_config)
+    return mark_fresh_adapter(get_peft_model(model, peft_config))  # its KL reference: the base, as TRL's
 
 
 def _disable_dropout(model) -> None:

@@ -144,7 +144,8 @@ _IGNORED_WHY = {
 # Values of ignored options that ask for what mathgrpo does anyway.
 _SAME_AS_OURS = {"optim": ("adamw_torch", "adamw_torch_fused", "adamw_hf"), "remove_unused_columns": (False, None),
                  "report_to": ("none",)}
-SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant",
+              "constant_with_warmup": "constant_with_warmup"}
 SAVE_STRATEGIES = ("steps", "epoch", "no")
 _MISSING = object()
 
