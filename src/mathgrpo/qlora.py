@@ -11,7 +11,7 @@ dequantised once per weight and kept; `F.linear`; the LoRA delta accumulated in 
 backward by hand (dequantise again, grad_x = g W + s (g B) A, grad_A = s (g B)^T x, grad_B = s g^T h). It saves
 the LoRA input and h = A x (as bitsandbytes + peft do: no dequantised W is kept), and casts the fp32 adapters once
 per call, as autocast would. H200, qlora-2k update with checkpointing: 0.393 s against 0.694 s for the addmm path
-(docs/benchmarks.md, fourth round).
+(docs/benchmarks.md).
 
 `nf4_lora_forward(layer, x)` runs it for one peft 4-bit LoRA layer (adapters off and no grad: the base alone) and
 returns None where it does not apply (adapters off with grad, merged or several adapters, DoRA/variants, LoRA

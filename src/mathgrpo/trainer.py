@@ -13,10 +13,10 @@ run repeats the uninterrupted one step for step. Under torchrun each rank takes 
 prompts and gradients are averaged over ranks (full fine-tuning: weights, gradients and Adam state sharded
 with FSDP2, trainer.fsdp); rank 0 alone writes files.
 
-Read top to bottom from `train`: `setup_run` builds everything once into a `Run`; each step is `train_step` =
+Read top to bottom, in the order things happen: `train` = `setup_run` (builds everything once into a `Run`),
+the loop, `finish_run` (the final weights, the summary and the evaluation or report); each step is `train_step` =
 `rollout_step` (sampling.py: draw, generate, score -> a RolloutBatch) -> `advantage_step` -> `update_step`
-(update.py), then `log_step` and `save_step`; `finish_run` writes the final weights, the summary and the
-evaluation or report.
+(update.py), then `log_step` and `save_step`. The summary and the small pieces the stages share come last.
 """
 
 from __future__ import annotations
@@ -54,82 +54,65 @@ from .sampling import RolloutBatch, Sampler, sample_step, step_seed
 from .update import make_optimizer, microbatches, policy_update, update_stage  # noqa: F401  (re-exported)
 
 
-def at_step(cfg: Config, step: int) -> Config:
-    """cfg with generation.max_new_tokens at its value for `step` (an int; a length curriculum resolved)."""
-    return replace(cfg, generation=replace(cfg.generation, max_new_tokens=max_new_tokens_at(
-        cfg.generation.max_new_tokens, step)))
+# --- the loop --------------------------------------------------------------------------------------------------
+
+def train(cfg: Config, quiet: bool = False, *, model=None, tokenizer=None, data: ProblemSet | None = None,
+          prompts=None, reward_funcs: list | None = None, callbacks: list | None = None) -> Path:
+    """Run GRPO as configured. The keyword hooks let library callers (the TRL front door) pass a loaded
+    model/tokenizer, their own problems, a prompt builder (`.ids(text)`, `.text(text)`, `.prefill`),
+    reward callables (used instead of cfg.rewards.functions, weighted by cfg.rewards.weights), and
+    callbacks called as `cb(step, metrics)` after every step. Under torchrun every rank calls this (the
+    process group is started here unless the caller started one); callbacks run on every rank with the
+    metrics reduced over ranks; the run dir is returned on every rank, written by rank 0 alone."""
+    with process_group(cfg.model.device) as world, contextlib.ExitStack() as held:
+        run = setup_run(cfg, world, quiet, held, model=model, tokenizer=tokenizer, data=data, prompts=prompts,
+                        reward_funcs=reward_funcs, callbacks=callbacks)
+        step, stopped = _loop(run)
+        finish_run(run, step, stopped)
+        return run.dir
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+def _loop(run: Run) -> tuple[int, bool]:
+    """Steps start+1 .. max_steps; a signal or a callback stops after a step, with a checkpoint. (last step, stopped)"""
+    t = run.cfg.trainer
+    step, stopped = run.start, False
+    guard = ckpt.SaveOnError(run.dir, run.model, run.optimizer, run.scheduler, run.cfg, run.world, run.state,
+                             run.start)
+    with ckpt.StopFlag() as stop, guard:
+        for step in range(run.start + 1, t.max_steps + 1):
+            guard.begin(step, run.sampler.state())
+            metrics, batch = train_step(run, step)
+            wants_stop = log_step(run, step, batch, metrics)
+            stopped = run.world.any(stop.requested or wants_stop)  # seen by any rank: all stop after this step
+            last = step == t.max_steps
+            if last or stopped or step % t.save_steps == 0:
+                path = save_step(run, step)
+            if stopped and not last:
+                run.stop_signal = stop.signal
+                run.logger.write(f"stopped after step {step}; checkpoint {path}\n"
+                                 f"resume with: {runs.resume_command(run.dir)}")
+                break
+    return step, stopped
 
 
-def prepare_policy(model, cfg: Config, world: World = SINGLE) -> Reference:
-    """The KL reference, then FSDP2 sharding of the policy and of a full fine-tuning reference copy when
-    trainer.fsdp asks for it (distributed.py); the reference comes first since FSDP modules cannot be copied."""
-    ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
-    if use_fsdp(cfg.trainer.fsdp, cfg.model.lora, world):
-        for m in (model, ref.copy):
-            if m is not None:
-                shard_model(m, world)
-    return ref
+def finish_run(run: Run, step: int, stopped: bool) -> None:
+    """Final weights, summary.json, then the end-of-training evaluation (a completed run) or the report."""
+    cfg, world = run.cfg, run.world
+    run.logger.close()
+    ckpt.save_weights(run.model, run.dir / ("adapter" if cfg.model.lora else "model"), world)  # rank 0 writes
+    if world.is_main:
+        summary = summarize(run.dir, run.rewards.names, judge=(cfg, run.watch.rewards))
+        summary["stopped_by"] = run.stop_signal.name if run.stop_signal else None  # the CLI's exit status
+        (run.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(format_summary(summary))
+    if step == cfg.trainer.max_steps and cfg.trainer.eval_at_end and run.data.test and not stopped:
+        from .evaluate import evaluate_trained_run
 
-
-def rollout_metrics(lengths: np.ndarray, truncated: np.ndarray, names: list[str], per: np.ndarray,
-                    total: np.ndarray, group: int) -> dict:
-    """Reward and length statistics of a rollout: lengths/truncated/total [N], per [N, R], whole groups."""
-    lens = lengths.astype(np.float64)
-    # as TRL 1.16: rows no reward could score (all None) are left out; stds are unbiased (Bessel)
-    scored = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total)).numpy()  # [N]
-    m = {M.REWARD: _nanmean(scored), M.REWARD_STD: _nanstd(scored),
-         M.FRAC_ZERO_STD: zero_std_fraction(torch.from_numpy(scored), group),
-         M.COMPLETION_LENGTH_MEAN: float(lens.mean()), M.COMPLETION_LENGTH_MAX: float(lens.max()),
-         M.TRUNCATED_FRAC: float(truncated.astype(np.float64).mean()), M.TRUNCATED_REWARD: _nanmean(scored[truncated])}
-    for j, name in enumerate(names):
-        col = per[:, j]
-        m[M.reward_mean(name)] = _nanmean(col)
-        m[M.reward_std(name)] = _nanstd(col)
-    return m
-
-
-def _nanmean(x: np.ndarray) -> float:
-    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
-
-
-def _nanstd(x: np.ndarray) -> float:  # Bessel's correction, as TRL's nanstd; NaN with fewer than 2 values
-    return float(np.nanstd(x, ddof=1)) if np.isfinite(x).sum() > 1 else float("nan")
-
-
-def rank_advantages(world: World, per: np.ndarray, total: np.ndarray, group: int, scale_rewards: str) -> torch.Tensor:
-    """This rank's advantages [N] (rows prompt-major): rows no reward could score are NaN (advantage 0, out of
-    their group's statistics), and the advantages are computed over the global batch (every rank's rows in rank
-    order), so scale_rewards=batch divides by the global std, as TRL 1.16 does; groups never span ranks."""
-    mine = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total))  # [N]
-    everyone = torch.cat(world.gather_objects([mine]))  # [W * N]
-    return group_advantages(everyone, group, scale_rewards)[world.rank * len(mine):(world.rank + 1) * len(mine)]
-
-
-def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint to resume from or None)."""
-    t = cfg.trainer
-    if t.resume:
-        start = ckpt.find_resume(t.resume, Path(t.output_dir))
-        return start.parent.parent, start
-    return runs.create_run_dir(cfg), None  # claimed exclusively, config.yaml written
-
-
-def step_metrics(world: World, batch: RolloutBatch, names: list[str], group: int, update: dict, times: dict) -> dict:
-    """Metrics of the global step: rollout statistics over every rank's rows (whole groups, rank order),
-    update metrics averaged over ranks, times of the slowest rank. One rank: this rank's numbers."""
-    comp = batch.completions
-    parts = world.gather_objects([(comp.lengths.cpu().numpy(), comp.truncated.cpu().numpy(), batch.scores,
-                                   batch.totals)])
-    lengths, truncated, per_all, total_all = (np.concatenate(x) for x in zip(*parts))
-    times = world.reduce_metrics(times, op="max")
-    return {**rollout_metrics(lengths, truncated, names, per_all, total_all, group), **world.reduce_metrics(update),
-            **times, M.TOKENS_PER_S: float(lengths.sum()) / times[M.STEP_TIME]}
+        with gathered(run.model):  # FSDP2: gathered once, as ranks sample different numbers of batches
+            evaluate_trained_run(cfg, run.dir, run.model, run.tokenizer, run.data.test, rollout=run.rollout,
+                                 world=world)  # sharded over ranks
+    elif world.is_main:
+        _write_report(run.dir)
 
 
 # --- the run: set up once --------------------------------------------------------------------------------------
@@ -239,6 +222,27 @@ def _announce(run: Run) -> None:
 
 # --- one step: rollout -> score -> advantages -> update -> log / checkpoint ---------------------------------------
 
+def train_step(run: Run, step: int) -> tuple[dict, RolloutBatch]:
+    """One GRPO step: its metrics (reduced over ranks) and this rank's batch. Scoring happens inside the rollout
+    stage, since dynamic sampling decides on the scores whether to draw more."""
+    t0 = time.perf_counter()
+    cfg, cap = at_step(run.cfg, step), max_new_tokens_at(run.cfg.generation.max_new_tokens, step)
+    curriculum = isinstance(run.cfg.generation.max_new_tokens, dict)
+    if curriculum and (step == run.start + 1 or cap != max_new_tokens_at(run.cfg.generation.max_new_tokens, step - 1)):
+        run.logger.write(f"step {step}: generation.max_new_tokens = {cap} (length curriculum)")
+    batch = rollout_step(run, step, cfg)
+    advantage_step(run, batch)
+    t1 = time.perf_counter()
+    update = update_step(run, batch, cfg, rank_seed(step_seed(cfg.trainer.seed, step), run.world.rank))
+    now = time.perf_counter()
+    metrics = step_metrics(run.world, batch, run.rewards.names, cfg.grpo.num_generations, update,
+                           {M.STEP_TIME: now - t0, M.GEN_TIME: t1 - t0, M.UPDATE_TIME: now - t1})
+    metrics.update(batch.metrics)
+    if curriculum:
+        metrics[M.MAX_NEW_TOKENS] = cap
+    return metrics, batch
+
+
 def rollout_step(run: Run, step: int, cfg: Config) -> RolloutBatch:
     """Draw this step's prompts, sample G completions each and score them (sampling.py; with
     grpo.dynamic_sampling, more rounds until the groups are informative). Every rank draws the same global batch
@@ -263,27 +267,6 @@ def update_step(run: Run, batch: RolloutBatch, cfg: Config, seed: int) -> dict:
     torch.manual_seed(seed + 1)  # LoRA dropout
     return update_stage(run.model, run.optimizer, run.scheduler, run.ref, batch.completions, batch.advantages, cfg,
                         run.world, run.rollout)
-
-
-def train_step(run: Run, step: int) -> tuple[dict, RolloutBatch]:
-    """One GRPO step: its metrics (reduced over ranks) and this rank's batch. Scoring happens inside the rollout
-    stage, since dynamic sampling decides on the scores whether to draw more."""
-    t0 = time.perf_counter()
-    cfg, cap = at_step(run.cfg, step), max_new_tokens_at(run.cfg.generation.max_new_tokens, step)
-    curriculum = isinstance(run.cfg.generation.max_new_tokens, dict)
-    if curriculum and (step == run.start + 1 or cap != max_new_tokens_at(run.cfg.generation.max_new_tokens, step - 1)):
-        run.logger.write(f"step {step}: generation.max_new_tokens = {cap} (length curriculum)")
-    batch = rollout_step(run, step, cfg)
-    advantage_step(run, batch)
-    t1 = time.perf_counter()
-    update = update_step(run, batch, cfg, rank_seed(step_seed(cfg.trainer.seed, step), run.world.rank))
-    now = time.perf_counter()
-    metrics = step_metrics(run.world, batch, run.rewards.names, cfg.grpo.num_generations, update,
-                           {M.STEP_TIME: now - t0, M.GEN_TIME: t1 - t0, M.UPDATE_TIME: now - t1})
-    metrics.update(batch.metrics)
-    if curriculum:
-        metrics[M.MAX_NEW_TOKENS] = cap
-    return metrics, batch
 
 
 def log_step(run: Run, step: int, batch: RolloutBatch, metrics: dict) -> bool:
@@ -313,65 +296,7 @@ def save_step(run: Run, step: int) -> Path:
     return path
 
 
-# --- the loop --------------------------------------------------------------------------------------------------
-
-def train(cfg: Config, quiet: bool = False, *, model=None, tokenizer=None, data: ProblemSet | None = None,
-          prompts=None, reward_funcs: list | None = None, callbacks: list | None = None) -> Path:
-    """Run GRPO as configured. The keyword hooks let library callers (the TRL front door) pass a loaded
-    model/tokenizer, their own problems, a prompt builder (`.ids(text)`, `.text(text)`, `.prefill`),
-    reward callables (used instead of cfg.rewards.functions, weighted by cfg.rewards.weights), and
-    callbacks called as `cb(step, metrics)` after every step. Under torchrun every rank calls this (the
-    process group is started here unless the caller started one); callbacks run on every rank with the
-    metrics reduced over ranks; the run dir is returned on every rank, written by rank 0 alone."""
-    with process_group(cfg.model.device) as world, contextlib.ExitStack() as held:
-        run = setup_run(cfg, world, quiet, held, model=model, tokenizer=tokenizer, data=data, prompts=prompts,
-                        reward_funcs=reward_funcs, callbacks=callbacks)
-        step, stopped = _loop(run)
-        finish_run(run, step, stopped)
-        return run.dir
-
-
-def _loop(run: Run) -> tuple[int, bool]:
-    """Steps start+1 .. max_steps; a signal or a callback stops after a step, with a checkpoint. (last step, stopped)"""
-    t = run.cfg.trainer
-    step, stopped = run.start, False
-    guard = ckpt.SaveOnError(run.dir, run.model, run.optimizer, run.scheduler, run.cfg, run.world, run.state,
-                             run.start)
-    with ckpt.StopFlag() as stop, guard:
-        for step in range(run.start + 1, t.max_steps + 1):
-            guard.begin(step, run.sampler.state())
-            metrics, batch = train_step(run, step)
-            wants_stop = log_step(run, step, batch, metrics)
-            stopped = run.world.any(stop.requested or wants_stop)  # seen by any rank: all stop after this step
-            last = step == t.max_steps
-            if last or stopped or step % t.save_steps == 0:
-                path = save_step(run, step)
-            if stopped and not last:
-                run.stop_signal = stop.signal
-                run.logger.write(f"stopped after step {step}; checkpoint {path}\n"
-                                 f"resume with: {runs.resume_command(run.dir)}")
-                break
-    return step, stopped
-
-
-def finish_run(run: Run, step: int, stopped: bool) -> None:
-    """Final weights, summary.json, then the end-of-training evaluation (a completed run) or the report."""
-    cfg, world = run.cfg, run.world
-    run.logger.close()
-    ckpt.save_weights(run.model, run.dir / ("adapter" if cfg.model.lora else "model"), world)  # rank 0 writes
-    if world.is_main:
-        summary = summarize(run.dir, run.rewards.names, judge=(cfg, run.watch.rewards))
-        summary["stopped_by"] = run.stop_signal.name if run.stop_signal else None  # the CLI's exit status
-        (run.dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(format_summary(summary))
-    if step == cfg.trainer.max_steps and cfg.trainer.eval_at_end and run.data.test and not stopped:
-        from .evaluate import evaluate_trained_run
-
-        with gathered(run.model):  # FSDP2: gathered once, as ranks sample different numbers of batches
-            evaluate_trained_run(cfg, run.dir, run.model, run.tokenizer, run.data.test, rollout=run.rollout,
-                                 world=world)  # sharded over ranks
-    elif world.is_main:
-        _write_report(run.dir)
+# --- the summary and the report ------------------------------------------------------------------------------
 
 
 def _write_report(run: Path) -> None:
@@ -402,3 +327,84 @@ def format_summary(s: dict) -> str:
         if isinstance(v, dict) and v.get("first") is not None:
             lines.append(f"  {key:<28} {v['first']:.3f} -> {v['last']:.3f}")
     return "\n".join(lines)  # (the diagnosis was said in the log as it arose; summary.json and the report keep it)
+
+
+# --- the pieces the stages share ----------------------------------------------------------------------------
+
+
+def at_step(cfg: Config, step: int) -> Config:
+    """cfg with generation.max_new_tokens at its value for `step` (an int; a length curriculum resolved)."""
+    return replace(cfg, generation=replace(cfg.generation, max_new_tokens=max_new_tokens_at(
+        cfg.generation.max_new_tokens, step)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def prepare_policy(model, cfg: Config, world: World = SINGLE) -> Reference:
+    """The KL reference, then FSDP2 sharding of the policy and of a full fine-tuning reference copy when
+    trainer.fsdp asks for it (distributed.py); the reference comes first since FSDP modules cannot be copied."""
+    ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
+    if use_fsdp(cfg.trainer.fsdp, cfg.model.lora, world):
+        for m in (model, ref.copy):
+            if m is not None:
+                shard_model(m, world)
+    return ref
+
+
+def rollout_metrics(lengths: np.ndarray, truncated: np.ndarray, names: list[str], per: np.ndarray,
+                    total: np.ndarray, group: int) -> dict:
+    """Reward and length statistics of a rollout: lengths/truncated/total [N], per [N, R], whole groups."""
+    lens = lengths.astype(np.float64)
+    # as TRL 1.16: rows no reward could score (all None) are left out; stds are unbiased (Bessel)
+    scored = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total)).numpy()  # [N]
+    m = {M.REWARD: _nanmean(scored), M.REWARD_STD: _nanstd(scored),
+         M.FRAC_ZERO_STD: zero_std_fraction(torch.from_numpy(scored), group),
+         M.COMPLETION_LENGTH_MEAN: float(lens.mean()), M.COMPLETION_LENGTH_MAX: float(lens.max()),
+         M.TRUNCATED_FRAC: float(truncated.astype(np.float64).mean()), M.TRUNCATED_REWARD: _nanmean(scored[truncated])}
+    for j, name in enumerate(names):
+        col = per[:, j]
+        m[M.reward_mean(name)] = _nanmean(col)
+        m[M.reward_std(name)] = _nanstd(col)
+    return m
+
+
+def _nanmean(x: np.ndarray) -> float:
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def _nanstd(x: np.ndarray) -> float:  # Bessel's correction, as TRL's nanstd; NaN with fewer than 2 values
+    return float(np.nanstd(x, ddof=1)) if np.isfinite(x).sum() > 1 else float("nan")
+
+
+def rank_advantages(world: World, per: np.ndarray, total: np.ndarray, group: int, scale_rewards: str) -> torch.Tensor:
+    """This rank's advantages [N] (rows prompt-major): rows no reward could score are NaN (advantage 0, out of
+    their group's statistics), and the advantages are computed over the global batch (every rank's rows in rank
+    order), so scale_rewards=batch divides by the global std, as TRL 1.16 does; groups never span ranks."""
+    mine = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total))  # [N]
+    everyone = torch.cat(world.gather_objects([mine]))  # [W * N]
+    return group_advantages(everyone, group, scale_rewards)[world.rank * len(mine):(world.rank + 1) * len(mine)]
+
+
+def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume from or None)."""
+    t = cfg.trainer
+    if t.resume:
+        start = ckpt.find_resume(t.resume, Path(t.output_dir))
+        return start.parent.parent, start
+    return runs.create_run_dir(cfg), None  # claimed exclusively, config.yaml written
+
+
+def step_metrics(world: World, batch: RolloutBatch, names: list[str], group: int, update: dict, times: dict) -> dict:
+    """Metrics of the global step: rollout statistics over every rank's rows (whole groups, rank order),
+    update metrics averaged over ranks, times of the slowest rank. One rank: this rank's numbers."""
+    comp = batch.completions
+    parts = world.gather_objects([(comp.lengths.cpu().numpy(), comp.truncated.cpu().numpy(), batch.scores,
+                                   batch.totals)])
+    lengths, truncated, per_all, total_all = (np.concatenate(x) for x in zip(*parts))
+    times = world.reduce_metrics(times, op="max")
+    return {**rollout_metrics(lengths, truncated, names, per_all, total_all, group), **world.reduce_metrics(update),
+            **times, M.TOKENS_PER_S: float(lengths.sum()) / times[M.STEP_TIME]}
