@@ -95,7 +95,8 @@ def test_two_torchrun_ranks_fill_their_shares_together(tiny_model_dir, tmp_path)
     import sys
 
     over = tiny_overrides(tiny_model_dir, tmp_path / "out", **{**OPTS, "trainer.max_steps": 2, "trainer.save_steps": 10,
-                                                                "grpo.top_entropy_quantile": 1.0})
+                                                                "grpo.top_entropy_quantile": 1.0,
+                                                                "grpo.dynamic_sampling_max_rounds": 8})
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("{}\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}

@@ -19,6 +19,7 @@ from mathgrpo import trainer as T
 from mathgrpo import update as U
 from mathgrpo.config import load_config
 from mathgrpo.distributed import SINGLE
+from mathgrpo.modelinfo import FRESH_ADAPTER
 from mathgrpo.models import Reference, load_model
 from mathgrpo.rollout import Completions
 from naive_grpo import clipped_fraction, naive_logps, naive_loss
@@ -174,7 +175,9 @@ def test_the_reference_of_an_adapted_model_is_its_starting_adapter(tiny_model_di
         for n, p in _trainable(model).items():
             p.add_(torch.randn_like(p) * 0.3)
         start = logps(model)
-        ref = Reference(model, 0.04, True)  # e.g. a trained PeftModel handed to the front door
+        assert Reference(model, 0.04, True).adapter is None  # made in this run: the base, whatever B holds (TRL)
+        delattr(model, FRESH_ADAPTER)  # as a trained PeftModel handed to the front door
+        ref = Reference(model, 0.04, True)
         for p in _trainable(model).values():  # training moves the adapter
             p.add_(torch.randn_like(p) * 0.3)
         live = logps(model)

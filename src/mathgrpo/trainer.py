@@ -162,7 +162,7 @@ def setup_run(cfg: Config, world: World, quiet: bool, held: contextlib.ExitStack
     device = pick_device(replace(cfg.model, device=world.model_device(cfg.model.device)))
     shape = shape_from_config(getattr(model.config, "text_config", model.config)) if model is not None else None
     cfg, plan = plan_run(cfg, device, world.size, shape=shape)
-    if world.is_main:  # (a plan that does not fit has raised: no run folder is made)
+    if world.is_main and not quiet:  # (a plan that does not fit has raised: no run folder is made)
         say(describe(cfg, plan))
     run_dir, resume_from = world.broadcast_object(make_run_dir(cfg) if world.is_main else None)
     if world.is_main:  # a second process on this run is refused until this one ends
