@@ -188,7 +188,7 @@ def test_train_refuses_before_any_run_folder_and_saves_the_planned_values(tiny_m
     assert not (tmp_path / "runs").exists()
     monkeypatch.setattr(T, "plan_run", lambda c, device, ranks, shape: mp.plan_run(c, "cuda", ranks, free=8 * GiB,
                                                                                      card="an 8 GiB card"))
-    T.train(cfg, quiet=True)
+    T.train(cfg, quiet=False)
     assert "memory plan for an 8 GiB card" in capsys.readouterr().err
     saved = load_config(tmp_path / "runs" / "run" / "config.yaml", base={})
     assert saved.generation.max_batch == 8 and saved.trainer.max_tokens_per_microbatch == 16384

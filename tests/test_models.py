@@ -140,7 +140,8 @@ def test_completion_logprobs_match_naive_full_forward(tiny_qwen_dir, chunk, temp
     g_got = torch.autograd.grad((got * w).sum(), params)
     g_want = torch.autograd.grad((want * w).sum(), params)
     for a, b in zip(g_got, g_want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # atol 5e-5: float32 sums in another order (chunks of 5, checkpoint recompute); a wiring error is >= 1e-2
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5)
 
 
 def test_completion_logprobs_bad_input(tiny_model_dir):
