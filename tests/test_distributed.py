@@ -36,7 +36,11 @@ CASES = {
     "dr_grpo": {"grpo.loss_type": "dr_grpo", "grpo.beta": 0.0},
     "bnpo": {"grpo.loss_type": "bnpo", "grpo.beta": 0.0},
     "full": {"model.lora": False, "grpo.loss_type": "grpo", "grpo.beta": 0.04},  # full fine-tuning, frozen reference
+    # two optimizer steps per rollout, twice over it: the second mini-batch and the second pass are off-policy
+    "minibatches": {"grpo.loss_type": "dapo", "grpo.beta": 0.04, "grpo.mini_batches": 2, "grpo.num_iterations": 2,
+                    "trainer.learning_rate": 3e-2},
 }
+MINIBATCH_SEED = 11  # the seed each rank's shuffle of its rows draws from (the trainer seeds it per step)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
@@ -123,6 +127,7 @@ def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
         comp, adv = _rollout()
         for name, extra in CASES.items():
             cfg = _cfg(model_dir, out, **extra)
+            torch.manual_seed(MINIBATCH_SEED)
             result = _update(cfg, *_rows(comp, adv, list(range(rank * N // 2, (rank + 1) * N // 2))), world)
             result["metrics"] = world.reduce_metrics(result["metrics"])  # as the trainer logs them
             if rank == 0:
@@ -198,6 +203,29 @@ def test_bnpo_averages_the_ranks_own_token_means(two_rank_updates, tiny_model_di
         differs |= not torch.allclose(two["grads"][k], whole["grads"][k], rtol=1e-3, atol=1e-6)
     assert differs
 
+
+
+@pytest.mark.distributed
+def test_two_ranks_take_their_minibatch_steps_like_one_rank(two_rank_updates, tiny_model_dir, tmp_path, monkeypatch):
+    """grpo.mini_batches on two ranks: optimizer step j of a pass is every rank's j-th mini-batch (each rank shuffles
+    its own rows), so the 2-rank update equals the 1-rank update whose mini-batch j is the union of the ranks' j-th
+    mini-batches; the token counts (dapo) are the global ones over the step's rows."""
+    from mathgrpo import update as U
+
+    cfg = _cfg(tiny_model_dir, tmp_path, **CASES["minibatches"])
+    half = N // 2
+    torch.manual_seed(MINIBATCH_SEED)  # what each rank drew: the same permutation of its own half
+    local = U.minibatch_rows(half, 2)
+    union = [rows + [half + i for i in rows] for rows in local]
+    assert sorted(union[0]) != list(range(half))  # the draw shuffled: not simply rank 0's half first
+    monkeypatch.setattr(U, "minibatch_rows", lambda n, m: [list(r) for r in union] if (n, m) == (N, 2) else 1 / 0)
+    one = _update(cfg, *_rollout(), D.SINGLE)
+    two = torch.load(two_rank_updates / "minibatches.pt")
+    assert one["metrics"]["clip_ratio/region"] > 0  # the later steps are off-policy: clipping acts
+    assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-4, abs=1e-7)
+    for k in one["grads"]:
+        torch.testing.assert_close(two["grads"][k], one["grads"][k], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(two["weights"][k], one["weights"][k], rtol=1e-5, atol=1e-6)
 
 # ----------------------------------------------------------------------------- torchrun end to end
 
