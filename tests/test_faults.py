@@ -38,8 +38,14 @@ def finished(tiny_model_dir, tmp_path_factory):
 
 def test_max_new_tokens_past_the_models_context_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(ModelError, match=r"generation.max_new_tokens=600 does not fit the model's context: .* "
-                                         r"max_position_embeddings=512.* at most 511"):
+                                         r"max_position_embeddings=512.* at most \d{3}"):
         train(_cfg(tiny_model_dir, tmp_path, **{"generation.max_new_tokens": "{0: 8, 2: 600}"}), quiet=True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_training_max_new_tokens_counts_the_longest_prompt(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelError, match=r"generation.max_new_tokens=500 does not fit .*the prompt \((\d\d+) tokens"):
+        train(_cfg(tiny_model_dir, tmp_path, **{"generation.max_new_tokens": 500}), quiet=True)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -174,7 +174,9 @@ def setup_run(cfg: Config, world: World, quiet: bool, held: contextlib.ExitStack
         model, tokenizer = load_model(replace(cfg.model, device=world.model_device(cfg.model.device)), trainable=True)
     elif plan and plan.choice.checkpointing and "model.gradient_checkpointing" in plan.planned:
         enable_checkpointing(model, keep_layers=cfg.model.gradient_checkpointing_keep_layers)  # the caller's model
-    check_context(model, max(t for _, t in length_schedule(cfg.generation.max_new_tokens)), "generation.max_new_tokens")
+    prompts = prompts or PromptBuilder(tokenizer, cfg.prompt, cfg.data.answer_mod)
+    check_context(model, max(t for _, t in length_schedule(cfg.generation.max_new_tokens)), "generation.max_new_tokens",
+                  _longest_prompt(prompts, data.train))
     if world.is_main:
         (run_dir / "data_report.txt").write_text(data.report + "\n")
         runs.record_data(run_dir, cfg, depends)
@@ -183,8 +185,7 @@ def setup_run(cfg: Config, world: World, quiet: bool, held: contextlib.ExitStack
     ref = prepare_policy(model, cfg, world)
     rollout = rollout_for(model, lambda: make_rollout(cfg.generation, model, tokenizer))  # gathered if sharded
     optimizer, scheduler = make_optimizer(model, cfg)
-    run = Run(cfg, world, run_dir, data, model, tokenizer, prompts or PromptBuilder(tokenizer, cfg.prompt,
-              cfg.data.answer_mod), rewards, ref, rollout, optimizer, scheduler,
+    run = Run(cfg, world, run_dir, data, model, tokenizer, prompts, rewards, ref, rollout, optimizer, scheduler,
               Sampler(len(data.train), cfg.trainer.seed), depends,  # the sampler is global: same draws on every rank
               callbacks=list(callbacks or ()), resume_from=resume_from, changes=changes,
               watch=Watch(cfg, list(zip(rewards.names, rewards.weights.tolist()))))
@@ -408,3 +409,10 @@ def step_metrics(world: World, batch: RolloutBatch, names: list[str], group: int
     times = world.reduce_metrics(times, op="max")
     return {**rollout_metrics(lengths, truncated, names, per_all, total_all, group), **world.reduce_metrics(update),
             **times, M.TOKENS_PER_S: float(lengths.sum()) / times[M.STEP_TIME]}
+
+
+def _longest_prompt(prompts: PromptBuilder, problems: list, sample: int = 32) -> int:
+    """Tokens of the longest training prompt, for the context check: the `sample` longest problems by characters are
+    tokenized (tokenizing every problem of a large set would cost seconds at start-up for a bound this close)."""
+    longest = sorted(problems, key=lambda p: len(p.problem))[-sample:]
+    return max((len(prompts.ids(p.problem)) for p in longest), default=1)
