@@ -1,4 +1,4 @@
-"""Benchmark: what the per-token entropy costs in the chunked log-prob pass (loss.chunked_token_logprobs).
+"""Benchmark: what the per-token entropy costs in the chunked log-prob pass (logprobs.chunked_token_logprobs).
 
 Run: `PYTHONPATH=src python -m benchmarks.entropy [--tokens 8192] [--hidden 1536] [--vocab 151936] [--chunk 1024]`
 (defaults: DeepSeek-R1-Distill-Qwen-1.5B's lm_head, bf16 on CUDA, fp32 on CPU). Times forward + backward of the
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from mathgrpo.loss import chunked_token_logprobs
+from mathgrpo.logprobs import chunked_token_logprobs
 
 
 def _time(fn, repeats: int, cuda: bool) -> float:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mathgrpo.loss import chunked_token_logprobs, grpo_loss, high_entropy_mask, kl_k3
+from mathgrpo.logprobs import chunked_token_logprobs
+from mathgrpo.loss import grpo_loss, high_entropy_mask, kl_k3
 
 
 def naive_entropy(hidden, weight, temperature, bias=None):  # [B, T]: from the full [B, T, V] logits

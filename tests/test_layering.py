@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"config", "settings", "registry", "files", "metrics", "devices"},
     {"presets", "answers", "sources", "timed_verify", "memory_plan"},
     {"data", "prompts", "rewards", "eval_stats", "scoring", "diagnose"},
-    {"loss", "advantages", "lmhead", "correction"},
+    {"loss", "logprobs", "advantages", "lmhead", "correction"},
     {"modelinfo", "qlora"},
     {"packing", "loading"},
     {"models"},

@@ -1,4 +1,4 @@
-"""The fused lm_head log-probs (lmhead.py) against the plain chunked path (loss._ChunkedTokenLogprobs): values,
+"""The fused lm_head log-probs (lmhead.py) against the plain chunked path (logprobs._ChunkedTokenLogprobs): values,
 entropy, gradients to hidden / W / b, and the GRPO loss and its gradient for every loss type.
 
 On CPU the Triton kernels run under Triton's interpreter: TRITON_INTERPRET=1 must be set before Triton is first
@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from mathgrpo import lmhead
-from mathgrpo.loss import LOSS_TYPES, _ChunkedTokenLogprobs, chunked_token_logprobs, grpo_loss
+from mathgrpo.logprobs import _ChunkedTokenLogprobs, chunked_token_logprobs
+from mathgrpo.loss import LOSS_TYPES, grpo_loss
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from mathgrpo.advantages import ADVANTAGE_SCALINGS, group_advantages, unscorable_as_nan, zero_std_fraction
+from mathgrpo.logprobs import chunked_token_logprobs
 from mathgrpo.loss import (
     LOSS_TYPES,
     LossParams,
     bnpo_row_norms,
-    chunked_token_logprobs,
     effective_mask,
     grpo_loss,
     kl_k3,

@@ -10,7 +10,8 @@ import torch
 
 from mathgrpo.config import Config
 from mathgrpo.correction import mismatch_stats, sampler_weights
-from mathgrpo.loss import LossParams, chunked_token_logprobs, grpo_loss, high_entropy_mask
+from mathgrpo.logprobs import chunked_token_logprobs
+from mathgrpo.loss import LossParams, grpo_loss, high_entropy_mask
 
 
 def _head(seed=0, n=3, t=5, h=8, v=50):

@@ -2,7 +2,7 @@
 
     logp, entropy = fused_token_logprobs(hidden, weight, bias, ids, chunk_size, temperature, with_entropy)
 
-The same function as `loss._ChunkedTokenLogprobs` (chunked, logits recomputed in the backward, nothing
+The same function as `logprobs._ChunkedTokenLogprobs` (chunked, logits recomputed in the backward, nothing
 [B, T, V] kept), with its memory passes fused. That path runs the logits of a chunk ([c, 151,936] on the
 1.5B model) through fp32 copies: upcast, divide by the temperature, logsumexp, (entropy: subtract, exp,
 multiply-sum) in the forward and, in the backward, upcast, divide, subtract, exp, negate, scatter, scale,
@@ -17,7 +17,7 @@ the two passes above are ~0.4 ms per 1,024 tokens against ~1.8 ms of matmuls, an
 
 liger-kernel's pieces do not fit: its fused linear cross-entropy computes the gradient in the forward (the
 loss must be the last op, but GRPO's loss is a nonlinear function of these log-probs), and its cross-entropy
-kernel has no temperature, entropy or per-token upstream gradient. Used by `loss.chunked_token_logprobs` on
+kernel has no temperature, entropy or per-token upstream gradient. Used by `logprobs.chunked_token_logprobs` on
 CUDA tensors when Triton imports (`enabled`); `set_fused(False)` turns it off (benchmarks/update.py
 `lmhead=torch`). Checked against that path in tests/test_lmhead.py (CUDA, and Triton's CPU interpreter).
 """
@@ -100,7 +100,7 @@ def _kernels():
 
 
 def enabled(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `loss.chunked_token_logprobs` takes the fused path for these tensors."""
+    """Whether `logprobs.chunked_token_logprobs` takes the fused path for these tensors."""
     if not _STATE["on"] or hidden.dtype == torch.float64 or weight.dtype == torch.float64:
         return False
     if not (hidden.is_cuda or _interpreted()):
@@ -168,5 +168,5 @@ class _FusedTokenLogprobs(torch.autograd.Function):
 
 
 def fused_token_logprobs(hidden, weight, bias, ids, chunk_size: int, temperature: float, with_entropy: bool):
-    """(log-probs [B, T] fp32, entropy [B, T] or [0]) as `loss._ChunkedTokenLogprobs.apply`; see the module."""
+    """(log-probs [B, T] fp32, entropy [B, T] or [0]) as `logprobs._ChunkedTokenLogprobs.apply`; see the module."""
     return _FusedTokenLogprobs.apply(hidden, weight, bias, ids, chunk_size, temperature, with_entropy)

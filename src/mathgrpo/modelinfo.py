@@ -51,7 +51,7 @@ def compute_dtype(model) -> torch.dtype:
 def compute_context(model):
     """Autocast to the model's half dtype (bf16/fp16) for the update's forward; a no-op for fp32 models.
     Keeps LoRA's fp32 adapters (and their Adam state) while every matmul runs on tensor cores; the
-    log-softmax runs in fp32 inside `loss.chunked_token_logprobs` regardless."""
+    log-softmax runs in fp32 inside `logprobs.chunked_token_logprobs` regardless."""
     _, head = backbone_and_head(model)
     dtype = head.weight.dtype
     if dtype not in (torch.bfloat16, torch.float16):

@@ -333,7 +333,7 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torc
     """Log-probs [B, T] float32 of each completion token under `model`, from hidden states in chunks of
     `chunk_size` tokens (no [B, T, V] logits, forward or backward). Arguments as `completion_hidden`.
     with_entropy: (log-probs, entropy [B, T] of each position's distribution) from the same pass; True: the entropy
-    without gradient, "grad": with it (loss.chunked_token_logprobs).
+    without gradient, "grad": with it (logprobs.chunked_token_logprobs).
     With `lengths` (real tokens per row) the rows run packed, without padding (`packing.py`; 0 after each
     row's end). A model sharded with FSDP2 runs the same pass as a forward of its root module, which gathers
     the embeddings and lm_head around it (`fsdp.shard_model` says why, and sets the pass as the model's
@@ -351,7 +351,7 @@ def unsharded_completion_logprobs(model, prompt_ids: list[list[int]], completion
                                   chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool | str = False,
                                   lengths: list[int] | None = None):
     """`completion_logprobs` on parameters that are plain tensors (not sharded, or gathered by FSDP)."""
-    from .loss import check_token_ids, chunked_token_logprobs
+    from .logprobs import check_token_ids, chunked_token_logprobs
 
     if lengths is not None:
         from .packing import packed_completion_logprobs

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .loss import check_token_ids, chunked_token_logprobs
+from .logprobs import check_token_ids, chunked_token_logprobs
 
 log = logging.getLogger(__name__)
 
