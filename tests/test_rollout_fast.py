@@ -59,13 +59,14 @@ def tiny_model(kind: str = "llama", device: str = "cpu", seed: int = 0, window: 
     return m.float().eval().to(device)
 
 
-def hf_greedy(model, prompt: list[int], max_new: int, eos: list[int] | None = (EOS,)) -> list[int]:
-    """transformers' greedy continuation of one unpadded prompt, cut after the first EOS."""
+def hf_greedy(model, prompt: list[int], max_new: int, eos: list[int] | None = (EOS,), **kw) -> list[int]:
+    """transformers' greedy continuation of one unpadded prompt, cut after the first EOS (kw: e.g. its
+    repetition_penalty)."""
     dev = next(model.parameters()).device
     ids = torch.tensor([prompt], device=dev)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
                          eos_token_id=list(eos) if eos else None, pad_token_id=0, temperature=None, top_p=None,
-                         top_k=None)[0, len(prompt):].tolist()
+                         top_k=None, **kw)[0, len(prompt):].tolist()
     ends = [j for j, t in enumerate(out) if eos and t in eos]
     return out[:ends[0] + 1] if ends else out
 
@@ -144,10 +145,26 @@ def test_stop_strings_cut_text_and_tokens(check_every):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (0.7, 0), (0.7, 20)])
-def test_logprobs_match_hf_forward(temperature, top_k, device):
+def test_repetition_penalty_matches_hf_generate(device):
+    """transformers' repetition penalty (prompt and completion tokens): the engine's greedy rows equal generate's
+    with the same penalty, over a compaction (rows finishing early leave the batch), and differ from plain greedy."""
+    model, tok = tiny_model("llama", device), char_tokenizer()
+    free = [hf_greedy(model, p, 16, eos=None) for p in PROMPTS]
+    model.generation_config.eos_token_id = free[1][5]  # some rows end early: the batch is compacted under them
+    want = [hf_greedy(model, p, 16, eos=[free[1][5], EOS], repetition_penalty=1.8) for p in PROMPTS for _ in range(2)]
+    eng = FastRollout(model, tok, check_every=2)
+    out = eng.generate(PROMPTS, n=2, sampling=SamplingConfig(max_new_tokens=16, temperature=0.0,
+                                                               repetition_penalty=1.8))
+    assert rows_of(out) == want and eng.compactions > 0
+    assert want[::2] != [hf_greedy(model, p, 16, eos=[free[1][5], EOS]) for p in PROMPTS]  # the penalty acted
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature,top_k,penalty", [(0.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 20, 1.0), (0.7, 0, 1.5)])
+def test_logprobs_match_hf_forward(temperature, top_k, penalty, device):
+    """The engine's log-probs are the policy's at the temperature, before top-k and the repetition penalty."""
     model, tok = tiny_model("qwen2", device), char_tokenizer()
-    s = SamplingConfig(max_new_tokens=9, temperature=temperature, top_k=top_k, seed=3)
+    s = SamplingConfig(max_new_tokens=9, temperature=temperature, top_k=top_k, seed=3, repetition_penalty=penalty)
     out = FastRollout(model, tok).generate(PROMPTS, n=2, sampling=s)
     for r, (p, ids) in enumerate(zip(out.prompt_ids, rows_of(out))):
         seq = torch.tensor([p + ids], device=device)

@@ -70,7 +70,7 @@ def test_unmerged_and_ignore_eos_truncation(tiny_model_dir):
 
 def test_min_p_and_repetition_penalty_reach_generate(tiny_model_dir, monkeypatch):
     """TRL's min_p and repetition_penalty: the hf backend hands them to transformers' generate (its processors);
-    the fast engine samples min_p itself (test_rollout_fast) and refuses a repetition penalty, so auto picks hf."""
+    the fast engine samples both itself (test_rollout_fast), so auto keeps it."""
     import pytest
 
     from mathgrpo.config import GenerationConfig
@@ -87,6 +87,7 @@ def test_min_p_and_repetition_penalty_reach_generate(tiny_model_dir, monkeypatch
     assert seen[-1]["min_p"] == 0.1 and seen[-1]["repetition_penalty"] == 1.3
     r.generate([[1, 2, 3]], 2, SamplingConfig(max_new_tokens=4, temperature=1.0, seed=0))
     assert "min_p" not in seen[-1] and "repetition_penalty" not in seen[-1]  # off: generate's own defaults
-    assert isinstance(make_rollout(gen, model, tok), HFRollout)  # auto: the engine applies no repetition penalty
-    with pytest.raises(ValueError, match="repetition_penalty=1.3: the fast engine does not apply"):
-        check_sampling(sampling_from(gen))
+    assert not isinstance(make_rollout(gen, model, tok), HFRollout)  # auto: the engine applies the penalty itself
+    check_sampling(sampling_from(gen))
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        check_sampling(SamplingConfig(max_new_tokens=4, repetition_penalty=0.0))

@@ -120,8 +120,8 @@ class GenerationConfig:
     min_p: float = setting(0.0,
         "drop tokens whose probability is below min_p x the most likely one's (0 = off; TRL's min_p)")
     repetition_penalty: float = setting(1.0,
-        "transformers' repetition penalty (> 1 discourages repeating prompt or completion tokens; 1 = off); the hf "
-        "backend applies it (backend auto then picks hf)")
+        "transformers' repetition penalty (> 1 discourages repeating prompt or completion tokens; 1 = off; TRL's "
+        "repetition_penalty)")
     stop_strings: list[str] = setting([], "a completion ends after any of these strings (besides EOS)")
     max_batch: int | Literal["auto"] = setting("auto",
         "completions generated at once at most (the KV cache's rows). auto: the memory plan's (all of a step's rows "

@@ -47,11 +47,6 @@ def make_rollout(gen_cfg, model, tokenizer) -> Rollout:
     name = gen_cfg.backend
     if name != "auto":
         return lookup(BACKENDS, name, "generation.backend")(model, tokenizer, gen_cfg)
-    if getattr(gen_cfg, "repetition_penalty", 1.0) != 1.0:
-        from ..loading import say
-
-        say("generation.backend=auto: generation.repetition_penalty is applied by the hf backend only; sampling with hf")
-        return BACKENDS["hf"](model, tokenizer, gen_cfg)
     try:
         return _fast(model, tokenizer, gen_cfg)
     except (ImportError, UnsupportedModel) as e:  # ImportError: a torch too old for the engine's imports

@@ -278,10 +278,13 @@ class FastRollout:
         out_lp = torch.zeros((rows, s.max_new_tokens), dtype=torch.float32, device=self.device)
         done = torch.zeros(rows, dtype=torch.bool, device=self.device)  # [rows], by row
         live, n, checked = slice(None), rows, 0  # live: the row of each slot (all rows, in order, until compacted)
+        seen = self._seen(prompts, counts) if s.repetition_penalty != 1.0 else None  # [rows, V]
         for i in range(s.max_new_tokens):
             if self.logits_hook is not None:
                 self.logits_hook(self._logits[:n], live, i)
-            tok, lp = sample(self._logits[:n], s, gen, self._pick, self._draw)
+            tok, lp = sample(self._logits[:n], s, gen, self._pick, self._draw, None if seen is None else seen[live])
+            if seen is not None:
+                seen[torch.arange(rows, device=self.device)[live], tok] = True
             if eos.numel():
                 fin = done[live]  # [n]: finished rows still in a slot emit padding
                 tok = tok.masked_fill(fin, pad_id)
@@ -306,6 +309,15 @@ class FastRollout:
             self._col.fill_(width + i)
             self._decode(slots, self._cols(width + i + 1))
         return out_tok[:, :i + 1], out_lp[:, :i + 1]
+
+    def _seen(self, prompts: list[list[int]], counts: list[int]) -> torch.Tensor:
+        """[rows, V] bool: the tokens of each row's prompt (the repetition penalty's starting set, as transformers')."""
+        seen = torch.zeros(sum(counts), self._logits.shape[-1], dtype=torch.bool, device=self.device)
+        row = 0
+        for p, c in zip(prompts, counts):
+            seen[row:row + c, torch.tensor(p, device=self.device)] = True
+            row += c
+        return seen
 
     def decode_loop_step(self, rows: int, context: int):
         """For benchmarks (benchmarks.decode): one step of the decode loop (draw from the logits, then one decode

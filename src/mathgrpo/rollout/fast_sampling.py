@@ -1,18 +1,19 @@
-"""Token sampling on the device for the `fast` engine: greedy, temperature, top-k, top-p, min-p.
+"""Token sampling on the device for the `fast` engine: greedy, temperature, top-k, top-p, min-p, repetition penalty.
 
-Order as in transformers: temperature, then top-k, then top-p, then min-p. A categorical draw is
+Order as in transformers: the repetition penalty (on the raw logits), temperature, then top-k, then top-p, then min-p. A categorical draw is
 argmax(logits - log E) with E ~ Exp(1) (the Gumbel-max trick: exact, no softmax, no host sync), E drawn
 from a private generator so a seed reproduces a run without touching the global RNG. The final
 pick (argmax, logsumexp, gather) is one small function that the engine compiles on CUDA into two
 reductions over [B, V]; the eager kernels of softmax/logsumexp run one block per row and starve the
 GPU at small batch. The returned log-prob is that of the sampled
-token under softmax(logits / temperature) before top-k/top-p/min-p truncation (raw logits when greedy),
-the distribution a GRPO loss with the same temperature evaluates.
+token under softmax(logits / temperature) before the repetition penalty and top-k/top-p/min-p truncation (raw
+logits when greedy), the distribution a GRPO loss with the same temperature evaluates.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -30,9 +31,8 @@ def check_sampling(s: SamplingConfig) -> None:
         raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {s.top_k}")
     if not 0 <= s.min_p <= 1:
         raise ValueError(f"SamplingConfig.min_p must be in [0, 1] (0 = off), got {s.min_p}")
-    if s.repetition_penalty != 1.0:
-        raise ValueError(f"SamplingConfig.repetition_penalty={s.repetition_penalty}: the fast engine does not apply a "
-                         f"repetition penalty; use generation.backend=hf (or auto, which then picks it)")
+    if s.repetition_penalty <= 0:
+        raise ValueError(f"SamplingConfig.repetition_penalty must be > 0 (1 = off), got {s.repetition_penalty}")
 
 
 def nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -73,9 +73,23 @@ def compiled_pick():
     return compile_static(pick)
 
 
-def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None, pick=pick, draw=None):
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: the logits [B, V] of the tokens each row has seen (prompt and completion so
+    far, seen [B, V] bool) divided by `penalty` where positive, multiplied where negative (a new tensor)."""
+    x = logits.float()
+    return torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+
+
+def sample(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None, pick=pick, draw=None,
+           seen: torch.Tensor | None = None):
     """logits [B, V] -> (tokens [B] int64, logprobs [B] float32). draw: fast_draw.draw (one kernel) for the
-    greedy and plain-sampling cases, or None for the torch ops (`pick`)."""
+    greedy and plain-sampling cases, or None for the torch ops (`pick`). seen [B, V]: each row's tokens so far, for
+    the repetition penalty (the draw is from the penalised logits, the log-prob the policy's, as for top-p)."""
+    if seen is not None and s.repetition_penalty != 1.0:
+        tok, _ = sample(penalize(logits, seen, s.repetition_penalty), replace(s, repetition_penalty=1.0), generator,
+                        pick, draw)
+        x = logits.float() / (s.temperature or 1.0)  # [B, V]
+        return tok, x.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(x, -1)
     plain = not (0 < s.top_k < logits.shape[-1]) and s.top_p >= 1 and not s.min_p  # the usual GRPO setting
     if draw is not None and (plain or s.temperature == 0):
         return draw(logits, s.temperature, generator)
