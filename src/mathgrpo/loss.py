@@ -273,8 +273,8 @@ def grpo_loss(
     changes its gradient even where the ratio is 1 (d ratio / d logp = ratio).
     Metrics are sums over this call's tokens (`*_sum`) and `num_tokens`, so that callers can form
     token-weighted means over micro-batches and ranks (`token_means`); `ratio/mean` etc. as TRL logs them.
-    With an entropy, also `BONUS_ENTROPY` / `BONUS_TOKENS`: its sum over the policy term's tokens and their count
-    (not metrics to log: adaptive entropy control measures with them).
+    With an entropy and metrics_on_device, also `BONUS_ENTROPY` / `BONUS_TOKENS`: its sum over the policy term's
+    tokens and their count (not metrics to log: the update's adaptive entropy control measures with them).
     entropy [N, T] (no gradient): logged as "entropy"; with top_entropy_quantile < 1 only the tokens of
     `high_entropy_mask` keep their policy-gradient term (the KL term and the normaliser keep every token, as TRL);
     entropy_threshold [N]: each row's quantile, taken over a larger pool by the caller (else over this call's tokens).
@@ -371,10 +371,10 @@ def grpo_loss(
             stats[M.summed(M.KL)] = (kl * m).sum()
         if entropy is not None:
             stats[M.summed(M.ENTROPY)] = (entropy.float() * m).sum()
-            # adaptive entropy control's measurement: TRL's mask x entropy_mask, the bonus's tokens
-            stats[BONUS_ENTROPY] = (entropy.float() * pg_keep).sum()
-            stats[BONUS_TOKENS] = pg_keep.sum().float()
         if metrics_on_device:
+            if entropy is not None:  # adaptive entropy control's measurement: TRL's mask x entropy_mask
+                stats[BONUS_ENTROPY] = (entropy.float() * pg_keep).sum()
+                stats[BONUS_TOKENS] = pg_keep.sum().float()
             return loss, stats
         values = torch.stack(list(stats.values())).tolist()  # one device sync for all metrics
     return loss, dict(zip(stats, values))
