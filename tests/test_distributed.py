@@ -24,6 +24,7 @@ from mathgrpo.advantages import group_advantages
 from mathgrpo.models import Reference, load_model
 from mathgrpo.rollout import Completions
 from mathgrpo.trainer import Sampler, make_optimizer, policy_update, train
+from mathgrpo.update import EntropyControl
 
 G, PROMPTS, WIDTH = 4, 4, 12
 N = G * PROMPTS
@@ -39,6 +40,10 @@ CASES = {
     # two optimizer steps per rollout, twice over it: the second mini-batch and the second pass are off-policy
     "minibatches": {"grpo.loss_type": "dapo", "grpo.beta": 0.04, "grpo.mini_batches": 2, "grpo.num_iterations": 2,
                     "trainer.learning_rate": 3e-2},
+    # the same with adaptive entropy control: each step's entropy is the global token mean (sum and count reduced)
+    "adaptive": {"grpo.loss_type": "dapo", "grpo.beta": 0.04, "grpo.mini_batches": 2, "grpo.num_iterations": 2,
+                 "trainer.learning_rate": 3e-2, "grpo.entropy_coef": 0.05, "grpo.entropy_target": 100.0,
+                 "generation.temperature": 0.5},  # (entropies that differ between the ranks' tokens)
 }
 MINIBATCH_SEED = 11  # the seed each rank's shuffle of its rows draws from (the trainer seeds it per step)
 
@@ -106,10 +111,11 @@ def _update(cfg, comp, adv, world) -> dict:
     optimizer, scheduler = make_optimizer(model, cfg)
     ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
     ref.adapter = None  # the KL to the base model, as in a run from a fresh adapter (these adapters are random)
-    metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world)
+    control = EntropyControl.from_config(cfg)
+    metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world, control)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return {"metrics": metrics, "weights": {n: p.detach().clone() for n, p in named},
-            "grads": {n: p.grad.clone() for n, p in named}}
+            "grads": {n: p.grad.clone() for n, p in named}, "entropy": control and control.state_dict()}
 
 
 def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
@@ -206,13 +212,15 @@ def test_bnpo_averages_the_ranks_own_token_means(two_rank_updates, tiny_model_di
 
 
 @pytest.mark.distributed
-def test_two_ranks_take_their_minibatch_steps_like_one_rank(two_rank_updates, tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["minibatches", "adaptive"])
+def test_two_ranks_take_their_minibatch_steps_like_one_rank(two_rank_updates, tiny_model_dir, tmp_path, monkeypatch,
+                                                           name):
     """grpo.mini_batches on two ranks: optimizer step j of a pass is every rank's j-th mini-batch (each rank shuffles
     its own rows), so the 2-rank update equals the 1-rank update whose mini-batch j is the union of the ranks' j-th
     mini-batches; the token counts (dapo) are the global ones over the step's rows."""
     from mathgrpo import update as U
 
-    cfg = _cfg(tiny_model_dir, tmp_path, **CASES["minibatches"])
+    cfg = _cfg(tiny_model_dir, tmp_path, **CASES[name])
     half = N // 2
     torch.manual_seed(MINIBATCH_SEED)  # what each rank drew: the same permutation of its own half
     local = U.minibatch_rows(half, 2)
@@ -220,8 +228,12 @@ def test_two_ranks_take_their_minibatch_steps_like_one_rank(two_rank_updates, ti
     assert sorted(union[0]) != list(range(half))  # the draw shuffled: not simply rank 0's half first
     monkeypatch.setattr(U, "minibatch_rows", lambda n, m: [list(r) for r in union] if (n, m) == (N, 2) else 1 / 0)
     one = _update(cfg, *_rollout(), D.SINGLE)
-    two = torch.load(two_rank_updates / "minibatches.pt")
+    two = torch.load(two_rank_updates / f"{name}.pt")
     assert one["metrics"]["clip_ratio/region"] > 0  # the later steps are off-policy: clipping acts
+    if name == "adaptive":  # the last step's entropy over both ranks' tokens, and the coefficients, as on one rank
+        # (measured: 8e-8 apart; each rank's own token mean instead: 7e-6)
+        assert two["entropy"]["last_entropy"] == pytest.approx(one["entropy"]["last_entropy"], rel=1e-6)
+        assert two["metrics"]["entropy_coef"] == pytest.approx(one["metrics"]["entropy_coef"])
     assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-4, abs=1e-7)
     for k in one["grads"]:
         torch.testing.assert_close(two["grads"][k], one["grads"][k], rtol=1e-4, atol=1e-7)

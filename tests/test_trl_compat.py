@@ -207,8 +207,8 @@ def test_unknown_and_unsupported_options_are_named():
     assert cfg.ignored_options == {"optim": "adamw_8bit", "vllm_mode": "server"}
     with pytest.warns(TRLCompatWarning, match="use_vllm=True: mathgrpo generates with its own engine"):
         GRPOConfig(use_vllm=True)
-    with pytest.raises(ValueError, match="use_adaptive_entropy=True"):
-        GRPOConfig(use_adaptive_entropy=True)
+    with pytest.raises(ValueError, match="sync_ref_model=True"):
+        GRPOConfig(sync_ref_model=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # TRL defaults ask for nothing different: no warning
         GRPOConfig(use_vllm=False, optim="adamw_torch", importance_sampling_level="token", shuffle_dataset=True,
@@ -238,6 +238,18 @@ def test_published_recipe_options_map_to_the_native_keys():
         vllm = GRPOConfig(use_vllm=True, max_steps=1).to_mathgrpo_config(on_cuda=False).grpo
     assert (vllm.sampler_correction, vllm.sampler_correction_max) == ("sequence_mask", 3.0)
     plain = GRPOConfig(max_steps=1).to_mathgrpo_config(on_cuda=False).grpo  # else mathgrpo's default
+    assert plain.entropy_target is None  # no adaptive entropy control unless asked for
+    # TRL's adaptive entropy control (Skywork-OR1): use_adaptive_entropy turns the target on; bounds and step ride along
+    adaptive = GRPOConfig(use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=0.3, entropy_coef_delta=0.002,
+                          entropy_coef_min=0.001, entropy_coef_max=0.05, max_steps=1).to_mathgrpo_config(on_cuda=False)
+    a = adaptive.grpo
+    assert (a.entropy_coef, a.entropy_target, a.entropy_coef_delta, a.entropy_coef_min, a.entropy_coef_max) == (
+        0.01, 0.3, 0.002, 0.001, 0.05)
+    assert GRPOConfig(use_adaptive_entropy=True, max_steps=1).to_mathgrpo_config(
+        on_cuda=False).grpo.entropy_target == 0.2  # TRL's default target
+    with pytest.raises(ValueError, match=r"grpo.entropy_coef .* must lie in \[grpo.entropy_coef_min"):
+        GRPOConfig(use_adaptive_entropy=True, entropy_coef=0.5, entropy_coef_max=0.1,
+                   max_steps=1).to_mathgrpo_config(on_cuda=False)
     assert (plain.sampler_correction, plain.sampler_correction_max) == ("token_truncate", 3.0)
     with pytest.raises(ValueError, match="steps_per_generation=3 is not a multiple of gradient_accumulation_steps=2"):
         GRPOConfig(gradient_accumulation_steps=2, steps_per_generation=3, max_steps=1).to_mathgrpo_config()

@@ -4,6 +4,7 @@ and their wiring through policy_update (the engine's log-probs in Completions.lo
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -207,3 +208,134 @@ def test_policy_update_adds_the_entropy_bonus_gradient_of_the_full_logits(tiny_m
         scale = max(a.abs().max().item(), want.abs().max().item())
         assert (b - a - want).abs().max().item() <= 1e-5 * scale
     assert max((b - a).abs().max().item() for a, b in zip(plain, bonus)) > 1e-6
+
+
+# --- adaptive entropy control (grpo.entropy_target; TRL's use_adaptive_entropy, Skywork-OR1) ----------------------
+
+
+def _trl_rule(coef, target, delta, low, high, entropies):
+    """TRL 1.16's adaptive entropy control written out (grpo_trainer.py `_compute_loss`): (the coefficient applied
+    at each optimizer step, the coefficient after it) for a list of window-global step entropies."""
+    last, applied, after = float("inf"), [], []
+    for h in entropies:
+        applied.append(coef if last <= target else 0.0)
+        coef = min(coef + delta, high) if h <= target else max(coef - delta, low)
+        last = h
+        after.append(coef)
+    return applied, after
+
+
+def test_adaptive_entropy_control_follows_trls_rule_with_its_bounds_and_state():
+    from mathgrpo.update import EntropyControl
+
+    entropies = [0.5, 0.4, 0.3, 0.2, 0.9, 2.0, 2.5, 3.0, 1.5, 1.0, 0.95, 1.0, 4.0, 0.1]  # clamps at both bounds
+    args = (0.02, 1.0, 0.01, 0.005, 0.04)  # coef, target, delta, min, max
+    want_applied, want_after = _trl_rule(*args, entropies)
+    ctrl, got_applied, got_after = EntropyControl(*args), [], []
+    for i, h in enumerate(entropies):
+        got_applied.append(ctrl.applied())
+        ctrl.observe(h * (7 + i), 7 + i)  # a token sum and its count
+        got_after.append(ctrl.coef)
+        if i == 5:  # a checkpoint mid-way (trainer_state.json): a fresh controller loads it and goes on alike
+            ctrl, saved = EntropyControl(*args), json.loads(json.dumps(ctrl.state_dict()))
+            ctrl.load_state_dict(saved)
+    assert got_applied[0] == 0.0  # no measurement yet: no bonus (TRL's inf start)
+    assert got_applied == pytest.approx(want_applied) and got_after == pytest.approx(want_after)
+    assert 0.04 in want_after and 0.005 in want_after  # both bounds were reached
+    assert any(a == 0.0 for a in want_applied[1:]) and any(a > 0.0 for a in want_applied)
+
+
+def _adaptive_reference(model, prompts, ids, mask, adv, steps, temp, q, ctrl_args, lr, passes):
+    """policy_update's optimizer steps written out with full logits and SGD: dapo, beta 0, the old log-probs of the
+    weights before the first step, the bonus over the policy term's tokens with TRL's adaptive coefficient
+    (`_trl_rule`'s arithmetic), measured over the same tokens. Returns (the applied coefficients, each step's
+    entropy)."""
+    full = torch.cat([torch.tensor(prompts), ids], 1)
+    p_len = len(prompts[0])
+
+    def logp_entropy(rows):  # [R, T] each
+        logits = model(full[rows]).logits[:, p_len - 1:-1].float() / temp
+        logp = torch.log_softmax(logits, -1)
+        return logp.gather(-1, ids[rows][..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    with torch.no_grad():
+        old = logp_entropy(list(range(len(prompts))))[0]
+    token_count = float(mask.sum()) / len(steps)  # TRL: the rollout's tokens / steps per generation
+    coef, target, delta, low, high = ctrl_args
+    last, applied, measured = float("inf"), [], []
+    for _ in range(passes):
+        for rows in steps:
+            logp, ent = logp_entropy(rows)
+            keep = mask[rows]
+            if q < 1.0:
+                keep = keep & (ent.detach() >= torch.quantile(ent.detach()[keep], 1 - q))
+            ratio = torch.exp(logp - old[rows])
+            a = adv[rows][:, None]
+            policy = (-torch.min(ratio * a, ratio.clamp(0.8, 1.2) * a) * keep).sum() / token_count
+            applied.append(coef if last <= target else 0.0)
+            loss = policy - applied[-1] * (ent * keep).sum() / token_count
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= lr * p.grad
+            last = float((ent.detach() * keep).sum() / keep.sum())
+            measured.append(last)
+            coef = min(coef + delta, high) if last <= target else max(coef - delta, low)
+    return applied, measured
+
+
+@pytest.mark.parametrize("quantile", [1.0, 0.5])
+@pytest.mark.usefixtures("one_thread")
+def test_policy_update_applies_the_adaptive_coefficient_of_the_previous_step(tiny_model_dir, quantile):
+    """grpo.entropy_target through policy_update, 2 passes x 3 mini-batches = 6 optimizer steps in one call, each
+    step in 2 micro-batches: the weights after it equal those of the steps written out with full logits and TRL's
+    rule (no bonus at the first step; then coef where the previous step's entropy over the policy term's tokens,
+    summed over its micro-batches, was at or below the target); the controller ends in the same state."""
+    from mathgrpo.models import Reference
+    from mathgrpo.rollout import Completions
+    from mathgrpo.update import EntropyControl, minibatch_rows, policy_update
+    from transformers import AutoModelForCausalLM
+
+    n, width, temp, lr, passes = 6, 5, 0.1, 3e-4, 2
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(20, 900, (n, 3), generator=g).tolist()
+    ids = torch.randint(20, 900, (n, width), generator=g)
+    mask = torch.arange(width)[None, :] < torch.tensor([5, 2, 4, 3, 5, 1])[:, None]
+    adv = torch.tensor([1.0, -0.5, 0.3, -0.8, 0.6, -0.6])
+    comp = Completions(prompts, ids, mask, [""] * n, torch.zeros(n, dtype=torch.bool))
+    load = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32).train()  # noqa: E731
+    torch.manual_seed(7)
+    steps = minibatch_rows(n, 3)  # the rows policy_update draws after the same seed
+
+    # a target between the steps' entropies at the start, so the bonus is on at some steps and off at others
+    _, start = _adaptive_reference(load(), prompts, ids, mask, adv, steps, temp, quantile, (0, 0, 0, 0, 0), 0.0, 1)
+    h = sorted(start)
+    lo_h, hi_h = h[:2] if h[1] - h[0] > h[2] - h[1] else h[1:]  # the wider gap
+    ctrl_args = (0.4, (lo_h + hi_h) / 2, 0.3, 0.1, 0.8)  # coef, target, delta, min, max
+
+    ref_model = load()
+    applied, measured = _adaptive_reference(ref_model, prompts, ids, mask, adv, steps, temp, quantile, ctrl_args, lr,
+                                            passes)
+    assert applied[0] == 0.0 and any(a > 0 for a in applied) and any(a == 0 for a in applied[1:])
+
+    model = load()
+    cfg = Config()
+    cfg.grpo.beta, cfg.grpo.loss_type, cfg.grpo.mini_batches, cfg.grpo.num_iterations = 0.0, "dapo", 3, passes
+    cfg.grpo.top_entropy_quantile = quantile
+    cfg.grpo.entropy_coef, cfg.grpo.entropy_target, cfg.grpo.entropy_coef_delta = ctrl_args[:3]
+    cfg.grpo.entropy_coef_min, cfg.grpo.entropy_coef_max = ctrl_args[3:]
+    cfg.generation.temperature = temp
+    cfg.trainer.max_tokens_per_microbatch, cfg.trainer.max_grad_norm = 3 + width, 0.0  # one row per micro-batch
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    ctrl = EntropyControl.from_config(cfg)
+    torch.manual_seed(7)
+    m = policy_update(model, opt, sched, Reference(model, 0.0, lora=False), comp, adv, cfg, entropy_control=ctrl)
+    moved = max((p0 - p1).abs().max().item() for p0, p1 in zip(load().parameters(), ref_model.parameters()))
+    gap = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref_model.parameters()))
+    assert gap <= 1e-3 * moved  # (float32 sums in another order: ~1e-4 of the move; a wrong coefficient: > 1e-2)
+    assert ctrl.last_entropy == pytest.approx(measured[-1], rel=1e-5)
+    after = _trl_rule(*ctrl_args, measured)[1]
+    assert ctrl.coef == pytest.approx(after[-1])
+    assert m["entropy_coef"] == pytest.approx(sum(after) / len(after))  # the coefficient after each step, averaged

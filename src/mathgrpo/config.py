@@ -179,7 +179,16 @@ class GRPOConfig:
         "all)")
     entropy_coef: float = setting(0.0,
         "entropy bonus: the loss minus this x the token-mean entropy of the policy (verl / SimpleRL-Zoo: 0.001; "
-        "TRL's entropy_coef); its gradient runs the plain chunked log-prob pass")
+        "TRL's entropy_coef); its gradient runs the plain chunked log-prob pass; with entropy_target: the starting "
+        "coefficient")
+    entropy_target: float | None = setting(None,
+        "adaptive entropy control (Skywork-OR1, TRL's use_adaptive_entropy + entropy_target): after each optimizer "
+        "step the coefficient moves up by entropy_coef_delta when the step's mean entropy (nats, over the policy "
+        "term's tokens, all ranks) is at or below this, else down; the bonus acts only while the last step's entropy "
+        "is at or below it (none on the first step); None = the static bonus entropy_coef")
+    entropy_coef_delta: float = setting(0.005, "adaptive entropy control: the coefficient's step per optimizer step")
+    entropy_coef_min: float = setting(0.0, "adaptive entropy control: the coefficient's lower bound")
+    entropy_coef_max: float = setting(1.0, "adaptive entropy control: the coefficient's upper bound")
     sampler_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
         setting("token_truncate",
         "weight the policy term by pi_train / pi_sampler from the engine's own log-probs (TRL's vLLM importance "
@@ -335,6 +344,7 @@ def validate(cfg: Config) -> None:
                           f"to warm up, or warmup_steps=0")
     check_ranges(cfg)
     _check_report_to(cfg)
+    _check_entropy_control(cfg)
 
 
 # Allowed ranges, checked when the config is built: (low, high, low included, high included); None = unbounded.
@@ -352,6 +362,8 @@ _RANGES: dict[str, tuple] = {
     "grpo.beta": (0, None, True, True), "grpo.epsilon": (0, None, False, True),
     "grpo.epsilon_high": (0, None, False, True), "grpo.delta": (1, None, False, True),
     "grpo.mini_batches": (1, None, True, True), "grpo.entropy_coef": (0, None, True, True),
+    "grpo.entropy_target": (0, None, True, True), "grpo.entropy_coef_delta": (0, None, True, True),
+    "grpo.entropy_coef_min": (0, None, True, True), "grpo.entropy_coef_max": (0, None, True, True),
     "grpo.sampler_correction_max": (0, None, False, True), "grpo.sampler_correction_min": (0, None, True, True),
     "grpo.off_policy_mask_threshold": (0, None, True, True),
     "grpo.num_iterations": (1, None, True, True),
@@ -374,6 +386,14 @@ _RANGES: dict[str, tuple] = {
 def check_ranges(cfg: Config) -> None:
     """Every float finite and every key of `_RANGES` within its range; the error names the key and the range."""
     settings.check_ranges(cfg, _RANGES)
+
+
+def _check_entropy_control(cfg: Config) -> None:
+    g = cfg.grpo
+    if g.entropy_target is not None and not g.entropy_coef_min <= g.entropy_coef <= g.entropy_coef_max:
+        raise ConfigError(f"grpo.entropy_target is set (adaptive entropy control), so grpo.entropy_coef (the starting "
+                          f"coefficient, {g.entropy_coef}) must lie in [grpo.entropy_coef_min, grpo.entropy_coef_max] "
+                          f"= [{g.entropy_coef_min}, {g.entropy_coef_max}]")
 
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio")  # trainer.report_to names (trackers.py has their code)

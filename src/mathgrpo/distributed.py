@@ -169,6 +169,14 @@ class World:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over ranks (a copy on the collective device; t itself on one rank)."""
+        if not self.distributed:
+            return t
+        out = t.to(self.device, copy=True)
+        tdist.all_reduce(out)
+        return out
+
     def reduce_metrics(self, metrics: dict[str, float], op: str = "mean") -> dict[str, float]:
         """Per-key mean (equal-sized ranks: the mean of rank means is the global mean) or max over ranks."""
         if not self.distributed:

@@ -32,6 +32,10 @@ from .registry import lookup
 
 # ----------------------------------------------------------------------------- loss
 
+# `grpo_loss` stats that are not logged: the entropy summed over the policy term's tokens, and their count (the
+# tokens the entropy bonus acts on); update.py takes them out for adaptive entropy control (update.EntropyControl).
+BONUS_ENTROPY, BONUS_TOKENS = "_bonus_entropy", "_bonus_tokens"
+
 
 def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
     """k3 estimator of KL(pi || ref) per token [N, T]: exp(d) - d - 1 with d = ref - logp (>= 0, unbiased)."""
@@ -269,6 +273,8 @@ def grpo_loss(
     changes its gradient even where the ratio is 1 (d ratio / d logp = ratio).
     Metrics are sums over this call's tokens (`*_sum`) and `num_tokens`, so that callers can form
     token-weighted means over micro-batches and ranks (`token_means`); `ratio/mean` etc. as TRL logs them.
+    With an entropy and metrics_on_device, also `BONUS_ENTROPY` / `BONUS_TOKENS`: its sum over the policy term's
+    tokens and their count (not metrics to log: the update's adaptive entropy control measures with them).
     entropy [N, T] (no gradient): logged as "entropy"; with top_entropy_quantile < 1 only the tokens of
     `high_entropy_mask` keep their policy-gradient term (the KL term and the normaliser keep every token, as TRL);
     entropy_threshold [N]: each row's quantile, taken over a larger pool by the caller (else over this call's tokens).
@@ -366,6 +372,9 @@ def grpo_loss(
         if entropy is not None:
             stats[M.summed(M.ENTROPY)] = (entropy.float() * m).sum()
         if metrics_on_device:
+            if entropy is not None:  # adaptive entropy control's measurement: TRL's mask x entropy_mask
+                stats[BONUS_ENTROPY] = (entropy.float() * pg_keep).sum()
+                stats[BONUS_TOKENS] = pg_keep.sum().float()
             return loss, stats
         values = torch.stack(list(stats.values())).tolist()  # one device sync for all metrics
     return loss, dict(zip(stats, values))

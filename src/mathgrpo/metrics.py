@@ -45,6 +45,7 @@ LR = "lr"
 NUM_TOKENS = "num_tokens"  # completion tokens in the loss, all ranks
 KL = "kl"  # token mean of the k3 estimator to the reference (beta > 0 only)
 ENTROPY = "entropy"  # token mean of the policy's entropy
+ENTROPY_COEF = "entropy_coef"  # the entropy bonus's coefficient (adaptive control: mean over the update's steps, after each)
 CLIP_LOW = "clip_ratio/low"  # tokens clipped below 1 - epsilon (negative advantages)
 CLIP_HIGH = "clip_ratio/high"
 CLIP_REGION = "clip_ratio/region"  # either

@@ -51,7 +51,7 @@ from .prompts import PromptBuilder
 from .scoring import RewardSet
 from .rollout import make_rollout
 from .sampling import RolloutBatch, Sampler, sample_step, step_seed
-from .update import make_optimizer, microbatches, policy_update, update_stage  # noqa: F401  (re-exported)
+from .update import EntropyControl, make_optimizer, microbatches, policy_update, update_stage  # noqa: F401
 
 
 # --- the loop --------------------------------------------------------------------------------------------------
@@ -142,11 +142,16 @@ class Run:
     changes: dict = field(default_factory=dict)  # config keys changed on resume: key -> (old, new)
     watch: Watch | None = None  # diagnose.py: says once when the steps show a run learning nothing
     stop_signal: Any = None  # the signal that stopped the run before max_steps (signal.Signals), if one did
+    entropy_control: EntropyControl | None = None  # grpo.entropy_target: the adaptive coefficient, over the run
 
     def state(self, step: int) -> dict:
-        """What a checkpoint stores besides weights and optimizer: the step, the sampler, the data fingerprints."""
-        return {"step": step, "sampler": self.sampler.state(), "max_steps": self.cfg.trainer.max_steps,
-                "depends": self.depends}
+        """What a checkpoint stores besides weights and optimizer: the step, the sampler, the data fingerprints
+        (and the adaptive entropy coefficient's state)."""
+        state = {"step": step, "sampler": self.sampler.state(), "max_steps": self.cfg.trainer.max_steps,
+                 "depends": self.depends}
+        if self.entropy_control is not None:
+            state["entropy_control"] = self.entropy_control.state_dict()
+        return state
 
 
 def setup_run(cfg: Config, world: World, quiet: bool, held: contextlib.ExitStack, *, model=None, tokenizer=None,
@@ -188,7 +193,8 @@ def setup_run(cfg: Config, world: World, quiet: bool, held: contextlib.ExitStack
     run = Run(cfg, world, run_dir, data, model, tokenizer, prompts, rewards, ref, rollout, optimizer, scheduler,
               Sampler(len(data.train), cfg.trainer.seed), depends,  # the sampler is global: same draws on every rank
               callbacks=list(callbacks or ()), resume_from=resume_from, changes=changes,
-              watch=Watch(cfg, list(zip(rewards.names, rewards.weights.tolist()))))
+              watch=Watch(cfg, list(zip(rewards.names, rewards.weights.tolist()))),
+              entropy_control=EntropyControl.from_config(cfg))
     if resume_from is not None:
         _resume(run)
     world.broadcast_params([p for p in model.parameters() if p.requires_grad])  # identical replicas, as DDP
@@ -205,6 +211,8 @@ def _resume(run: Run) -> None:
     state = ckpt.load_checkpoint(run.resume_from, run.model, run.optimizer, run.scheduler, run.world)
     run.start = state["step"]
     run.sampler = Sampler(len(run.data.train), run.cfg.trainer.seed, **state["sampler"])
+    if run.entropy_control is not None and "entropy_control" in state:  # (else: started on resume, from the config)
+        run.entropy_control.load_state_dict(state["entropy_control"])
     if run.world.is_main:
         runs.truncate_logs(run.dir, run.start)
         runs.record_resume(run.dir, run.resume_from, run.start, run.changes, run.cfg)
@@ -267,7 +275,7 @@ def update_step(run: Run, batch: RolloutBatch, cfg: Config, seed: int) -> dict:
     (update.update_stage); the update's metrics and the learning rate."""
     torch.manual_seed(seed + 1)  # LoRA dropout
     return update_stage(run.model, run.optimizer, run.scheduler, run.ref, batch.completions, batch.advantages, cfg,
-                        run.world, run.rollout)
+                        run.world, run.rollout, run.entropy_control)
 
 
 def log_step(run: Run, step: int, batch: RolloutBatch, metrics: dict) -> bool:

@@ -10,8 +10,10 @@ and benchmarks read them directly; the trainer's update stage frees them before 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +22,8 @@ from .config import AUTO, Config
 from .distributed import SINGLE, World
 from .fsdp import is_sharded
 from .correction import mismatch_stats, sampler_weights
-from .loss import LOSS_TYPES, LossParams, batch_ids, effective_mask, entropy_threshold, grpo_loss, token_means
+from .loss import (BONUS_ENTROPY, BONUS_TOKENS, LOSS_TYPES, LossParams, batch_ids, effective_mask, entropy_threshold,
+                   grpo_loss, token_means)
 from .memory_plan import value
 from .modelinfo import compute_dtype, is_quantized
 from .models import Reference, completion_logprobs
@@ -130,6 +133,48 @@ def minibatch_rows(n_rows: int, mini_batches: int) -> list[list[int]]:
     return [order[cuts[j]:cuts[j + 1]] for j in range(mini_batches)]
 
 
+@dataclass
+class EntropyControl:
+    """Adaptive entropy control (Skywork-OR1; TRL's use_adaptive_entropy): the entropy bonus's coefficient, moved
+    after every optimizer step by the step's mean entropy over the policy term's tokens on all ranks (TRL's
+    window-global mean over mask x entropy_mask). The trainer owns one per run (`from_config`, None for the static
+    bonus) and saves its `state_dict` in checkpoints; policy_update asks `applied()` before each optimizer step and
+    calls `observe` after it. Check with `pytest tests/test_update_options.py -k adaptive -q`."""
+
+    coef: float  # the coefficient (grpo.entropy_coef to start with)
+    target: float  # grpo.entropy_target, nats
+    delta: float = 0.005
+    low: float = 0.0
+    high: float = 1.0
+    last_entropy: float = math.inf  # the last step's measurement; inf: no bonus before the first one (as TRL)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "EntropyControl | None":
+        g = cfg.grpo
+        if g.entropy_target is None:
+            return None
+        return cls(g.entropy_coef, g.entropy_target, g.entropy_coef_delta, g.entropy_coef_min, g.entropy_coef_max)
+
+    def applied(self) -> float:
+        """The coefficient of the next optimizer step: the bonus acts only while the entropy is at or below target."""
+        return self.coef if self.last_entropy <= self.target else 0.0
+
+    def observe(self, entropy_sum: float, tokens: float) -> None:
+        """After an optimizer step: its entropy summed over the policy term's tokens (all ranks) and their count."""
+        entropy = entropy_sum / max(tokens, 1.0)
+        if entropy <= self.target:
+            self.coef = min(self.coef + self.delta, self.high)
+        else:
+            self.coef = max(self.coef - self.delta, self.low)
+        self.last_entropy = entropy
+
+    def state_dict(self) -> dict:
+        return {"coef": self.coef, "last_entropy": self.last_entropy}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.coef, self.last_entropy = float(state["coef"]), float(state["last_entropy"])
+
+
 class _Plan:
     """One rollout's optimizer steps: the rows of each micro-batch (its index k), which step it belongs to, each step's
     counts (loss.py's accumulation contract), and per row bnpo's denominator and the entropy quantile's pool."""
@@ -170,7 +215,7 @@ class _Plan:
 
 
 def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor,
-                  cfg: Config, world: World = SINGLE) -> dict:
+                  cfg: Config, world: World = SINGLE, entropy_control: EntropyControl | None = None) -> dict:
     """num_iterations passes over one rollout (this rank's rows), each of mini_batches optimizer steps; returns this
     rank's averaged loss metrics. With several ranks, gradients are averaged over ranks before each step
     (distributed.py). The last step's gradients stay on the parameters: the caller frees them (generation wants the
@@ -180,7 +225,10 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
     is logged. No host sync inside the micro-batch loop: the rollout's tensors are read to the host once (the
     log-prob passes check each micro-batch's token ids on that copy), each micro-batch's inputs go to the GPU
     asynchronously (pinned), and the loss metrics and the gradient norm are summed on the device and read once at the
-    end (top_entropy_quantile < 1 syncs once per optimizer step for its quantile, over TRL's pool)."""
+    end (top_entropy_quantile < 1 syncs once per optimizer step for its quantile, over TRL's pool).
+    entropy_control (grpo.entropy_target; the caller's, updated in place): each optimizer step's bonus coefficient
+    comes from it, and its measurement (one reduction over ranks and one host read per optimizer step) moves it;
+    None with grpo.entropy_target set: a fresh one for this call (the trainer passes its own, which lives on)."""
     g, t = cfg.grpo, cfg.trainer
     device = next(p for p in model.parameters() if p.requires_grad).device
     scaler = loss_scaler(optimizer)  # fp16 compute: the loss scaled for the backward, gradients unscaled before clipping
@@ -230,12 +278,18 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
                                              loss_params.sampler_correction_max, loss_params.sampler_correction_min)
         mismatch.append(mismatch_stats(logp, x["sampler"], x["eff"]))
 
-    entropy_grad = "grad" if loss_params.entropy_coef else True
+    entropy_control = entropy_control or EntropyControl.from_config(cfg)
+    # adaptive control may apply a bonus at any step, so its entropy always carries the gradient
+    entropy_grad = "grad" if loss_params.entropy_coef or entropy_control is not None else True
     optimizer_steps = g.num_iterations * len(plan.steps)
     sums: dict[str, torch.Tensor] = {}  # on the device until the end
+    coefs: list[float] = []  # the coefficient after each optimizer step (adaptive control; logged as TRL logs it)
     for it in range(g.num_iterations):
         for j, step in enumerate(plan.steps):
             optimizer.zero_grad(set_to_none=True)
+            if entropy_control is not None:  # the same coefficient for every micro-batch of the step
+                loss_params = dataclasses.replace(loss_params, entropy_coef=entropy_control.applied())
+            measured = torch.zeros(2, dtype=torch.float64, device=device)  # [2] entropy sum, tokens of this step
             thresholds = _entropy_thresholds(plan, j, model, logp_of, inputs, loss_params, world)
             for k in step:
                 logp, entropy = logp_of(model, k, with_entropy=entropy_grad)  # entropy: logged, quantile, bonus
@@ -256,6 +310,9 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
                                     sampling_weight=fixed["weight"].get(k), logp_sampler=x["sampler"],
                                     metrics_on_device=True)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
+                bonus = torch.stack([m.pop(BONUS_ENTROPY), m.pop(BONUS_TOKENS)])  # (not logged)
+                if entropy_control is not None:
+                    measured += bonus.double()
                 # token sums: token-weighted means over micro-batches and ranks below; the loss: a mean over steps
                 for key, v in m.items():
                     sums[key] = sums[key] + v / g.num_iterations if key in sums else v / g.num_iterations
@@ -271,10 +328,15 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             _step(optimizer, scheduler, scaler, sums, device)
             sums[M.GRAD_NORM] = sums.get(M.GRAD_NORM, 0.0) + grad_norm.detach().float() / optimizer_steps
+            if entropy_control is not None:  # sum and token count reduced jointly: the global token mean
+                entropy_control.observe(*world.all_sum(measured).tolist())
+                coefs.append(entropy_control.coef)
     host = dict(zip(sums, torch.stack([v.float().to(device) for v in sums.values()]).tolist()))  # the one read
     # every rank returns the global token means (TRL's global_masked_mean); the mean over ranks of sums is sum / W
     summed = world.reduce_metrics({k: v for k, v in host.items() if k.endswith("_sum") or k == M.NUM_TOKENS})
     means = {**token_means(summed), M.NUM_TOKENS: summed[M.NUM_TOKENS] * world.size}  # tokens in the loss, all ranks
+    if coefs or loss_params.entropy_coef:  # the same on every rank
+        means[M.ENTROPY_COEF] = sum(coefs) / len(coefs) if coefs else loss_params.entropy_coef
     return {**{k: v for k, v in host.items() if k not in summed}, **means, **_mismatch_metrics(mismatch, world)}
 
 
@@ -340,14 +402,14 @@ def release_memory(cfg: Config, model) -> bool:
 
 
 def update_stage(model, optimizer, scheduler, ref: Reference, comp: Completions, adv: torch.Tensor, cfg: Config,
-                 world: World = SINGLE, rollout=None) -> dict:
+                 world: World = SINGLE, rollout=None, entropy_control: EntropyControl | None = None) -> dict:
     """The trainer's update stage (after its seeding): with generation.release_memory the rollout backend's KV cache
     and owned weight copies are freed first (the update's activations get their memory); policy_update; the
     gradients freed (generation gets theirs); the backend's weights synced (the released copies come back).
     Returns the update's metrics and the learning rate. Benchmarks call it."""
     if rollout is not None and release_memory(cfg, model) and hasattr(rollout, "release"):
         rollout.release(weights=True)
-    metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world)
+    metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world, entropy_control)
     optimizer.zero_grad(set_to_none=True)
     metrics = {**metrics, M.LR: scheduler.get_last_lr()[0]}
     if rollout is not None:

@@ -218,6 +218,10 @@ def _grpo_section(args: GRPOConfig, batch_counts_prompts: bool) -> dict:
                                                                    else 1),
             "top_entropy_quantile": args.top_entropy_quantile, "mini_batches": args.mini_batches(),
             "delta": args.delta, "entropy_coef": args.entropy_coef,
+            # TRL's use_adaptive_entropy: a target turns adaptive control on (its bounds and step ride along)
+            "entropy_target": args.entropy_target if args.use_adaptive_entropy else None,
+            "entropy_coef_min": args.entropy_coef_min, "entropy_coef_max": args.entropy_coef_max,
+            "entropy_coef_delta": args.entropy_coef_delta,
             "off_policy_mask_threshold": args.off_policy_mask_threshold, **_sampler_correction(args)}
 
 

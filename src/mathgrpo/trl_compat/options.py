@@ -96,6 +96,11 @@ class Options:
     generation_batch_size: int | None = None  # completions per rollout (all ranks); exclusive with the above
     delta: float | None = None
     entropy_coef: float = 0.0
+    use_adaptive_entropy: bool = False  # -> grpo.entropy_target (None when off)
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
     off_policy_mask_threshold: float | None = None
     # TRL's vLLM correction: mathgrpo always samples with an engine of its own, as TRL's vLLM path does
     vllm_importance_sampling_correction: bool = True
@@ -117,7 +122,6 @@ TRL_ONLY = {
     "vllm_gpu_memory_utilization": 0.3, "vllm_max_model_length": None, "vllm_tensor_parallel_size": 1,
     "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0,
     "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512,
-    "entropy_coef_min": 0.0, "entropy_coef_max": 1.0, "entropy_coef_delta": 0.005, "entropy_target": 0.2,
     "max_tool_calling_iterations": None, "log_multimodal": True,
     "num_completions_to_print": None, "log_unique_prompts": False, "log_completions_hub_repo": None,
     "use_transformers_continuous_batching": False, "transformers_continuous_batching_config": None,
@@ -132,7 +136,7 @@ TRL_ONLY = {
     "save_safetensors": True, "include_tokens_per_second": False, "dispatch_batches": None, "split_batches": None,
 }
 # Options that would change the objective or the batch in ways mathgrpo does not implement: only this value passes.
-REFUSED = {"multi_objective_aggregation": "sum_then_normalize", "sync_ref_model": False, "use_adaptive_entropy": False}
+REFUSED = {"multi_objective_aggregation": "sum_then_normalize", "sync_ref_model": False}
 # Why an ignored option is ignored (by name prefix); the rest: "not supported by mathgrpo".
 _IGNORED_WHY = {
     "vllm_": "mathgrpo generates with its own engine", "optim": "mathgrpo uses torch.optim.AdamW",
