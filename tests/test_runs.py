@@ -253,13 +253,14 @@ def test_an_error_in_a_reward_at_step_2_saves_then_resumes_exactly(straight, tin
 
 
 @pytest.mark.integration
-def test_an_error_after_the_update_saves_that_step(straight, tiny_model_dir, tmp_path, caplog):
+@pytest.mark.parametrize("extra", [{}, {"grpo.mini_batches": 2}])  # with mini-batches: 2 optimizer steps per step
+def test_an_error_after_the_update_saves_that_step(straight, tiny_model_dir, tmp_path, caplog, extra):
     def callback(step, metrics):
         if step == 2:
             raise RuntimeError("a bug in a callback")
 
     with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="a bug in a callback"):
-        train(_cfg(tiny_model_dir, tmp_path, straight[1], **{"trainer.save_steps": 10}), quiet=True,
+        train(_cfg(tiny_model_dir, tmp_path, straight[1], **{"trainer.save_steps": 10, **extra}), quiet=True,
               callbacks=[callback])
     run = tmp_path / "run"
     assert [c.name for c in ckpt.list_checkpoints(run)] == ["checkpoint-2"]

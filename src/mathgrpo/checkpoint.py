@@ -251,7 +251,7 @@ class SaveOnError:
     Which state is saved follows from the scheduler's count (it steps once per optimizer step): the
     previous step's (with its sampler position: the exact resume point) when the step failed before its
     update, this step's when it failed after it, only the weights when it failed in the middle of an update
-    (num_iterations > 1). (A failure between `optimizer.step()` and `scheduler.step()`, two adjacent calls,
+    (num_iterations x mini_batches > 1). (A failure between `optimizer.step()` and `scheduler.step()`, two adjacent calls,
     would pass for "before the update".) A failed checkpoint write is not retried, and nothing is saved when
     nothing was trained since the run (or resume) began, or when the model is sharded (the save needs every
     rank)."""
@@ -277,7 +277,7 @@ class SaveOnError:
             log.error("step %d failed; a sharded model is not saved on an error (every rank would have to join)",
                       self.step)
             return False
-        k, mu = self.step, self.cfg.grpo.num_iterations
+        k, mu = self.step, self.cfg.grpo.num_iterations * self.cfg.grpo.mini_batches  # optimizer steps per step
         updates = self.scheduler.last_epoch  # LambdaLR: optimizer steps so far
         at = {(k - 1) * mu: k - 1, k * mu: k}.get(updates)
         what = []
