@@ -107,13 +107,13 @@ def test_the_loop_groups_advantages_by_prompt_and_logs_the_kl_to_the_base_model(
     real = U.policy_update  # the update stage calls it (update.update_stage)
     seen = []
 
-    def spy(model, optimizer, scheduler, ref, comp, adv, cfg, world=SINGLE):
+    def spy(model, optimizer, scheduler, ref, comp, adv, cfg, world=SINGLE, **kw):
         with torch.no_grad():
             logp = naive_logps(model, comp.prompt_ids, comp.completion_ids, TEMP)
             base = naive_logps(base_model, comp.prompt_ids, comp.completion_ids, TEMP)
         d = base - logp
         kl = (torch.exp(d) - d - 1)[comp.completion_mask.bool()].mean().item()
-        metrics = real(model, optimizer, scheduler, ref, comp, adv, cfg, world)
+        metrics = real(model, optimizer, scheduler, ref, comp, adv, cfg, world, **kw)
         seen.append((comp, adv.clone(), kl, metrics))
         return metrics
 

@@ -409,7 +409,7 @@ def update_stage(model, optimizer, scheduler, ref: Reference, comp: Completions,
     Returns the update's metrics and the learning rate. Benchmarks call it."""
     if rollout is not None and release_memory(cfg, model) and hasattr(rollout, "release"):
         rollout.release(weights=True)
-    metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world, entropy_control)
+    metrics = policy_update(model, optimizer, scheduler, ref, comp, adv, cfg, world, entropy_control=entropy_control)
     optimizer.zero_grad(set_to_none=True)
     metrics = {**metrics, M.LR: scheduler.get_last_lr()[0]}
     if rollout is not None:
