@@ -272,7 +272,8 @@ def test_engine_matmul_paths_match_reference_path(monkeypatch, matmul):
 def test_pdl_selection():
     model, tok = tiny_model("qwen2", DEV), char_tokenizer()
     can = K.supports_pdl(torch.device(DEV))
-    assert FastRollout(model, tok).describe()["pdl"] == (can and FastRollout(model, tok).attention == "triton")
+    d = FastRollout(model, tok).describe()  # PDL belongs to the tuned set (MATHGRPO_KERNELS=conservative: none)
+    assert d["pdl"] == (can and d["attention"] == "triton" and d["kernels"] == "tuned")
     assert plan_for(DEV, attention="sdpa").pdl is False
     if not can:
         with pytest.raises(ValueError, match="pdl=True needs"):
