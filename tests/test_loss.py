@@ -8,7 +8,8 @@ import statistics
 import pytest
 import torch
 
-from mathgrpo.advantages import ADVANTAGE_SCALINGS, group_advantages, unscorable_as_nan, zero_std_fraction
+from mathgrpo.advantages import (ADVANTAGE_SCALINGS, group_advantages, normalized_sum_advantages, unscorable_as_nan,
+                                 zero_std_fraction)
 from mathgrpo.logprobs import chunked_token_logprobs
 from mathgrpo.loss import (
     LOSS_TYPES,
@@ -66,6 +67,50 @@ def test_unscorable_completion_is_left_out_as_trl_does():
     torch.testing.assert_close(adv, torch.tensor([1 / 3 / sd, -2 / 3 / sd, 0.0, 1 / 3 / sd]), atol=1e-7, rtol=1e-6)
     wrong = group_advantages(total, 4)  # the None row counted as 0 shifts every advantage of its group
     assert (wrong - adv).abs().max() > 0.1
+
+
+def ref_normalized_sum(per: list[list[float]], weights: list[float], g: int, eps: float) -> list[float]:
+    """TRL 1.16's normalize_then_sum, written out: per function and group (r - mean) / (stdev + eps) over the scored
+    values (a group with < 2 of them: NaN, which the weighted sum skips), the weighted sum, then over the batch."""
+    n, r = len(per), len(weights)
+    z = [[float("nan")] * r for _ in range(n)]
+    for p in range(n // g):
+        for k in range(r):
+            col = [per[i][k] for i in range(p * g, (p + 1) * g)]
+            scored = [x for x in col if not math.isnan(x)]
+            for j, x in enumerate(col):
+                if not math.isnan(x) and len(scored) > 1:
+                    z[p * g + j][k] = (x - statistics.mean(scored)) / (statistics.stdev(scored) + eps)
+    total = [sum(w * v for w, v in zip(weights, row) if not math.isnan(v)) for row in z]
+    scorable = [i for i in range(n) if not all(math.isnan(x) for x in per[i])]
+    mu, sd = statistics.mean(total[i] for i in scorable), statistics.stdev(total[i] for i in scorable)
+    return [(total[i] - mu) / (sd + eps) if i in scorable else 0.0 for i in range(n)]
+
+
+def test_normalized_sum_advantages_match_trls_formula():
+    """GDPO (normalize_then_sum): a 0/1 accuracy next to a dense reward of 50x the scale keeps its weight, unlike
+    the plain weighted sum; None rewards and an unscorable row as TRL treats them."""
+    gen = torch.Generator().manual_seed(4)
+    per = torch.stack([torch.randint(0, 2, (12,), generator=gen).float(),
+                       torch.rand(12, generator=gen) * 50], 1)  # [N, 2]: accuracy 0/1, a dense reward
+    per[3, 1] = float("nan")  # one function returned None
+    per[9] = float("nan")  # every function returned None: unscorable
+    per[4:8, 0] = 1.0  # a group where the accuracy is flat: only the dense reward moves it
+    weights = torch.tensor([1.0, 0.5])
+    got = normalized_sum_advantages(per, weights, 4)
+    want = ref_normalized_sum(per.tolist(), weights.tolist(), 4, 1e-4)
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-5, rtol=1e-5)
+    assert got[9] == 0
+    summed = group_advantages(unscorable_as_nan(per, (per * weights).nansum(1)), 4)
+    acc = per[:, 0].nan_to_num(0).reshape(3, 4)
+    acc = (acc - acc.mean(1, keepdim=True)).reshape(-1)  # [N] the accuracy within its group
+
+    def corr(a, b):
+        return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
+    assert corr(got, acc) > 0.7 and corr(summed, acc) < 0.0  # measured: 0.77 and -0.35: the sum drowns accuracy
+    with pytest.raises(ValueError, match="one column per weight"):
+        normalized_sum_advantages(per, torch.ones(3), 4)
 
 
 def test_group_advantages_bad_input():

@@ -251,6 +251,11 @@ def test_published_recipe_options_map_to_the_native_keys():
         GRPOConfig(use_adaptive_entropy=True, entropy_coef=0.5, entropy_coef_max=0.1,
                    max_steps=1).to_mathgrpo_config(on_cuda=False)
     assert (plain.sampler_correction, plain.sampler_correction_max) == ("token_truncate", 3.0)
+    assert plain.reward_aggregation == "sum_then_normalize"
+    assert GRPOConfig(multi_objective_aggregation="normalize_then_sum", max_steps=1).to_mathgrpo_config(
+        on_cuda=False).grpo.reward_aggregation == "normalize_then_sum"  # GDPO
+    with pytest.raises(ValueError, match="grpo.reward_aggregation"):
+        GRPOConfig(multi_objective_aggregation="sum", max_steps=1).to_mathgrpo_config(on_cuda=False)
     with pytest.raises(ValueError, match="steps_per_generation=3 is not a multiple of gradient_accumulation_steps=2"):
         GRPOConfig(gradient_accumulation_steps=2, steps_per_generation=3, max_steps=1).to_mathgrpo_config()
     with pytest.raises(ValueError, match="grpo.loss_type: 'vespo'"):

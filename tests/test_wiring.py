@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,6 +164,40 @@ def test_rank_advantages_use_the_global_batch(scale):
     own = T.group_advantages(parts[0], 4, scale)
     assert (scale == "group") == torch.allclose(own, everyone[:8])  # only "batch" needs the other rank
     assert T.rank_advantages(_Ranks(1, parts), per[1].numpy(), totals[1].numpy(), 4, scale)[5] == 0.0
+
+
+def test_rank_advantages_normalize_then_sum_over_the_global_batch():
+    """grpo.reward_aggregation=normalize_then_sum: each rank gets its rows of GDPO's advantages over every rank's
+    per-function rewards (the batch normalisation needs them all)."""
+    gen = torch.Generator().manual_seed(1)
+    per = [torch.rand(8, 2, generator=gen) * torch.tensor([1.0, 5.0 * r + 1]) for r in range(2)]
+    weights = np.array([1.0, 0.3], dtype=np.float32)
+    everyone = T.normalized_sum_advantages(torch.cat(per), torch.from_numpy(weights), 4)
+    for r in range(2):
+        got = T.rank_advantages(_Ranks(r, per), per[r].numpy(), per[r].sum(1).numpy(), 4, "group",
+                                "normalize_then_sum", weights)
+        torch.testing.assert_close(got, everyone[8 * r:8 * (r + 1)])
+    assert not torch.allclose(T.normalized_sum_advantages(per[0], torch.from_numpy(weights), 4), everyone[:8])
+
+
+def test_train_hands_the_reward_weights_to_normalize_then_sum(tiny_model_dir, tmp_path, monkeypatch):
+    """Through `train`: with reward_aggregation=normalize_then_sum the update gets GDPO's advantages of the step's
+    per-function rewards and the configured weights."""
+    import mathgrpo.update as U
+
+    calls, updates = [], []
+    real = T.normalized_sum_advantages
+    monkeypatch.setattr(T, "normalized_sum_advantages",
+                        lambda per, w, g: calls.append((per.clone(), w.clone(), real(per, w, g))) or calls[-1][2])
+    real_update = U.policy_update
+    monkeypatch.setattr(U, "policy_update", lambda *a, **k: updates.append(a[5].clone()) or real_update(*a, **k))
+    cfg = _cfg(tiny_model_dir, tmp_path, **{"grpo.reward_aggregation": "normalize_then_sum", "trainer.max_steps": 2,
+                                            "rewards.functions": "[accuracy, format]", "rewards.weights": "[1.0, 0.25]"})
+    T.train(cfg, quiet=True)
+    assert len(calls) == 2 and len(updates) == 2
+    for (per, w, adv), got in zip(calls, updates):
+        assert per.shape[1] == 2 and w.tolist() == [1.0, 0.25]
+        torch.testing.assert_close(got, adv)
 
 
 def test_the_reference_of_an_adapted_model_is_its_starting_adapter(tiny_model_dir, base_model, tmp_path):

@@ -76,6 +76,27 @@ def group_advantages(
     return torch.nan_to_num(adv, nan=0.0).reshape(-1)  # [N]
 
 
+def normalized_sum_advantages(per_reward: Tensor, weights: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GDPO's advantages [N] (TRL 1.16's multi_objective_aggregation="normalize_then_sum"), rows prompt-major: each
+    reward function's rewards [N, R] normalised within its group, (r - mean) / (std + eps), the weighted sum of those
+    (a None reward, NaN, adds nothing), then that sum normalised over the whole batch. Rows no function could score get
+    0. Each function then weighs by its weight whatever its scale or spread, which a plain weighted sum does not give.
+    With several ranks, pass the global batch."""
+    if per_reward.dim() != 2 or per_reward.shape[1] != weights.numel():
+        raise ValueError(f"normalized_sum_advantages: rewards must be [N, {weights.numel()}] (one column per weight), "
+                         f"got shape {tuple(per_reward.shape)}")
+    if group_size < 2 or per_reward.shape[0] % group_size:
+        raise ValueError(f"normalized_sum_advantages: {per_reward.shape[0]} rows do not split into groups of "
+                         f"{group_size} (>= 2)")
+    n, r = per_reward.shape
+    grouped = per_reward.float().reshape(-1, group_size, r)  # [P, G, R]
+    z = (grouped - grouped.nanmean(dim=1, keepdim=True)) / (_nanstd(grouped, dim=1) + eps)  # [P, G, R]
+    total = (z.reshape(n, r) * weights.float()[None, :]).nansum(dim=1)  # [N]
+    total[torch.isnan(per_reward).all(dim=1)] = float("nan")  # unscorable: out of the batch statistics
+    adv = (total - total.nanmean()) / (_nanstd(total) + eps)  # [N]
+    return torch.nan_to_num(adv, nan=0.0)
+
+
 def unscorable_as_nan(per_reward: Tensor, total: Tensor) -> Tensor:
     """total [N] with NaN where every reward of the row is NaN ([N, R] per_reward): `group_advantages` input."""
     return torch.where(torch.isnan(per_reward).all(dim=1), torch.full_like(total, float("nan")), total)

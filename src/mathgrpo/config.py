@@ -159,6 +159,11 @@ class GRPOConfig:
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] = setting("grpo",
         "grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo (TRL 1.16's formulas)")
     scale_rewards: Literal["group", "batch", "none"] = setting("group", "group | batch | none")
+    reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = setting("sum_then_normalize",
+        "several reward functions: sum_then_normalize = their weighted sum, then group advantages (scale_rewards); "
+        "normalize_then_sum = each function's rewards normalised within its group, the weighted sum of those, then "
+        "normalised over the batch (GDPO: a 0/1 accuracy keeps its weight next to a dense reward; TRL's "
+        "multi_objective_aggregation; scale_rewards does not apply)")
     num_iterations: int = setting(1, "mu: passes over each rollout (each pass: mini_batches optimizer steps)")
     mini_batches: int = setting(1,
         "optimizer steps per pass over a rollout: its rows are shuffled and split into this many mini-batches, the "

@@ -42,7 +42,7 @@ from .distributed import SINGLE, World, batch_line, process_group, rank_seed
 from .files import read_jsonl
 from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
-from .advantages import group_advantages, unscorable_as_nan, zero_std_fraction
+from .advantages import group_advantages, normalized_sum_advantages, unscorable_as_nan, zero_std_fraction
 from .loading import pick_device, say
 from .memory_plan import describe, plan_run, shape_from_config
 from .models import Reference, enable_checkpointing, load_model
@@ -265,8 +265,9 @@ def rollout_step(run: Run, step: int, cfg: Config) -> RolloutBatch:
 
 def advantage_step(run: Run, batch: RolloutBatch) -> torch.Tensor:
     """batch.advantages [N]: rewards normalised per group over the global batch (rank_advantages)."""
-    batch.advantages = rank_advantages(run.world, batch.scores, batch.totals, run.cfg.grpo.num_generations,
-                                       run.cfg.grpo.scale_rewards)
+    g = run.cfg.grpo
+    batch.advantages = rank_advantages(run.world, batch.scores, batch.totals, g.num_generations, g.scale_rewards,
+                                       g.reward_aggregation, run.rewards.weights)
     return batch.advantages
 
 
@@ -389,13 +390,20 @@ def _nanstd(x: np.ndarray) -> float:  # Bessel's correction, as TRL's nanstd; Na
     return float(np.nanstd(x, ddof=1)) if np.isfinite(x).sum() > 1 else float("nan")
 
 
-def rank_advantages(world: World, per: np.ndarray, total: np.ndarray, group: int, scale_rewards: str) -> torch.Tensor:
+def rank_advantages(world: World, per: np.ndarray, total: np.ndarray, group: int, scale_rewards: str,
+                    aggregation: str = "sum_then_normalize", weights: np.ndarray | None = None) -> torch.Tensor:
     """This rank's advantages [N] (rows prompt-major): rows no reward could score are NaN (advantage 0, out of
     their group's statistics), and the advantages are computed over the global batch (every rank's rows in rank
-    order), so scale_rewards=batch divides by the global std, as TRL 1.16 does; groups never span ranks."""
-    mine = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total))  # [N]
-    everyone = torch.cat(world.gather_objects([mine]))  # [W * N]
-    return group_advantages(everyone, group, scale_rewards)[world.rank * len(mine):(world.rank + 1) * len(mine)]
+    order), so scale_rewards=batch divides by the global std, as TRL 1.16 does; groups never span ranks.
+    aggregation=normalize_then_sum: from each function's rewards per [N, R] and their weights (GDPO)."""
+    if aggregation == "normalize_then_sum":
+        everyone = torch.cat(world.gather_objects([torch.from_numpy(per)]))  # [W * N, R]
+        adv = normalized_sum_advantages(everyone, torch.from_numpy(np.asarray(weights)), group)
+    else:
+        mine = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total))  # [N]
+        adv = group_advantages(torch.cat(world.gather_objects([mine])), group, scale_rewards)  # [W * N]
+    n = len(per)
+    return adv[world.rank * n:(world.rank + 1) * n]
 
 
 def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:

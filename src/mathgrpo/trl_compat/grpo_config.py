@@ -208,7 +208,8 @@ def _model_section(args: GRPOConfig, dtype: str) -> dict:
 def _grpo_section(args: GRPOConfig, batch_counts_prompts: bool) -> dict:
     return {"num_generations": args.num_generations, "beta": args.beta, "epsilon": args.epsilon,
             "epsilon_high": args.epsilon_high, "loss_type": args.loss_type,
-            "scale_rewards": args.scale_rewards, "num_iterations": args.num_iterations,
+            "scale_rewards": args.scale_rewards, "reward_aggregation": args.multi_objective_aggregation,
+            "num_iterations": args.num_iterations,
             "mask_truncated_completions": args.mask_truncated_completions,
             "use_bias_correction_kl": args.use_bias_correction_kl,
             "importance_sampling_level": args.importance_sampling_level,

@@ -96,6 +96,7 @@ class Options:
     generation_batch_size: int | None = None  # completions per rollout (all ranks); exclusive with the above
     delta: float | None = None
     entropy_coef: float = 0.0
+    multi_objective_aggregation: str = "sum_then_normalize"  # -> grpo.reward_aggregation
     use_adaptive_entropy: bool = False  # -> grpo.entropy_target (None when off)
     entropy_coef_min: float = 0.0
     entropy_coef_max: float = 1.0
@@ -136,7 +137,7 @@ TRL_ONLY = {
     "save_safetensors": True, "include_tokens_per_second": False, "dispatch_batches": None, "split_batches": None,
 }
 # Options that would change the objective or the batch in ways mathgrpo does not implement: only this value passes.
-REFUSED = {"multi_objective_aggregation": "sum_then_normalize", "sync_ref_model": False}
+REFUSED = {"sync_ref_model": False}
 # Why an ignored option is ignored (by name prefix); the rest: "not supported by mathgrpo".
 _IGNORED_WHY = {
     "vllm_": "mathgrpo generates with its own engine", "optim": "mathgrpo uses torch.optim.AdamW",
