@@ -21,7 +21,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
     min_p: float = 0.0  # 0 disables min-p: tokens below min_p x the top token's probability are dropped
-    repetition_penalty: float = 1.0  # 1 disables it (the hf backend only: transformers' processor)
+    repetition_penalty: float = 1.0  # 1 disables it (transformers' rule, in both backends)
     stop_strings: list[str] = field(default_factory=list)
     # Benchmarks force full-length completions by ignoring EOS.
     ignore_eos: bool = False
