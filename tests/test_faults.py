@@ -448,3 +448,9 @@ def test_a_full_disk_while_logging_names_the_file(tmp_path, capsys, monkeypatch)
     with pytest.raises(OSError) as e:
         logger.log(1, {"reward": 1.0}, False)
     assert e.value.filename == str(tmp_path / "metrics.jsonl") and e.value.errno == errno.ENOSPC
+
+
+def test_a_reference_sync_with_lora_is_refused(tiny_model_dir, tmp_path):
+    """grpo.ref_sync_steps moves a full fine-tuning reference copy; with LoRA the reference is the base model."""
+    with pytest.raises(ConfigError, match=r"grpo.ref_sync_steps=2 needs full fine-tuning \(model.lora=false\)"):
+        train(_cfg(tiny_model_dir, tmp_path, **{"grpo.ref_sync_steps": 2, "grpo.beta": 0.04}), quiet=True)

@@ -78,7 +78,10 @@ def test_keep_last_k_checkpoints(tiny_model_dir, tmp_path):
                                    {"grpo.num_iterations": 2, "grpo.loss_type": "dapo"},
                                    # adaptive entropy control: its coefficient and last entropy come back on resume
                                    {"grpo.mini_batches": 2, "grpo.entropy_coef": 0.01, "grpo.entropy_target": 100.0,
-                                    "grpo.entropy_coef_delta": 0.02}])
+                                    "grpo.entropy_coef_delta": 0.02},
+                                   # full fine-tuning with a reference that training moves: it comes back too
+                                   {"model.lora": False, "grpo.beta": 0.04, "grpo.ref_sync_steps": 1,
+                                    "trainer.learning_rate": 1e-4}])
 @pytest.mark.integration
 def test_resume_repeats_the_straight_run_exactly(tiny_model_dir, tmp_path, extra):
     opts = {"trainer.max_steps": 4, "trainer.save_steps": 2, **extra}
@@ -103,10 +106,13 @@ def test_resume_repeats_the_straight_run_exactly(tiny_model_dir, tmp_path, extra
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
         assert ra.get("entropy_coef") == rb.get("entropy_coef")
+        assert ra.get("kl") == pytest.approx(rb.get("kl"), rel=1e-4, abs=1e-9)
     if "grpo.entropy_target" in extra:  # (a target above any entropy: up by delta at every optimizer step)
         assert [r["entropy_coef"] for r in b] == pytest.approx([0.01 + 0.02 * (2 * s - 0.5) for s in (1, 2, 3, 4)])
-    wa = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
-    wb = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    if extra.get("grpo.ref_sync_steps"):
+        assert (straight / "checkpoints" / "checkpoint-4" / "reference").is_dir() and a[3]["kl"] > 0
+    name = "adapter/adapter_model.safetensors" if extra.get("model.lora", True) else "model/model.safetensors"
+    wa, wb = load_file(str(straight / name)), load_file(str(resumed / name))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 

@@ -207,8 +207,6 @@ def test_unknown_and_unsupported_options_are_named():
     assert cfg.ignored_options == {"optim": "adamw_8bit", "vllm_mode": "server"}
     with pytest.warns(TRLCompatWarning, match="use_vllm=True: mathgrpo generates with its own engine"):
         GRPOConfig(use_vllm=True)
-    with pytest.raises(ValueError, match="sync_ref_model=True"):
-        GRPOConfig(sync_ref_model=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # TRL defaults ask for nothing different: no warning
         GRPOConfig(use_vllm=False, optim="adamw_torch", importance_sampling_level="token", shuffle_dataset=True,
@@ -251,7 +249,12 @@ def test_published_recipe_options_map_to_the_native_keys():
         GRPOConfig(use_adaptive_entropy=True, entropy_coef=0.5, entropy_coef_max=0.1,
                    max_steps=1).to_mathgrpo_config(on_cuda=False)
     assert (plain.sampler_correction, plain.sampler_correction_max) == ("token_truncate", 3.0)
-    assert plain.reward_aggregation == "sum_then_normalize"
+    assert plain.reward_aggregation == "sum_then_normalize" and plain.ref_sync_steps == 0
+    synced = GRPOConfig(sync_ref_model=True, beta=0.04, ref_model_sync_steps=64, ref_model_mixup_alpha=0.9,
+                        max_steps=1).to_mathgrpo_config(on_cuda=False).grpo  # TR-DPO's soft reference update
+    assert (synced.ref_sync_steps, synced.ref_sync_alpha) == (64, 0.9)
+    with pytest.raises(ValueError, match="grpo.beta=0 uses no reference"):  # as TRL refuses it
+        GRPOConfig(sync_ref_model=True, max_steps=1).to_mathgrpo_config(on_cuda=False)
     assert GRPOConfig(multi_objective_aggregation="normalize_then_sum", max_steps=1).to_mathgrpo_config(
         on_cuda=False).grpo.reward_aggregation == "normalize_then_sum"  # GDPO
     with pytest.raises(ValueError, match="grpo.reward_aggregation"):

@@ -339,3 +339,50 @@ def test_policy_update_applies_the_adaptive_coefficient_of_the_previous_step(tin
     after = _trl_rule(*ctrl_args, measured)[1]
     assert ctrl.coef == pytest.approx(after[-1])
     assert m["entropy_coef"] == pytest.approx(sum(after) / len(after))  # the coefficient after each step, averaged
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_reference_moves_toward_the_policy_every_ref_sync_steps(tiny_model_dir, monkeypatch):
+    """grpo.ref_sync_steps (TRL's sync_ref_model), full fine-tuning: over 2 passes x 2 mini-batches (4 optimizer
+    steps) with ref_sync_steps=2 the reference is mixed after steps 2 and 4 with the policy of those steps, as
+    r <- alpha p + (1 - alpha) r."""
+    from mathgrpo.models import Reference
+    from mathgrpo.rollout import Completions
+    from mathgrpo.update import policy_update
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    model.train()
+    n, width = 8, 5
+    g = torch.Generator().manual_seed(5)
+    prompts = [[11, 12, 13]] * n
+    ids = torch.randint(20, 900, (n, width), generator=g)
+    mask = torch.ones(n, width, dtype=torch.bool)
+    adv = torch.randn(n, generator=g)
+    cfg = Config()
+    cfg.model.lora = False
+    cfg.grpo.beta, cfg.grpo.loss_type, cfg.grpo.mini_batches, cfg.grpo.num_iterations = 0.04, "dapo", 2, 2
+    cfg.grpo.ref_sync_steps, cfg.grpo.ref_sync_alpha = 2, 0.6
+    cfg.trainer.max_grad_norm = 0.0
+    comp = Completions(prompts, ids, mask, [""] * n, torch.zeros(n, dtype=torch.bool))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    ref = Reference(model, cfg.grpo.beta, lora=False)
+    want = [p.detach().clone() for p in ref.copy.parameters()]  # r0: the starting weights
+    calls = []
+    real = Reference.sync
+
+    def spy(self, m, alpha):
+        calls.append(sched.last_epoch)
+        for i, p in enumerate(m.parameters()):  # r <- alpha p + (1 - alpha) r, with the policy of this step
+            want[i] = alpha * p.detach() + (1 - alpha) * want[i]
+        real(self, m, alpha)
+
+    monkeypatch.setattr(Reference, "sync", spy)
+    m = policy_update(model, opt, sched, ref, comp, adv, cfg)
+    assert calls == [2, 4] and m["kl"] > 0
+    for r, w, p in zip(ref.copy.parameters(), want, model.parameters()):
+        torch.testing.assert_close(r, w, rtol=1e-6, atol=1e-7)
+    moved = [not torch.allclose(r, p) for r, p in zip(ref.copy.parameters(), model.parameters())]
+    assert any(moved)  # a mix, not a copy

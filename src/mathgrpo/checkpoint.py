@@ -77,8 +77,9 @@ def save_weights(model, path: Path, world: World = SINGLE, state_dict: dict | No
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    config_yaml: str, keep: int, world: World = SINGLE) -> Path | None:
-    """checkpoint-<step>/ in run_dir; its path on rank 0, None on the other ranks (which only help gather)."""
+                    config_yaml: str, keep: int, world: World = SINGLE, reference=None) -> Path | None:
+    """checkpoint-<step>/ in run_dir; its path on rank 0, None on the other ranks (which only help gather).
+    reference: a KL reference copy that training changes (grpo.ref_sync_steps), saved beside the weights."""
     weights, optim = full_state_dicts(model, optimizer) if is_sharded(model) else (None, None)
     if not world.is_main:
         return None
@@ -91,6 +92,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
         with atomic_dir(final) as tmp:  # (.tmp-checkpoint-<step>-<pid>, removed if the write fails)
             tmp.mkdir()
             save_weights(model, tmp / ("adapter" if is_peft(model) else "model"), state_dict=weights)
+            if reference is not None:
+                save_weights(reference, tmp / "reference")
             scaler = getattr(optimizer, "loss_scaler", None)  # fp16 loss scaling (update.make_loss_scaler)
             torch.save({"optimizer": optim if optim is not None else optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "rng": rng_state(),
@@ -199,11 +202,17 @@ def find_resume(spec: str, output_dir: Path) -> Path:
     return good
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, world: World = SINGLE) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, world: World = SINGLE, reference=None) -> dict:
     """Restore weights, optimizer, scheduler and RNG in place; returns the trainer state dict. With a sharded
-    model every rank must call this: rank 0 reads the weights and optimizer state, every rank keeps its shard."""
+    model every rank must call this: rank 0 reads the weights and optimizer state, every rank keeps its shard.
+    reference: the KL reference copy, restored from the checkpoint's own when it has one (grpo.ref_sync_steps)."""
     path = Path(path)
     try:
+        if reference is not None and (path / "reference").is_dir():
+            from transformers import AutoModelForCausalLM
+
+            reference.load_state_dict(AutoModelForCausalLM.from_pretrained(
+                path / "reference", dtype=next(reference.parameters()).dtype).state_dict())
         return _load(path, model, optimizer, scheduler, world)
     except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:
         if isinstance(e, CheckpointError):
@@ -256,9 +265,10 @@ class SaveOnError:
     nothing was trained since the run (or resume) began, or when the model is sharded (the save needs every
     rank)."""
 
-    def __init__(self, run: Path, model, optimizer, scheduler, cfg: Config, world: World, state_of, start: int):
+    def __init__(self, run: Path, model, optimizer, scheduler, cfg: Config, world: World, state_of, start: int,
+                 reference=None):
         self.run, self.model, self.optimizer, self.scheduler = run, model, optimizer, scheduler
-        self.cfg, self.world, self.state_of, self.start = cfg, world, state_of, start
+        self.cfg, self.world, self.state_of, self.start, self.reference = cfg, world, state_of, start, reference
         self.step, self.sampler = None, None
 
     def begin(self, step: int, sampler_state: dict) -> None:
@@ -285,7 +295,8 @@ class SaveOnError:
             if at is not None and at > self.start:
                 state = self.state_of(at) if at == k else {**self.state_of(at), "sampler": self.sampler}
                 path = save_checkpoint(self.run, at, self.model, self.optimizer, self.scheduler, state,
-                                       dump_yaml(self.cfg), self.cfg.trainer.save_total_limit, self.world)
+                                       dump_yaml(self.cfg), self.cfg.trainer.save_total_limit, self.world,
+                                       self.reference)
                 what.append(f"checkpoint {path}")
             if at is None or at > self.start:
                 name = "adapter" if is_peft(self.model) else "model"

@@ -151,6 +151,11 @@ class GenerationConfig:
 class GRPOConfig:
     num_generations: int = setting(4, "G completions per prompt")
     beta: float = setting(0.04, "KL coefficient; 0 disables the reference model")
+    ref_sync_steps: int = setting(0,
+        "full fine-tuning: every this many optimizer steps the frozen KL reference becomes ref_sync_alpha x policy + "
+        "(1 - ref_sync_alpha) x reference (TR-DPO's soft update; TRL's sync_ref_model + ref_model_sync_steps); it is "
+        "then saved in checkpoints; 0 = a fixed reference")
+    ref_sync_alpha: float = setting(0.6, "the policy's share in a reference update (TRL's ref_model_mixup_alpha)")
     epsilon: float = setting(0.2, "PPO clip range of the importance ratio (lower side; upper too unless epsilon_high)")
     epsilon_high: float | None = setting(None, "defaults to epsilon")
     delta: float | None = setting(None,
@@ -350,6 +355,7 @@ def validate(cfg: Config) -> None:
     check_ranges(cfg)
     _check_report_to(cfg)
     _check_entropy_control(cfg)
+    _check_ref_sync(cfg)
 
 
 # Allowed ranges, checked when the config is built: (low, high, low included, high included); None = unbounded.
@@ -364,7 +370,8 @@ _RANGES: dict[str, tuple] = {
     "generation.temperature": (0, None, True, True), "generation.top_p": (0, 1, False, True),
     "generation.top_k": (0, None, True, True), "generation.min_p": (0, 1, True, True),
     "generation.repetition_penalty": (0, None, False, True), "generation.max_batch": (1, None, True, True),
-    "grpo.beta": (0, None, True, True), "grpo.epsilon": (0, None, False, True),
+    "grpo.beta": (0, None, True, True), "grpo.ref_sync_steps": (0, None, True, True),
+    "grpo.ref_sync_alpha": (0, 1, True, True), "grpo.epsilon": (0, None, False, True),
     "grpo.epsilon_high": (0, None, False, True), "grpo.delta": (1, None, False, True),
     "grpo.mini_batches": (1, None, True, True), "grpo.entropy_coef": (0, None, True, True),
     "grpo.entropy_target": (0, None, True, True), "grpo.entropy_coef_delta": (0, None, True, True),
@@ -391,6 +398,12 @@ _RANGES: dict[str, tuple] = {
 def check_ranges(cfg: Config) -> None:
     """Every float finite and every key of `_RANGES` within its range; the error names the key and the range."""
     settings.check_ranges(cfg, _RANGES)
+
+
+def _check_ref_sync(cfg: Config) -> None:  # (LoRA, which has no reference copy: trainer.prepare_policy says so)
+    if cfg.grpo.ref_sync_steps and cfg.grpo.beta == 0:
+        raise ConfigError(f"grpo.ref_sync_steps={cfg.grpo.ref_sync_steps}: grpo.beta=0 uses no reference to update; "
+                          f"set grpo.beta > 0 or grpo.ref_sync_steps=0")
 
 
 def _check_entropy_control(cfg: Config) -> None:

@@ -247,6 +247,13 @@ class Reference:
         elif self.enabled and not is_fresh_adapter(model) and adapter_changes_model(model):
             self.adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
+    def sync(self, model, alpha: float) -> None:
+        """Full fine-tuning: the reference copy becomes alpha x policy + (1 - alpha) x itself (TRL's
+        SyncRefModelCallback); under FSDP2 both are sharded alike, so each rank mixes its own shards."""
+        with torch.no_grad():
+            for r, p in zip(self.copy.parameters(), model.parameters(), strict=True):
+                r.mul_(1.0 - alpha).add_(p.detach(), alpha=alpha)
+
     def context(self, model):
         if self.copy is not None:
             return contextlib.nullcontext(self.copy)

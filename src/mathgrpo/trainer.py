@@ -77,7 +77,7 @@ def _loop(run: Run) -> tuple[int, bool]:
     t = run.cfg.trainer
     step, stopped = run.start, False
     guard = ckpt.SaveOnError(run.dir, run.model, run.optimizer, run.scheduler, run.cfg, run.world, run.state,
-                             run.start)
+                             run.start, run.synced_reference)
     with ckpt.StopFlag() as stop, guard:
         for step in range(run.start + 1, t.max_steps + 1):
             guard.begin(step, run.sampler.state())
@@ -144,6 +144,11 @@ class Run:
     stop_signal: Any = None  # the signal that stopped the run before max_steps (signal.Signals), if one did
     entropy_control: EntropyControl | None = None  # grpo.entropy_target: the adaptive coefficient, over the run
 
+    @property
+    def synced_reference(self):
+        """The reference copy when training changes it (grpo.ref_sync_steps): checkpoints carry it."""
+        return self.ref.copy if self.cfg.grpo.ref_sync_steps else None
+
     def state(self, step: int) -> dict:
         """What a checkpoint stores besides weights and optimizer: the step, the sampler, the data fingerprints
         (and the adaptive entropy coefficient's state)."""
@@ -208,7 +213,8 @@ def setup_run(cfg: Config, world: World, quiet: bool, held: contextlib.ExitStack
 def _resume(run: Run) -> None:
     """Every rank loads the same weights and optimizer state (or its shard of them) and the sampler's position;
     rank 0 forgets the steps logged after the checkpoint (they are about to be redone) and records the resume."""
-    state = ckpt.load_checkpoint(run.resume_from, run.model, run.optimizer, run.scheduler, run.world)
+    state = ckpt.load_checkpoint(run.resume_from, run.model, run.optimizer, run.scheduler, run.world,
+                                 run.synced_reference)
     run.start = state["step"]
     run.sampler = Sampler(len(run.data.train), run.cfg.trainer.seed, **state["sampler"])
     if run.entropy_control is not None and "entropy_control" in state:  # (else: started on resume, from the config)
@@ -301,7 +307,8 @@ def save_step(run: Run, step: int) -> Path:
     if run.world.is_main:
         runs.check_present(run.dir, f"checkpoint-{step} not written")
     path = ckpt.save_checkpoint(run.dir, step, run.model, run.optimizer, run.scheduler, run.state(step),
-                                dump_yaml(run.cfg), run.cfg.trainer.save_total_limit, run.world)  # rank 0 writes
+                                dump_yaml(run.cfg), run.cfg.trainer.save_total_limit, run.world,  # rank 0 writes
+                                run.synced_reference)
     run.world.barrier()  # nobody moves on (or exits) before the checkpoint is complete
     return path
 
@@ -358,7 +365,14 @@ def prepare_policy(model, cfg: Config, world: World = SINGLE) -> Reference:
     """The KL reference, then FSDP2 sharding of the policy and of a full fine-tuning reference copy when
     trainer.fsdp asks for it (distributed.py); the reference comes first since FSDP modules cannot be copied."""
     ref = Reference(model, cfg.grpo.beta, cfg.model.lora)
+    if cfg.grpo.ref_sync_steps and ref.copy is None:
+        raise ConfigError(f"grpo.ref_sync_steps={cfg.grpo.ref_sync_steps} needs full fine-tuning (model.lora=false): "
+                          f"with LoRA the reference is the base model with the adapters off, which training does not "
+                          f"move (TRL refuses sync_ref_model with PEFT too); set grpo.ref_sync_steps=0")
     if use_fsdp(cfg.trainer.fsdp, cfg.model.lora, world):
+        if cfg.grpo.ref_sync_steps:
+            raise ConfigError("grpo.ref_sync_steps with a sharded model (trainer.fsdp): its checkpoints do not carry "
+                              "the reference yet; set trainer.fsdp=off or grpo.ref_sync_steps=0")
         for m in (model, ref.copy):
             if m is not None:
                 shard_model(m, world)

@@ -327,6 +327,8 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             _step(optimizer, scheduler, scaler, sums, device)
+            if g.ref_sync_steps and scheduler.last_epoch % g.ref_sync_steps == 0:  # TRL: at global_step multiples
+                ref.sync(model, g.ref_sync_alpha)
             sums[M.GRAD_NORM] = sums.get(M.GRAD_NORM, 0.0) + grad_norm.detach().float() / optimizer_steps
             if entropy_control is not None:  # sum and token count reduced jointly: the global token mean
                 entropy_control.observe(*world.all_sum(measured).tolist())

@@ -209,6 +209,8 @@ def _grpo_section(args: GRPOConfig, batch_counts_prompts: bool) -> dict:
     return {"num_generations": args.num_generations, "beta": args.beta, "epsilon": args.epsilon,
             "epsilon_high": args.epsilon_high, "loss_type": args.loss_type,
             "scale_rewards": args.scale_rewards, "reward_aggregation": args.multi_objective_aggregation,
+            "ref_sync_steps": args.ref_model_sync_steps if args.sync_ref_model else 0,
+            "ref_sync_alpha": args.ref_model_mixup_alpha,
             "num_iterations": args.num_iterations,
             "mask_truncated_completions": args.mask_truncated_completions,
             "use_bias_correction_kl": args.use_bias_correction_kl,

@@ -97,6 +97,9 @@ class Options:
     delta: float | None = None
     entropy_coef: float = 0.0
     multi_objective_aggregation: str = "sum_then_normalize"  # -> grpo.reward_aggregation
+    sync_ref_model: bool = False  # -> grpo.ref_sync_steps (0 when off)
+    ref_model_sync_steps: int = 512
+    ref_model_mixup_alpha: float = 0.6
     use_adaptive_entropy: bool = False  # -> grpo.entropy_target (None when off)
     entropy_coef_min: float = 0.0
     entropy_coef_max: float = 1.0
@@ -122,7 +125,7 @@ TRL_ONLY = {
     "vllm_server_host": "0.0.0.0", "vllm_server_port": 8000, "vllm_server_timeout": 240.0, "vllm_group_port": 51216,
     "vllm_gpu_memory_utilization": 0.3, "vllm_max_model_length": None, "vllm_tensor_parallel_size": 1,
     "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0,
-    "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512,
+    "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0,
     "max_tool_calling_iterations": None, "log_multimodal": True,
     "num_completions_to_print": None, "log_unique_prompts": False, "log_completions_hub_repo": None,
     "use_transformers_continuous_batching": False, "transformers_continuous_batching_config": None,
@@ -137,7 +140,7 @@ TRL_ONLY = {
     "save_safetensors": True, "include_tokens_per_second": False, "dispatch_batches": None, "split_batches": None,
 }
 # Options that would change the objective or the batch in ways mathgrpo does not implement: only this value passes.
-REFUSED = {"sync_ref_model": False}
+REFUSED: dict = {}
 # Why an ignored option is ignored (by name prefix); the rest: "not supported by mathgrpo".
 _IGNORED_WHY = {
     "vllm_": "mathgrpo generates with its own engine", "optim": "mathgrpo uses torch.optim.AdamW",
