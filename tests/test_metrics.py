@@ -8,7 +8,7 @@ import torch
 
 from mathgrpo import metrics as M
 from mathgrpo.loss import grpo_loss, token_means
-from mathgrpo.trainer import rollout_metrics
+from mathgrpo.sampling import rollout_metrics
 
 
 def test_grpo_loss_metrics_are_the_summed_names():

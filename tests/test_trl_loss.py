@@ -194,7 +194,7 @@ def test_advantages_equal_trls(tiny_dir, smol_tokenizer, tmp_path, scale):
     """Advantages of TRL's own `_generate_and_score_completions` (generation stubbed out) against the trainer's path
     (RewardSet with the front door's weights, then rank_advantages): weighted sums, None rewards, an unscorable row."""
     from mathgrpo.scoring import RewardSet
-    from mathgrpo.trainer import rank_advantages
+    from mathgrpo.sampling import rank_advantages
 
     r1 = [1.0, 0.0, None, 1.0, 0.5, 2.0, 0.0, 0.3]
     r2 = [0.2, None, None, 0.1, None, 1.0, 0.4, 0.0]  # row 2: no reward applies

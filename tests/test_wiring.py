@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from helpers import tiny_overrides
+from mathgrpo import advantages as A
+from mathgrpo import sampling as S
 from mathgrpo import trainer as T
 from mathgrpo import update as U
 from mathgrpo.config import load_config
@@ -53,7 +55,7 @@ def _rollout(seed=1):
     lengths = torch.randint(1, WIDTH + 1, (N,), generator=gen)  # [N]
     mask = torch.arange(WIDTH)[None, :] < lengths[:, None]  # [N, T]
     ids = torch.randint(10, 1000, (N, WIDTH), generator=gen) * mask  # [N, T]
-    adv = T.group_advantages(torch.randn(N, generator=gen), G)
+    adv = A.group_advantages(torch.randn(N, generator=gen), G)
     return Completions([p for p in prompts for _ in range(G)], ids, mask, [""] * N, lengths == WIDTH), adv
 
 
@@ -156,12 +158,12 @@ def test_rank_advantages_use_the_global_batch(scale):
     per = [torch.rand(8, 2, generator=gen) * torch.tensor([1.0, 5.0 * r + 1]) for r in range(2)]  # rank 1 spreads more
     per[1][5] = float("nan")
     totals = [p.nan_to_num(0.0).sum(1) for p in per]
-    parts = [T.unscorable_as_nan(p, t) for p, t in zip(per, totals)]
-    everyone = T.group_advantages(torch.cat(parts), 4, scale)
+    parts = [A.unscorable_as_nan(p, t) for p, t in zip(per, totals)]
+    everyone = A.group_advantages(torch.cat(parts), 4, scale)
     for r in range(2):
         got = T.rank_advantages(_Ranks(r, parts), per[r].numpy(), totals[r].numpy(), 4, scale)
         torch.testing.assert_close(got, everyone[8 * r:8 * (r + 1)])
-    own = T.group_advantages(parts[0], 4, scale)
+    own = A.group_advantages(parts[0], 4, scale)
     assert (scale == "group") == torch.allclose(own, everyone[:8])  # only "batch" needs the other rank
     assert T.rank_advantages(_Ranks(1, parts), per[1].numpy(), totals[1].numpy(), 4, scale)[5] == 0.0
 
@@ -172,12 +174,12 @@ def test_rank_advantages_normalize_then_sum_over_the_global_batch():
     gen = torch.Generator().manual_seed(1)
     per = [torch.rand(8, 2, generator=gen) * torch.tensor([1.0, 5.0 * r + 1]) for r in range(2)]
     weights = np.array([1.0, 0.3], dtype=np.float32)
-    everyone = T.normalized_sum_advantages(torch.cat(per), torch.from_numpy(weights), 4)
+    everyone = A.normalized_sum_advantages(torch.cat(per), torch.from_numpy(weights), 4)
     for r in range(2):
         got = T.rank_advantages(_Ranks(r, per), per[r].numpy(), per[r].sum(1).numpy(), 4, "group",
                                 "normalize_then_sum", weights)
         torch.testing.assert_close(got, everyone[8 * r:8 * (r + 1)])
-    assert not torch.allclose(T.normalized_sum_advantages(per[0], torch.from_numpy(weights), 4), everyone[:8])
+    assert not torch.allclose(A.normalized_sum_advantages(per[0], torch.from_numpy(weights), 4), everyone[:8])
 
 
 def test_train_hands_the_reward_weights_to_normalize_then_sum(tiny_model_dir, tmp_path, monkeypatch):
@@ -186,8 +188,8 @@ def test_train_hands_the_reward_weights_to_normalize_then_sum(tiny_model_dir, tm
     import mathgrpo.update as U
 
     calls, updates = [], []
-    real = T.normalized_sum_advantages
-    monkeypatch.setattr(T, "normalized_sum_advantages",
+    real = A.normalized_sum_advantages
+    monkeypatch.setattr(S, "normalized_sum_advantages",
                         lambda per, w, g: calls.append((per.clone(), w.clone(), real(per, w, g))) or calls[-1][2])
     real_update = U.policy_update
     monkeypatch.setattr(U, "policy_update", lambda *a, **k: updates.append(a[5].clone()) or real_update(*a, **k))

@@ -30,7 +30,7 @@ grad L exactly when D_r = D / W, i.e. seq_count = N / W and token_count = T / W 
 "bnpo" is normalised by the tokens of each rank's own local batches (TRL normalises it per process and
 micro-batch; loss.bnpo_row_norms): its gradient is the mean of the ranks' own token-mean gradients, equal to
 the 1-rank gradient only when ranks hold equal token counts. "scale_rewards=batch" divides by the std of
-the global batch: the trainer gathers every rank's rewards before computing advantages (rank_advantages).
+the global batch: the trainer gathers every rank's rewards before computing advantages (sampling.rank_advantages).
 The logged loss is the mean of the ranks' losses, which is L.
 
 Eval sharding: `shard(items, rank, world)` splits contiguously, `gather_objects(items)` concatenates

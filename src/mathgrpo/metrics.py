@@ -4,15 +4,15 @@
     row[M.REWARD], row[M.reward_mean("accuracy")], row[M.KL]
     M.TRL_NAMES[M.LR] == "learning_rate"        # the name TRL's GRPOTrainer logs the same number under
 
-Who writes what: the rollout statistics and times come from trainer.py (`rollout_metrics`, `step_metrics`), the
-update's from loss.py (`grpo_loss` returns token sums `<name>_sum`, `loss.token_means` turns them into means) and
+Who writes what: the rollout statistics from sampling.py (`rollout_metrics`), the times from trainer.py
+(`step_metrics`), the update's from loss.py (`grpo_loss` returns token sums `<name>_sum`, `loss.token_means` turns them into means) and
 update.py, the `groups/*` counts from sampling.py (dynamic sampling). logger.py, report.py and the TRL front door
 read them by these names. Evaluation's per-problem metrics (pass@k, maj@k, ...) are evaluate.py's own table.
 """
 
 from __future__ import annotations
 
-# --- the rollout (trainer.rollout_metrics): over every rank's rows -------------------------------------------
+# --- the rollout (sampling.rollout_metrics): over every rank's rows -------------------------------------------
 REWARD = "reward"  # mean weighted total of the scored rows
 REWARD_STD = "reward_std"
 FRAC_ZERO_STD = "frac_zero_std"  # groups whose rewards are all equal

@@ -4,6 +4,8 @@
     got.problems, got.completions       # this rank's problems [P], their completions [N = P * G rows]
     got.scores, got.totals              # rewards [N, R], weighted totals [N]; got.advantages: the trainer's, later
     got.metrics, got.note               # groups/* counts (global); a log line when a step came out short
+    rank_advantages(world, got.scores, got.totals, G, ...)   # this rank's advantages [N], over the global batch
+    rollout_metrics(...)                # the rollout's reward and length statistics, over every rank's rows
 
 The problem order (`Sampler`: a seeded permutation per epoch, its position checkpointed) and the step's seed
 (`step_seed`) live here too; reward inputs are built by `scoring.reward_inputs`, as in evaluation.
@@ -37,7 +39,7 @@ import torch
 
 from . import metrics as M
 from .config import Config
-from .advantages import unscorable_as_nan
+from .advantages import group_advantages, normalized_sum_advantages, unscorable_as_nan, zero_std_fraction
 from .data import Problem
 from .distributed import World, rank_seed
 from .scoring import RewardSet, reward_inputs
@@ -213,3 +215,46 @@ def sample_step(base_seed: int, sampler, problems: list[Problem], rollout, promp
         out = take_groups(parts, kept[:fewest], G, pad_id)
     out.metrics, out.note = metrics, note
     return out
+
+
+# --- the step's reward statistics and advantages (over every rank's rows) ---------------------------------------
+
+def rollout_metrics(lengths: np.ndarray, truncated: np.ndarray, names: list[str], per: np.ndarray,
+                    total: np.ndarray, group: int) -> dict:
+    """Reward and length statistics of a rollout: lengths/truncated/total [N], per [N, R], whole groups."""
+    lens = lengths.astype(np.float64)
+    # as TRL 1.16: rows no reward could score (all None) are left out; stds are unbiased (Bessel)
+    scored = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total)).numpy()  # [N]
+    m = {M.REWARD: _nanmean(scored), M.REWARD_STD: _nanstd(scored),
+         M.FRAC_ZERO_STD: zero_std_fraction(torch.from_numpy(scored), group),
+         M.COMPLETION_LENGTH_MEAN: float(lens.mean()), M.COMPLETION_LENGTH_MAX: float(lens.max()),
+         M.TRUNCATED_FRAC: float(truncated.astype(np.float64).mean()), M.TRUNCATED_REWARD: _nanmean(scored[truncated])}
+    for j, name in enumerate(names):
+        col = per[:, j]
+        m[M.reward_mean(name)] = _nanmean(col)
+        m[M.reward_std(name)] = _nanstd(col)
+    return m
+
+
+def _nanmean(x: np.ndarray) -> float:
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def _nanstd(x: np.ndarray) -> float:  # Bessel's correction, as TRL's nanstd; NaN with fewer than 2 values
+    return float(np.nanstd(x, ddof=1)) if np.isfinite(x).sum() > 1 else float("nan")
+
+
+def rank_advantages(world: World, per: np.ndarray, total: np.ndarray, group: int, scale_rewards: str,
+                    aggregation: str = "sum_then_normalize", weights: np.ndarray | None = None) -> torch.Tensor:
+    """This rank's advantages [N] (rows prompt-major): rows no reward could score are NaN (advantage 0, out of
+    their group's statistics), and the advantages are computed over the global batch (every rank's rows in rank
+    order), so scale_rewards=batch divides by the global std, as TRL 1.16 does; groups never span ranks.
+    aggregation=normalize_then_sum: from each function's rewards per [N, R] and their weights (GDPO)."""
+    if aggregation == "normalize_then_sum":
+        everyone = torch.cat(world.gather_objects([torch.from_numpy(per)]))  # [W * N, R]
+        adv = normalized_sum_advantages(everyone, torch.from_numpy(np.asarray(weights)), group)
+    else:
+        mine = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total))  # [N]
+        adv = group_advantages(torch.cat(world.gather_objects([mine])), group, scale_rewards)  # [W * N]
+    n = len(per)
+    return adv[world.rank * n:(world.rank + 1) * n]

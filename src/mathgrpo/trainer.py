@@ -42,7 +42,6 @@ from .distributed import SINGLE, World, batch_line, process_group, rank_seed
 from .files import read_jsonl
 from .fsdp import gathered, is_sharded, rollout_for, shard_model, use_fsdp
 from .logger import NullLogger, RunLogger
-from .advantages import group_advantages, normalized_sum_advantages, unscorable_as_nan, zero_std_fraction
 from .loading import pick_device, say
 from .memory_plan import describe, plan_run, shape_from_config
 from .models import Reference, enable_checkpointing, load_model
@@ -50,7 +49,7 @@ from .modelinfo import check_context
 from .prompts import PromptBuilder
 from .scoring import RewardSet
 from .rollout import make_rollout
-from .sampling import RolloutBatch, Sampler, sample_step, step_seed
+from .sampling import RolloutBatch, Sampler, rank_advantages, rollout_metrics, sample_step, step_seed
 from .update import EntropyControl, make_optimizer, microbatches, policy_update, update_stage  # noqa: F401
 
 
@@ -377,47 +376,6 @@ def prepare_policy(model, cfg: Config, world: World = SINGLE) -> Reference:
             if m is not None:
                 shard_model(m, world)
     return ref
-
-
-def rollout_metrics(lengths: np.ndarray, truncated: np.ndarray, names: list[str], per: np.ndarray,
-                    total: np.ndarray, group: int) -> dict:
-    """Reward and length statistics of a rollout: lengths/truncated/total [N], per [N, R], whole groups."""
-    lens = lengths.astype(np.float64)
-    # as TRL 1.16: rows no reward could score (all None) are left out; stds are unbiased (Bessel)
-    scored = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total)).numpy()  # [N]
-    m = {M.REWARD: _nanmean(scored), M.REWARD_STD: _nanstd(scored),
-         M.FRAC_ZERO_STD: zero_std_fraction(torch.from_numpy(scored), group),
-         M.COMPLETION_LENGTH_MEAN: float(lens.mean()), M.COMPLETION_LENGTH_MAX: float(lens.max()),
-         M.TRUNCATED_FRAC: float(truncated.astype(np.float64).mean()), M.TRUNCATED_REWARD: _nanmean(scored[truncated])}
-    for j, name in enumerate(names):
-        col = per[:, j]
-        m[M.reward_mean(name)] = _nanmean(col)
-        m[M.reward_std(name)] = _nanstd(col)
-    return m
-
-
-def _nanmean(x: np.ndarray) -> float:
-    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
-
-
-def _nanstd(x: np.ndarray) -> float:  # Bessel's correction, as TRL's nanstd; NaN with fewer than 2 values
-    return float(np.nanstd(x, ddof=1)) if np.isfinite(x).sum() > 1 else float("nan")
-
-
-def rank_advantages(world: World, per: np.ndarray, total: np.ndarray, group: int, scale_rewards: str,
-                    aggregation: str = "sum_then_normalize", weights: np.ndarray | None = None) -> torch.Tensor:
-    """This rank's advantages [N] (rows prompt-major): rows no reward could score are NaN (advantage 0, out of
-    their group's statistics), and the advantages are computed over the global batch (every rank's rows in rank
-    order), so scale_rewards=batch divides by the global std, as TRL 1.16 does; groups never span ranks.
-    aggregation=normalize_then_sum: from each function's rewards per [N, R] and their weights (GDPO)."""
-    if aggregation == "normalize_then_sum":
-        everyone = torch.cat(world.gather_objects([torch.from_numpy(per)]))  # [W * N, R]
-        adv = normalized_sum_advantages(everyone, torch.from_numpy(np.asarray(weights)), group)
-    else:
-        mine = unscorable_as_nan(torch.from_numpy(per), torch.from_numpy(total))  # [N]
-        adv = group_advantages(torch.cat(world.gather_objects([mine])), group, scale_rewards)  # [W * N]
-    n = len(per)
-    return adv[world.rank * n:(world.rank + 1) * n]
 
 
 def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
