@@ -115,6 +115,17 @@ def test_mismatch_stats_are_token_sums_under_the_mask():
     assert s["dev_sq"].item() == pytest.approx(((d.exp() - 1) ** 2).sum().item(), rel=1e-5)
 
 
+def _model_and_rows(model_dir, n: int, width: int, seed: int):
+    """The tiny model in fp32, training mode, and n completions of `width` random tokens after one prompt."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    return model, g, [[11, 12, 13]] * n, torch.randint(20, 900, (n, width), generator=g)
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("mode", ["none", "token_truncate", "sequence_mask"])
 def test_policy_update_applies_the_correction_and_logs_the_mismatch(tiny_model_dir, mode):
@@ -123,15 +134,9 @@ def test_policy_update_applies_the_correction_and_logs_the_mismatch(tiny_model_d
     from mathgrpo.models import Reference, completion_logprobs
     from mathgrpo.rollout import Completions
     from mathgrpo.update import policy_update
-    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
-    model.train()
     n, width = 6, 5
-    g = torch.Generator().manual_seed(3)
-    prompts = [[11, 12, 13]] * n
-    ids = torch.randint(20, 900, (n, width), generator=g)
+    model, g, prompts, ids = _model_and_rows(tiny_model_dir, n, width, seed=3)
     mask = torch.arange(width)[None, :] < torch.tensor([5, 2, 4, 5, 1, 3])[:, None]
     adv = torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.4])
     with torch.no_grad():
@@ -349,15 +354,9 @@ def test_the_reference_moves_toward_the_policy_every_ref_sync_steps(tiny_model_d
     from mathgrpo.models import Reference
     from mathgrpo.rollout import Completions
     from mathgrpo.update import policy_update
-    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
-    model.train()
     n, width = 8, 5
-    g = torch.Generator().manual_seed(5)
-    prompts = [[11, 12, 13]] * n
-    ids = torch.randint(20, 900, (n, width), generator=g)
+    model, g, prompts, ids = _model_and_rows(tiny_model_dir, n, width, seed=5)
     mask = torch.ones(n, width, dtype=torch.bool)
     adv = torch.randn(n, generator=g)
     cfg = Config()
