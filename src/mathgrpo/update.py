@@ -310,9 +310,9 @@ def policy_update(model, optimizer, scheduler, ref: Reference, comp: Completions
                                     sampling_weight=fixed["weight"].get(k), logp_sampler=x["sampler"],
                                     metrics_on_device=True)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-                bonus = torch.stack([m.pop(BONUS_ENTROPY), m.pop(BONUS_TOKENS)])  # (not logged)
+                bonus = m.pop(BONUS_ENTROPY), m.pop(BONUS_TOKENS)  # (not logged)
                 if entropy_control is not None:
-                    measured += bonus.double()
+                    measured += torch.stack(bonus).double()
                 # token sums: token-weighted means over micro-batches and ranks below; the loss: a mean over steps
                 for key, v in m.items():
                     sums[key] = sums[key] + v / g.num_iterations if key in sums else v / g.num_iterations

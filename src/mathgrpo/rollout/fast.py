@@ -278,13 +278,13 @@ class FastRollout:
         out_lp = torch.zeros((rows, s.max_new_tokens), dtype=torch.float32, device=self.device)
         done = torch.zeros(rows, dtype=torch.bool, device=self.device)  # [rows], by row
         live, n, checked = slice(None), rows, 0  # live: the row of each slot (all rows, in order, until compacted)
-        seen = self._seen(prompts, counts) if s.repetition_penalty != 1.0 else None  # [rows, V]
+        seen = self._seen(prompts, counts) if s.repetition_penalty != 1.0 else None  # [n, V] by slot
         for i in range(s.max_new_tokens):
             if self.logits_hook is not None:
                 self.logits_hook(self._logits[:n], live, i)
-            tok, lp = sample(self._logits[:n], s, gen, self._pick, self._draw, None if seen is None else seen[live])
+            tok, lp = sample(self._logits[:n], s, gen, self._pick, self._draw, seen)
             if seen is not None:
-                seen[torch.arange(rows, device=self.device)[live], tok] = True
+                seen.scatter_(1, tok[:, None], True)
             if eos.numel():
                 fin = done[live]  # [n]: finished rows still in a slot emit padding
                 tok = tok.masked_fill(fin, pad_id)
@@ -304,6 +304,7 @@ class FastRollout:
                     n, slots = keep.numel(), self._compact(keep, width + i)
                     live = (torch.arange(rows, device=self.device) if isinstance(live, slice) else live)[keep]
                     tok, lens = tok[keep], lens[keep]
+                    seen = None if seen is None else seen[keep]
             self._tok[:n] = tok
             torch.add(lens, i, out=self._pos[:n])  # token i sits at position len + i
             self._col.fill_(width + i)
@@ -311,7 +312,8 @@ class FastRollout:
         return out_tok[:, :i + 1], out_lp[:, :i + 1]
 
     def _seen(self, prompts: list[list[int]], counts: list[int]) -> torch.Tensor:
-        """[rows, V] bool: the tokens of each row's prompt (the repetition penalty's starting set, as transformers')."""
+        """[rows, V] bool: the tokens of each row's prompt (the repetition penalty's starting set, as transformers'),
+        one row per decode slot: compaction keeps the live slots' rows."""
         seen = torch.zeros(sum(counts), self._logits.shape[-1], dtype=torch.bool, device=self.device)
         row = 0
         for p, c in zip(prompts, counts):
